@@ -1,0 +1,219 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of Block Diffusion language models (BD3-LM, Arriola et al., ICLR 2025)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# Official `attn_backend` values and our HF `attn_implementation` names, both accepted.
+_ATTN_BACKENDS = {
+    "sdpa": "sdpa",
+    "flex": "flex_attention",
+    "flex_attention": "flex_attention",
+    "eager": "eager",
+}
+NOISE_SCHEDULES = ("loglinear", "linear", "square", "square_root", "log", "cosine")
+
+
+class BD3LMConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`BD3LMForMaskedDiffusion`] model: a DiT-style transformer with adaLN that denoises one block
+    of `block_size` tokens at a time, conditioned on the clean blocks before it.
+
+    Field names follow the official `kuleshov-group/bd3lms` `config.json`, so every released checkpoint loads
+    unchanged; the Hugging Face names (`hidden_size`, `num_hidden_layers`, `num_attention_heads`,
+    `max_position_embeddings`) are aliases of `hidden_dim`, `n_blocks`, `n_heads` and `model_length`.
+
+    Args:
+        block_size (`int`, *optional*, defaults to 4):
+            L', the number of tokens denoised together. `1` is an autoregressive model, `model_length` is MDLM.
+        vocab_size (`int`, *optional*, defaults to 50258):
+            Vocabulary size including the mask token (GPT-2's 50257 plus one mask token in the released models).
+        model_length (`int`, *optional*, defaults to 1024):
+            L, the training context. It must be a multiple of `block_size`; generation slides a window of this size.
+        hidden_dim (`int`, *optional*, defaults to 768):
+            Width of the residual stream.
+        cond_dim (`int`, *optional*, defaults to 128):
+            Width of the noise-level embedding fed to the adaLN layers (the upstream default of 129 is a typo; every
+            checkpoint uses 128).
+        n_blocks (`int`, *optional*, defaults to 12):
+            Number of transformer layers (the official name; not to be confused with the number of sequence blocks).
+        n_heads (`int`, *optional*, defaults to 12):
+            Number of attention heads; `hidden_dim` must be divisible by it.
+        mlp_ratio (`int`, *optional*, defaults to 4):
+            Width of the MLP relative to `hidden_dim`.
+        dropout (`float`, *optional*, defaults to 0.1):
+            Dropout on the residual branches, active in training only.
+        cross_attn (`bool`, *optional*, defaults to `True`):
+            Train with the vectorised `x_t ⊕ x_0` pass (BD3-LM). Kept for compatibility with the official config.
+        adaln (`bool`, *optional*, defaults to `True`):
+            Use adaLN modulation driven by the noise-level embedding (all released checkpoints do).
+        causal (`bool`, *optional*, defaults to `False`):
+            Official field for the AR variant; only `False` is supported by this class.
+        time_conditioning (`bool`, *optional*, defaults to `False`):
+            Feed the noise level to the network. Off in the paper: the noise level is zeroed, so the adaLN layers see a
+            learned constant.
+        attn_backend (`str`, *optional*, defaults to `"sdpa"`):
+            Official name of the attention kernel (`"sdpa"`, `"flex"` or `"eager"`). It sets the default
+            `attn_implementation`; passing `attn_implementation` to `from_pretrained` overrides it.
+        var_min (`bool`, *optional*, defaults to `True`):
+            Register the `sampling_eps_min` / `sampling_eps_max` buffers that hold the clipped noise interval found by
+            the data-driven schedule search. Checkpoints carry the searched values in these buffers.
+        sampling_eps_min (`float`, *optional*, defaults to 1e-3):
+            Initial lower end β of the training noise interval U[β, ω].
+        sampling_eps_max (`float`, *optional*, defaults to 0.999):
+            Initial upper end ω of the training noise interval.
+        noise_schedule (`str`, *optional*, defaults to `"loglinear"`):
+            Masking schedule: `"loglinear"` (alias `"linear"`, α_t = 1 - t), `"square"`, `"square_root"`, `"log"`
+            or `"cosine"` (reference table of the paper's ablation).
+        always_mask (`bool`, *optional*, defaults to `False`):
+            The "tuned schedule" of the paper's Table 1: every token is masked (t ≡ 1) with weight 1. With
+            `block_size=1` the NELBO is then exactly the autoregressive NLL.
+        antithetic_sampling (`bool`, *optional*, defaults to `True`):
+            Stratify the per-(sequence, block) noise levels jointly over the batch (low-discrepancy sampler).
+        resample (`bool`, *optional*, defaults to `False`):
+            Rejection-resample blocks whose realised mask fraction falls outside the clipped interval (the paper's
+            training scripts turn it on).
+        ignore_bos (`bool`, *optional*, defaults to `False`):
+            Never mask position 0 and leave it out of the loss average (the paper's perplexity protocol).
+        mask_token_id (`int`, *optional*):
+            Id of the absorbing mask token. Defaults to `vocab_size - 1`, the official convention.
+        rope_theta (`float`, *optional*, defaults to 10000.0):
+            Base of the rotary embedding.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser of linear layers.
+
+    Example:
+
+    ```python
+    >>> from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
+    >>> config = BD3LMConfig(vocab_size=64, hidden_dim=64, cond_dim=16, n_blocks=2, n_heads=4, model_length=32)
+    >>> model = BD3LMForMaskedDiffusion(config)
+    >>> config.hidden_size, config.mask_token_id
+    (64, 63)
+    ```
+    """
+
+    model_type = "bd3lm"
+    attribute_map = {
+        "hidden_size": "hidden_dim",
+        "num_hidden_layers": "n_blocks",
+        "num_attention_heads": "n_heads",
+        "max_position_embeddings": "model_length",
+    }
+
+    def __init__(
+        self,
+        block_size: int = 4,
+        vocab_size: int = 50258,
+        model_length: int = 1024,
+        hidden_dim: int = 768,
+        cond_dim: int = 128,
+        n_blocks: int = 12,
+        n_heads: int = 12,
+        mlp_ratio: int = 4,
+        dropout: float = 0.1,
+        cross_attn: bool = True,
+        adaln: bool = True,
+        causal: bool = False,
+        time_conditioning: bool = False,
+        attn_backend: str = "sdpa",
+        var_min: bool = True,
+        sampling_eps_min: float = 1e-3,
+        sampling_eps_max: float = 0.999,
+        noise_schedule: str = "loglinear",
+        always_mask: bool = False,
+        antithetic_sampling: bool = True,
+        resample: bool = False,
+        ignore_bos: bool = False,
+        mask_token_id: int | None = None,
+        rope_theta: float = 10000.0,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.model_length = model_length
+        self.hidden_dim = hidden_dim
+        self.cond_dim = cond_dim
+        self.n_blocks = n_blocks
+        self.n_heads = n_heads
+        self.mlp_ratio = mlp_ratio
+        self.dropout = dropout
+        self.cross_attn = cross_attn
+        self.adaln = adaln
+        self.causal = causal
+        self.time_conditioning = time_conditioning
+        self.attn_backend = attn_backend
+        self.var_min = var_min
+        self.sampling_eps_min = sampling_eps_min
+        self.sampling_eps_max = sampling_eps_max
+        self.noise_schedule = noise_schedule
+        self.always_mask = always_mask
+        self.antithetic_sampling = antithetic_sampling
+        self.resample = resample
+        self.ignore_bos = ignore_bos
+        self.mask_token_id = vocab_size - 1 if mask_token_id is None else mask_token_id
+        self.rope_theta = rope_theta
+        self.initializer_range = initializer_range
+        if attn_backend not in _ATTN_BACKENDS:
+            raise ValueError(
+                f"`attn_backend`={attn_backend!r} is not supported; use one of {sorted(_ATTN_BACKENDS)}."
+            )
+        if kwargs.get("attn_implementation") is None:
+            kwargs["attn_implementation"] = _ATTN_BACKENDS[attn_backend]
+        kwargs.setdefault("tie_word_embeddings", False)  # the official output head is not tied
+        super().__init__(**kwargs)
+        self.validate_bd3lm()
+
+    def validate_bd3lm(self) -> None:
+        """Raise a `ValueError` naming the field and the fix for any inconsistent combination."""
+        for name in ("block_size", "vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.hidden_dim % self.n_heads != 0:
+            raise ValueError(
+                f"`hidden_dim` (hidden_size)={self.hidden_dim} must be divisible by `n_heads` "
+                f"(num_attention_heads)={self.n_heads}; pick a head count that divides it."
+            )
+        if (self.hidden_dim // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"The head dimension `hidden_dim // n_heads`={self.hidden_dim // self.n_heads} must be even for the "
+                "rotary embedding; change `hidden_dim` or `n_heads`."
+            )
+        if self.model_length % self.block_size != 0:
+            raise ValueError(
+                f"`model_length`={self.model_length} must be a multiple of `block_size`={self.block_size}; "
+                "choose a block size that divides the context length."
+            )
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(
+                f"`mask_token_id`={self.mask_token_id} is outside the vocabulary [0, {self.vocab_size}); add the mask "
+                "token to the tokenizer and set `vocab_size` to cover it."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"`noise_schedule`={self.noise_schedule!r} is unknown; use one of {NOISE_SCHEDULES}.")
+        if not 0.0 <= self.sampling_eps_min <= self.sampling_eps_max <= 1.0:
+            raise ValueError(
+                "`sampling_eps_min` and `sampling_eps_max` must satisfy 0 <= min <= max <= 1, got "
+                f"({self.sampling_eps_min}, {self.sampling_eps_max})."
+            )
+        if self.causal:
+            raise ValueError("`causal=True` (the official AR variant) is not supported; use `block_size=1` instead.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.n_heads
+
+    @property
+    def num_sequence_blocks(self) -> int:
+        """B = L / L', the number of blocks in a full training window."""
+        return self.model_length // self.block_size
+
+
+__all__ = ["BD3LMConfig"]

@@ -1,0 +1,147 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""Masking noise schedules and the forward process q(x_t | x_0) of block diffusion.
+
+Notation follows Arriola et al. (2025): t ∈ [0, 1] is the noise level of a block, α_t the probability that a
+token is still clean, and each block b of L' tokens has its own t_b.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Floors the reference schedules use so that 1 / (1 - α_t) stays finite near t = 0.
+_SCHEDULE_EPS = 1e-3
+# Evaluation always uses the unbiased interval U[1e-3, 1] (the paper's perplexity protocol).
+EVAL_NOISE_INTERVAL = (1e-3, 1.0)
+_MAX_RESAMPLE_ROUNDS = 1000
+
+
+class BD3LMNoiseSchedule:
+    """A masking schedule: `mask_probability(t) = 1 - α_t` and `loss_weight(t) = -α'_t / (1 - α_t)`.
+
+    The block NELBO weights the cross-entropy of each masked token by `loss_weight(t_b)` (Eq. (8) of the paper, whose
+    weight is α'_t / (1 - α_t) multiplying a log-likelihood; here it multiplies a negative log-likelihood, hence the
+    sign). For the default log-linear schedule α_t = 1 - t, so the mask probability is t and the weight is 1 / t.
+
+    Args:
+        name (`str`): one of `"loglinear"` (alias `"linear"`), `"square"`, `"square_root"`, `"log"`, `"cosine"`.
+    """
+
+    def __init__(self, name: str = "loglinear") -> None:
+        if name == "linear":
+            name = "loglinear"
+        if name not in ("loglinear", "square", "square_root", "log", "cosine"):
+            raise ValueError(f"`noise_schedule`={name!r} is unknown.")
+        self.name = name
+
+    def mask_probability(self, t: torch.Tensor) -> torch.Tensor:
+        """1 - α_t, the probability that a token is masked at noise level t."""
+        if self.name == "loglinear":
+            return t
+        if self.name == "square":
+            return t.square().clamp_min(_SCHEDULE_EPS)
+        if self.name == "square_root":
+            return t.sqrt().clamp_min(_SCHEDULE_EPS)
+        if self.name == "log":
+            return torch.log1p(t) / math.log(2.0)
+        return 1.0 - (1.0 - _SCHEDULE_EPS) * torch.cos(t * math.pi / 2)  # cosine
+
+    def alpha_t(self, t: torch.Tensor) -> torch.Tensor:
+        """α_t, the probability that a token is still clean."""
+        return 1.0 - self.mask_probability(t)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """-α'_t / (1 - α_t): the positive NELBO weight of a masked token's cross-entropy."""
+        p = self.mask_probability(t)
+        if self.name == "loglinear":
+            return 1.0 / t
+        if self.name == "square":
+            return 2.0 * t / p
+        if self.name == "square_root":
+            return 0.5 * t.rsqrt() / p
+        if self.name == "log":
+            return 1.0 / (p * math.log(2.0) * (1.0 + t))
+        return (1.0 - _SCHEDULE_EPS) * torch.sin(t * math.pi / 2) * (math.pi / 2) / (p + _SCHEDULE_EPS)
+
+
+def sample_noise_levels(
+    batch_size: int,
+    num_blocks: int,
+    eps_min: float,
+    eps_max: float,
+    antithetic: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw one noise level per (sequence, block), t ∼ U[eps_min, eps_max].
+
+    With `antithetic`, the N = batch·blocks draws are stratified jointly: cell j gets t_j = (u_j + j) / N, one draw per
+    stratum of [0, 1) (the low-discrepancy sampler of the official code), then rescaled to the interval.
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size, num_blocks)`.
+    """
+    n = batch_size * num_blocks
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+    if antithetic:
+        u = (u / n + torch.arange(n, device=u.device, dtype=torch.float32) / n) % 1.0
+    return (eps_min + (eps_max - eps_min) * u).view(batch_size, num_blocks)
+
+
+def add_noise(
+    x_0: torch.LongTensor,
+    mask_probability: torch.Tensor,
+    mask_token_id: int,
+    block_size: int,
+    resample_interval: tuple[float, float] | None = None,
+    maskable: torch.BoolTensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.LongTensor:
+    """Sample x_t ∼ q(x_t | x_0): each token is replaced by the mask token independently with its block's probability.
+
+    q(x_t^ℓ | x^ℓ) = Cat(α_t·onehot(x^ℓ) + (1 - α_t)·onehot(m)) (Sec. 3 of the paper).
+
+    Args:
+        x_0 (`torch.LongTensor` of shape `(batch, seq_len)`): clean tokens.
+        mask_probability (`torch.Tensor` of shape `(batch, seq_len // block_size)`): 1 - α_t per block.
+        mask_token_id (`int`): the absorbing token m.
+        block_size (`int`): L'.
+        resample_interval (`tuple[float, float]`, *optional*): when given, blocks whose realised masked fraction lies
+            outside [β, ω] are redrawn until every block is inside (the official `training.resample`).
+        maskable (`torch.BoolTensor` of shape `(batch, seq_len)`, *optional*): positions that may be masked (False for
+            padding or a kept BOS).
+        generator (`torch.Generator`, *optional*): source of randomness.
+    """
+    batch, seq_len = x_0.shape
+    num_blocks = seq_len // block_size
+    p_tok = mask_probability.repeat_interleave(block_size, dim=1)  # (batch, seq_len)
+    if maskable is None:
+        maskable = torch.ones_like(x_0, dtype=torch.bool)
+    move = (torch.rand(x_0.shape, generator=generator, device=x_0.device) < p_tok) & maskable
+    if resample_interval is not None:
+        beta, omega = resample_interval
+        # Only fractions k / L' exist, so an interval that contains none of them could never be satisfied.
+        if not any(beta <= k / block_size <= omega for k in range(block_size + 1)):
+            raise ValueError(
+                f"The resampling interval [{beta}, {omega}] contains no achievable mask fraction k/{block_size}; "
+                "widen `sampling_eps_min/max` or set `resample=False`."
+            )
+        for _ in range(_MAX_RESAMPLE_ROUNDS):
+            frac = move.view(batch, num_blocks, block_size).float().mean(-1)
+            bad = (frac < beta) | (frac > omega)
+            if not bad.any():
+                break
+            redraw = (torch.rand(x_0.shape, generator=generator, device=x_0.device) < p_tok) & maskable
+            bad_tok = bad.repeat_interleave(block_size, dim=1)
+            move = torch.where(bad_tok, redraw, move)
+        else:
+            raise RuntimeError(
+                f"Rejection resampling into [{beta}, {omega}] did not converge in {_MAX_RESAMPLE_ROUNDS} rounds "
+                "(blocks with padding or a kept BOS may be unable to reach the interval); set `resample=False`."
+            )
+    return torch.where(move, torch.full_like(x_0, mask_token_id), x_0)
+
+
+__all__ = ["BD3LMNoiseSchedule", "sample_noise_levels", "add_noise", "EVAL_NOISE_INTERVAL"]
