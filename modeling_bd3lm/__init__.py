@@ -15,6 +15,7 @@ from .modeling_bd3lm import (
 from .noise_schedule_bd3lm import BD3LMNoiseSchedule, add_noise, sample_noise_levels
 
 __all__ = [
+    "CACHE_FIELD",
     "BD3LMConfig",
     "BD3LMForMaskedDiffusion",
     "BD3LMModel",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +24,20 @@ from transformers.utils import ModelOutput
 
 from .configuration_bd3lm import BD3LMConfig
 from .generation_bd3lm import BD3LMGenerationMixin
+from .layers_bd3lm import (
+    ATTENTION_FUNCTIONS,
+    BD3LMBlock,
+    BD3LMEmbedding,
+    BD3LMFinalLayer,
+    BD3LMLayerNorm,
+    BD3LMRotaryEmbedding,
+    BD3LMTimestepEmbedder,
+    _resolve_cache_kwarg,
+    read_cache_layer,
+    trim_cache_left,
+)
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, BD3LMNoiseSchedule, add_noise, sample_noise_levels
-
-# Width of the sinusoidal noise-level features fed to `sigma_map` (fixed by the released checkpoints).
-TIMESTEP_FREQUENCY_DIM = 256
 
 
 # transformers 5.24 renamed the cache output field `past_key_values` to `cache` (keeping a deprecated property); 4.x
@@ -77,229 +85,6 @@ class BD3LMOutput(_BD3LMCacheOutput):
     noisy_input_ids: torch.LongTensor | None = None
     noise_levels: torch.FloatTensor | None = None
     token_loss: torch.FloatTensor | None = None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Building blocks
-
-
-class BD3LMLayerNorm(nn.Module):
-    """LayerNorm with a weight and no bias, computed in float32 (as in the official DiT)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
-
-
-class BD3LMRotaryEmbedding(nn.Module):
-    """GPT-NeoX style ("rotate half") rotary embedding; `inv_freq` is a persistent buffer, as in the checkpoints."""
-
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-        self.base = base
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=True)
-
-    def compute_inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-
-    def forward(self, positions: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape `(len(positions), head_dim)`, in float32."""
-        freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` of shape `(batch, heads, seq, head_dim)` by the angles of its positions."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
-
-
-class BD3LMTimestepEmbedder(nn.Module):
-    """Sinusoidal features of the noise level σ followed by an MLP (`sigma_map` in the checkpoints)."""
-
-    def __init__(self, cond_dim: int, frequency_dim: int = TIMESTEP_FREQUENCY_DIM) -> None:
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
-
-    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        half = self.frequency_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
-        args = sigma.float()[:, None] * freqs[None]
-        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
-
-
-class BD3LMEmbedding(nn.Module):
-    """Token embedding stored as a bare parameter named `embedding` (the official key)."""
-
-    def __init__(self, vocab_size: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
-
-    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        return self.embedding[input_ids]
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Attention kernels: all take (batch, heads, seq, head_dim) tensors and a boolean mask broadcastable to
-# (batch, heads, q_len, kv_len), or a FlexAttention BlockMask.
-
-
-def eager_attention_forward(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    return torch.matmul(probs, value)
-
-
-def sdpa_attention_forward(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
-
-
-def flex_attention_forward(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return flex_attention(query, key, value, block_mask=attention_mask, scale=scaling)
-
-
-ATTENTION_FUNCTIONS: dict[str, Callable] = {
-    "eager": eager_attention_forward,
-    "sdpa": sdpa_attention_forward,
-    "flex_attention": flex_attention_forward,
-}
-
-
-class BD3LMBlock(nn.Module):
-    """Pre-LN DiT block with adaLN modulation (`DDiTBlock` upstream)."""
-
-    def __init__(self, config: BD3LMConfig, layer_idx: int) -> None:
-        super().__init__()
-        dim = config.hidden_dim
-        self.layer_idx = layer_idx
-        self.n_heads = config.n_heads
-        self.head_dim = config.head_dim
-        self.norm1 = BD3LMLayerNorm(dim)
-        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.attn_out = nn.Linear(dim, dim, bias=False)
-        self.norm2 = BD3LMLayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, config.mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(config.mlp_ratio * dim, dim)
-        )
-        self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * dim) if config.adaln else None
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        c: torch.Tensor | None,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        attention_mask,
-        attention_fn: Callable,
-        past_key_values: Cache | None = None,
-        use_cache: bool = False,
-    ) -> torch.Tensor:
-        batch, seq_len, _ = x.shape
-        if self.adaLN_modulation is not None:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(
-                6, dim=2
-            )
-            h = modulate(self.norm1(x), shift_msa, scale_msa)
-        else:
-            h = self.norm1(x)
-
-        # (batch, seq, 3·hidden) laid out as [3][heads][head_dim], as in the checkpoints.
-        qkv = self.attn_qkv(h).view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        query, key, value = qkv.unbind(0)  # each (batch, heads, seq, head_dim), key still pre-rotary
-        if past_key_values is not None:
-            past = read_cache_layer(past_key_values, self.layer_idx)
-            if use_cache:
-                past_key_values.update(key, value, self.layer_idx)
-            if past is not None:
-                key = torch.cat((past[0], key), dim=2)
-                value = torch.cat((past[1], value), dim=2)
-        cos, sin = rotary  # positions of every key; the queries are the last `seq_len` of them
-        query = apply_rotary(query, cos[-seq_len:], sin[-seq_len:])
-        key = apply_rotary(key, cos, sin)
-        attn = attention_fn(query, key, value, attention_mask, 1.0 / math.sqrt(self.head_dim))
-        attn = attn.transpose(1, 2).reshape(batch, seq_len, -1)
-
-        if self.adaLN_modulation is not None:
-            x = x + gate_msa * self.dropout(self.attn_out(attn))
-            x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        else:
-            x = x + self.dropout(self.attn_out(attn))
-            x = x + self.dropout(self.mlp(self.norm2(x)))
-        return x
-
-
-class BD3LMFinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm followed by the (untied) output projection (`DDitFinalLayer` upstream)."""
-
-    def __init__(self, config: BD3LMConfig) -> None:
-        super().__init__()
-        self.norm_final = BD3LMLayerNorm(config.hidden_dim)
-        self.linear = nn.Linear(config.hidden_dim, config.vocab_size)
-        self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * config.hidden_dim) if config.adaln else None
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        if self.adaLN_modulation is not None:
-            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-            return self.linear(modulate(self.norm_final(x), shift, scale))
-        return self.linear(self.norm_final(x))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# KV cache helpers (HF `Cache` objects holding pre-rotary keys and values of committed blocks)
-
-
-def _resolve_cache_kwarg(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
-    """Accept transformers 5.24's `cache=` spelling beside `past_key_values=`."""
-    cache = kwargs.pop("cache", None)
-    if cache is not None and past_key_values is not None:
-        raise ValueError("Pass the KV cache as `past_key_values` or as `cache`, not both.")
-    return past_key_values if cache is None else cache
-
-
-def read_cache_layer(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The cached `(keys, values)` of one layer, or None when nothing is committed yet."""
-    if layer_idx >= len(cache.layers):
-        return None
-    layer = cache.layers[layer_idx]
-    keys = getattr(layer, "keys", None)
-    if keys is None or keys.numel() == 0:
-        return None
-    return keys, layer.values
-
-
-def trim_cache_left(cache: Cache, num_tokens: int) -> None:
-    """Drop the oldest `num_tokens` committed tokens of every layer (sliding window beyond `model_length`).
-
-    Keys are stored before the rotary embedding, so the remaining ones are re-based to positions 0.. on the next call,
-    exactly as the official sliding-window cache does.
-    """
-    if num_tokens <= 0:
-        return
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            layer.keys = layer.keys[:, :, num_tokens:]
-            layer.values = layer.values[:, :, num_tokens:]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
