@@ -91,6 +91,14 @@ class BD3LMOutput(_BD3LMCacheOutput):
 # Models
 
 
+# `save_pretrained` writes this into config.json so that every auto class resolves to the bundled code.
+AUTO_MAP = {
+    "AutoConfig": "configuration_bd3lm.BD3LMConfig",
+    "AutoModel": "modeling_bd3lm.BD3LMForMaskedDiffusion",
+    "AutoModelForMaskedLM": "modeling_bd3lm.BD3LMForMaskedDiffusion",
+}
+
+
 class BD3LMPreTrainedModel(PreTrainedModel):
     config_class = BD3LMConfig
     base_model_prefix = "backbone"
@@ -100,6 +108,13 @@ class BD3LMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_cache_class = True
     _keys_to_ignore_on_load_unexpected = [r"^sampling_eps_(min|max)$"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Save weights (safetensors), config and the code files, with an `auto_map` for every auto class."""
+        # Official configs carry `modeling_bd3lm.BD3LM`, a class this code does not define: point at ours.
+        self.config.auto_map = dict(AUTO_MAP)
+        self.config.architectures = ["BD3LMForMaskedDiffusion"]
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -564,7 +579,12 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         )
 
 
+# Saving copies the code files next to the weights (trust_remote_code loading).
+BD3LMConfig.register_for_auto_class()
+BD3LMForMaskedDiffusion.register_for_auto_class("AutoModelForMaskedLM")
+
 __all__ = [
+    "AUTO_MAP",
     "BD3LMForMaskedDiffusion",
     "BD3LMModel",
     "BD3LMPreTrainedModel",
