@@ -1,0 +1,77 @@
+"""Embedded public-domain English corpus and its byte-level BPE tokenizer.
+
+The package ships, with nothing to download at run time:
+
+* two splits of gzip-compressed JSON Lines (``{"text": ...}`` per line, one document per King
+  James Bible book or Shakespeare work) -- see :func:`corpus_files` and :func:`load_corpus`;
+* an 8192-id byte-level BPE tokenizer trained on the train split, with ``<|endoftext|>`` as
+  BOS/EOS, ``<|pad|>`` for padding and ``<|mask|>`` as the last id (``vocab_size - 1``) -- see
+  :func:`tokenizer_path` and :func:`load_tokenizer`.
+
+Provenance, licence, cleaning, the split rule and sizes are in ``README.md`` next to this file;
+``build_corpus.py`` is the one-off script that produced the data files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay lazy: importing this package costs nothing
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+__all__ = ["SPLITS", "corpus_files", "load_corpus", "load_tokenizer", "tokenizer_path"]
+
+_HERE = Path(__file__).resolve().parent
+
+#: The split names, in the order :func:`corpus_files` lists them.
+SPLITS: tuple[str, ...] = ("train", "validation")
+
+
+def corpus_files() -> dict[str, str]:
+    """Return the path of each split's ``.jsonl.gz`` file, keyed by split name.
+
+    Returns:
+        ``{"train": ".../train.jsonl.gz", "validation": ".../validation.jsonl.gz"}`` as absolute
+        path strings inside the installed package.
+    """
+    return {split: str(_HERE / f"{split}.jsonl.gz") for split in SPLITS}
+
+
+def load_corpus(split: str) -> datasets.Dataset:
+    """Load one split of the embedded corpus as a :class:`datasets.Dataset` (works offline).
+
+    Args:
+        split: ``"train"`` or ``"validation"``.
+
+    Returns:
+        A dataset with a single string column ``"text"``, one row per document.
+
+    Raises:
+        ValueError: if ``split`` is not one of :data:`SPLITS`.
+    """
+    files = corpus_files()
+    if split not in files:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got split={split!r}")
+    import datasets  # local import: only needed when a corpus is actually loaded
+
+    return datasets.load_dataset("json", data_files={split: files[split]}, split=split)
+
+
+def tokenizer_path() -> str:
+    """Return the folder of the embedded tokenizer, for ``AutoTokenizer.from_pretrained``."""
+    return str(_HERE / "tokenizer")
+
+
+def load_tokenizer() -> PreTrainedTokenizerFast:
+    """Load the embedded tokenizer (offline) as a transformers fast tokenizer.
+
+    Returns:
+        The byte-level BPE tokenizer: ``len(tokenizer) == 8192``, ``bos_token == eos_token ==
+        "<|endoftext|>"``, ``pad_token == "<|pad|>"`` and ``mask_token == "<|mask|>"`` with
+        ``mask_token_id == len(tokenizer) - 1``. Encoding adds no special tokens by itself.
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_path())
