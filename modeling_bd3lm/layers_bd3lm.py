@@ -115,9 +115,17 @@ def sdpa_attention_forward(query, key, value, attention_mask, scaling: float) ->
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
 
 
+_COMPILED_FLEX: dict[str, Callable] = {}
+
+
 def flex_attention_forward(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
+    if query.device.type != "cpu":
+        # Uncompiled flex materialises the full score matrix; the fused kernel needs torch.compile.
+        if "fn" not in _COMPILED_FLEX:
+            _COMPILED_FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        return _COMPILED_FLEX["fn"](query, key, value, block_mask=attention_mask, scale=scaling)
     return flex_attention(query, key, value, block_mask=attention_mask, scale=scaling)
 
 

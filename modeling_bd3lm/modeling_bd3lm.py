@@ -318,12 +318,12 @@ class BD3LMModel(BD3LMPreTrainedModel):
                 x = block(x, c, rotary, mask, attention_fn, past_key_values, bool(use_cache))
             if all_hidden is not None:
                 all_hidden.append(x)
-        logits = self.output_layer(x, c)
-
-        if noisy_input_ids is not None:  # the x_0 half only exists to provide keys and values
-            logits = logits[:, :seq_len]
+        if noisy_input_ids is not None:
+            # The x_0 half only provides keys and values: skip its (vocabulary-sized) output projection.
+            x = x[:, :seq_len]
             if all_hidden is not None:
                 all_hidden = [h[:, :seq_len] for h in all_hidden]
+        logits = self.output_layer(x, c)
         hidden_states = tuple(all_hidden) if all_hidden is not None else None
         if not return_dict:
             return tuple(v for v in (logits, hidden_states, past_key_values) if v is not None)
@@ -447,9 +447,10 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             the per-token terms of shape `(batch, seq_len)`.
         """
         config = self.config
-        logits = logits.float()
-        logits[..., config.mask_token_id] = float("-inf")  # SUBS: zero masking probability
-        log_probs = torch.log_softmax(logits, dim=-1)
+        # SUBS: zero masking probability (out of place: the caller's logits are returned raw)
+        suppress = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+        suppress[config.mask_token_id] = float("-inf")
+        log_probs = torch.log_softmax(logits.float() + suppress, dim=-1)
         valid = labels != -100
         if attention_mask is not None:
             valid = valid & attention_mask.bool()
