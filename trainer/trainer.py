@@ -1,0 +1,439 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""`BD3LMTrainer`: training, fine-tuning and evaluation of BD3-LM with the block NELBO (Arriola et al., ICLR 2025).
+
+The model computes the loss itself (`model(input_ids=x_0, labels=x_0)` draws t per block and returns the token-mean
+block NELBO); the trainer normalises it over gradient-accumulation and processes, records metrics, reports the
+evaluation NELBO / perplexity bound / NELBO variance, and wires in the callbacks of `callbacks.py` (clipped-schedule
+search, EMA, gradient variance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
+
+from .callbacks import (
+    DEFAULT_SEARCH_STEP,
+    DEFAULT_SEARCH_WIDTHS,
+    EMACallback,
+    GradientVarianceCallback,
+    NoiseScheduleSearchCallback,
+    _TrainerBoundCallback,
+    gather_block_values,
+    nelbo_valid_mask,
+    per_block_nelbo,
+    unwrap_bd3lm,
+)
+from .data import BD3LMDataCollator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BD3LMTrainingArguments(TrainingArguments):
+    r"""
+    [`TrainingArguments`] plus the BD3-LM method options. Every `TrainingArguments` field keeps its meaning.
+
+    Defaults that differ from `TrainingArguments`: `learning_rate=3e-4` and `lr_scheduler_type="constant_with_warmup"`
+    (the paper's AdamW recipe; the paper also warms up for 2,500 steps, set `warmup_steps` for that).
+
+    > Parameters of the data-driven noise schedule (paper Sec. 4)
+
+    schedule_search (`bool`, *optional*, defaults to `True`):
+        After every evaluation, grid-search the clipped training interval [β, ω] that minimises the variance of the
+        per-block NELBO and write it into the model's `sampling_eps_min/max` buffers.
+    schedule_search_widths (`list[float]`, *optional*, defaults to `[0.5, 0.6, 0.7, 0.8, 0.9]`):
+        Interval widths of the grid (upstream `clip_search_widths`).
+    schedule_search_step (`float`, *optional*, defaults to 0.05):
+        Offset step of the grid (upstream `clip_search_delta`).
+    schedule_search_batches (`int`, *optional*, defaults to 100):
+        Evaluation batches per interval (N; upstream uses the first 100 validation batches).
+    noise_interval (`list[float]`, *optional*):
+        A fixed training interval `[β, ω]`, written into the buffers when the trainer is built; the search then
+        only reports (upstream `fix_clipping=True`). The paper's optima: `[0.45, 0.95]` for L'=4, `[0.3, 0.8]` for
+        L'=16.
+
+    > Parameters of the weight average and diagnostics
+
+    use_ema (`bool`, *optional*, defaults to `False`):
+        Keep an exponential moving average of the weights; evaluation, `save_model` and checkpoints then use it.
+    ema_decay (`float`, *optional*, defaults to 0.9999):
+        EMA decay, with the (1 + n) / (10 + n) warm-up.
+    grad_variance_minibatches (`int`, *optional*, defaults to 0):
+        If > 0, log the paper's gradient-variance estimate over this many evaluation minibatches after every
+        evaluation.
+    """
+
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (paper: 3e-4)."})
+    lr_scheduler_type: str = field(
+        default="constant_with_warmup", metadata={"help": "Learning-rate schedule (paper: constant with warm-up)."}
+    )
+    schedule_search: bool = field(
+        default=True, metadata={"help": "Search the clipped noise interval after every evaluation."}
+    )
+    schedule_search_widths: list[float] = field(
+        default_factory=lambda: list(DEFAULT_SEARCH_WIDTHS), metadata={"help": "Interval widths of the search grid."}
+    )
+    schedule_search_step: float = field(default=DEFAULT_SEARCH_STEP, metadata={"help": "Offset step of the grid."})
+    schedule_search_batches: int = field(default=100, metadata={"help": "Evaluation batches per searched interval."})
+    noise_interval: list[float] | None = field(
+        default=None, metadata={"help": "Fixed training noise interval `β ω` (the search then only reports)."}
+    )
+    use_ema: bool = field(default=False, metadata={"help": "Evaluate and save an EMA of the weights."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (with warm-up)."})
+    grad_variance_minibatches: int = field(
+        default=0, metadata={"help": "Minibatches of the gradient-variance diagnostic (0 = off)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.schedule_search_widths or any(not 0.0 < w <= 1.0 for w in self.schedule_search_widths):
+            raise ValueError(
+                f"`schedule_search_widths` must be a non-empty list of widths in (0, 1], got {self.schedule_search_widths}."
+            )
+        if not 0.0 < self.schedule_search_step < 1.0:
+            raise ValueError(f"`schedule_search_step` must be in (0, 1), got {self.schedule_search_step}.")
+        if self.schedule_search_batches < 1:
+            raise ValueError(f"`schedule_search_batches` must be >= 1, got {self.schedule_search_batches}.")
+        if self.noise_interval is not None:
+            if len(self.noise_interval) != 2 or not 0.0 <= self.noise_interval[0] <= self.noise_interval[1] <= 1.0:
+                raise ValueError(
+                    f"`noise_interval` must be two numbers 0 <= β <= ω <= 1, got {self.noise_interval}."
+                )
+            self.noise_interval = [float(v) for v in self.noise_interval]
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
+        if self.grad_variance_minibatches < 0:
+            raise ValueError(f"`grad_variance_minibatches` must be >= 0, got {self.grad_variance_minibatches}.")
+
+
+class _EvalStats:
+    """Running sums of one evaluation: NELBO token sum and count, and the per-batch variances of per-block NELBO."""
+
+    def __init__(self) -> None:
+        self.token_sum = 0.0
+        self.num_tokens = 0
+        self.batch_variances: list[float] = []
+
+
+class BD3LMTrainer(Trainer):
+    """[`Trainer`] for BD3-LM: the loss is the block NELBO computed by the model.
+
+    * Training: `compute_loss` calls the model with `labels = input_ids` (t from the clipped interval in the model's
+      buffers) and normalises the summed token terms by the token count of the whole accumulated batch across
+      processes, so gradient accumulation and DDP match one large batch. `mask_rate` is logged with the loss.
+    * Evaluation (`model.eval()`, t ∼ U[1e-3, 1], a fixed per-evaluation seed): `eval_loss` is the NELBO per token over
+      the whole evaluation set, `eval_ppl = exp(eval_loss)` the perplexity bound, `eval_nelbo_var` the variance of
+      per-block NELBO values (the paper's "Var. NELBO": taken over all processes' blocks of a batch, averaged over
+      batches).
+    * Callbacks from the arguments: [`NoiseScheduleSearchCallback`] (`schedule_search`), [`EMACallback`] (`use_ema`;
+      evaluation, `save_model` and checkpoints then use the EMA weights, and the EMA state is checkpointed),
+      [`GradientVarianceCallback`] (`grad_variance_minibatches`).
+
+    Args:
+        model: a `BD3LMForMaskedDiffusion` (or a PEFT model around one), or a path / Hub id to load it from.
+        args ([`BD3LMTrainingArguments`], *optional*): plain `TrainingArguments` are upgraded.
+        data_collator (*optional*): defaults to [`BD3LMDataCollator`] for the model's block size.
+        peft_config (`peft.PeftConfig`, *optional*): wrap the model with `peft.get_peft_model` first (see
+            `bd3lm_trainer.LORA_TARGET_MODULES`).
+        Other arguments are those of [`Trainer`].
+
+    Example:
+
+    ```python
+    >>> from bd3lm_trainer import BD3LMTrainer, BD3LMTrainingArguments, build_lm_dataset
+    >>> args = BD3LMTrainingArguments(output_dir="out", max_steps=1000, eval_strategy="steps", eval_steps=500)
+    >>> trainer = BD3LMTrainer(model, args, train_dataset=train, eval_dataset=valid)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    _tag_names = ["bd3lm", "block-diffusion"]
+
+    def __init__(
+        self,
+        model: torch.nn.Module | str,
+        args: TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        callbacks: list | None = None,
+        peft_config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = BD3LMTrainingArguments(output_dir="bd3lm-trainer")
+        elif not isinstance(args, BD3LMTrainingArguments):
+            values = args.to_dict()
+            values["hub_token"] = args.hub_token  # to_dict masks tokens
+            args = BD3LMTrainingArguments(**values)
+        if isinstance(model, str):
+            model = BD3LMForMaskedDiffusion.from_pretrained(model)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        bd3lm = unwrap_bd3lm(model)
+        config = bd3lm.config
+        if data_collator is None:
+            data_collator = BD3LMDataCollator(
+                pad_token_id=_pad_token_id(processing_class, config),
+                block_size=config.block_size,
+                max_length=config.model_length,
+            )
+        if args.noise_interval is not None:
+            bd3lm.set_noise_interval(*args.noise_interval)
+        callbacks = list(callbacks or []) + self._callbacks_from_args(args, config, callbacks or [], eval_dataset)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        # The model's forward has **kwargs, which makes the Trainer think it accepts `num_items_in_batch`; it does
+        # not, but `compute_loss` below does, and for that the token count must be gathered.
+        self.model_accepts_loss_kwargs = True
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._eval_stats: _EvalStats | None = None
+        self._eval_generator: torch.Generator | None = None
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, _TrainerBoundCallback):
+                callback.bind(self)
+
+    @staticmethod
+    def _callbacks_from_args(args: BD3LMTrainingArguments, config: BD3LMConfig, given: list, eval_dataset: Any) -> list:
+        def present(cls: type) -> bool:
+            return any(isinstance(cb, cls) or cb is cls for cb in given)
+
+        extra = []
+        if args.use_ema and not present(EMACallback):
+            extra.append(EMACallback(decay=args.ema_decay))
+        if args.schedule_search and not present(NoiseScheduleSearchCallback):
+            if not config.var_min:
+                logger.warning("`schedule_search` is on but the model has no noise-interval buffers (`var_min=False`).")
+            elif config.always_mask:
+                logger.warning("`schedule_search` is skipped: `always_mask=True` trains at t = 1 only.")
+            else:
+                name = next(iter(eval_dataset)) if isinstance(eval_dataset, dict) and eval_dataset else None
+                extra.append(
+                    NoiseScheduleSearchCallback(
+                        widths=args.schedule_search_widths,
+                        step=args.schedule_search_step,
+                        num_batches=args.schedule_search_batches,
+                        fixed=args.noise_interval is not None,
+                        eval_dataset_name=name,
+                    )
+                )
+        if args.grad_variance_minibatches > 0 and not present(GradientVarianceCallback):
+            extra.append(GradientVarianceCallback(args.grad_variance_minibatches))
+        return extra
+
+    def add_callback(self, callback: Any) -> None:
+        super().add_callback(callback)
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, _TrainerBoundCallback) and cb.trainer is None:
+                cb.bind(self)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loss and metrics
+
+    @property
+    def bd3lm_config(self) -> BD3LMConfig:
+        return unwrap_bd3lm(self.model).config
+
+    def _nelbo_labels(self, batch: dict[str, Any]) -> torch.Tensor:
+        """`labels` with -100 wherever the NELBO does not count a token (padding, a kept BOS)."""
+        labels = batch.get("labels", batch["input_ids"])
+        valid = nelbo_valid_mask(labels, batch.get("attention_mask"), self.bd3lm_config.ignore_bos)
+        return labels.masked_fill(~valid, -100)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        # Count exactly the positions the model averages over; the parent then sums over processes.
+        if not batch_samples or not isinstance(batch_samples[0], dict) or "input_ids" not in batch_samples[0]:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        return super()._get_num_items_in_batch([{"labels": self._nelbo_labels(b)} for b in batch_samples], device)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """Block NELBO (Eq. (8) of the paper), L = Σ_b E_t E_q[(1/t)·(-log p_θ(x^b | x_t^b, x^{<b}))], per token.
+
+        In training, `Σ token terms / num_items_in_batch` (the count over the accumulated batch and all processes,
+        rescaled by the process count because DDP averages gradients); otherwise the model's per-batch token mean.
+        """
+        inputs = dict(inputs)
+        inputs.setdefault("labels", inputs["input_ids"])  # the denoising target is x_0 itself
+        training = model.training
+        extra = {"generator": self._eval_generator} if not training and self._eval_generator is not None else {}
+        outputs = model(**inputs, **extra)
+        if training and num_items_in_batch is not None:
+            loss = outputs.token_loss.sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        else:
+            loss = outputs.loss
+
+        config = self.bd3lm_config
+        valid = nelbo_valid_mask(inputs["labels"], inputs.get("attention_mask"), config.ignore_bos)
+        if training:
+            masked = ((outputs.noisy_input_ids == config.mask_token_id) & valid).sum()
+            counts = self.accelerator.gather(torch.stack([masked, valid.sum()]).float()[None]).sum(0)
+            self._metrics["train"]["mask_rate"].append(float(counts[0] / counts[1].clamp_min(1)))
+        elif self._eval_stats is not None:
+            self._record_eval_batch(outputs.token_loss.detach(), valid, config.block_size)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_eval_batch(self, token_loss: torch.Tensor, valid: torch.Tensor, block_size: int) -> None:
+        stats = self._eval_stats
+        sums = torch.stack([token_loss.float().sum(-1), valid.sum(-1).float()], dim=-1)  # (batch, 2) per sequence
+        sums = self.accelerator.gather_for_metrics(sums)
+        stats.token_sum += float(sums[:, 0].double().sum())
+        stats.num_tokens += int(sums[:, 1].sum())
+        values, blocks = per_block_nelbo(token_loss, valid, block_size)
+        gathered = gather_block_values(self.accelerator, values, blocks)
+        if gathered.numel() > 1:
+            stats.batch_variances.append(float(gathered.double().var()))
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        """The parent loop, plus `{prefix}_loss` (NELBO per token), `{prefix}_ppl` and `{prefix}_nelbo_var`."""
+        self._eval_stats = _EvalStats()
+        # One seed per evaluation: eval_loss is then a deterministic function of the weights, and evaluating does not
+        # consume the training RNG.
+        self._eval_generator = torch.Generator(device=self.args.device)
+        self._eval_generator.manual_seed(self.args.seed + 104_729 * self.accelerator.process_index)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        finally:
+            stats, self._eval_stats, self._eval_generator = self._eval_stats, None, None
+        if stats.num_tokens > 0:
+            nelbo = stats.token_sum / stats.num_tokens
+            output.metrics[f"{metric_key_prefix}_loss"] = nelbo
+            output.metrics[f"{metric_key_prefix}_ppl"] = math.exp(nelbo) if nelbo < 700 else float("inf")
+        if stats.batch_variances:
+            output.metrics[f"{metric_key_prefix}_nelbo_var"] = sum(stats.batch_variances) / len(stats.batch_variances)
+        return output
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averaged recorded metrics to the periodic training log (and the noise interval in use)."""
+        if "loss" in logs:
+            logs = dict(logs)
+            for key, values in self._metrics["train"].items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+            self._metrics["train"].clear()
+            config = self.bd3lm_config
+            if config.var_min:
+                logs["sampling_eps_min"], logs["sampling_eps_max"] = unwrap_bd3lm(self.model).training_noise_interval()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # EMA: evaluate and save with the averaged weights, checkpoint its state
+
+    @property
+    def ema_callback(self) -> EMACallback | None:
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, EMACallback)), None)
+
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """Context manager with the EMA weights swapped into `self.model` (a no-op without EMA)."""
+        ema = self.ema_callback
+        return ema.applied(self.model) if ema is not None else contextlib.nullcontext()
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        with self.ema_weights():
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with self.ema_weights():
+            super().save_model(output_dir, _internal_call)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        ema = self.ema_callback
+        if ema is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if os.path.isdir(folder):
+                ema.save_state(folder, self.model)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        ema = self.ema_callback
+        if ema is not None:  # the model file holds the EMA weights; put the online ones back
+            ema.load_state(resume_from_checkpoint, self.model)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        ema = self.ema_callback
+        if ema is not None and self.state.best_model_checkpoint is not None:
+            ema.load_state(self.state.best_model_checkpoint, self.model)
+
+
+def _pad_token_id(processing_class: Any, config: BD3LMConfig) -> int:
+    """Any in-vocabulary id works (padding is never attended or scored): the tokenizer's PAD, else EOS, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        token_id = getattr(processing_class, name, None)
+        if isinstance(token_id, int) and 0 <= token_id < config.vocab_size:
+            return token_id
+    return 0
+
+
+def load_for_finetuning(
+    path_or_repo: str | os.PathLike,
+    block_size: int | None = None,
+    from_pretrained_kwargs: dict[str, Any] | None = None,
+    **config_overrides: Any,
+) -> BD3LMForMaskedDiffusion:
+    """Load a checkpoint to fine-tune at another block size: the paper's recipe (pre-train with L' = L, i.e. MDLM, then
+    fine-tune at L' ∈ {4, 8, 16}), or an official BD3-LM checkpoint moved to another L'.
+
+    Works with our checkpoints and the official Hub format (`kuleshov-group/bd3lm-owt-block_size*`, including the
+    `...-block_size1024-pretrain` MDLM-style one): the weights do not depend on L', only the attention mask does.
+    When the block size changes, the noise-interval buffers are reset to the config's initial interval, because a
+    searched interval belongs to the old L'.
+
+    Args:
+        path_or_repo: a local folder or Hub id.
+        block_size (`int`, *optional*): the new L'; must divide `model_length`.
+        from_pretrained_kwargs (`dict`, *optional*): passed to `from_pretrained` (`dtype`, `revision`, ...).
+        **config_overrides: config fields to change (e.g. `dropout=0.1`, `resample=True`, `attn_backend="sdpa"`).
+    """
+    config = BD3LMConfig.from_pretrained(path_or_repo)
+    old_block_size = config.block_size
+    unknown = [key for key in config_overrides if not hasattr(config, key)]
+    if unknown:
+        raise ValueError(f"Unknown BD3LMConfig fields in the overrides: {unknown}.")
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    if "attn_backend" in config_overrides:  # the backend name also selects the attention kernel
+        config._attn_implementation = BD3LMConfig(
+            vocab_size=config.vocab_size, attn_backend=config.attn_backend
+        )._attn_implementation
+    if block_size is not None:
+        config.block_size = block_size
+    config.validate_bd3lm()
+    model = BD3LMForMaskedDiffusion.from_pretrained(path_or_repo, config=config, **(from_pretrained_kwargs or {}))
+    if config.var_min and (config.block_size != old_block_size or {"sampling_eps_min", "sampling_eps_max"} & set(config_overrides)):
+        model.set_noise_interval(config.sampling_eps_min, config.sampling_eps_max)
+    return model
+
+
+__all__ = ["BD3LMTrainer", "BD3LMTrainingArguments", "load_for_finetuning"]
