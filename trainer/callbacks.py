@@ -111,18 +111,23 @@ def noised_nelbo(
     attention_mask = batch.get("attention_mask")
     labels = batch.get("labels", x_0)
     lo, hi = interval
-    noise_levels = sample_noise_levels(
-        x_0.shape[0], x_0.shape[1] // config.block_size, lo, hi, config.antithetic_sampling, generator, x_0.device
-    )
+    num_blocks = x_0.shape[1] // config.block_size
+    resample_interval = None
+    if config.always_mask:  # the "t ≡ 1" objective: every token masked, whatever the interval
+        noise_levels = torch.ones(x_0.shape[0], num_blocks, device=x_0.device)
+        mask_probability = noise_levels
+    else:
+        noise_levels = sample_noise_levels(
+            x_0.shape[0], num_blocks, lo, hi, config.antithetic_sampling, generator, x_0.device
+        )
+        mask_probability = bd3lm.noise_schedule.mask_probability(noise_levels)
+        if config.resample and (lo, hi) != EVAL_NOISE_INTERVAL:
+            resample_interval = (lo if lo > EVAL_NOISE_INTERVAL[0] else 0.0, hi)
     maskable = torch.ones_like(x_0, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
     if config.ignore_bos:
         maskable[:, 0] = False
-    resample_interval = None
-    if config.resample and (lo, hi) != EVAL_NOISE_INTERVAL:
-        resample_interval = (lo if lo > EVAL_NOISE_INTERVAL[0] else 0.0, hi)
     x_t = add_noise(
-        x_0, bd3lm.noise_schedule.mask_probability(noise_levels), config.mask_token_id, config.block_size,
-        resample_interval, maskable, generator,
+        x_0, mask_probability, config.mask_token_id, config.block_size, resample_interval, maskable, generator
     )
     return model(
         input_ids=x_0, noisy_input_ids=x_t, noise_levels=noise_levels, labels=labels, attention_mask=attention_mask

@@ -46,7 +46,8 @@ class BD3LMTrainingArguments(TrainingArguments):
     [`TrainingArguments`] plus the BD3-LM method options. Every `TrainingArguments` field keeps its meaning.
 
     Defaults that differ from `TrainingArguments`: `learning_rate=3e-4` and `lr_scheduler_type="constant_with_warmup"`
-    (the paper's AdamW recipe; the paper also warms up for 2,500 steps, set `warmup_steps` for that).
+    (the paper's AdamW recipe; the paper also warms up for 2,500 steps, set `warmup_steps` for that), and
+    `ddp_find_unused_parameters=False` (every trainable parameter takes part in the vectorised pass).
 
     > Parameters of the data-driven noise schedule (paper Sec. 4)
 
@@ -97,6 +98,9 @@ class BD3LMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.ddp_find_unused_parameters is None:
+            # Every trainable parameter takes part in the vectorised pass, so DDP can skip the graph traversal.
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
         if not self.schedule_search_widths or any(not 0.0 < w <= 1.0 for w in self.schedule_search_widths):
             raise ValueError(
