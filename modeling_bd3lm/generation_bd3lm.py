@@ -1,14 +1,802 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""Block-by-block generation for BD3-LM (work in progress: see the generate issue)."""
+"""Block-by-block generation for BD3-LM (Arriola et al., ICLR 2025, Sec. 3.3 and Suppl. B.3).
+
+`generate()` outline (the numbered steps in the code follow it; keep both in sync):
+
+1. Resolve a `BD3LMGenerationConfig` from the model's config, the one passed in and the keyword arguments.
+2. Prepare the prompt: left padding, and blocks aligned to the END of the prompt (extra left padding so that the
+   prompt ends at a block boundary). A row then sees the same block boundaries, relative positions and keys whatever
+   the batch it is in. Without a prompt, generation starts from BOS (a 1-token prompt).
+3. Prefill: one cached call over the prompt commits its keys and values; this is exactly the block-causal x_0 stream
+   of training, so the cache is exact.
+4. For each new block: slide the window if `committed + block_size > model_length` (drop the oldest blocks; the
+   cache holds pre-rotary keys, so positions are re-based), start from `block_size` mask tokens, and denoise with the
+   sampler (`sampling_bd3lm.py`), calling the network on the block only (`use_cache=False`: attend to the committed
+   tokens without committing). A clean block is checked for EOS and stopping criteria, streamed, and committed with
+   one more call (`use_cache=True`). Rows that stop leave the batch, so they cost no further calls.
+5. Assemble the output: the prompt as given (left padding kept) followed by the new tokens, padding after a stop.
+
+With `use_cache=False` every step runs the whole window instead (no prefill, no commit); inside `model_length` this
+gives the same logits up to float rounding and, for a fixed seed, the same tokens.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
+from transformers.utils import ModelOutput
+
+from .sampling_bd3lm import SAMPLERS, UnigramEntropyStoppingCriteria, build_logits_warpers, sample_categorical
+
+# Same rule as `modeling_bd3lm.CACHE_FIELD` (importing it from there would be circular): transformers 5.24 renamed the
+# output field `past_key_values` to `cache`.
+CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "past_key_values", None), property) else "past_key_values"
+
+# HF defaults applied when a field is None (transformers 5 leaves them unset in the config).
+_HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+# GenerationConfig fields that configure beam search, contrastive search, assisted decoding or processors that this
+# sampler does not implement; each must keep its neutral value. Pass a `LogitsProcessor` for custom logit edits.
+_UNSUPPORTED_FIELDS = {
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "diversity_penalty": (None, 0.0),
+    "penalty_alpha": (None,),
+    "dola_layers": (None,),
+    "constraints": (None,),
+    "force_words_ids": (None,),
+    "guidance_scale": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "min_p": (None,),
+    "top_h": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "watermarking_config": (None,),
+    "prompt_lookup_num_tokens": (None,),
+    "cache_implementation": (None, "dynamic"),
+    "output_scores": (None, False),
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_generation_fields() -> frozenset[str]:
+    """Every field the installed `GenerationConfig` knows (differs between transformers 4.57 and 5.x)."""
+    return frozenset(vars(GenerationConfig())) | {"transformers_version", "_from_model_config", "_commit_hash"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration and output
+
+
+class BD3LMGenerationConfig(GenerationConfig):
+    r"""
+    [`GenerationConfig`] for block diffusion: the usual HF fields plus the block-sampler knobs. Unknown keyword
+    arguments and every invalid value raise a `ValueError` naming the field; it round-trips through
+    `generation_config.json`.
+
+    Args:
+        > Parameters of the block sampler
+
+        sampler (`str`, *optional*):
+            How a block is denoised: `"first_hitting"` (one token per call, the paper's default), `"ddpm"` (ancestral
+            steps with the no-change caching trick), `"topk_confidence"`, `"margin"`, `"entropy"` (the
+            `tokens_per_step` most confident masked positions per call) or `"confidence_threshold"` (all masked
+            positions above the threshold, at least one). Defaults to `"confidence_threshold"` when
+            `confidence_threshold` is set, else `"first_hitting"`.
+        num_steps (`int`, *optional*):
+            Steps per block. `ddpm` discretises t ∈ [0, 1] into this many steps (default `block_size`); the confidence
+            samplers reveal enough tokens per step to finish within it (default: no budget); `first_hitting` ignores it.
+        tokens_per_step (`int`, *optional*, defaults to 1):
+            k of `topk_confidence`, `margin` and `entropy`.
+        confidence_threshold (`float`, *optional*):
+            Threshold in (0, 1] of the `confidence_threshold` sampler (default 0.9 when that sampler is chosen).
+        nucleus_p (`float`, *optional*):
+            The paper's nucleus rule (keep tokens whose cumulative probability including themselves is <= p, always the
+            top-1), applied after HF's `top_p` when sampling. The official runs use 0.9.
+        entropy_stop (`float`, *optional*):
+            Opt-in low-entropy stop rule of the paper: a row stops once the unigram entropy (nats) of its last
+            `entropy_stop_window` generated tokens is below this value (the official code uses 4).
+        entropy_stop_window (`int`, *optional*, defaults to 256):
+            Window of the low-entropy rule.
+        mask_token_id (`int`, *optional*):
+            Override of the model config's mask token.
+        seed (`int`, *optional*):
+            Seed of a CPU `torch.Generator` that drives all sampling randomness (same draws on every device).
+
+    HF fields used: `max_new_tokens` / `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
+    `repetition_penalty`, `eos_token_id` (int or list), `pad_token_id`, `bos_token_id`, `use_cache`, `stop_strings`,
+    `max_time`, `num_return_sequences`, `return_dict_in_generate`, `output_logits`. Beam search, contrastive search and
+    the processor fields listed in `_UNSUPPORTED_FIELDS` must keep their neutral values.
+    """
+
+    _diffusion_defaults: dict[str, Any] = {
+        "sampler": None,
+        "num_steps": None,
+        "tokens_per_step": 1,
+        "confidence_threshold": None,
+        "nucleus_p": None,
+        "entropy_stop": None,
+        "entropy_stop_window": 256,
+        "mask_token_id": None,
+        "seed": None,
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        for name, default in self._diffusion_defaults.items():
+            setattr(self, name, kwargs.pop(name, default))
+        unknown = sorted(key for key in kwargs if key not in _hf_generation_fields())
+        if unknown:
+            if not kwargs.get("_from_model_config"):
+                raise ValueError(
+                    f"BD3LMGenerationConfig got unknown arguments {unknown}; use the HF generation fields or "
+                    f"{sorted(self._diffusion_defaults)}."
+                )
+            for key in unknown:  # keys of a model config (block_size, ...) that are not generation parameters
+                kwargs.pop(key)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, model_config: Any) -> "BD3LMGenerationConfig":
+        """Take the special tokens of a model config; every other field keeps its default."""
+        config_dict = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        tokens = {
+            key: config_dict[key]
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if config_dict.get(key) is not None
+        }
+        config = cls(**tokens)
+        config._original_object_hash = hash(config)  # lets `save_pretrained` tell whether it was modified
+        return config
+
+    def validate(self, strict: bool = False, **kwargs: Any) -> None:
+        super().validate(strict=strict, **kwargs)
+        self.validate_bd3lm()
+
+    def validate_bd3lm(self) -> None:
+        """One `ValueError` per invalid field, naming it."""
+
+        def check(name: str, ok: bool, requirement: str) -> None:
+            if not ok:
+                raise ValueError(f"`{name}` {requirement}, got {getattr(self, name)!r}.")
+
+        def optional(name: str) -> Any:
+            return getattr(self, name, None)
+
+        check("sampler", self.sampler is None or self.sampler in SAMPLERS, f"must be one of {sorted(SAMPLERS)}")
+        check("num_steps", self.num_steps is None or (_is_int(self.num_steps) and self.num_steps >= 1),
+              "must be an integer >= 1")
+        check("tokens_per_step", _is_int(self.tokens_per_step) and self.tokens_per_step >= 1, "must be an integer >= 1")
+        check("confidence_threshold",
+              self.confidence_threshold is None or (_is_real(self.confidence_threshold)
+                                                   and 0.0 < self.confidence_threshold <= 1.0),
+              "must be a number in (0, 1]")
+        check("nucleus_p", self.nucleus_p is None or (_is_real(self.nucleus_p) and 0.0 < self.nucleus_p <= 1.0),
+              "must be a number in (0, 1]")
+        check("entropy_stop", self.entropy_stop is None or (_is_real(self.entropy_stop) and self.entropy_stop > 0),
+              "must be a positive number of nats")
+        check("entropy_stop_window", _is_int(self.entropy_stop_window) and self.entropy_stop_window >= 1,
+              "must be an integer >= 1")
+        check("mask_token_id", self.mask_token_id is None or (_is_int(self.mask_token_id) and self.mask_token_id >= 0),
+              "must be a non-negative token id")
+        check("seed", self.seed is None or _is_int(self.seed), "must be an integer")
+        if self.sampler is not None and self.sampler != "confidence_threshold" and self.confidence_threshold is not None:
+            raise ValueError(
+                f"`confidence_threshold` only applies to sampler='confidence_threshold', but `sampler`={self.sampler!r}; "
+                "drop one of them."
+            )
+        for name in ("max_new_tokens", "max_length", "num_return_sequences"):
+            check(name, optional(name) is None or (_is_int(optional(name)) and optional(name) >= 1),
+                  "must be an integer >= 1")
+        check("temperature", optional("temperature") is None or (_is_real(self.temperature) and self.temperature > 0),
+              "must be a positive number")
+        check("top_k", optional("top_k") is None or (_is_int(self.top_k) and self.top_k >= 0),
+              "must be an integer >= 0 (0 disables it)")
+        check("top_p", optional("top_p") is None or (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0),
+              "must be a number in (0, 1]")
+        check("repetition_penalty",
+              optional("repetition_penalty") is None or (_is_real(self.repetition_penalty) and self.repetition_penalty > 0),
+              "must be a positive number")
+        check("max_time", optional("max_time") is None or (_is_real(self.max_time) and self.max_time > 0),
+              "must be a positive number of seconds")
+        for name in ("bos_token_id", "pad_token_id"):
+            check(name, optional(name) is None or (_is_int(optional(name)) and optional(name) >= 0),
+                  "must be a non-negative token id")
+        eos = optional("eos_token_id")
+        eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
+        check("eos_token_id", eos is None or all(_is_int(e) and e >= 0 for e in eos_list),
+              "must be a token id or a list of token ids")
+        stop = optional("stop_strings")
+        check("stop_strings",
+              stop is None or isinstance(stop, str) or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)),
+              "must be a string or a list of strings")
+        for name in ("do_sample", "use_cache", "return_dict_in_generate", "output_logits"):
+            check(name, optional(name) is None or isinstance(optional(name), bool), "must be a bool")
+        for name, neutral in _UNSUPPORTED_FIELDS.items():
+            value = optional(name)
+            if not any(value is n or (value == n and not isinstance(value, bool)) for n in neutral):
+                raise ValueError(
+                    f"`{name}`={value!r} is not supported by BD3-LM block sampling (beam/contrastive search and "
+                    "built-in processors other than repetition_penalty); unset it or pass a `LogitsProcessor`."
+                )
+
+
+@dataclass
+class _BD3LMGenerateOutputBase(ModelOutput):
+    sequences: torch.LongTensor | None = None
+    nfe: torch.LongTensor | None = None
+    num_forwards: int | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
+    cache_rows: torch.LongTensor | None = None
+
+
+if CACHE_FIELD == "cache":
+
+    @dataclass
+    class BD3LMGenerateOutput(_BD3LMGenerateOutputBase):
+        cache: Cache | None = None
+
+else:
+
+    @dataclass
+    class BD3LMGenerateOutput(_BD3LMGenerateOutputBase):
+        past_key_values: Cache | None = None
+
+
+BD3LMGenerateOutput.__doc__ = """
+    Output of [`BD3LMGenerationMixin.generate`] with `return_dict_in_generate=True`.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch * num_return_sequences, prompt_len + new_len)`):
+            The prompt as given (left padding kept) followed by the new tokens; after a stop (EOS, stopping criteria)
+            a row holds `pad_token_id`. `new_len` is at most `max_new_tokens`.
+        nfe (`torch.LongTensor` of shape `(batch,)`):
+            Denoising network calls each row needed (the paper's NFE): calls made while the row had masked tokens
+            (for `ddpm`, only calls after the row's block changed). Prefill and commit calls are not counted.
+        num_forwards (`int`):
+            All network calls made for the batch: prefill, denoising and commit calls (a batched call counts once).
+        tokens_per_forward (`torch.FloatTensor` of shape `(batch,)`):
+            New tokens of each row divided by its `nfe`.
+        logits (`tuple(torch.FloatTensor)`, *optional*, with `output_logits=True`):
+            Raw logits of every denoising call, each `(batch, block_size, vocab)`; rows that had left the batch are NaN.
+        cache_rows (`torch.LongTensor`):
+            Rows (indices into `sequences`) held by the cache: rows that stopped early leave the batch, and their keys
+            and values with it.
+        past_key_values / cache (`Cache`):
+            Pre-rotary keys and values of the committed window of the rows in `cache_rows` (the last block is not
+            committed, as the last token of an autoregressive decode). `cache` on transformers >= 5.24.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _select_cache_rows(cache: Cache, index: torch.LongTensor) -> None:
+    """Keep only the batch rows `index` of every layer of a dynamic cache."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel() > 0:
+            layer.keys = keys.index_select(0, index.to(keys.device))
+            layer.values = layer.values.index_select(0, index.to(keys.device))
+
+
+def _trim_cache_left(cache: Cache, num_tokens: int) -> None:
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            layer.keys = layer.keys[:, :, num_tokens:]
+            layer.values = layer.values[:, :, num_tokens:]
+
+
+@dataclass
+class _Window:
+    """The rows still generating and what they attend to: the committed columns (in the cache, or as ids when
+    uncached) and their padding mask. Row i of every tensor is the sequence `rows[i]` of the batch."""
+
+    rows: torch.LongTensor
+    mask: torch.BoolTensor  # (rows, committed)
+    ids: torch.LongTensor | None = None  # (rows, committed), uncached path only
+    cache: Cache | None = None
+
+    def keep(self, index: torch.LongTensor) -> None:
+        self.rows, self.mask = self.rows[index], self.mask[index]
+        if self.ids is not None:
+            self.ids = self.ids[index]
+        if self.cache is not None:
+            _select_cache_rows(self.cache, index)
+
+    def slide(self, block_size: int, model_length: int) -> None:
+        """Drop the oldest committed blocks so that one more block fits in `model_length`."""
+        overflow = self.mask.shape[1] + block_size - model_length
+        if overflow <= 0:
+            return
+        self.mask = self.mask[:, overflow:]
+        if self.ids is not None:
+            self.ids = self.ids[:, overflow:]
+        if self.cache is not None:
+            _trim_cache_left(self.cache, overflow)
+
 
 class BD3LMGenerationMixin:
-    """Placeholder until the sampler lands; `generate` raises."""
+    """`generate()` for BD3-LM: prompt-conditioned block-by-block sampling with an exact KV cache (module docstring).
 
-    def generate(self, *args, **kwargs):
-        raise NotImplementedError("BD3LMGenerationMixin.generate is not implemented yet.")
+    The class name contains `GenerationMixin` so that transformers' `can_generate()` is true; it does not inherit
+    `transformers.GenerationMixin`, whose autoregressive machinery does not apply.
+    """
+
+    # ---- generation config plumbing (works on transformers 4.57 and 5.x) ----
+
+    @property
+    def generation_config(self) -> BD3LMGenerationConfig | None:
+        return self.__dict__.get("_bd3lm_generation_config")
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig | None) -> None:
+        # transformers 4.57 builds and loads plain `GenerationConfig`s; upgrade whatever is assigned.
+        if value is not None and not isinstance(value, BD3LMGenerationConfig):
+            if not isinstance(value, GenerationConfig):
+                raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(value).__name__}.")
+            value = BD3LMGenerationConfig.from_dict(value.to_dict())
+        self.__dict__["_bd3lm_generation_config"] = value
+
+    def adjust_generation_fn(
+        self,
+        generation_config: GenerationConfig | None = None,
+        from_auto_class: bool = False,
+        from_pipeline: Any = None,
+        pretrained_model_name_or_path: str | None = None,
+        cache_dir: Any = None,
+        force_download: bool = False,
+        proxies: Any = None,
+        local_files_only: bool = False,
+        token: Any = None,
+        revision: str | None = None,
+        subfolder: str = "",
+        trust_remote_code: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Called by transformers 5 `from_pretrained`: load `generation_config.json` as a `BD3LMGenerationConfig`."""
+        if generation_config is not None:
+            self.generation_config = BD3LMGenerationConfig.from_dict(generation_config.to_dict())
+        elif pretrained_model_name_or_path is not None:
+            try:
+                self.generation_config = BD3LMGenerationConfig.from_pretrained(
+                    pretrained_model_name_or_path,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    proxies=proxies,
+                    local_files_only=local_files_only,
+                    token=token,
+                    revision=revision,
+                    subfolder=subfolder,
+                    _from_auto=from_auto_class,
+                    _from_pipeline=from_pipeline,
+                )
+            except OSError:  # no generation_config.json: keep the one built from the model config
+                pass
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
+        """Identity; present because `peft.PeftModelForCausalLM` reads it (generation does not use it)."""
+        return {"input_ids": input_ids, **kwargs}
+
+    # ---- generate ----
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer: Any = None,
+        generator: torch.Generator | None = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor | BD3LMGenerateOutput:
+        r"""
+        Generate block by block (module docstring has the outline).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, prompt_len)`, *optional*):
+                Left-padded prompts. Without them generation starts from `bos_token_id`.
+            attention_mask (`torch.Tensor` of shape `(batch, prompt_len)`, *optional*):
+                1 for prompt tokens, 0 for (left) padding. Inferred from `pad_token_id` when omitted.
+            generation_config (`GenerationConfig`, *optional*):
+                Overrides `model.generation_config`; keyword arguments override both (`max_new_tokens`, `do_sample`,
+                `temperature`, `sampler`, `num_steps`, `confidence_threshold`, `use_cache`, `seed`, ...; see
+                [`BD3LMGenerationConfig`]).
+            logits_processor (`LogitsProcessorList`, *optional*):
+                Applied to the float64 scores of every position of the block (mask token excluded), before the sampling
+                warpers. Each position gets `input_ids` = the row so far with the block's current state appended.
+            stopping_criteria (`StoppingCriteriaList`, *optional*):
+                Checked at every position of a finished block; a row stops at the first position that fires.
+            streamer (`BaseStreamer`, *optional*):
+                Receives the prompt, then each committed block (`put`), then `end()`.
+            generator (`torch.Generator`, *optional*):
+                Source of all randomness (or pass `seed`); otherwise torch's global RNG.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*):
+                Needed for `stop_strings`.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch * num_return_sequences, prompt_len + new_len)`, or a
+            [`BD3LMGenerateOutput`] when `return_dict_in_generate=True`.
+        """
+        # 1. configuration
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        config = self._resolve_generation_config(generation_config, kwargs)
+        model_config = self.config
+        device = self.device
+        block_size, model_length = model_config.block_size, model_config.model_length
+        mask_id = config.mask_token_id if config.mask_token_id is not None else getattr(model_config, "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError("No mask token: set `mask_token_id` in the model config (or the generation config).")
+        bos_id, pad_id, eos_ids = self._special_tokens(config)
+        do_sample = bool(self._value(config, "do_sample"))
+        use_cache = config.use_cache is not False
+        sampler_name = config.sampler or ("confidence_threshold" if config.confidence_threshold is not None else "first_hitting")
+        threshold = config.confidence_threshold if config.confidence_threshold is not None else 0.9
+        schedule = getattr(self, "noise_schedule", None)
+        sampler = SAMPLERS[sampler_name](
+            num_steps=config.num_steps,
+            tokens_per_step=config.tokens_per_step,
+            confidence_threshold=threshold,
+            mask_probability=schedule.mask_probability if schedule is not None else None,
+        )
+        generator = self._resolve_generator(generator, config.seed)
+
+        # 2. prompt: validate, expand, align the blocks to its end
+        prompt, prompt_mask = self._prepare_prompt(input_ids, attention_mask, bos_id, pad_id, eos_ids, device)
+        repeats = config.num_return_sequences or 1
+        if repeats > 1:
+            prompt, prompt_mask = prompt.repeat_interleave(repeats, 0), prompt_mask.repeat_interleave(repeats, 0)
+        batch, prompt_len = prompt.shape
+        if config.max_new_tokens is not None:
+            max_new_tokens = config.max_new_tokens
+        else:
+            max_new_tokens = self._value(config, "max_length") - prompt_len
+            if max_new_tokens <= 0:
+                raise ValueError(
+                    f"`max_length`={self._value(config, 'max_length')} leaves no room after the {prompt_len}-token "
+                    "prompt; set `max_new_tokens` (> 0) instead."
+                )
+        filler = pad_id if pad_id is not None else mask_id  # never attended; any valid id works
+        out_pad = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else mask_id)
+        window_ids, window_mask = self._align_prompt(prompt, prompt_mask, block_size, model_length, filler)
+
+        logits_processor = LogitsProcessorList(logits_processor or [])
+        if self._value(config, "repetition_penalty", 1.0) not in (None, 1.0):
+            logits_processor.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+        warpers = LogitsProcessorList()
+        if do_sample:
+            warpers = build_logits_warpers(
+                self._value(config, "temperature"), self._value(config, "top_k"), self._value(config, "top_p"),
+                config.nucleus_p,
+            )
+        criteria = self._stopping_criteria(config, stopping_criteria, tokenizer, prompt_len)
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+
+        # 3. prefill
+        num_forwards = 0
+        window = _Window(rows=torch.arange(batch, device=device), mask=window_mask)
+        if use_cache:
+            window.cache = DynamicCache()
+            self(input_ids=window_ids, attention_mask=window_mask, past_key_values=window.cache, use_cache=True,
+                 return_dict=True)
+            num_forwards += 1
+        else:
+            window.ids = window_ids
+
+        # 4. block loop
+        num_blocks = -(-max_new_tokens // block_size)
+        new_tokens = torch.full((batch, num_blocks * block_size), out_pad, dtype=torch.long, device=device)
+        new_lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        nfe = torch.zeros(batch, dtype=torch.long, device=device)
+        all_logits: list[torch.Tensor] | None = [] if config.output_logits else None
+        eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+        max_time = getattr(config, "max_time", None)
+        start_time = time.time()
+        cache_rows = window.rows
+        for k in range(num_blocks):
+            begin = k * block_size
+            window.slide(block_size, model_length)
+            # a. denoise the block from all-mask
+            block = torch.full((len(window.rows), block_size), mask_id, dtype=torch.long, device=device)
+            block, calls = self._denoise_block(
+                block, window, sampler, mask_id, do_sample, logits_processor, warpers, generator, nfe, all_logits,
+                batch, lambda: torch.cat((prompt[window.rows], new_tokens[window.rows, :begin]), dim=1),
+            )
+            num_forwards += calls
+            # b. stops: EOS, stopping criteria and max_new_tokens
+            valid = min(block_size, max_new_tokens - begin)
+            new_tokens[window.rows, begin : begin + block_size] = block
+            stop_at = torch.zeros((len(window.rows), valid), dtype=torch.bool, device=device)
+            if eos_tensor is not None:
+                stop_at |= torch.isin(block[:, :valid], eos_tensor)
+            for j in range(valid if criteria else 0):
+                so_far = torch.cat((prompt[window.rows], new_tokens[window.rows, : begin + j + 1]), dim=1)
+                stop_at[:, j] |= criteria(so_far, None).to(device)
+            stopped = stop_at.any(dim=1)
+            kept = torch.where(stopped, stop_at.int().argmax(dim=1) + 1, torch.full_like(stopped, valid, dtype=torch.long))
+            tail = torch.arange(block_size, device=device)[None, :] >= kept[:, None]
+            new_tokens[window.rows, begin : begin + block_size] = block.masked_fill(tail, out_pad)
+            new_lengths[window.rows] += kept
+            if streamer is not None:
+                if batch == 1:
+                    streamer.put(new_tokens[0, begin : begin + int(kept[0])].cpu())
+                else:
+                    streamer.put(new_tokens[:, begin : begin + valid].cpu())
+            # c. rows that stopped leave the batch; the others commit the clean block
+            cache_rows = window.rows
+            timed_out = max_time is not None and time.time() - start_time > max_time
+            if k == num_blocks - 1 or timed_out or bool(stopped.all()):
+                break
+            if bool(stopped.any()):
+                keep = (~stopped).nonzero().squeeze(1)
+                window.keep(keep)
+                block = block[keep]
+            ones = torch.ones(block.shape, dtype=torch.bool, device=device)
+            if use_cache:
+                self(input_ids=block, attention_mask=torch.cat((window.mask, ones), dim=1),
+                     past_key_values=window.cache, use_cache=True, return_dict=True)
+                num_forwards += 1
+            else:
+                window.ids = torch.cat((window.ids, block), dim=1)
+            window.mask = torch.cat((window.mask, ones), dim=1)
+            cache_rows = window.rows
+        if streamer is not None:
+            streamer.end()
+
+        # 5. output
+        sequences = torch.cat((prompt, new_tokens[:, : int(new_lengths.max())]), dim=1)
+        if not config.return_dict_in_generate:
+            return sequences
+        return BD3LMGenerateOutput(
+            sequences=sequences,
+            nfe=nfe,
+            num_forwards=num_forwards,
+            tokens_per_forward=new_lengths.double() / nfe.clamp_min(1).double(),
+            logits=tuple(all_logits) if all_logits is not None else None,
+            cache_rows=cache_rows,
+            **{CACHE_FIELD: window.cache},
+        )
+
+    def _denoise_block(
+        self,
+        block: torch.LongTensor,
+        window: _Window,
+        sampler: Any,
+        mask_id: int,
+        do_sample: bool,
+        logits_processor: LogitsProcessorList,
+        warpers: LogitsProcessorList,
+        generator: torch.Generator | None,
+        nfe: torch.LongTensor,
+        all_logits: list[torch.Tensor] | None,
+        batch: int,
+        history: Any,
+    ) -> tuple[torch.LongTensor, int]:
+        """The loop shared by all samplers: network call (when the block changed), SUBS-processed float64
+        probabilities, one candidate token per position, and the sampler's choice of positions to reveal.
+
+        Returns the clean block and the number of network calls made.
+        """
+        block_size = block.shape[1]
+        probs = None
+        changed = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
+        calls = 0
+        for step in range(sampler.max_steps(block_size)):
+            masked = block == mask_id
+            if not bool(masked.any()):
+                break
+            if probs is None or bool(changed.any()):
+                logits = self._block_logits(block, window)
+                calls += 1
+                nfe[window.rows] += (changed & masked.any(dim=1)).long()
+                if all_logits is not None:
+                    full = logits.new_full((batch, *logits.shape[1:]), float("nan"))
+                    full[window.rows] = logits
+                    all_logits.append(full)
+                probs = self._block_probabilities(logits, block, mask_id, logits_processor, warpers, history)
+            tokens = sample_categorical(probs, generator) if do_sample else probs.argmax(dim=-1)
+            reveal = sampler.select(masked, probs, tokens, step, generator)
+            block = torch.where(reveal, tokens, block)
+            changed = reveal.any(dim=1) if sampler.reuses_probabilities else torch.ones_like(changed)
+        if bool((block == mask_id).any()):
+            raise RuntimeError(f"Sampler {sampler.name!r} left masked tokens after {sampler.max_steps(block_size)} steps.")
+        return block, calls
+
+    def _block_logits(self, block: torch.LongTensor, window: _Window) -> torch.Tensor:
+        """Raw logits `(rows, block_size, vocab)` of the current block given the committed window."""
+        mask = torch.cat((window.mask, torch.ones(block.shape, dtype=torch.bool, device=block.device)), dim=1)
+        if window.cache is not None:
+            out = self(input_ids=block, attention_mask=mask, past_key_values=window.cache, use_cache=False,
+                       return_dict=True)
+            return out.logits
+        out = self(input_ids=torch.cat((window.ids, block), dim=1), attention_mask=mask, return_dict=True)
+        return out.logits[:, -block.shape[1] :]
+
+    @staticmethod
+    def _block_probabilities(
+        logits: torch.Tensor,
+        block: torch.LongTensor,
+        mask_id: int,
+        logits_processor: LogitsProcessorList,
+        warpers: LogitsProcessorList,
+        history: Any,
+    ) -> torch.DoubleTensor:
+        """SUBS (the mask token gets probability 0), then the processors and warpers, in float64."""
+        rows, block_size, vocab = logits.shape
+        scores = logits.double()
+        scores[..., mask_id] = float("-inf")
+        scores = scores.view(rows * block_size, vocab)
+        if logits_processor or warpers:
+            context = torch.cat((history(), block), dim=1).repeat_interleave(block_size, dim=0)
+            scores = warpers(context, logits_processor(context, scores))
+        return scores.softmax(dim=-1).view(rows, block_size, vocab)
+
+    # ---- input preparation helpers ----
+
+    def _resolve_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> BD3LMGenerationConfig:
+        base = generation_config if generation_config is not None else self.generation_config
+        if base is None:
+            base = BD3LMGenerationConfig.from_model_config(self.config)
+        if isinstance(base, BD3LMGenerationConfig):
+            config = copy.deepcopy(base)
+        elif isinstance(base, GenerationConfig):
+            config = BD3LMGenerationConfig.from_dict(base.to_dict())
+        else:
+            raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(base).__name__}.")
+        unused = config.update(**kwargs)
+        if unused:
+            raise ValueError(
+                f"generate() got arguments it does not use: {sorted(unused)}. See BD3LMGenerationConfig for the "
+                "supported fields."
+            )
+        return config
+
+    @staticmethod
+    def _value(config: GenerationConfig, name: str, default: Any = None) -> Any:
+        value = getattr(config, name, None)
+        return value if value is not None else _HF_DEFAULTS.get(name, default)
+
+    def _special_tokens(self, config: BD3LMGenerationConfig) -> tuple[int | None, int | None, list[int]]:
+        """bos, pad and the list of eos ids, from the generation config or else the model config."""
+
+        def pick(name: str) -> Any:
+            value = getattr(config, name, None)
+            return value if value is not None else getattr(self.config, name, None)
+
+        eos = pick("eos_token_id")
+        eos_ids = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+        return pick("bos_token_id"), pick("pad_token_id"), eos_ids
+
+    @staticmethod
+    def _resolve_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("Pass either `seed` or `generator`, not both.")
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        return generator
+
+    def _prepare_prompt(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        bos_id: int | None,
+        pad_id: int | None,
+        eos_ids: list[int],
+        device: torch.device,
+    ) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Validate a left-padded prompt batch (or build the BOS prompt) and return `(ids, mask)` on `device`."""
+        if input_ids is None:
+            if attention_mask is not None:
+                raise ValueError("`attention_mask` was given without `input_ids`.")
+            if bos_id is None:
+                raise ValueError(
+                    "Unconditional generation starts from BOS, but neither the generation config nor the model config "
+                    "has a `bos_token_id`; pass `input_ids` or set `bos_token_id`."
+                )
+            input_ids = torch.tensor([[bos_id]], dtype=torch.long)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError("`input_ids` must be an integer torch.Tensor of token ids.")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"`input_ids` must have shape (batch, prompt_len) with prompt_len >= 1, got {tuple(input_ids.shape)}.")
+        input_ids = input_ids.to(device=device, dtype=torch.long)
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"`input_ids` holds ids outside [0, {self.config.vocab_size}); check the tokenizer.")
+        if attention_mask is None:
+            if pad_id is not None and pad_id not in eos_ids and bool((input_ids == pad_id).any()):
+                attention_mask = input_ids != pad_id
+            else:
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has {tuple(input_ids.shape)}; "
+                "pass the mask returned by the tokenizer with the ids."
+            )
+        attention_mask = attention_mask.to(device)
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (tokens).")
+        attention_mask = attention_mask.bool()
+        if bool((attention_mask[:, 1:].int() < attention_mask[:, :-1].int()).any()):
+            raise ValueError(
+                "`attention_mask` has padding after tokens; BD3-LM generation needs left padding "
+                "(tokenizer.padding_side = 'left')."
+            )
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("A row of `attention_mask` is all padding; every prompt needs at least one token.")
+        return input_ids, attention_mask
+
+    @staticmethod
+    def _align_prompt(
+        prompt: torch.LongTensor, mask: torch.BoolTensor, block_size: int, model_length: int, filler: int
+    ) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Left-pad (or cut all-padding columns) so that the width is the smallest multiple of `block_size` that holds
+        the longest prompt: the prompt then ends at a block boundary in every row."""
+        longest = int(mask.sum(dim=1).max())
+        width = -(-longest // block_size) * block_size
+        if width + block_size > model_length:
+            raise ValueError(
+                f"The prompt has {longest} tokens ({width} once aligned to block_size={block_size}); with one block to "
+                f"generate this exceeds the window `model_length`={model_length}. Truncate the prompt to at most "
+                f"{model_length - block_size} tokens."
+            )
+        prompt, mask = prompt[:, -min(width, prompt.shape[1]) :], mask[:, -min(width, mask.shape[1]) :]
+        missing = width - prompt.shape[1]
+        if missing > 0:
+            prompt = torch.cat((prompt.new_full((prompt.shape[0], missing), filler), prompt), dim=1)
+            mask = torch.cat((mask.new_zeros((mask.shape[0], missing)), mask), dim=1)
+        return prompt.masked_fill(~mask, filler), mask
+
+    @staticmethod
+    def _stopping_criteria(
+        config: BD3LMGenerationConfig, stopping_criteria: Any, tokenizer: Any, prompt_len: int
+    ) -> StoppingCriteriaList:
+        criteria = StoppingCriteriaList(stopping_criteria or [])
+        stop_strings = getattr(config, "stop_strings", None)
+        if stop_strings:
+            if tokenizer is None:
+                raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to generate().")
+            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+        if config.entropy_stop is not None:
+            criteria.append(UnigramEntropyStoppingCriteria(config.entropy_stop, config.entropy_stop_window, prompt_len))
+        return criteria
 
 
-__all__ = ["BD3LMGenerationMixin"]
+__all__ = ["BD3LMGenerationConfig", "BD3LMGenerateOutput", "BD3LMGenerationMixin", "CACHE_FIELD"]

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
 from .configuration_bd3lm import BD3LMConfig
-from .generation_bd3lm import BD3LMGenerationMixin
+from .generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerationMixin
 from .layers_bd3lm import (
     ATTENTION_FUNCTIONS,
     BD3LMBlock,
@@ -342,6 +342,9 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
       token-mean block NELBO. In training mode t ∼ U[sampling_eps_min, sampling_eps_max] (the buffers, i.e. the
       searched clipped interval), in eval mode t ∼ U[1e-3, 1].
     """
+
+    # transformers 5 builds `model.generation_config` from this class; on 4.57 the mixin's setter upgrades it.
+    generation_config_class = BD3LMGenerationConfig
 
     def __init__(self, config: BD3LMConfig) -> None:
         super().__init__(config)

@@ -1,0 +1,327 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""Samplers of BD3-LM generation: inside one block, which masked positions to reveal at a step and with which token.
+
+All samplers share one loop (`BD3LMGenerationMixin._denoise_block`): the network gives p_θ(x_0 | x_t^b, x^{<b}) for
+every position of the current block; the loop draws one candidate token per position (argmax, or a categorical draw
+from the processed probabilities) and asks the sampler which masked positions take their candidate now. Unmasked
+tokens are always carried over (SUBS), so a sampler only ever selects among masked positions.
+
+Samplers (Arriola et al., 2025, Sec. 5 and Suppl. B; confidence-based parallel decoding after Fast-dLLM / LLaDA):
+
+* `ddpm`: the reverse step of masked diffusion. Going from t to s < t, a masked token is revealed with probability
+  (α_s - α_t) / (1 - α_t) (Eq. (4) of the paper with the SUBS parameterisation). The network is time-independent, so
+  when a step reveals nothing the probabilities are reused without a network call (MDLM's `ddpm_cache`); the last step
+  reveals every remaining token.
+* `first_hitting`: exactly one uniformly chosen masked position per call (Zheng et al., 2024); the next unmasking time
+  only enters through σ, which the released models ignore, so it is not computed.
+* `topk_confidence`, `margin`, `entropy`: the k masked positions with the highest confidence (probability of the
+  candidate token), the largest top-1 minus top-2 margin, or the lowest entropy.
+* `confidence_threshold`: every masked position whose candidate has probability >= the threshold, and at least one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import StoppingCriteria
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Randomness and categorical draws
+
+
+def uniform(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.DoubleTensor:
+    """U[0, 1) draws in float64 from `generator` (or torch's global RNG), made on the generator's device and moved to
+    `device`, so that a CPU generator drives generation on any accelerator and a fixed seed reproduces the batch."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source, dtype=torch.float64).to(device)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.LongTensor:
+    """One exact draw per row of `probs` (`(..., vocab)`, float64, rows may be unnormalised) by inverting the CDF.
+
+    One uniform per row keeps the draw cheap for large vocabularies; zero-probability tokens are never returned
+    because `searchsorted(..., right=True)` skips the flat parts of the CDF.
+    """
+    flat = probs.reshape(-1, probs.shape[-1])
+    cdf = flat.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = uniform((flat.shape[0], 1), generator, flat.device)
+    # u * total < total strictly, except for float rounding at u -> 1, which the clamp guards.
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cdf, target, right=True).clamp_max(flat.shape[-1] - 1)
+    return index.view(probs.shape[:-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logits processing
+
+
+class BD3LMNucleusLogitsWarper(LogitsProcessor):
+    """The paper's nucleus rule (official `_nucleus_sample`): keep the tokens whose cumulative probability, counted in
+    decreasing order and *including the token itself*, is <= p, and always the most likely token.
+
+    This keeps slightly fewer tokens than `TopPLogitsWarper` (HF keeps the token that crosses p).
+
+    Args:
+        nucleus_p (`float`): p in (0, 1].
+    """
+
+    def __init__(self, nucleus_p: float) -> None:
+        if not 0.0 < nucleus_p <= 1.0:
+            raise ValueError(f"`nucleus_p` must be in (0, 1], got {nucleus_p}.")
+        self.nucleus_p = nucleus_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative > self.nucleus_p
+        remove_sorted[..., 0] = False  # the top-1 token always survives
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        return scores.masked_fill(remove, float("-inf"))
+
+
+def build_logits_warpers(
+    temperature: float, top_k: int, top_p: float, nucleus_p: float | None
+) -> LogitsProcessorList:
+    """HF's sampling warpers (temperature, then top-k, then top-p) and the paper's nucleus rule, in that order."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    if nucleus_p is not None and nucleus_p < 1.0:
+        warpers.append(BD3LMNucleusLogitsWarper(nucleus_p))
+    return warpers
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Position selection
+
+
+def select_top(scores: torch.Tensor, masked: torch.BoolTensor, counts: torch.LongTensor) -> torch.BoolTensor:
+    """The `counts[r]` masked positions of row r with the highest `scores` (ties broken by position)."""
+    scores = scores.masked_fill(~masked, float("-inf"))
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return masked & (ranks < counts[:, None])
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats over the last dimension (0 · log 0 = 0)."""
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+
+class BD3LMSampler:
+    """Chooses which masked positions of the current block take their candidate token at one denoising step.
+
+    Args:
+        num_steps (`int`, *optional*): step budget per block. `ddpm` discretises [0, 1] into this many steps; the
+            confidence samplers reveal at least ceil(masked / steps left) tokens per step so that a block never takes
+            more; `first_hitting` ignores it (one token per call by definition).
+        tokens_per_step (`int`): k of the top-k samplers.
+        confidence_threshold (`float`, *optional*): threshold of `confidence_threshold`.
+        mask_probability (`Callable`, *optional*): 1 - α_t of the model's noise schedule (used by `ddpm`).
+    """
+
+    name: str = ""
+    # True when a step may reveal nothing, in which case the network output of the unchanged block is reused.
+    reuses_probabilities: bool = False
+
+    def __init__(
+        self,
+        num_steps: int | None = None,
+        tokens_per_step: int = 1,
+        confidence_threshold: float | None = None,
+        mask_probability: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.num_steps = num_steps
+        self.tokens_per_step = tokens_per_step
+        self.confidence_threshold = confidence_threshold
+        self.mask_probability = mask_probability
+
+    def max_steps(self, block_size: int) -> int:
+        """Upper bound on the steps of one block (every step reveals at least one token per unfinished row)."""
+        return block_size if self.num_steps is None else min(block_size, self.num_steps)
+
+    def min_counts(self, masked: torch.BoolTensor, step: int) -> torch.LongTensor:
+        """Per row: tokens to reveal at least, so that the block finishes within `num_steps`."""
+        remaining = masked.sum(dim=-1)
+        if self.num_steps is None:
+            return remaining.clamp_max(1)
+        steps_left = max(self.num_steps - step, 1)
+        return (remaining + steps_left - 1) // steps_left
+
+    def scores(self, probs: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
+        """Confidence of each position, higher = reveal first. Default: probability of the candidate token."""
+        return probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+    def select(
+        self,
+        masked: torch.BoolTensor,
+        probs: torch.Tensor,
+        tokens: torch.LongTensor,
+        step: int,
+        generator: torch.Generator | None,
+    ) -> torch.BoolTensor:
+        """Positions (a subset of `masked`, shape `(batch, block_size)`) that take `tokens` at this step.
+
+        Args:
+            masked (`torch.BoolTensor` of shape `(batch, block_size)`): positions still masked.
+            probs (`torch.DoubleTensor` of shape `(batch, block_size, vocab)`): processed p_θ(x_0 | x_t), mask token
+                excluded.
+            tokens (`torch.LongTensor` of shape `(batch, block_size)`): the candidate token of every position.
+            step (`int`): index of this step inside the block, from 0.
+            generator (`torch.Generator`, *optional*): source of randomness.
+        """
+        counts = self.min_counts(masked, step).clamp_min(self.tokens_per_step)
+        return select_top(self.scores(probs, tokens), masked, counts)
+
+
+class DDPMSampler(BD3LMSampler):
+    """Ancestral masked-diffusion step on the grid t_i = 1 - i / T, s_i = t_i - 1 / T (i = 0 .. T - 1).
+
+    A masked token is revealed with probability (α_s - α_t) / (1 - α_t) = 1 - mask_prob(s) / mask_prob(t) (Eq. (4) of
+    Arriola et al., 2025, SUBS parameterisation; for the log-linear schedule 1 - s/t). At i = T - 1 (s = 0) every
+    remaining token is revealed, so the block always finishes (the official sampler can reach t = 0 and divide by it).
+    """
+
+    name = "ddpm"
+    reuses_probabilities = True
+
+    def max_steps(self, block_size: int) -> int:
+        return self.num_steps if self.num_steps is not None else block_size
+
+    def select(self, masked, probs, tokens, step, generator):
+        num_steps = self.max_steps(masked.shape[-1])
+        if step >= num_steps - 1:
+            return masked
+        t = torch.tensor(1.0 - step / num_steps, dtype=torch.float64)
+        s = torch.tensor(1.0 - (step + 1) / num_steps, dtype=torch.float64)
+        mask_probability = self.mask_probability or (lambda x: x)
+        reveal = float(1.0 - mask_probability(s) / mask_probability(t))
+        return masked & (uniform(tuple(masked.shape), generator, masked.device) < reveal)
+
+
+class FirstHittingSampler(BD3LMSampler):
+    """One uniformly random masked position per row and call (the official default, vectorised over the batch)."""
+
+    name = "first_hitting"
+
+    def max_steps(self, block_size: int) -> int:
+        return block_size
+
+    def select(self, masked, probs, tokens, step, generator):
+        u = uniform(tuple(masked.shape), generator, masked.device)
+        return select_top(u, masked, masked.any(dim=-1).long())
+
+
+class TopKConfidenceSampler(BD3LMSampler):
+    """The `tokens_per_step` masked positions whose candidate token is most probable."""
+
+    name = "topk_confidence"
+
+
+class MarginSampler(BD3LMSampler):
+    """The `tokens_per_step` masked positions with the largest margin p(top-1) - p(top-2)."""
+
+    name = "margin"
+
+    def scores(self, probs, tokens):
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+
+
+class EntropySampler(BD3LMSampler):
+    """The `tokens_per_step` masked positions whose predictive distribution has the lowest entropy."""
+
+    name = "entropy"
+
+    def scores(self, probs, tokens):
+        return -entropy(probs)
+
+
+class ConfidenceThresholdSampler(BD3LMSampler):
+    """Every masked position whose candidate has probability >= `confidence_threshold`, and at least one per step
+    (the most confident), so that each call makes progress."""
+
+    name = "confidence_threshold"
+
+    def select(self, masked, probs, tokens, step, generator):
+        confidence = self.scores(probs, tokens)
+        at_least = select_top(confidence, masked, self.min_counts(masked, step))
+        return at_least | (masked & (confidence >= self.confidence_threshold))
+
+
+SAMPLERS: dict[str, type[BD3LMSampler]] = {
+    cls.name: cls
+    for cls in (
+        DDPMSampler,
+        FirstHittingSampler,
+        TopKConfidenceSampler,
+        ConfidenceThresholdSampler,
+        MarginSampler,
+        EntropySampler,
+    )
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Low-entropy stop rule
+
+
+class UnigramEntropyStoppingCriteria(StoppingCriteria):
+    """The paper's degenerate-sample rule (official `_check_stop_conds`): stop a row once the unigram entropy of its
+    last `window` generated tokens falls below `threshold` nats.
+
+    Follows the HF `StoppingCriteria` call convention: `(input_ids, scores) -> BoolTensor (batch,)`. Only tokens after
+    `prompt_length` count, and a row needs at least `window` of them before the rule can fire. The official code also
+    rejects (fixed length) or truncates (variable length) such samples; here the row simply stops.
+    """
+
+    def __init__(self, threshold: float, window: int, prompt_length: int) -> None:
+        self.threshold = threshold
+        self.window = window
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None, **kwargs) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_length :]
+        batch = input_ids.shape[0]
+        if generated.shape[1] < self.window:
+            return torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        tail = generated[:, -self.window :]
+        counts = torch.zeros(batch, int(tail.max()) + 1, dtype=torch.float64, device=tail.device)
+        counts.scatter_add_(1, tail, torch.ones_like(tail, dtype=torch.float64))
+        return entropy(counts / self.window) < self.threshold
+
+
+__all__ = [
+    "SAMPLERS",
+    "BD3LMSampler",
+    "DDPMSampler",
+    "FirstHittingSampler",
+    "TopKConfidenceSampler",
+    "ConfidenceThresholdSampler",
+    "MarginSampler",
+    "EntropySampler",
+    "BD3LMNucleusLogitsWarper",
+    "UnigramEntropyStoppingCriteria",
+    "build_logits_warpers",
+    "sample_categorical",
+    "select_top",
+    "uniform",
+    "entropy",
+]
