@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,35 @@ def official_fixture_dir() -> Path:
     if not OFFICIAL_FIXTURE.is_dir():
         pytest.fail(f"The official fixture is missing at {OFFICIAL_FIXTURE}; set BD3LM_SHARED_DIR to the shared/ folder.")
     return OFFICIAL_FIXTURE
+
+
+# Prepended to child code by `run_python_without_project`: hide this project (cwd, PYTHONPATH, an editable install)
+# and prove it is hidden, so that whatever the child loads comes from the folder or repository under test.
+HIDE_PROJECT_PREAMBLE = """
+import importlib.util, sys
+sys.path = [p for p in sys.path if p not in ("", ".", {repo!r})]
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "") and
+                 "__editable__" not in getattr(f, "__name__", "")]
+for name in ("modeling_bd3lm", "hub_upload", "bd3lm_trainer"):
+    assert importlib.util.find_spec(name) is None, f"the project ({{name}}) is importable in the child"
+"""
+
+
+def run_python_without_project(
+    code: str, *, cwd: Path, python: str | Path = sys.executable, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter that cannot import this project (offline unless `env` says otherwise).
+
+    `env` entries override the inherited environment; a value of None removes the variable.
+    """
+    child_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    child_env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_MODULES_CACHE=str(Path(cwd) / "modules"))
+    for key, value in (env or {}).items():
+        if value is None:
+            child_env.pop(key, None)
+        else:
+            child_env[key] = value
+    script = HIDE_PROJECT_PREAMBLE.format(repo=str(REPO_ROOT)) + code
+    return subprocess.run(
+        [str(python), "-c", script], cwd=cwd, env=child_env, capture_output=True, text=True, timeout=timeout
+    )
