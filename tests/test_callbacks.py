@@ -9,8 +9,6 @@ import sys
 
 import pytest
 import torch
-from datasets import Dataset
-
 from bd3lm_trainer import (
     BD3LMTrainer,
     BD3LMTrainingArguments,
@@ -24,19 +22,14 @@ from bd3lm_trainer import (
 )
 from bd3lm_trainer import callbacks as callbacks_module
 from bd3lm_trainer.callbacks import _search_generator, _take, nelbo_valid_mask
-from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
+from datasets import Dataset
+
+from modeling_bd3lm import BD3LMForMaskedDiffusion
+from tests.conftest import random_model
 
 
 def tiny_model(seed: int = 0, **overrides) -> BD3LMForMaskedDiffusion:
-    kwargs = dict(vocab_size=64, hidden_dim=64, cond_dim=16, n_blocks=2, n_heads=4, model_length=32, block_size=4,
-                  dropout=0.0)
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = BD3LMForMaskedDiffusion(BD3LMConfig(**kwargs))
-    with torch.no_grad():  # adaLN-Zero init gives a constant output; perturb so that gradients and losses vary
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
+    return random_model(seed, **overrides).train()
 
 
 def random_dataset(n: int, length: int = 32, seed: int = 1) -> Dataset:

@@ -9,12 +9,11 @@ import json
 import datasets
 import pytest
 import torch
+from bd3lm_trainer import BD3LMDataCollator, build_lm_dataset, load_text_dataset
+from bd3lm_trainer import data as data_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
-
-from bd3lm_trainer import BD3LMDataCollator, build_lm_dataset, load_text_dataset
-from bd3lm_trainer import data as data_module
 
 DOCS = ["hello world", "a b c", "", "the quick brown fox jumps", "xyz"]
 
@@ -132,7 +131,10 @@ def test_text_file_is_one_document_per_line(tmp_path, tokenizer):
 
 def test_saved_dataset_folder_and_dataset_dict(tmp_path, tokenizer):
     dd = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"text": DOCS}), "validation": datasets.Dataset.from_dict({"text": ["abc"]})}
+        {
+            "train": datasets.Dataset.from_dict({"text": DOCS}),
+            "validation": datasets.Dataset.from_dict({"text": ["abc"]}),
+        }
     )
     dd.save_to_disk(str(tmp_path / "saved"))
     assert load_text_dataset(str(tmp_path / "saved"), split="validation")["text"] == ["abc"]

@@ -63,8 +63,9 @@ def noise_interval_grid(
 ) -> list[tuple[float, float]]:
     """Candidate intervals [β, ω] of the clipped-schedule search, in the upstream order.
 
-    Always the unbiased (1e-3, 1), then for every width w the offsets i = 0, step, ..., 1 - w give (max(i, 1e-3), i + w):
-    with the default widths 0.5..0.9 and step 0.05 that is 11 + 9 + 7 + 5 + 3 = 35 clipped intervals.
+    Always the unbiased (1e-3, 1), then for every width w the offsets i = 0, step, ..., 1 - w give
+    (max(i, 1e-3), i + w): with the default widths 0.5..0.9 and step 0.05 that is 11 + 9 + 7 + 5 + 3 = 35 clipped
+    intervals.
     """
     if step <= 0:
         raise ValueError(f"`step` must be > 0, got {step}.")
@@ -130,7 +131,8 @@ def noised_nelbo(
         x_0, mask_probability, config.mask_token_id, config.block_size, resample_interval, maskable, generator
     )
     return model(
-        input_ids=x_0, noisy_input_ids=x_t, noise_levels=noise_levels, labels=labels, attention_mask=attention_mask
+        input_ids=x_0, noisy_input_ids=x_t, noise_levels=noise_levels, labels=labels, attention_mask=attention_mask,
+        return_dict=True,
     )
 
 
@@ -479,7 +481,9 @@ def estimate_gradient_variance(
         for batch in batches:
             loss = noised_nelbo(model, batch, interval, generator).loss
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])
+            flat = torch.cat(
+                [(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)]
+            )
             count += 1
             if mean is None:
                 mean = flat.clone()

@@ -104,7 +104,8 @@ class BD3LMTrainingArguments(TrainingArguments):
         super().__post_init__()
         if not self.schedule_search_widths or any(not 0.0 < w <= 1.0 for w in self.schedule_search_widths):
             raise ValueError(
-                f"`schedule_search_widths` must be a non-empty list of widths in (0, 1], got {self.schedule_search_widths}."
+                "`schedule_search_widths` must be a non-empty list of widths in (0, 1], got "
+                f"{self.schedule_search_widths}."
             )
         if not 0.0 < self.schedule_search_step < 1.0:
             raise ValueError(f"`schedule_search_step` must be in (0, 1), got {self.schedule_search_step}.")
@@ -213,7 +214,7 @@ class BD3LMTrainer(Trainer):
         # The model's forward has **kwargs, which makes the Trainer think it accepts `num_items_in_batch`; it does
         # not, but `compute_loss` below does, and for that the token count must be gathered.
         self.model_accepts_loss_kwargs = True
-        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list)}
         self._eval_stats: _EvalStats | None = None
         self._eval_generator: torch.Generator | None = None
         for callback in self.callback_handler.callbacks:
@@ -287,6 +288,7 @@ class BD3LMTrainer(Trainer):
         """
         inputs = dict(inputs)
         inputs.setdefault("labels", inputs["input_ids"])  # the denoising target is x_0 itself
+        inputs["return_dict"] = True  # official configs say return_dict=False
         training = model.training
         extra = {"generator": self._eval_generator} if not training and self._eval_generator is not None else {}
         outputs = model(**inputs, **extra)
@@ -318,15 +320,19 @@ class BD3LMTrainer(Trainer):
         if gathered.numel() > 1:
             stats.batch_variances.append(float(gathered.double().var()))
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ):
         """The parent loop, plus `{prefix}_loss` (NELBO per token), `{prefix}_ppl` and `{prefix}_nelbo_var`."""
         self._eval_stats = _EvalStats()
-        # One seed per evaluation: eval_loss is then a deterministic function of the weights, and evaluating does not
-        # consume the training RNG.
+        # One seed per evaluation: eval_loss is then a deterministic function of the weights (common random numbers
+        # across checkpoints), whatever the global RNG state.
         self._eval_generator = torch.Generator(device=self.args.device)
         self._eval_generator.manual_seed(self.args.seed + 104_729 * self.accelerator.process_index)
         try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
         finally:
             stats, self._eval_stats, self._eval_generator = self._eval_stats, None, None
         if stats.num_tokens > 0:
@@ -374,7 +380,8 @@ class BD3LMTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         ema = self.ema_callback
         if ema is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
             if os.path.isdir(folder):
                 ema.save_state(folder, self.model)
 
@@ -435,7 +442,8 @@ def load_for_finetuning(
         config.block_size = block_size
     config.validate_bd3lm()
     model = BD3LMForMaskedDiffusion.from_pretrained(path_or_repo, config=config, **(from_pretrained_kwargs or {}))
-    if config.var_min and (config.block_size != old_block_size or {"sampling_eps_min", "sampling_eps_max"} & set(config_overrides)):
+    interval_overridden = bool({"sampling_eps_min", "sampling_eps_max"} & set(config_overrides))
+    if config.var_min and (config.block_size != old_block_size or interval_overridden):
         model.set_noise_interval(config.sampling_eps_min, config.sampling_eps_max)
     return model
 
