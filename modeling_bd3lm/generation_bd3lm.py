@@ -165,6 +165,9 @@ class BD3LMGenerationConfig(GenerationConfig):
             for key in unknown:  # keys of a model config (block_size, ...) that are not generation parameters
                 kwargs.pop(key)
         super().__init__(**kwargs)
+        # Never saved as "built from a model config": transformers 4.57 would then drop the diffusion fields when it
+        # reads generation_config.json with the base class.
+        self._from_model_config = None
 
     @classmethod
     def from_model_config(cls, model_config: Any) -> "BD3LMGenerationConfig":

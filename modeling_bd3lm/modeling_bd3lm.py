@@ -39,6 +39,10 @@ from .layers_bd3lm import (
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, BD3LMNoiseSchedule, add_noise, sample_noise_levels
 
+# Imported here although only generation uses it: transformers 4.57 copies just the direct relative imports of this file
+# when it loads a checkpoint from a local folder with trust_remote_code.
+from .sampling_bd3lm import SAMPLERS  # noqa: F401
+
 
 # transformers 5.24 renamed the cache output field `past_key_values` to `cache` (keeping a deprecated property); 4.x
 # only knows the old name. Outputs use whichever name the installed release expects.
