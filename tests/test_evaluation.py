@@ -1,0 +1,290 @@
+"""Tests of the likelihood API (`bd3lm_trainer.evaluation`): NELBO exactness, unbiasedness, perplexity, `bd3lm eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bd3lm_trainer.corpus import load_tokenizer
+from bd3lm_trainer.evaluation import (
+    add_eval_arguments,
+    dataset_perplexity,
+    nelbo,
+    plan_windows,
+    run_eval,
+    score_continuations,
+    stratified_noise_levels,
+    wrap_documents,
+)
+from tests.conftest import random_model
+
+ATOL = 1e-5
+EPS = 1e-3  # the evaluation noise interval is U[1e-3, 1]
+
+
+def _ids(batch: int, length: int, vocab: int = 63, seed: int = 0) -> torch.LongTensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _ar_nll(model, x_0: torch.LongTensor) -> torch.Tensor:
+    """-log p(x^i | x^{<i}) of a block-size-1 model, one sampling pass per position (mask token at position i)."""
+    mask_id = model.config.mask_token_id
+    rows = []
+    for i in range(x_0.shape[1]):
+        window = torch.cat((x_0[:, :i], torch.full((x_0.shape[0], 1), mask_id)), dim=1)
+        logits = model(window, return_dict=True).logits[:, -1].float()
+        logits[:, mask_id] = float("-inf")
+        rows.append(-torch.log_softmax(logits, -1).gather(-1, x_0[:, i : i + 1]))
+    return torch.cat(rows, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exactness
+
+
+@pytest.mark.parametrize("always_mask", [True, False])
+def test_block_size_one_nelbo_is_the_autoregressive_nll(always_mask):
+    # always_mask: t ≡ 1 by configuration; otherwise the t-integral of a time-independent L'=1 model is done exactly.
+    model = random_model(block_size=1, always_mask=always_mask)
+    x_0 = _ids(2, 32)
+    out = nelbo(model, x_0, num_samples=3)
+    ar = _ar_nll(model, x_0)
+    torch.testing.assert_close(out.per_token, ar, rtol=0, atol=ATOL)
+    torch.testing.assert_close(out.per_sequence, ar.sum(1), rtol=0, atol=1e-4)
+    assert out.num_tokens.tolist() == [32, 32] and out.per_draw.shape == (3, 2)
+    torch.testing.assert_close(out.per_draw, ar.sum(1).expand(3, 2), rtol=0, atol=1e-4)  # deterministic: no variance
+
+
+def test_a_single_draw_is_the_models_own_block_nelbo():
+    model = random_model(block_size=4)
+    x_0 = _ids(3, 32)
+    out = nelbo(model, x_0, num_samples=1, generator=torch.Generator().manual_seed(5))
+    # Replay the same random stream: noise levels first, then the masks drawn by the model itself.
+    replay = torch.Generator().manual_seed(5)
+    t = stratified_noise_levels(1, 3, 8, replay)[0]
+    reference = model(x_0, labels=x_0, noise_levels=t, generator=replay, return_dict=True).token_loss
+    torch.testing.assert_close(out.per_token, reference, rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_monte_carlo_nelbo_is_unbiased_against_the_enumerated_expectation():
+    # L'=2, L=8: each block's expectation is a finite sum over its 3 non-empty mask patterns, weighted by
+    # c(k) = ∫_ε^1 t^{k-1} (1-t)^{2-k} dt / (1 - ε) (mask probability t^k (1-t)^{2-k} times the weight 1/t).
+    model = random_model(block_size=2, model_length=8)
+    x_0 = _ids(1, 8, seed=3)
+    grid = torch.linspace(EPS, 1.0, 200_001, dtype=torch.float64)
+    c = {k: float(torch.trapezoid(grid ** (k - 1) * (1 - grid) ** (2 - k), grid)) / (1 - EPS) for k in (1, 2)}
+    exact = 0.0
+    for pattern in ([1, 0], [0, 1], [1, 1]):
+        masked = torch.tensor(pattern * 4, dtype=torch.bool)[None]
+        x_t = x_0.masked_fill(masked, model.mask_token_id)
+        logits = model(x_0, noisy_input_ids=x_t, return_dict=True).logits.float()
+        logits[..., model.mask_token_id] = float("-inf")
+        nll = -torch.log_softmax(logits, -1).gather(-1, x_0[..., None])[..., 0]
+        exact += c[sum(pattern)] * float(nll[masked].sum())
+    # 64 copies × 16 draws = 1024 estimates in 16 passes; the joint strata correlate the rows negatively, so the
+    # naive standard error of their mean is conservative.
+    out = nelbo(model, x_0.repeat(64, 1), num_samples=16, generator=torch.Generator().manual_seed(0))
+    rows = out.per_sequence.double()
+    stderr = float(rows.std() / math.sqrt(64))
+    assert abs(float(rows.mean()) - exact) < 4 * stderr, (float(rows.mean()), exact, stderr)
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 6), batch=st.integers(1, 4), blocks=st.integers(1, 5), seed=st.integers(0, 2**31))
+def test_noise_levels_cover_every_stratum_once_and_every_cell_covers_the_k_coarse_strata(k, batch, blocks, seed):
+    t = stratified_noise_levels(k, batch, blocks, torch.Generator().manual_seed(seed))
+    assert t.shape == (k, batch, blocks) and bool(((t >= EPS) & (t <= 1)).all())
+    u = ((t.double() - EPS) / (1 - EPS)).clamp(0, 1 - 1e-12)
+    n = k * batch * blocks
+    assert sorted((u * n).floor().long().flatten().tolist()) == list(range(n))
+    coarse = (u * k).floor().long().view(k, -1)
+    assert bool((coarse.sort(dim=0).values == torch.arange(k)[:, None]).all())
+
+
+def test_every_draw_of_every_cell_is_marginally_uniform():
+    # The official sampler gives cell j the stratum j/N every time; ours randomises which cell gets which stratum.
+    draws = torch.stack([stratified_noise_levels(2, 2, 2, torch.Generator().manual_seed(s)) for s in range(3000)])
+    means = draws.mean(0)  # each (draw, row, block) position: mean of U[ε, 1] is (1 + ε) / 2
+    assert float((means - (1 + EPS) / 2).abs().max()) < 0.03
+
+
+def test_one_generator_per_row_makes_a_row_independent_of_its_batch():
+    model = random_model(block_size=4)
+    long_target = _ids(1, 45, seed=1)[0].tolist()
+    pairs = [([1, 2, 3], [4, 5, 6]), ([7], long_target), ([9] * 10, [10, 11])]
+    together = score_continuations(model, pairs, num_samples=3, batch_size=8, seed=4)
+    alone = [score_continuations(model, [pair], num_samples=3, batch_size=1, seed=4)[0] for pair in pairs]
+    for (a, _), (b, _) in zip(together, alone):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_conditional_score_is_the_exact_autoregressive_conditional_at_block_size_one():
+    model = random_model(block_size=1, always_mask=True)
+    x = _ids(1, 20, seed=2)
+    [(value, greedy)] = score_continuations(model, [(x[0, :7].tolist(), x[0, 7:].tolist())], check_greedy=True)
+    ar = _ar_nll(model, x)[0]
+    assert value == pytest.approx(float(ar[7:].sum()), abs=1e-4)
+    # is_greedy: every target token is the argmax of its AR prediction
+    mask_id = model.config.mask_token_id
+    greedy_ids = [model(torch.cat((x[:, :i], torch.full((1, 1), mask_id)), 1)).logits[0, -1, :mask_id].argmax()
+                  for i in range(7, 20)]
+    assert greedy == all(int(g) == int(t) for g, t in zip(greedy_ids, x[0, 7:]))
+    target = [int(g) for g in greedy_ids[:1]]  # the greedy first token alone is greedy
+    assert score_continuations(model, [(x[0, :7].tolist(), target)], check_greedy=True)[0][1] is True
+
+
+def test_context_stays_clean_and_uncounted_and_the_target_starts_on_a_block_boundary():
+    model = random_model(block_size=4)
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append({"input_ids": args[0], **kwargs}), with_kwargs=True
+    )
+    try:
+        score_continuations(model, [([1, 2, 3, 4, 5], [6, 7, 8]), ([9, 10], [11] * 6)], num_samples=4)
+    finally:
+        handle.remove()
+    kwargs = seen[0]
+    x_0 = kwargs.get("input_ids")
+    labels, x_t = kwargs["labels"], kwargs["noisy_input_ids"]
+    for row in range(2):
+        first = int((labels[row] != -100).nonzero().min())
+        assert first % 4 == 0
+        assert torch.equal(x_t[row, :first], x_0[row, :first])  # context never masked
+    assert sum(len(s["labels"][s["labels"] != -100]) for s in seen[:1]) == 3 + 6
+
+
+@settings(max_examples=60, deadline=None)
+@given(ctx=st.integers(0, 40), tgt=st.integers(1, 100), bs=st.sampled_from([1, 2, 4, 8]), stride=st.integers(1, 24))
+def test_windows_fit_score_each_target_token_once_and_keep_the_preceding_text(ctx, tgt, bs, stride):
+    length = 32
+    context, target = list(range(1000, 1000 + ctx)), list(range(tgt))
+    stride = min(stride, length - bs)
+    windows = plan_windows(context, target, length, bs, stride)
+    assert [tok for _, piece in windows for tok in piece] == target
+    text = context + target
+    done = 0
+    for prefix, piece in windows:
+        assert -(-len(prefix) // bs) * bs + -(-len(piece) // bs) * bs <= length
+        start = len(context) + done
+        assert prefix == text[start - len(prefix) : start]
+        done += len(piece)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Datasets and perplexity
+
+
+def test_wrap_documents_appends_eos_and_keeps_the_remainder():
+    assert wrap_documents([[1, 2, 3], [4, 5]], 3, 0) == [[1, 2, 3], [0, 4, 5], [0]]
+    assert wrap_documents([[1, 2, 3], [4]], 3, 0, wrap=False) == [[1, 2, 3], [0], [4, 0]]
+
+
+@pytest.fixture(scope="module")
+def corpus_model():
+    """A block-size-1 model over the shipped 8192-id tokenizer (mask = 8191 = the tokenizer's mask id)."""
+    return random_model(vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=1,
+                        always_mask=True)
+
+
+TEXTS = ["In the beginning God created the heaven and the earth.", "To be, or not to be: that is the question."]
+
+
+def test_dataset_perplexity_is_the_token_mean_over_wrapped_chunks(corpus_model):
+    tokenizer = load_tokenizer()
+    result = dataset_perplexity(corpus_model, TEXTS, tokenizer, batch_size=1, progress=False)
+    documents = tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
+    chunks = wrap_documents(documents, 32, tokenizer.eos_token_id)
+    nlls = [_ar_nll(corpus_model, torch.tensor([chunk]))[0] for chunk in chunks]
+    total = sum(len(c) for c in chunks)
+    assert result.num_tokens == total and result.num_sequences == len(chunks)
+    assert result.nelbo == pytest.approx(float(sum(n.sum() for n in nlls)) / total, abs=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(result.nelbo))
+    without_bos = dataset_perplexity(corpus_model, TEXTS, tokenizer, ignore_bos=True, progress=False)
+    assert without_bos.num_tokens == total - len(chunks)
+    assert without_bos.nelbo == pytest.approx(float(sum(n[1:].sum() for n in nlls)) / (total - len(chunks)), abs=1e-5)
+
+
+def test_dataset_perplexity_reads_a_local_file_and_is_seeded(tmp_path):
+    model = random_model(vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=4)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    tokenizer = load_tokenizer()
+    a = dataset_perplexity(model, str(path), tokenizer, num_samples=2, seed=1, progress=False)
+    b = dataset_perplexity(model, str(path), tokenizer, batch_size=1, num_samples=2, seed=1, progress=False)
+    c = dataset_perplexity(model, str(path), tokenizer, num_samples=2, seed=2, progress=False)
+    assert a.num_tokens == b.num_tokens and a.num_samples == 2
+    assert a.nelbo != c.nelbo  # Monte-Carlo at L'=4: the seed matters ...
+    assert a.nelbo == dataset_perplexity(model, str(path), tokenizer, num_samples=2, seed=1, progress=False).nelbo
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_samples": 0}, ValueError, "num_samples"),
+        ({"num_samples": 1.5}, ValueError, "num_samples"),
+        ({"input_ids": torch.zeros(0, 8, dtype=torch.long)}, ValueError, "empty"),
+        ({"input_ids": torch.zeros(1, 40, dtype=torch.long)}, ValueError, "model_length"),
+        ({"input_ids": torch.zeros(1, 8)}, TypeError, "integer"),
+    ],
+)
+def test_nelbo_bad_input(kwargs, error, match):
+    model = random_model()
+    kwargs = {"input_ids": _ids(1, 8), **kwargs}
+    with pytest.raises(error, match=match):
+        nelbo(model, **kwargs)
+
+
+def test_dataset_perplexity_bad_input(corpus_model):
+    tokenizer = load_tokenizer()
+    with pytest.raises(ValueError, match="empty"):
+        dataset_perplexity(corpus_model, [], tokenizer, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        dataset_perplexity(corpus_model, ["", ""], tokenizer, progress=False)
+    with pytest.raises(ValueError, match="num_samples"):
+        dataset_perplexity(corpus_model, TEXTS, tokenizer, num_samples=0, progress=False)
+    with pytest.raises(ValueError, match="text_column"):
+        dataset_perplexity(corpus_model, TEXTS, tokenizer, text_column="body", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `bd3lm eval`
+
+
+def test_run_eval_prints_a_table_and_writes_json(tmp_path, corpus_model, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = load_tokenizer()
+    corpus_model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    judge = GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    judge.save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    (tmp_path / "samples.txt").write_text("\n".join(TEXTS) + "\n")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([
+        str(tmp_path / "model"), "--dataset", str(tmp_path / "docs.jsonl"), "--judge", str(tmp_path / "judge"),
+        "--samples", str(tmp_path / "samples.txt"), "--output", str(tmp_path / "out" / "results.json"),
+        "--device", "cpu", "--no-progress",
+    ])
+    results = run_eval(args)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    ppl = written["perplexity"][str(tmp_path / "docs.jsonl")]
+    assert ppl["perplexity"] == pytest.approx(
+        dataset_perplexity(corpus_model, TEXTS, tokenizer, progress=False).perplexity, rel=1e-5
+    )
+    assert written["generative_perplexity"]["num_samples"] == 2
+    table = capsys.readouterr().out
+    assert "gen_ppl" in table and "perplexity" in table
+    with pytest.raises(ValueError, match="Nothing to evaluate"):
+        run_eval(parser.parse_args([str(tmp_path / "model")]))
