@@ -96,3 +96,24 @@ def test_lora_train_save_load_merge_generate(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, peft_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged.generate(input_ids=prompt, max_new_tokens=8, do_sample=False, seed=0), generated)
+
+
+def test_lora_with_schedule_search_and_ema(tmp_path):
+    base = random_model()
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(0, 63, (8, 32), generator=g).tolist()})
+    args = BD3LMTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        eval_strategy="steps", eval_steps=2, use_cpu=True, report_to=[], dataloader_num_workers=0, disable_tqdm=True,
+        save_strategy="no", seed=0, use_ema=True, schedule_search_widths=[0.5], schedule_search_step=0.25,
+        schedule_search_batches=1,
+    )
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGET_MODULES["attention"])
+    trainer = BD3LMTrainer(base, args, train_dataset=data, eval_dataset=data, peft_config=lora)
+    trainer.train()
+    assert set(trainer.ema_callback.shadow) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in name for name in trainer.ema_callback.shadow)
+    chosen = trainer.state.log_history[-2]
+    assert base.training_noise_interval() == pytest.approx(
+        (chosen["schedule_search/eps_min"], chosen["schedule_search/eps_max"])
+    )

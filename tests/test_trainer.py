@@ -24,7 +24,7 @@ from bd3lm_trainer import (
 from bd3lm_trainer.callbacks import EMA_STATE_NAME, per_block_nelbo
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 from tests.conftest import REPO_ROOT, random_model
@@ -135,9 +135,19 @@ def test_gradient_accumulation_with_padding_matches_one_large_batch(tmp_path):
 def test_training_logs_mask_rate_and_the_noise_interval(tmp_path):
     model = tiny_model()
     model.set_noise_interval(0.45, 0.95)
-    trainer = BD3LMTrainer(model, make_args(tmp_path, max_steps=2, logging_steps=1), train_dataset=random_dataset(8))
+    reported = []  # what report_to integrations see: they are callbacks fed by on_log
+
+    class Reporter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            reported.append(dict(logs))
+
+    trainer = BD3LMTrainer(model, make_args(tmp_path, max_steps=2, logging_steps=1), train_dataset=random_dataset(8),
+                           callbacks=[Reporter()])
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry for entry in reported if "loss" in entry] == [
+        {k: v for k, v in entry.items() if k != "step"} for entry in logs
+    ]
     assert len(logs) == 2
     for entry in logs:
         assert 0.0 < entry["mask_rate"] < 1.0
@@ -317,8 +327,9 @@ def test_official_checkpoint_finetunes_at_another_block_size(tmp_path, official_
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(official_fixture_dir / name, folder / name)
-    model = load_for_finetuning(folder, block_size=8)
-    assert model.config.block_size == 8
+    model = load_for_finetuning(folder, block_size=8, attn_backend="eager")
+    assert model.config.block_size == 8 and model.backbone.attn_implementation == "eager"
+    assert load_for_finetuning(folder).backbone.attn_implementation == "sdpa"  # official config: attn_backend sdpa
     official = load_file(str(folder / "model.safetensors"))
     state = model.state_dict()
     for name, tensor in official.items():

@@ -42,12 +42,13 @@ def unwrap_bd3lm(model: torch.nn.Module) -> torch.nn.Module:
     loaded with `trust_remote_code` also qualifies)."""
     current = model
     for _ in range(8):
+        if hasattr(current, "get_base_model"):  # PEFT (which would also forward the attributes checked below)
+            current = current.get_base_model()
+            continue
         config = getattr(current, "config", None)
         if getattr(config, "model_type", None) == "bd3lm" and hasattr(current, "set_noise_interval"):
             return current
-        if hasattr(current, "get_base_model"):  # PEFT
-            current = current.get_base_model()
-        elif isinstance(getattr(current, "module", None), torch.nn.Module):  # DDP, DataParallel
+        if isinstance(getattr(current, "module", None), torch.nn.Module):  # DDP, DataParallel
             current = current.module
         elif isinstance(getattr(current, "_orig_mod", None), torch.nn.Module):  # torch.compile
             current = current._orig_mod

@@ -434,10 +434,8 @@ def load_for_finetuning(
         raise ValueError(f"Unknown BD3LMConfig fields in the overrides: {unknown}.")
     for key, value in config_overrides.items():
         setattr(config, key, value)
-    if "attn_backend" in config_overrides:  # the backend name also selects the attention kernel
-        config._attn_implementation = BD3LMConfig(
-            vocab_size=config.vocab_size, attn_backend=config.attn_backend
-        )._attn_implementation
+    if "attn_backend" in config_overrides:  # the official backend name also selects our attention kernel
+        config._attn_implementation = BD3LMConfig(attn_backend=config.attn_backend)._attn_implementation
     if block_size is not None:
         config.block_size = block_size
     config.validate_bd3lm()
