@@ -164,19 +164,17 @@ def _read_json(path: Path, what: str) -> dict:
         raise ValueError(f"{what} {path} is not readable JSON ({error}); was the save interrupted?") from error
 
 
-def check_repo_id(repo_id: str) -> str:
-    """Raise a ValueError naming the fix unless `repo_id` is a valid Hub id ('namespace/name' or 'name')."""
+def check_repo_id(repo_id: str, *, name: str = "repo_id", namespace: bool = True) -> str:
+    """Raise a ValueError naming the fix unless `repo_id` is a valid Hub id ('namespace/name')."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
+        if not repo_id or (namespace and "/" not in repo_id):
+            raise HFValidationError("it needs a namespace.")
     except HFValidationError as error:
-        raise ValueError(
-            f"repo_id={repo_id!r} is not a valid Hub repository id: {error} Use 'namespace/name' (letters, digits, "
-            "'-', '_', '.')."
-        ) from None
-    if not repo_id:
-        raise ValueError("repo_id is empty: use 'namespace/name'.")
+        raise ValueError(f"{name}={repo_id!r} is not a valid Hub repository id: {error} Use 'namespace/name' "
+                         "(letters, digits, '-', '_', '.').") from None
     return repo_id
 
 
@@ -280,13 +278,22 @@ def _load_model(model_dir: Path):
     return model.eval()
 
 
-def _assemble_model(model_dir: Path, staging: Path, max_shard_size: str) -> tuple[Any, dict]:
+def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardInfo, nfe_tokens: int) -> None:
+    """Re-save the validated model into `staging` (code files, auto_map, generation config, shards); fill `info`."""
     model = _load_model(model_dir)
     model.save_pretrained(staging, max_shard_size=max_shard_size)
-    raw = _read_json(model_dir / "config.json", "The config")
+    raw, config = _read_json(model_dir / "config.json", "The config"), model.config
     # The official release names its class `BD3LM`; this package's saves name `BD3LMForMaskedDiffusion`.
-    official = raw.get("architectures") == ["BD3LM"] or str(raw.get("auto_map", {}).get("AutoModelForMaskedLM")).endswith(".BD3LM")
-    return model, {"converted_from_official": official}
+    info.converted_from_official = raw.get("architectures") == ["BD3LM"] or str(
+        raw.get("auto_map", {}).get("AutoModelForMaskedLM")).endswith(".BD3LM")
+    info.architecture = {name: getattr(config, name) for name in (
+        "block_size", "model_length", "vocab_size", "mask_token_id", "hidden_dim", "n_blocks", "n_heads",
+        "noise_schedule")}
+    info.architecture["parameters"] = sum(p.numel() for p in model.parameters())
+    info.noise_interval = model.training_noise_interval()
+    generation = _read_json(staging / "generation_config.json", "The generation config")
+    info.sampler_defaults = {k: v for k, v in generation.items() if k not in ("transformers_version", "_from_model_config")}
+    info.network_calls = _measure_network_calls(model, nfe_tokens) if nfe_tokens > 0 else None
 
 
 def _assemble_adapter(model_dir: Path, staging: Path, base_model: str | None) -> dict:
@@ -300,7 +307,7 @@ def _assemble_adapter(model_dir: Path, staging: Path, base_model: str | None) ->
     if not base or Path(base).exists():
         raise ValueError(f"The adapter's base model is {base!r}, not a Hub repository: pass --base-model "
                          "namespace/name so that the card and adapter_config.json name the published base.")
-    check_repo_id(base)
+    check_repo_id(base, name="base_model", namespace=False)
     rank = config.get("r")
     if rank is not None and not config.get("rank_pattern"):
         for key, shape in _checkpoint_shapes([weights]).items():
@@ -315,7 +322,8 @@ def _assemble_adapter(model_dir: Path, staging: Path, base_model: str | None) ->
             "target_modules": sorted(targets) if isinstance(targets, list) else targets, "base_model": base}
 
 
-def _copy_tokenizer(tokenizer_dirs: list[Path], staging: Path, vocab_size: int | None) -> list[tuple[str, Path]]:
+def _copy_tokenizer(tokenizer_dirs: list[Path], staging: Path, vocab_size: int | None) -> list[Path]:
+    """Copy the allow-listed tokenizer files of the first folder that has any."""
     for directory in tokenizer_dirs:
         found = [p for p in sorted(directory.iterdir()) if p.is_file() and _matches(p.name, TOKENIZER_FILES)]
         if not found:
@@ -329,7 +337,7 @@ def _copy_tokenizer(tokenizer_dirs: list[Path], staging: Path, vocab_size: int |
                                  f"{vocab_size}: publish the tokenizer the model was trained with (--tokenizer).")
         for path in found:
             shutil.copy2(path, staging / path.name)
-        return [(path.name, path) for path in found]
+        return found
     return []
 
 
@@ -386,6 +394,8 @@ def _left_out(folder: Path, model_dir: Path, used: set[Path]) -> list[LeftOut]:
                 items.append(LeftOut(rel, f"belongs to the final model; publishing {model_dir.name} instead"))
         elif _matches(path.name, REPORT_FILES):
             items.append(LeftOut(rel, "read into the model card"))
+        elif _matches(path.name, TOKENIZER_FILES):
+            items.append(LeftOut(rel, "tokenizer file; another folder's tokenizer is published"))
         else:
             reason = next((why for pattern, why in LEFT_OUT_REASONS if fnmatch.fnmatch(path.name, pattern)),
                           "not on the allow-list (pass --include to publish it)")
@@ -412,104 +422,76 @@ def plan_upload(
     datasets: list[str] | tuple[str, ...] = (),
     license: str = "unknown",
     nfe_tokens: int = 64,
-    staging_dir: str | os.PathLike | None = None,
 ) -> UploadPlan:
-    """Assemble the repository to publish from `folder` into a staging folder and write its card.
+    """Assemble the repository to publish from `folder` in a temporary staging folder, card included.
 
     Args:
         folder: a folder saved by `save_pretrained`, a Trainer output folder (the final model at its top, `checkpoint-*`
-            below), an official checkpoint (config.json + model.safetensors) or a LoRA adapter folder.
-        repo_id: the repository the card's snippets load from.
+            below), an official checkpoint (config.json + model.safetensors) or a PEFT adapter folder.
+        repo_id: the repository ('namespace/name') the card's snippets load from.
         checkpoint: publish `folder/<checkpoint>` (or `"latest"`) instead of the final model.
         include: glob patterns, relative to the model folder, of extra files to publish on purpose.
-        tokenizer: a folder to take tokenizer files from when the model folder has none.
+        tokenizer: take the tokenizer files from this folder instead of the model's (or the Trainer output's) own.
         max_shard_size: safetensors files above this size are sharded (`save_pretrained`'s `max_shard_size`).
-        base_model: the Hub id of the model this one was fine-tuned from (required for adapters saved from a local base).
+        base_model: Hub id of the model this one was fine-tuned from; an adapter's base when its config names a
+            local path.
         datasets: Hub ids of the training data, for the card's metadata.
         license: the licence identifier for the card ("unknown" unless told).
         nfe_tokens: tokens to generate when measuring network calls per token (0 skips the measurement).
-        staging_dir: an empty folder to assemble in (a new temporary folder if not given).
 
     Returns:
         An `UploadPlan`; use it as a context manager (or call `cleanup()`) to remove the staging folder.
     """
     check_repo_id(repo_id)
     if base_model is not None:
-        check_repo_id(base_model)
+        check_repo_id(base_model, name="base_model", namespace=False)
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ValueError(f"tokenizer={str(tokenizer)!r} is not a folder.")
     folder = Path(folder).resolve()
     model_dir = _select_model_dir(folder, checkpoint)
-    staging = Path(staging_dir) if staging_dir is not None else Path(tempfile.mkdtemp(prefix="bd3lm-upload-"))
-    staging.mkdir(parents=True, exist_ok=True)
-    if any(staging.iterdir()):
-        raise ValueError(f"staging_dir={str(staging)!r} is not empty.")
+    staging = Path(tempfile.mkdtemp(prefix="bd3lm-upload-"))
+    info = CardInfo(repo_id=repo_id, license=license, datasets=list(datasets), base_model=base_model)
+    notes, used, origins = [], set(), {}
     try:
-        return _plan(folder, model_dir, staging, repo_id, checkpoint, list(include), tokenizer, max_shard_size,
-                     base_model, list(datasets), license, nfe_tokens)
+        if (model_dir / "adapter_config.json").exists():
+            info.kind, info.adapter = "adapter", _assemble_adapter(model_dir, staging, base_model)
+            info.base_model = info.adapter.pop("base_model")
+            used |= {model_dir / "adapter_config.json", model_dir / "adapter_model.safetensors"}
+        else:
+            _assemble_model(model_dir, staging, max_shard_size, info, nfe_tokens)
+            if info.network_calls is None and nfe_tokens > 0:
+                notes.append("network calls per token not measured: this build's generate() is not implemented")
+        dirs = [Path(tokenizer)] if tokenizer is not None else [model_dir, folder]
+        for path in _copy_tokenizer(dirs, staging, info.architecture.get("vocab_size")):
+            used.add(path)
+            origins[path.name] = f"copied from {path.parent.name}/"
+        info.has_tokenizer = any(origins)
+        if not info.has_tokenizer:
+            notes.append("no tokenizer files found: the card says which tokenizer to use (--tokenizer DIR adds one)")
+        for pattern in include:
+            matched = [p for p in sorted(model_dir.rglob("*")) if p.is_file() and p not in used
+                       and fnmatch.fnmatch(p.relative_to(model_dir).as_posix(), pattern)]
+            if not matched:
+                raise ValueError(f"--include {pattern!r} matches no file in {model_dir} that is not already published.")
+            for path in matched:
+                rel = path.relative_to(model_dir).as_posix()
+                if (staging / rel).exists() or rel == "README.md":
+                    raise ValueError(f"--include {pattern!r} would overwrite the generated {rel}; drop it.")
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, staging / rel)
+                used.add(path)
+                origins[rel] = "included on request (--include)"
+        _read_reports(info, [model_dir, folder])
+        card = build_model_card(info)
+        card.save(staging / "README.md")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _plan(folder, model_dir, staging, repo_id, checkpoint, include, tokenizer, max_shard_size, base_model, datasets,
-          license, nfe_tokens) -> UploadPlan:
-    info = CardInfo(repo_id=repo_id, license=license, datasets=datasets, base_model=base_model)
-    notes, used = [], set()
-    if (model_dir / "adapter_config.json").exists():
-        info.kind = "adapter"
-        info.adapter = _assemble_adapter(model_dir, staging, base_model)
-        info.base_model = info.adapter.pop("base_model")
-        used |= {model_dir / "adapter_config.json", model_dir / "adapter_model.safetensors"}
-        vocab_size = None
-    else:
-        model, extra = _assemble_model(model_dir, staging, max_shard_size)
-        info.converted_from_official = extra["converted_from_official"]
-        config = model.config
-        vocab_size = config.vocab_size
-        info.architecture = {
-            "block_size": config.block_size, "model_length": config.model_length, "vocab_size": config.vocab_size,
-            "mask_token_id": config.mask_token_id, "hidden_dim": config.hidden_dim, "n_blocks": config.n_blocks,
-            "n_heads": config.n_heads, "noise_schedule": config.noise_schedule,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }
-        info.noise_interval = model.training_noise_interval()
-        generation = _read_json(staging / "generation_config.json", "The generation config")
-        info.sampler_defaults = {k: v for k, v in generation.items() if k not in ("transformers_version", "_from_model_config")}
-        info.network_calls = _measure_network_calls(model, nfe_tokens) if nfe_tokens > 0 else None
-        if info.network_calls is None and nfe_tokens > 0:
-            notes.append("network calls per token not measured: this build's generate() is not implemented")
-    tokenizer_dirs = [model_dir, folder] + ([Path(tokenizer)] if tokenizer is not None else [])
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise ValueError(f"tokenizer={str(tokenizer)!r} is not a folder.")
-    copied = _copy_tokenizer(tokenizer_dirs if tokenizer is None else [Path(tokenizer)], staging, vocab_size)
-    used |= {path for _, path in copied}
-    info.has_tokenizer = bool(copied)
-    if not copied:
-        notes.append("no tokenizer files found: the card says which tokenizer to use (pass --tokenizer DIR to add one)")
-    for pattern in include:
-        matched = [p for p in sorted(model_dir.rglob("*")) if p.is_file() and fnmatch.fnmatch(p.relative_to(model_dir).as_posix(), pattern)]
-        if not matched:
-            raise ValueError(f"--include {pattern!r} matches no file in {model_dir}.")
-        for path in matched:
-            rel = path.relative_to(model_dir).as_posix()
-            if (staging / rel).exists() or rel == "README.md":
-                raise ValueError(f"--include {pattern!r} would overwrite the generated {rel}; drop it.")
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, staging / rel)
-            used.add(path)
-    _read_reports(info, [model_dir, folder])
-    card = build_model_card(info)
-    card.save(staging / "README.md")
-    origins = {name: f"copied from {path.parent.name}/" for name, path in copied}
-    origins.update({p.relative_to(model_dir).as_posix(): "included on request (--include)" for p in used
-                    if model_dir in p.parents and not _matches(p.name, TOKENIZER_FILES + ("adapter_*",))})
-    files = []
-    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-        rel = path.relative_to(staging).as_posix()
-        origin = origins.get(rel) or ("generated model card" if rel == "README.md" else
-                                      "copied (adapter)" if info.kind == "adapter" else "re-saved by save_pretrained")
-        files.append(PlannedFile(rel, path.stat().st_size, origin))
-    left = _left_out(folder, model_dir, used)
-    return UploadPlan(info.kind, model_dir, staging, files, left, card, info, notes)
+    default = "copied (adapter)" if info.kind == "adapter" else "re-saved by save_pretrained"
+    origins["README.md"] = "generated model card"
+    files = [PlannedFile(rel, path.stat().st_size, origins.get(rel, default))
+             for path in sorted(staging.rglob("*")) if path.is_file() and (rel := path.relative_to(staging).as_posix())]
+    return UploadPlan(info.kind, model_dir, staging, files, _left_out(folder, model_dir, used), card, info, notes)
 
 
 def _read_reports(info: CardInfo, dirs: list[Path]) -> None:
@@ -741,6 +723,9 @@ def upload(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     check_repo_id(repo_id)
+    if repo_id != plan.card_info.repo_id:
+        raise ValueError(f"repo_id={repo_id!r} differs from the plan's ({plan.card_info.repo_id!r}), whose card loads "
+                         "from it: plan again for this repository.")
     token = resolve_token(token)
     _refuse_token_in_files(plan, token)
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
@@ -789,8 +774,6 @@ def run(args: argparse.Namespace) -> int:
     token = None
     try:
         check_repo_id(args.repo_id)
-        if "/" not in args.repo_id:
-            raise ValueError(f"repo_id={args.repo_id!r} has no namespace: use 'namespace/name'.")
         if not args.dry_run:
             token = resolve_token()
         with plan_upload(args.folder, args.repo_id, checkpoint=args.checkpoint, include=args.include,

@@ -77,5 +77,6 @@ def run_python_without_project(
             child_env[key] = value
     script = HIDE_PROJECT_PREAMBLE.format(repo=str(REPO_ROOT)) + code
     return subprocess.run(
-        [str(python), "-c", script], cwd=cwd, env=child_env, capture_output=True, text=True, timeout=timeout
+        [str(python), "-c", script], cwd=cwd, env=child_env, capture_output=True, text=True, timeout=timeout,
+        check=False,
     )

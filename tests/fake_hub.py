@@ -210,7 +210,7 @@ class FakeHubHandler(BaseHTTPRequestHandler):
         import yaml
 
         content = json.loads(self._body())["content"]
-        match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+        match = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
         try:
             ok = match is not None and isinstance(yaml.safe_load(match.group(1)), dict)
         except yaml.YAMLError:

@@ -20,7 +20,12 @@ from safetensors.torch import load_file, save_file
 import hub_upload
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 from tests import fake_hub
-from tests.conftest import OFFICIAL_FIXTURE, REPO_ROOT, random_model, run_python_without_project
+from tests.conftest import (
+    OFFICIAL_FIXTURE,
+    REPO_ROOT,
+    random_model,
+    run_python_without_project,
+)
 
 FAKE_TOKEN = "hf_FakeTokenForTests_0123456789abcdefXYZ"
 EVAL_PPL = 57.25
@@ -36,24 +41,27 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("fake-hub")
     port_file = root / "port"
     env = dict(os.environ, FAKE_HUB_TOKEN=FAKE_TOKEN)
+    log = open(root / "server.log", "wb")  # a file, not a pipe: a full pipe would block the server
     process = subprocess.Popen(
         [sys.executable, str(Path(fake_hub.__file__)), "--root", str(root / "store"), "--port-file", str(port_file)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=log, stderr=log,
     )
     deadline = time.monotonic() + 30
     while not port_file.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"the fake Hub did not start: {process.stderr.read().decode()[-2000:]}")
+            pytest.fail(f"the fake Hub did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.02)
     yield type("Hub", (), {"endpoint": f"http://127.0.0.1:{port_file.read_text()}", "root": root / "store",
                            "pid": process.pid})
     os.kill(process.pid, signal.SIGTERM)
     process.wait(timeout=10)
+    log.close()
 
 
 def _point_at(mp: pytest.MonkeyPatch, hub, tmp: Path, token: str | None = FAKE_TOKEN) -> None:
     mp.setenv("HF_ENDPOINT", hub.endpoint)
+    mp.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)  # stray library requests stay on loopback too
     mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline; loopback is allowed
     mp.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp / "no-token-file"))  # no login cache either
     mp.delenv("HF_OIDC_RESOURCE", raising=False)
@@ -186,7 +194,7 @@ def test_sharded_weights_round_trip(tmp_path):
 
 
 def test_card_metadata_and_body(trainer_output):
-    folder, model = trainer_output
+    folder, _ = trainer_output
     with hub_upload.plan_upload(folder, "fake-user/tiny", datasets=["fake-user/corpus"], license="apache-2.0",
                                 base_model="fake-user/tiny-base", nfe_tokens=8) as plan:
         card = ModelCard.load(plan.staging / "README.md")
@@ -308,7 +316,7 @@ def published(hub, tmp_path_factory):
     cli = subprocess.run(
         [sys.executable, "-m", "hub_upload", str(tmp / "out"), "fake-user/trained-bd3lm", "--dataset",
          "fake-user/corpus", "--license", "apache-2.0", "--commit-message", "first release", "--nfe-tokens", "0"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert cli.returncode == 0, cli.stderr[-3000:]
     jobs, plans = {}, {}
