@@ -83,6 +83,12 @@ def test_pretokenized_dataset_is_wrapped(tokenizer):
     assert dataset["input_ids"] == [[5, 6, 7], [eos, 8, 9]]
 
 
+def test_iterable_dataset_is_shaped_lazily(tokenizer):
+    streamed = build_lm_dataset(datasets.Dataset.from_dict({"text": DOCS}).to_iterable_dataset(), tokenizer, 8)
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert [row["input_ids"] for row in streamed] == build_lm_dataset(DOCS, tokenizer, 8)["input_ids"]
+
+
 def test_remainder_is_dropped_per_map_batch(tokenizer):
     docs = ["abc"] * 6  # 4 tokens each with EOS
     whole = build_lm_dataset(docs, tokenizer, model_length=6)

@@ -162,7 +162,8 @@ def build_lm_dataset(
         dataset_or_path, split=split, text_column=text_column, dataset_config_name=dataset_config_name,
         streaming=streaming, **load_kwargs,
     )
-    columns = list(dataset.column_names or [])
+    # A streamed dataset may not know its columns before the first row; then trust `text_column`.
+    columns = list(dataset.column_names) if dataset.column_names is not None else [text_column]
     pretokenized = text_column not in columns and "input_ids" in columns
     if not pretokenized and text_column not in columns:
         raise ValueError(f"`text_column`={text_column!r} is not a column of the dataset; columns: {columns}.")
@@ -178,7 +179,8 @@ def build_lm_dataset(
             documents = [list(ids) for ids in batch["input_ids"]]
         else:
             texts = ["" if text is None else text for text in batch[text_column]]
-            documents = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            # verbose=False: documents longer than the tokenizer's model_max_length are expected (they get chunked)
+            documents = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         if eos_id is not None:
             documents = [ids + [eos_id] for ids in documents]
         if wrap:
