@@ -1,5 +1,5 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""Block-by-block generation for BD3-LM (Arriola et al., ICLR 2025, Sec. 3.3 and Suppl. B.3).
+"""Block-by-block generation for BD3-LM (Arriola et al., ICLR 2025), following the official block sampler.
 
 `generate()` outline (the numbered steps in the code follow it; keep both in sync):
 
@@ -26,16 +26,26 @@ import copy
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
-from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+)
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput
 
-from .sampling_bd3lm import SAMPLERS, UnigramEntropyStoppingCriteria, build_logits_warpers, sample_categorical
+from .sampling_bd3lm import (
+    SAMPLERS,
+    CommittedWindow,
+    build_logits_warpers,
+    build_stopping_criteria,
+    denoise_block,
+    first_stops,
+)
 
 # Same rule as `modeling_bd3lm.CACHE_FIELD` (importing it from there would be circular): transformers 5.24 renamed the
 # output field `past_key_values` to `cache`.
@@ -47,37 +57,18 @@ _HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k
 # GenerationConfig fields that configure beam search, contrastive search, assisted decoding or processors that this
 # sampler does not implement; each must keep its neutral value. Pass a `LogitsProcessor` for custom logit edits.
 _UNSUPPORTED_FIELDS = {
-    "num_beams": (None, 1),
-    "num_beam_groups": (None, 1),
-    "diversity_penalty": (None, 0.0),
-    "penalty_alpha": (None,),
-    "dola_layers": (None,),
-    "constraints": (None,),
-    "force_words_ids": (None,),
-    "guidance_scale": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0),
-    "encoder_repetition_penalty": (None, 1.0),
-    "bad_words_ids": (None,),
-    "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,),
-    "sequence_bias": (None,),
-    "min_length": (None, 0),
-    "min_new_tokens": (None, 0),
-    "typical_p": (None, 1.0),
-    "epsilon_cutoff": (None, 0.0),
-    "eta_cutoff": (None, 0.0),
-    "min_p": (None,),
-    "top_h": (None,),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-    "exponential_decay_length_penalty": (None,),
-    "watermarking_config": (None,),
-    "prompt_lookup_num_tokens": (None,),
+    **dict.fromkeys(
+        "penalty_alpha dola_layers constraints force_words_ids bad_words_ids min_p top_h suppress_tokens "
+        "begin_suppress_tokens sequence_bias forced_bos_token_id forced_eos_token_id exponential_decay_length_penalty "
+        "watermarking_config prompt_lookup_num_tokens".split(),
+        (None,),
+    ),
+    **dict.fromkeys("num_beams num_beam_groups".split(), (None, 1)),
+    **dict.fromkeys("no_repeat_ngram_size encoder_no_repeat_ngram_size min_length min_new_tokens".split(), (None, 0)),
+    **dict.fromkeys("diversity_penalty epsilon_cutoff eta_cutoff".split(), (None, 0.0)),
+    **dict.fromkeys("guidance_scale encoder_repetition_penalty typical_p".split(), (None, 1.0)),
+    **dict.fromkeys("output_scores output_attentions output_hidden_states".split(), (None, False)),
     "cache_implementation": (None, "dynamic"),
-    "output_scores": (None, False),
-    "output_attentions": (None, False),
-    "output_hidden_states": (None, False),
 }
 
 
@@ -93,6 +84,45 @@ def _is_int(value: Any) -> bool:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_token_ids(value: Any) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return len(values) > 0 and all(_is_int(v) and v >= 0 for v in values)
+
+
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+
+
+_POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1")
+_UNIT_INTERVAL = (lambda v: _is_real(v) and 0.0 < v <= 1.0, "must be a number in (0, 1]")
+_POSITIVE = (lambda v: _is_real(v) and v > 0, "must be a positive number")
+_TOKEN_ID = (lambda v: _is_int(v) and v >= 0, "must be a non-negative token id")
+_BOOL = (lambda v: isinstance(v, bool), "must be a bool")
+
+# field -> (test of a set value, requirement). None means unset for every field but `_REQUIRED_FIELDS`.
+_FIELD_RULES = {
+    "sampler": (lambda v: v in SAMPLERS, f"must be one of {sorted(SAMPLERS)}"),
+    "num_steps": _POSITIVE_INT,
+    "tokens_per_step": _POSITIVE_INT,
+    "confidence_threshold": _UNIT_INTERVAL,
+    "nucleus_p": _UNIT_INTERVAL,
+    "entropy_stop": (_POSITIVE[0], "must be a positive number of nats"),
+    "entropy_stop_window": _POSITIVE_INT,
+    "mask_token_id": _TOKEN_ID,
+    "seed": (_is_int, "must be an integer"),
+    **dict.fromkeys(("max_new_tokens", "max_length", "num_return_sequences"), _POSITIVE_INT),
+    **dict.fromkeys(("temperature", "repetition_penalty"), _POSITIVE),
+    "max_time": (_POSITIVE[0], "must be a positive number of seconds"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0 (0 disables it)"),
+    "top_p": _UNIT_INTERVAL,
+    **dict.fromkeys(("bos_token_id", "pad_token_id"), _TOKEN_ID),
+    "eos_token_id": (_is_token_ids, "must be a token id or a non-empty list of token ids"),
+    "stop_strings": (_is_strings, "must be a string or a list of strings"),
+    **dict.fromkeys(("do_sample", "use_cache", "return_dict_in_generate", "output_logits"), _BOOL),
+}
+_REQUIRED_FIELDS = ("tokens_per_step", "entropy_stop_window")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -140,7 +170,7 @@ class BD3LMGenerationConfig(GenerationConfig):
     the processor fields listed in `_UNSUPPORTED_FIELDS` must keep their neutral values.
     """
 
-    _diffusion_defaults: dict[str, Any] = {
+    _diffusion_defaults: ClassVar[dict[str, Any]] = {
         "sampler": None,
         "num_steps": None,
         "tokens_per_step": 1,
@@ -170,7 +200,7 @@ class BD3LMGenerationConfig(GenerationConfig):
         self._from_model_config = None
 
     @classmethod
-    def from_model_config(cls, model_config: Any) -> "BD3LMGenerationConfig":
+    def from_model_config(cls, model_config: Any) -> BD3LMGenerationConfig:
         """Take the special tokens of a model config; every other field keeps its default."""
         config_dict = model_config if isinstance(model_config, dict) else model_config.to_dict()
         tokens = {
@@ -187,66 +217,18 @@ class BD3LMGenerationConfig(GenerationConfig):
         self.validate_bd3lm()
 
     def validate_bd3lm(self) -> None:
-        """One `ValueError` per invalid field, naming it."""
-
-        def check(name: str, ok: bool, requirement: str) -> None:
-            if not ok:
-                raise ValueError(f"`{name}` {requirement}, got {getattr(self, name)!r}.")
-
-        def optional(name: str) -> Any:
-            return getattr(self, name, None)
-
-        check("sampler", self.sampler is None or self.sampler in SAMPLERS, f"must be one of {sorted(SAMPLERS)}")
-        check("num_steps", self.num_steps is None or (_is_int(self.num_steps) and self.num_steps >= 1),
-              "must be an integer >= 1")
-        check("tokens_per_step", _is_int(self.tokens_per_step) and self.tokens_per_step >= 1, "must be an integer >= 1")
-        check("confidence_threshold",
-              self.confidence_threshold is None or (_is_real(self.confidence_threshold)
-                                                   and 0.0 < self.confidence_threshold <= 1.0),
-              "must be a number in (0, 1]")
-        check("nucleus_p", self.nucleus_p is None or (_is_real(self.nucleus_p) and 0.0 < self.nucleus_p <= 1.0),
-              "must be a number in (0, 1]")
-        check("entropy_stop", self.entropy_stop is None or (_is_real(self.entropy_stop) and self.entropy_stop > 0),
-              "must be a positive number of nats")
-        check("entropy_stop_window", _is_int(self.entropy_stop_window) and self.entropy_stop_window >= 1,
-              "must be an integer >= 1")
-        check("mask_token_id", self.mask_token_id is None or (_is_int(self.mask_token_id) and self.mask_token_id >= 0),
-              "must be a non-negative token id")
-        check("seed", self.seed is None or _is_int(self.seed), "must be an integer")
-        if self.sampler is not None and self.sampler != "confidence_threshold" and self.confidence_threshold is not None:
+        """One `ValueError` per invalid field, naming it (`_FIELD_RULES`, `_UNSUPPORTED_FIELDS`)."""
+        for name, (test, requirement) in _FIELD_RULES.items():
+            value = getattr(self, name, None)
+            if (value is not None or name in _REQUIRED_FIELDS) and not test(value):
+                raise ValueError(f"`{name}` {requirement}, got {value!r}.")
+        if self.sampler not in (None, "confidence_threshold") and self.confidence_threshold is not None:
             raise ValueError(
-                f"`confidence_threshold` only applies to sampler='confidence_threshold', but `sampler`={self.sampler!r}; "
-                "drop one of them."
+                "`confidence_threshold` only applies to sampler='confidence_threshold', but "
+                f"`sampler`={self.sampler!r}; drop one of them."
             )
-        for name in ("max_new_tokens", "max_length", "num_return_sequences"):
-            check(name, optional(name) is None or (_is_int(optional(name)) and optional(name) >= 1),
-                  "must be an integer >= 1")
-        check("temperature", optional("temperature") is None or (_is_real(self.temperature) and self.temperature > 0),
-              "must be a positive number")
-        check("top_k", optional("top_k") is None or (_is_int(self.top_k) and self.top_k >= 0),
-              "must be an integer >= 0 (0 disables it)")
-        check("top_p", optional("top_p") is None or (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0),
-              "must be a number in (0, 1]")
-        check("repetition_penalty",
-              optional("repetition_penalty") is None or (_is_real(self.repetition_penalty) and self.repetition_penalty > 0),
-              "must be a positive number")
-        check("max_time", optional("max_time") is None or (_is_real(self.max_time) and self.max_time > 0),
-              "must be a positive number of seconds")
-        for name in ("bos_token_id", "pad_token_id"):
-            check(name, optional(name) is None or (_is_int(optional(name)) and optional(name) >= 0),
-                  "must be a non-negative token id")
-        eos = optional("eos_token_id")
-        eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
-        check("eos_token_id", eos is None or all(_is_int(e) and e >= 0 for e in eos_list),
-              "must be a token id or a list of token ids")
-        stop = optional("stop_strings")
-        check("stop_strings",
-              stop is None or isinstance(stop, str) or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)),
-              "must be a string or a list of strings")
-        for name in ("do_sample", "use_cache", "return_dict_in_generate", "output_logits"):
-            check(name, optional(name) is None or isinstance(optional(name), bool), "must be a bool")
         for name, neutral in _UNSUPPORTED_FIELDS.items():
-            value = optional(name)
+            value = getattr(self, name, None)
             if not any(value is n or (value == n and not isinstance(value, bool)) for n in neutral):
                 raise ValueError(
                     f"`{name}`={value!r} is not supported by BD3-LM block sampling (beam/contrastive search and "
@@ -304,51 +286,6 @@ BD3LMGenerateOutput.__doc__ = """
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation
-
-
-def _select_cache_rows(cache: Cache, index: torch.LongTensor) -> None:
-    """Keep only the batch rows `index` of every layer of a dynamic cache."""
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if keys is not None and keys.numel() > 0:
-            layer.keys = keys.index_select(0, index.to(keys.device))
-            layer.values = layer.values.index_select(0, index.to(keys.device))
-
-
-def _trim_cache_left(cache: Cache, num_tokens: int) -> None:
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            layer.keys = layer.keys[:, :, num_tokens:]
-            layer.values = layer.values[:, :, num_tokens:]
-
-
-@dataclass
-class _Window:
-    """The rows still generating and what they attend to: the committed columns (in the cache, or as ids when
-    uncached) and their padding mask. Row i of every tensor is the sequence `rows[i]` of the batch."""
-
-    rows: torch.LongTensor
-    mask: torch.BoolTensor  # (rows, committed)
-    ids: torch.LongTensor | None = None  # (rows, committed), uncached path only
-    cache: Cache | None = None
-
-    def keep(self, index: torch.LongTensor) -> None:
-        self.rows, self.mask = self.rows[index], self.mask[index]
-        if self.ids is not None:
-            self.ids = self.ids[index]
-        if self.cache is not None:
-            _select_cache_rows(self.cache, index)
-
-    def slide(self, block_size: int, model_length: int) -> None:
-        """Drop the oldest committed blocks so that one more block fits in `model_length`."""
-        overflow = self.mask.shape[1] + block_size - model_length
-        if overflow <= 0:
-            return
-        self.mask = self.mask[:, overflow:]
-        if self.ids is not None:
-            self.ids = self.ids[:, overflow:]
-        if self.cache is not None:
-            _trim_cache_left(self.cache, overflow)
 
 
 class BD3LMGenerationMixin:
@@ -463,13 +400,17 @@ class BD3LMGenerationMixin:
         model_config = self.config
         device = self.device
         block_size, model_length = model_config.block_size, model_config.model_length
-        mask_id = config.mask_token_id if config.mask_token_id is not None else getattr(model_config, "mask_token_id", None)
+        mask_id = (
+            config.mask_token_id if config.mask_token_id is not None else getattr(model_config, "mask_token_id", None)
+        )
         if mask_id is None:
             raise ValueError("No mask token: set `mask_token_id` in the model config (or the generation config).")
         bos_id, pad_id, eos_ids = self._special_tokens(config)
         do_sample = bool(self._value(config, "do_sample"))
         use_cache = config.use_cache is not False
-        sampler_name = config.sampler or ("confidence_threshold" if config.confidence_threshold is not None else "first_hitting")
+        sampler_name = config.sampler or (
+            "confidence_threshold" if config.confidence_threshold is not None else "first_hitting"
+        )
         threshold = config.confidence_threshold if config.confidence_threshold is not None else 0.9
         schedule = getattr(self, "noise_schedule", None)
         sampler = SAMPLERS[sampler_name](
@@ -497,7 +438,7 @@ class BD3LMGenerationMixin:
                 )
         filler = pad_id if pad_id is not None else mask_id  # never attended; any valid id works
         out_pad = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else mask_id)
-        window_ids, window_mask = self._align_prompt(prompt, prompt_mask, block_size, model_length, filler)
+        window = CommittedWindow.from_prompt(prompt, prompt_mask, block_size, model_length, filler)
 
         logits_processor = LogitsProcessorList(logits_processor or [])
         if self._value(config, "repetition_penalty", 1.0) not in (None, 1.0):
@@ -505,23 +446,33 @@ class BD3LMGenerationMixin:
         warpers = LogitsProcessorList()
         if do_sample:
             warpers = build_logits_warpers(
-                self._value(config, "temperature"), self._value(config, "top_k"), self._value(config, "top_p"),
+                self._value(config, "temperature"),
+                self._value(config, "top_k"),
+                self._value(config, "top_p"),
                 config.nucleus_p,
             )
-        criteria = self._stopping_criteria(config, stopping_criteria, tokenizer, prompt_len)
+        stop_strings = getattr(config, "stop_strings", None)
+        if stop_strings and tokenizer is None:
+            raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to generate().")
+        criteria = build_stopping_criteria(
+            stopping_criteria, tokenizer, stop_strings, config.entropy_stop, config.entropy_stop_window, prompt_len
+        )
         if streamer is not None:
             streamer.put(prompt.cpu())
 
         # 3. prefill
         num_forwards = 0
-        window = _Window(rows=torch.arange(batch, device=device), mask=window_mask)
         if use_cache:
             window.cache = DynamicCache()
-            self(input_ids=window_ids, attention_mask=window_mask, past_key_values=window.cache, use_cache=True,
-                 return_dict=True)
+            self(
+                input_ids=window.ids,
+                attention_mask=window.mask,
+                past_key_values=window.cache,
+                use_cache=True,
+                return_dict=True,
+            )
+            window.ids = None  # the cache holds them now
             num_forwards += 1
-        else:
-            window.ids = window_ids
 
         # 4. block loop
         num_blocks = -(-max_new_tokens // block_size)
@@ -538,22 +489,33 @@ class BD3LMGenerationMixin:
             window.slide(block_size, model_length)
             # a. denoise the block from all-mask
             block = torch.full((len(window.rows), block_size), mask_id, dtype=torch.long, device=device)
-            block, calls = self._denoise_block(
-                block, window, sampler, mask_id, do_sample, logits_processor, warpers, generator, nfe, all_logits,
-                batch, lambda: torch.cat((prompt[window.rows], new_tokens[window.rows, :begin]), dim=1),
+            block, calls = denoise_block(
+                self,
+                block,
+                window,
+                sampler,
+                mask_id,
+                do_sample,
+                logits_processor,
+                warpers,
+                generator,
+                nfe,
+                all_logits,
+                batch,
+                lambda begin=begin: torch.cat((prompt[window.rows], new_tokens[window.rows, :begin]), 1),
             )
             num_forwards += calls
             # b. stops: EOS, stopping criteria and max_new_tokens
             valid = min(block_size, max_new_tokens - begin)
             new_tokens[window.rows, begin : begin + block_size] = block
-            stop_at = torch.zeros((len(window.rows), valid), dtype=torch.bool, device=device)
-            if eos_tensor is not None:
-                stop_at |= torch.isin(block[:, :valid], eos_tensor)
-            for j in range(valid if criteria else 0):
-                so_far = torch.cat((prompt[window.rows], new_tokens[window.rows, : begin + j + 1]), dim=1)
-                stop_at[:, j] |= criteria(so_far, None).to(device)
-            stopped = stop_at.any(dim=1)
-            kept = torch.where(stopped, stop_at.int().argmax(dim=1) + 1, torch.full_like(stopped, valid, dtype=torch.long))
+            kept, stopped = first_stops(
+                block[:, :valid],
+                eos_tensor,
+                criteria,
+                lambda j, begin=begin: torch.cat(
+                    (prompt[window.rows], new_tokens[window.rows, : begin + j + 1]), dim=1
+                ),
+            )
             tail = torch.arange(block_size, device=device)[None, :] >= kept[:, None]
             new_tokens[window.rows, begin : begin + block_size] = block.masked_fill(tail, out_pad)
             new_lengths[window.rows] += kept
@@ -571,14 +533,8 @@ class BD3LMGenerationMixin:
                 keep = (~stopped).nonzero().squeeze(1)
                 window.keep(keep)
                 block = block[keep]
-            ones = torch.ones(block.shape, dtype=torch.bool, device=device)
-            if use_cache:
-                self(input_ids=block, attention_mask=torch.cat((window.mask, ones), dim=1),
-                     past_key_values=window.cache, use_cache=True, return_dict=True)
-                num_forwards += 1
-            else:
-                window.ids = torch.cat((window.ids, block), dim=1)
-            window.mask = torch.cat((window.mask, ones), dim=1)
+            window.commit(block, self)
+            num_forwards += int(use_cache)
             cache_rows = window.rows
         if streamer is not None:
             streamer.end()
@@ -597,83 +553,11 @@ class BD3LMGenerationMixin:
             **{CACHE_FIELD: window.cache},
         )
 
-    def _denoise_block(
-        self,
-        block: torch.LongTensor,
-        window: _Window,
-        sampler: Any,
-        mask_id: int,
-        do_sample: bool,
-        logits_processor: LogitsProcessorList,
-        warpers: LogitsProcessorList,
-        generator: torch.Generator | None,
-        nfe: torch.LongTensor,
-        all_logits: list[torch.Tensor] | None,
-        batch: int,
-        history: Any,
-    ) -> tuple[torch.LongTensor, int]:
-        """The loop shared by all samplers: network call (when the block changed), SUBS-processed float64
-        probabilities, one candidate token per position, and the sampler's choice of positions to reveal.
-
-        Returns the clean block and the number of network calls made.
-        """
-        block_size = block.shape[1]
-        probs = None
-        changed = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
-        calls = 0
-        for step in range(sampler.max_steps(block_size)):
-            masked = block == mask_id
-            if not bool(masked.any()):
-                break
-            if probs is None or bool(changed.any()):
-                logits = self._block_logits(block, window)
-                calls += 1
-                nfe[window.rows] += (changed & masked.any(dim=1)).long()
-                if all_logits is not None:
-                    full = logits.new_full((batch, *logits.shape[1:]), float("nan"))
-                    full[window.rows] = logits
-                    all_logits.append(full)
-                probs = self._block_probabilities(logits, block, mask_id, logits_processor, warpers, history)
-            tokens = sample_categorical(probs, generator) if do_sample else probs.argmax(dim=-1)
-            reveal = sampler.select(masked, probs, tokens, step, generator)
-            block = torch.where(reveal, tokens, block)
-            changed = reveal.any(dim=1) if sampler.reuses_probabilities else torch.ones_like(changed)
-        if bool((block == mask_id).any()):
-            raise RuntimeError(f"Sampler {sampler.name!r} left masked tokens after {sampler.max_steps(block_size)} steps.")
-        return block, calls
-
-    def _block_logits(self, block: torch.LongTensor, window: _Window) -> torch.Tensor:
-        """Raw logits `(rows, block_size, vocab)` of the current block given the committed window."""
-        mask = torch.cat((window.mask, torch.ones(block.shape, dtype=torch.bool, device=block.device)), dim=1)
-        if window.cache is not None:
-            out = self(input_ids=block, attention_mask=mask, past_key_values=window.cache, use_cache=False,
-                       return_dict=True)
-            return out.logits
-        out = self(input_ids=torch.cat((window.ids, block), dim=1), attention_mask=mask, return_dict=True)
-        return out.logits[:, -block.shape[1] :]
-
-    @staticmethod
-    def _block_probabilities(
-        logits: torch.Tensor,
-        block: torch.LongTensor,
-        mask_id: int,
-        logits_processor: LogitsProcessorList,
-        warpers: LogitsProcessorList,
-        history: Any,
-    ) -> torch.DoubleTensor:
-        """SUBS (the mask token gets probability 0), then the processors and warpers, in float64."""
-        rows, block_size, vocab = logits.shape
-        scores = logits.double()
-        scores[..., mask_id] = float("-inf")
-        scores = scores.view(rows * block_size, vocab)
-        if logits_processor or warpers:
-            context = torch.cat((history(), block), dim=1).repeat_interleave(block_size, dim=0)
-            scores = warpers(context, logits_processor(context, scores))
-        return scores.softmax(dim=-1).view(rows, block_size, vocab)
-
     # ---- input preparation helpers ----
 
-    def _resolve_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> BD3LMGenerationConfig:
+    def _resolve_generation_config(
+        self, generation_config: GenerationConfig | None, kwargs: dict
+    ) -> BD3LMGenerationConfig:
         base = generation_config if generation_config is not None else self.generation_config
         if base is None:
             base = BD3LMGenerationConfig.from_model_config(self.config)
@@ -736,10 +620,12 @@ class BD3LMGenerationMixin:
                     "has a `bos_token_id`; pass `input_ids` or set `bos_token_id`."
                 )
             input_ids = torch.tensor([[bos_id]], dtype=torch.long)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32, torch.int16):
             raise TypeError("`input_ids` must be an integer torch.Tensor of token ids.")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"`input_ids` must have shape (batch, prompt_len) with prompt_len >= 1, got {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"`input_ids` must have shape (batch, prompt_len) with prompt_len >= 1, got {tuple(input_ids.shape)}."
+            )
         input_ids = input_ids.to(device=device, dtype=torch.long)
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
             raise ValueError(f"`input_ids` holds ids outside [0, {self.config.vocab_size}); check the tokenizer.")
@@ -750,8 +636,8 @@ class BD3LMGenerationMixin:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
-                f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has {tuple(input_ids.shape)}; "
-                "pass the mask returned by the tokenizer with the ids."
+                f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has "
+                f"{tuple(input_ids.shape)}; pass the mask returned by the tokenizer with the ids."
             )
         attention_mask = attention_mask.to(device)
         if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
@@ -766,40 +652,5 @@ class BD3LMGenerationMixin:
             raise ValueError("A row of `attention_mask` is all padding; every prompt needs at least one token.")
         return input_ids, attention_mask
 
-    @staticmethod
-    def _align_prompt(
-        prompt: torch.LongTensor, mask: torch.BoolTensor, block_size: int, model_length: int, filler: int
-    ) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Left-pad (or cut all-padding columns) so that the width is the smallest multiple of `block_size` that holds
-        the longest prompt: the prompt then ends at a block boundary in every row."""
-        longest = int(mask.sum(dim=1).max())
-        width = -(-longest // block_size) * block_size
-        if width + block_size > model_length:
-            raise ValueError(
-                f"The prompt has {longest} tokens ({width} once aligned to block_size={block_size}); with one block to "
-                f"generate this exceeds the window `model_length`={model_length}. Truncate the prompt to at most "
-                f"{model_length - block_size} tokens."
-            )
-        prompt, mask = prompt[:, -min(width, prompt.shape[1]) :], mask[:, -min(width, mask.shape[1]) :]
-        missing = width - prompt.shape[1]
-        if missing > 0:
-            prompt = torch.cat((prompt.new_full((prompt.shape[0], missing), filler), prompt), dim=1)
-            mask = torch.cat((mask.new_zeros((mask.shape[0], missing)), mask), dim=1)
-        return prompt.masked_fill(~mask, filler), mask
 
-    @staticmethod
-    def _stopping_criteria(
-        config: BD3LMGenerationConfig, stopping_criteria: Any, tokenizer: Any, prompt_len: int
-    ) -> StoppingCriteriaList:
-        criteria = StoppingCriteriaList(stopping_criteria or [])
-        stop_strings = getattr(config, "stop_strings", None)
-        if stop_strings:
-            if tokenizer is None:
-                raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to generate().")
-            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
-        if config.entropy_stop is not None:
-            criteria.append(UnigramEntropyStoppingCriteria(config.entropy_stop, config.entropy_stop_window, prompt_len))
-        return criteria
-
-
-__all__ = ["BD3LMGenerationConfig", "BD3LMGenerateOutput", "BD3LMGenerationMixin", "CACHE_FIELD"]
+__all__ = ["CACHE_FIELD", "BD3LMGenerateOutput", "BD3LMGenerationConfig", "BD3LMGenerationMixin"]

@@ -6,10 +6,10 @@ every position of the current block; the loop draws one candidate token per posi
 from the processed probabilities) and asks the sampler which masked positions take their candidate now. Unmasked
 tokens are always carried over (SUBS), so a sampler only ever selects among masked positions.
 
-Samplers (Arriola et al., 2025, Sec. 5 and Suppl. B; confidence-based parallel decoding after Fast-dLLM / LLaDA):
+Samplers (the official ones of Arriola et al., 2025, plus confidence-based parallel decoding after Fast-dLLM):
 
 * `ddpm`: the reverse step of masked diffusion. Going from t to s < t, a masked token is revealed with probability
-  (α_s - α_t) / (1 - α_t) (Eq. (4) of the paper with the SUBS parameterisation). The network is time-independent, so
+  (α_s - α_t) / (1 - α_t), the absorbing-state reverse process under SUBS. The network is time-independent, so
   when a step reveals nothing the probabilities are reused without a network call (MDLM's `ddpm_cache`); the last step
   reveals every remaining token.
 * `first_hitting`: exactly one uniformly chosen masked position per call (Zheng et al., 2024); the next unmasking time
@@ -21,9 +21,12 @@ Samplers (Arriola et al., 2025, Sec. 5 and Suppl. B; confidence-based parallel d
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from transformers.cache_utils import Cache
 from transformers.generation.logits_process import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -31,16 +34,19 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.generation.stopping_criteria import StoppingCriteria
+from transformers.generation.stopping_criteria import (
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 
+from .layers_bd3lm import trim_cache_left
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Randomness and categorical draws
 
 
-def uniform(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
-) -> torch.DoubleTensor:
+def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.DoubleTensor:
     """U[0, 1) draws in float64 from `generator` (or torch's global RNG), made on the generator's device and moved to
     `device`, so that a CPU generator drives generation on any accelerator and a fixed seed reproduces the batch."""
     source = generator.device if generator is not None else device
@@ -91,9 +97,7 @@ class BD3LMNucleusLogitsWarper(LogitsProcessor):
         return scores.masked_fill(remove, float("-inf"))
 
 
-def build_logits_warpers(
-    temperature: float, top_k: int, top_p: float, nucleus_p: float | None
-) -> LogitsProcessorList:
+def build_logits_warpers(temperature: float, top_k: int, top_p: float, nucleus_p: float | None) -> LogitsProcessorList:
     """HF's sampling warpers (temperature, then top-k, then top-p) and the paper's nucleus rule, in that order."""
     warpers = LogitsProcessorList()
     if temperature != 1.0:
@@ -105,6 +109,33 @@ def build_logits_warpers(
     if nucleus_p is not None and nucleus_p < 1.0:
         warpers.append(BD3LMNucleusLogitsWarper(nucleus_p))
     return warpers
+
+
+def block_probabilities(
+    logits: torch.Tensor,
+    block: torch.LongTensor,
+    mask_token_id: int,
+    logits_processor: LogitsProcessorList,
+    warpers: LogitsProcessorList,
+    history: Callable[[], torch.LongTensor],
+) -> torch.DoubleTensor:
+    """p_θ(x_0 | x_t) of every position of the block, in float64: SUBS (the mask token gets probability 0), then the
+    logits processors and the sampling warpers.
+
+    Args:
+        logits (`torch.Tensor` of shape `(rows, block_size, vocab)`): raw network output.
+        block (`torch.LongTensor` of shape `(rows, block_size)`): the block's current state.
+        history (`Callable`): returns the rows' tokens before the block; only called when a processor needs
+            `input_ids` (each position sees the row so far with the block's current state appended).
+    """
+    rows, block_size, vocab = logits.shape
+    scores = logits.double()
+    scores[..., mask_token_id] = float("-inf")
+    scores = scores.view(rows * block_size, vocab)
+    if logits_processor or warpers:
+        context = torch.cat((history(), block), dim=1).repeat_interleave(block_size, dim=0)
+        scores = warpers(context, logits_processor(context, scores))
+    return scores.softmax(dim=-1).view(rows, block_size, vocab)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -194,9 +225,10 @@ class BD3LMSampler:
 class DDPMSampler(BD3LMSampler):
     """Ancestral masked-diffusion step on the grid t_i = 1 - i / T, s_i = t_i - 1 / T (i = 0 .. T - 1).
 
-    A masked token is revealed with probability (α_s - α_t) / (1 - α_t) = 1 - mask_prob(s) / mask_prob(t) (Eq. (4) of
-    Arriola et al., 2025, SUBS parameterisation; for the log-linear schedule 1 - s/t). At i = T - 1 (s = 0) every
-    remaining token is revealed, so the block always finishes (the official sampler can reach t = 0 and divide by it).
+    A masked token stays masked with probability (1 - α_s) / (1 - α_t) and is otherwise revealed with a draw from
+    p_θ(x_0 | x_t), i.e. revealed with probability (α_s - α_t) / (1 - α_t) = 1 - mask_prob(s) / mask_prob(t) (the
+    absorbing-state reverse step under SUBS; 1 - s/t for the log-linear schedule). At i = T - 1 (s = 0) every remaining
+    token is revealed, so the block always finishes (the official grid can reach t = 0 and divide by it).
     """
 
     name = "ddpm"
@@ -308,20 +340,215 @@ class UnigramEntropyStoppingCriteria(StoppingCriteria):
         return entropy(counts / self.window) < self.threshold
 
 
+def build_stopping_criteria(
+    stopping_criteria: Any,
+    tokenizer: Any,
+    stop_strings: str | list[str] | None,
+    entropy_stop: float | None,
+    entropy_stop_window: int,
+    prompt_length: int,
+) -> StoppingCriteriaList:
+    """The user's criteria, then `StopStringCriteria` and the opt-in low-entropy rule when configured."""
+    criteria = StoppingCriteriaList(stopping_criteria or [])
+    if stop_strings:
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    if entropy_stop is not None:
+        criteria.append(UnigramEntropyStoppingCriteria(entropy_stop, entropy_stop_window, prompt_length))
+    return criteria
+
+
+def first_stops(
+    block: torch.LongTensor,
+    eos: torch.LongTensor | None,
+    criteria: StoppingCriteriaList,
+    sequence_up_to: Callable[[int], torch.LongTensor],
+) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """Where each row of a finished block stops: at its first EOS, or at the first position where a stopping
+    criterion fires on the row so far (`sequence_up_to(j)` = the rows up to and including block position j).
+
+    Criteria are asked at every position because a stop string may end inside the block. Returns `(kept, stopped)`:
+    the number of block tokens each row keeps (the stop token included) and whether it stopped.
+    """
+    rows, width = block.shape
+    stop_at = torch.zeros((rows, width), dtype=torch.bool, device=block.device)
+    if eos is not None:
+        stop_at |= torch.isin(block, eos)
+    for j in range(width if criteria else 0):
+        stop_at[:, j] |= criteria(sequence_up_to(j), None).to(block.device)
+    stopped = stop_at.any(dim=1)
+    first = stop_at.int().argmax(dim=1)  # index of the first True
+    return torch.where(stopped, first + 1, torch.full_like(first, width)), stopped
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The committed window
+
+
+def select_cache_rows(cache: Cache, index: torch.LongTensor) -> None:
+    """Keep only the batch rows `index` of every layer of a dynamic cache."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel() > 0:
+            index = index.to(keys.device)
+            layer.keys, layer.values = keys.index_select(0, index), layer.values.index_select(0, index)
+
+
+@dataclass
+class CommittedWindow:
+    """The rows still generating and the committed tokens they attend to: keys and values in `cache` (cached
+    generation) or the ids themselves (uncached), with their padding mask. Row i of every tensor is the sequence
+    `rows[i]` of the batch."""
+
+    rows: torch.LongTensor
+    mask: torch.BoolTensor  # (rows, committed)
+    ids: torch.LongTensor | None = None  # (rows, committed), uncached generation only
+    cache: Cache | None = None
+
+    @classmethod
+    def from_prompt(
+        cls, prompt: torch.LongTensor, mask: torch.BoolTensor, block_size: int, model_length: int, filler: int
+    ) -> CommittedWindow:
+        """The prompt as the first committed window, aligned so that it ends at a block boundary in every row: the
+        width becomes the smallest multiple of `block_size` that holds the longest prompt (left padding is added, or
+        all-padding columns dropped). A row then has the same blocks whatever the batch it is in."""
+        longest = int(mask.sum(dim=1).max())
+        width = -(-longest // block_size) * block_size
+        if width + block_size > model_length:
+            raise ValueError(
+                f"The prompt has {longest} tokens ({width} once aligned to block_size={block_size}); with one block to "
+                f"generate this exceeds the window `model_length`={model_length}. Truncate the prompt to at most "
+                f"{model_length - block_size} tokens."
+            )
+        prompt, mask = prompt[:, -min(width, prompt.shape[1]) :], mask[:, -min(width, mask.shape[1]) :]
+        missing = width - prompt.shape[1]
+        if missing > 0:
+            prompt = torch.cat((prompt.new_full((prompt.shape[0], missing), filler), prompt), dim=1)
+            mask = torch.cat((mask.new_zeros((mask.shape[0], missing)), mask), dim=1)
+        rows = torch.arange(prompt.shape[0], device=prompt.device)
+        return cls(rows=rows, mask=mask, ids=prompt.masked_fill(~mask, filler))
+
+    def keep(self, index: torch.LongTensor) -> None:
+        """Drop every row not in `index` (rows that stopped cost no further network calls)."""
+        self.rows, self.mask = self.rows[index], self.mask[index]
+        if self.ids is not None:
+            self.ids = self.ids[index]
+        if self.cache is not None:
+            select_cache_rows(self.cache, index)
+
+    def slide(self, block_size: int, model_length: int) -> None:
+        """Drop the oldest committed blocks so that one more block fits in `model_length`. Keys are cached before the
+        rotary embedding, so the next call re-bases the positions of the rest to 0.. (as the official cache)."""
+        overflow = self.mask.shape[1] + block_size - model_length
+        if overflow <= 0:
+            return
+        self.mask = self.mask[:, overflow:]
+        if self.ids is not None:
+            self.ids = self.ids[:, overflow:]
+        if self.cache is not None:
+            trim_cache_left(self.cache, overflow)
+
+    def commit(self, block: torch.LongTensor, model: Any) -> None:
+        """Append a clean block: one `use_cache=True` call stores its keys and values (cached), or keep its ids."""
+        ones = torch.ones(block.shape, dtype=torch.bool, device=block.device)
+        if self.cache is not None:
+            model(
+                input_ids=block,
+                attention_mask=torch.cat((self.mask, ones), dim=1),
+                past_key_values=self.cache,
+                use_cache=True,
+                return_dict=True,
+            )
+        else:
+            self.ids = torch.cat((self.ids, block), dim=1)
+        self.mask = torch.cat((self.mask, ones), dim=1)
+
+    def block_logits(self, model: Any, block: torch.LongTensor) -> torch.Tensor:
+        """Raw logits `(rows, block_size, vocab)` of the current (noisy) block given the window, committing nothing:
+        the block alone after the cache (`use_cache=False`), or the whole window when uncached (its last rows)."""
+        mask = torch.cat((self.mask, torch.ones(block.shape, dtype=torch.bool, device=block.device)), dim=1)
+        if self.cache is not None:
+            return model(
+                input_ids=block, attention_mask=mask, past_key_values=self.cache, use_cache=False, return_dict=True
+            ).logits
+        out = model(input_ids=torch.cat((self.ids, block), dim=1), attention_mask=mask, return_dict=True)
+        return out.logits[:, -block.shape[1] :]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop shared by all samplers
+
+
+def denoise_block(
+    model: Any,
+    block: torch.LongTensor,
+    window: CommittedWindow,
+    sampler: BD3LMSampler,
+    mask_token_id: int,
+    do_sample: bool,
+    logits_processor: LogitsProcessorList,
+    warpers: LogitsProcessorList,
+    generator: torch.Generator | None,
+    nfe: torch.LongTensor,
+    all_logits: list[torch.Tensor] | None,
+    batch_size: int,
+    history: Callable[[], torch.LongTensor],
+) -> tuple[torch.LongTensor, int]:
+    """Denoise one block until no mask is left: a network call (only when the block changed), SUBS-processed float64
+    probabilities, one candidate token per position (argmax, or a categorical draw), and the sampler's choice of the
+    positions that take their candidate.
+
+    `nfe[window.rows]` counts, per row, the calls the row needed (it still had masks and its block had changed);
+    `all_logits` (when not None) receives each call's logits laid out over the whole batch (NaN for absent rows).
+
+    Returns:
+        The clean block and the number of network calls made.
+    """
+    block_size = block.shape[1]
+    probs = None
+    changed = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
+    calls = 0
+    for step in range(sampler.max_steps(block_size)):
+        masked = block == mask_token_id
+        if not bool(masked.any()):
+            break
+        if probs is None or bool(changed.any()):
+            logits = window.block_logits(model, block)
+            calls += 1
+            nfe[window.rows] += (changed & masked.any(dim=1)).long()
+            if all_logits is not None:
+                full = logits.new_full((batch_size, *logits.shape[1:]), float("nan"))
+                full[window.rows] = logits
+                all_logits.append(full)
+            probs = block_probabilities(logits, block, mask_token_id, logits_processor, warpers, history)
+        tokens = sample_categorical(probs, generator) if do_sample else probs.argmax(dim=-1)
+        reveal = sampler.select(masked, probs, tokens, step, generator)
+        block = torch.where(reveal, tokens, block)
+        changed = reveal.any(dim=1) if sampler.reuses_probabilities else torch.ones_like(changed)
+    if bool((block == mask_token_id).any()):
+        raise RuntimeError(f"Sampler {sampler.name!r} left masked tokens after {sampler.max_steps(block_size)} steps.")
+    return block, calls
+
+
 __all__ = [
     "SAMPLERS",
-    "BD3LMSampler",
-    "DDPMSampler",
-    "FirstHittingSampler",
-    "TopKConfidenceSampler",
-    "ConfidenceThresholdSampler",
-    "MarginSampler",
-    "EntropySampler",
     "BD3LMNucleusLogitsWarper",
+    "BD3LMSampler",
+    "CommittedWindow",
+    "ConfidenceThresholdSampler",
+    "DDPMSampler",
+    "EntropySampler",
+    "FirstHittingSampler",
+    "MarginSampler",
+    "TopKConfidenceSampler",
     "UnigramEntropyStoppingCriteria",
+    "block_probabilities",
     "build_logits_warpers",
+    "build_stopping_criteria",
+    "denoise_block",
+    "entropy",
+    "first_stops",
     "sample_categorical",
+    "select_cache_rows",
     "select_top",
     "uniform",
-    "entropy",
 ]

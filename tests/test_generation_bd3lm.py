@@ -9,11 +9,21 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, TextIteratorStreamer, TextStreamer
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    StoppingCriteria,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from modeling_bd3lm import BD3LMForMaskedDiffusion
-from modeling_bd3lm.generation_bd3lm import CACHE_FIELD, BD3LMGenerateOutput, BD3LMGenerationConfig
+from modeling_bd3lm.generation_bd3lm import (
+    CACHE_FIELD,
+    BD3LMGenerateOutput,
+    BD3LMGenerationConfig,
+)
 from modeling_bd3lm.sampling_bd3lm import (
     SAMPLERS,
     BD3LMNucleusLogitsWarper,
@@ -83,14 +93,21 @@ def output_cache(out: BD3LMGenerateOutput):
 def test_cached_equals_uncached(sampler):
     model = make_model()
     ids, mask = prompts([3, 6, 9])
-    kwargs = dict(max_new_tokens=14, do_sample=True, sampler=sampler, seed=123, return_dict_in_generate=True,
-                  output_logits=True, num_steps=6 if sampler == "ddpm" else None)
+    kwargs = {
+        "max_new_tokens": 14,
+        "do_sample": True,
+        "sampler": sampler,
+        "seed": 123,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+        "num_steps": 6 if sampler == "ddpm" else None,
+    }
     cached = model.generate(ids, attention_mask=mask, use_cache=True, **kwargs)
     uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
     assert torch.equal(cached.nfe, uncached.nfe)
     assert len(cached.logits) == len(uncached.logits) > 0
-    for a, b in zip(cached.logits, uncached.logits):
+    for a, b in zip(cached.logits, uncached.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, equal_nan=True)
     # cached: prefill + denoising calls + one commit per block except the last; uncached: denoising calls only
     num_blocks = -(-14 // 4)
@@ -104,11 +121,22 @@ def test_greedy_batch_rows_equal_rows_alone(sampler):
     model = make_model(seed=1)
     lengths = [1, 4, 7, 9]
     ids, mask = prompts(lengths, seed=3)
-    batch = model.generate(ids, attention_mask=mask, max_new_tokens=13, sampler=sampler, tokens_per_step=2,
-                           confidence_threshold=0.3 if sampler == "confidence_threshold" else None)
+    batch = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=13,
+        sampler=sampler,
+        tokens_per_step=2,
+        confidence_threshold=0.3 if sampler == "confidence_threshold" else None,
+    )
     for row, n in enumerate(lengths):
-        alone = model.generate(ids[row : row + 1, -n:], max_new_tokens=13, sampler=sampler, tokens_per_step=2,
-                               confidence_threshold=0.3 if sampler == "confidence_threshold" else None)
+        alone = model.generate(
+            ids[row : row + 1, -n:],
+            max_new_tokens=13,
+            sampler=sampler,
+            tokens_per_step=2,
+            confidence_threshold=0.3 if sampler == "confidence_threshold" else None,
+        )
         assert torch.equal(batch[row, -13:], alone[0, -13:]), f"row {row}"
         assert torch.equal(batch[row, : ids.shape[1]], ids[row])  # the prompt comes back as given, padding kept
 
@@ -128,10 +156,28 @@ def test_greedy_batch_equals_alone_when_rows_stop_early():
         assert bool((batch[row, ids.shape[1] + width :] == PAD).all())
 
 
+def test_greedy_batch_equals_alone_beyond_model_length():
+    """The window slides by whole blocks from the right, so a row sees the same tokens in a batch and alone."""
+    model = make_model(seed=2)
+    lengths = [1, 6, 11]
+    ids, mask = prompts(lengths, seed=6)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=45, sampler="topk_confidence", tokens_per_step=2)
+    for row, n in enumerate(lengths):
+        alone = model.generate(ids[row : row + 1, -n:], max_new_tokens=45, sampler="topk_confidence", tokens_per_step=2)
+        assert torch.equal(batch[row, -45:], alone[0, -45:]), f"row {row}"
+
+
 def test_same_seed_reproduces_the_batch_and_generator_equals_seed():
     model = make_model()
     ids, mask = prompts([4, 7])
-    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=1.3, top_k=20, top_p=0.95, sampler="ddpm")
+    kwargs = {
+        "max_new_tokens": 12,
+        "do_sample": True,
+        "temperature": 1.3,
+        "top_k": 20,
+        "top_p": 0.95,
+        "sampler": "ddpm",
+    }
     a = model.generate(ids, attention_mask=mask, seed=7, **kwargs)
     b = model.generate(ids, attention_mask=mask, seed=7, **kwargs)
     c = model.generate(ids, attention_mask=mask, generator=torch.Generator().manual_seed(7), **kwargs)
@@ -147,8 +193,13 @@ def test_beyond_model_length_sliding_window(use_cache):
     model = make_model()
     length = model.config.model_length
     recorder = CallRecorder(model)
-    out = model.generate(max_new_tokens=4 * length + 3, sampler="topk_confidence", tokens_per_step=2,
-                         use_cache=use_cache, return_dict_in_generate=True)
+    out = model.generate(
+        max_new_tokens=4 * length + 3,
+        sampler="topk_confidence",
+        tokens_per_step=2,
+        use_cache=use_cache,
+        return_dict_in_generate=True,
+    )
     recorder.remove()
     assert out.sequences.shape == (1, 1 + 4 * length + 3)
     assert out.sequences[0, 0] == BOS
@@ -197,19 +248,27 @@ def test_first_hitting_one_token_per_call_batched():
     model = make_model()
     ids, mask = prompts([2, 5, 3])
     recorder = CallRecorder(model)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, sampler="first_hitting", do_sample=True, seed=0,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        sampler="first_hitting",
+        do_sample=True,
+        seed=0,
+        return_dict_in_generate=True,
+    )
     recorder.remove()
     assert out.nfe.tolist() == [8, 8, 8]
-    denoise_calls = [c for c in recorder.calls if c[1] == 4][: 4]  # the first block's calls
+    denoise_calls = [c for c in recorder.calls if c[1] == 4][:4]  # the first block's calls
     assert len(denoise_calls) == 4
 
 
 @pytest.mark.parametrize("num_steps", [1, 4, 50])
 def test_ddpm_caching_trick_and_last_step_finishes(num_steps):
     model = make_model()
-    out = model.generate(max_new_tokens=12, sampler="ddpm", num_steps=num_steps, do_sample=True, seed=1,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        max_new_tokens=12, sampler="ddpm", num_steps=num_steps, do_sample=True, seed=1, return_dict_in_generate=True
+    )
     assert not bool((out.sequences == MASK).any())
     nfe = int(out.nfe[0])
     assert 3 <= nfe <= 12  # at least one call per block, never a call that reveals nothing
@@ -250,8 +309,15 @@ def test_logits_processor_and_top_k_one_equals_greedy():
 def test_num_return_sequences_expands_batch():
     model = make_model()
     ids, mask = prompts([3, 6])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_return_sequences=3, do_sample=True, seed=0,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        num_return_sequences=3,
+        do_sample=True,
+        seed=0,
+        return_dict_in_generate=True,
+    )
     assert out.sequences.shape == (6, 6 + 8) and out.nfe.shape == (6,)
     assert torch.equal(out.sequences[:, :6], ids.repeat_interleave(3, 0))
 
@@ -285,8 +351,15 @@ def test_eos_per_row_pads_after_and_stops_costing_calls():
     ids, mask = prompts([4, 4, 4], seed=5)
     ids[1, 0] = 60  # row 1 is marked
     recorder = CallRecorder(model)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, sampler="topk_confidence", eos_token_id=[EOS, 61],
-                         logits_processor=[MarkerEOS(60, 0)], return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        sampler="topk_confidence",
+        eos_token_id=[EOS, 61],
+        logits_processor=[MarkerEOS(60, 0)],
+        return_dict_in_generate=True,
+    )
     recorder.remove()
     seq = out.sequences
     assert seq[1, 4] == EOS and bool((seq[1, 5:] == PAD).all())  # EOS kept, the rest of the block is padding
@@ -300,8 +373,15 @@ def test_all_rows_stopping_ends_generation_early():
     model = make_model()
     ids, mask = prompts([3, 3], seed=5)
     ids[:, 0] = 60
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=40, eos_token_id=EOS, sampler="topk_confidence",
-                         logits_processor=[MarkerEOS(60, 0)], return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=40,
+        eos_token_id=EOS,
+        sampler="topk_confidence",
+        logits_processor=[MarkerEOS(60, 0)],
+        return_dict_in_generate=True,
+    )
     assert out.sequences.shape == (2, 3 + 1)  # each row is its EOS; no further blocks
     assert out.num_forwards == 1 + 4
 
@@ -353,8 +433,9 @@ def toy_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   mask_token="<mask>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", mask_token="<mask>"
+    )
 
 
 class RecordingStreamer:
@@ -383,13 +464,17 @@ def test_text_streamer_and_iterator_streamer(toy_tokenizer, capsys):
     model = make_model()
     out = model.generate(max_new_tokens=10, sampler="topk_confidence")
     expected = toy_tokenizer.decode(out[0, 1:], skip_special_tokens=True)
-    model.generate(max_new_tokens=10, sampler="topk_confidence",
-                   streamer=TextStreamer(toy_tokenizer, skip_prompt=True, skip_special_tokens=True))
+    model.generate(
+        max_new_tokens=10,
+        sampler="topk_confidence",
+        streamer=TextStreamer(toy_tokenizer, skip_prompt=True, skip_special_tokens=True),
+    )
     assert capsys.readouterr().out.strip() == expected.strip()
 
     streamer = TextIteratorStreamer(toy_tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=30)
-    thread = threading.Thread(target=model.generate,
-                              kwargs=dict(max_new_tokens=10, sampler="topk_confidence", streamer=streamer))
+    thread = threading.Thread(
+        target=model.generate, kwargs={"max_new_tokens": 10, "sampler": "topk_confidence", "streamer": streamer}
+    )
     thread.start()
     text = "".join(streamer)
     thread.join()
@@ -463,15 +548,26 @@ def test_confidence_orderings_on_known_distributions():
     low_entropy = EntropySampler(tokens_per_step=1).select(masked, probs, tokens, 0, None)
     assert low_entropy.tolist() == [[True, False, False, False], [False, False, False, True]]
     # [0.6, 0.4] has a larger margin than [0.5, 0.5] but the same support; entropy ranks it above [.4, .3, .3]
-    assert EntropySampler(tokens_per_step=3).select(masked, probs, tokens, 0, None)[0].tolist() == [True, True, False, True]
+    assert EntropySampler(tokens_per_step=3).select(masked, probs, tokens, 0, None)[0].tolist() == [
+        True,
+        True,
+        False,
+        True,
+    ]
 
 
 def test_confidence_threshold_selects_all_above_and_at_least_one():
     masked, probs, tokens = _block_probs()
     sampler = ConfidenceThresholdSampler(confidence_threshold=0.6)
-    assert sampler.select(masked, probs, tokens, 0, None).tolist() == [[True, False, False, True], [False, False, True, True]]
+    assert sampler.select(masked, probs, tokens, 0, None).tolist() == [
+        [True, False, False, True],
+        [False, False, True, True],
+    ]
     none_above = ConfidenceThresholdSampler(confidence_threshold=0.99)
-    assert none_above.select(masked, probs, tokens, 0, None).tolist() == [[True, False, False, False], [False, False, False, True]]
+    assert none_above.select(masked, probs, tokens, 0, None).tolist() == [
+        [True, False, False, False],
+        [False, False, False, True],
+    ]
     # a step budget forces ceil(masked / steps left) tokens
     budget = ConfidenceThresholdSampler(confidence_threshold=0.99, num_steps=2)
     assert budget.select(masked, probs, tokens, 0, None).sum(-1).tolist() == [2, 2]
@@ -486,8 +582,14 @@ def test_first_hitting_and_ddpm_select_masked_positions_only():
     ddpm = DDPMSampler(num_steps=5)
     assert torch.equal(ddpm.select(masked, probs, tokens, 4, g), masked)  # the last step reveals everything
     # log-linear schedule: reveal probability 1 - s/t = 1/5 at the first step
-    draws = torch.stack([ddpm.select(torch.ones(200, 4, dtype=torch.bool), probs[:1].expand(200, -1, -1),
-                                     tokens[:1].expand(200, -1), 0, g) for _ in range(10)])
+    draws = torch.stack(
+        [
+            ddpm.select(
+                torch.ones(200, 4, dtype=torch.bool), probs[:1].expand(200, -1, -1), tokens[:1].expand(200, -1), 0, g
+            )
+            for _ in range(10)
+        ]
+    )
     assert abs(draws.double().mean().item() - 0.2) < 0.02
     assert not bool((ddpm.select(masked, probs, tokens, 0, g) & ~masked).any())
 
@@ -505,13 +607,29 @@ def test_select_top_respects_counts_and_mask():
 
 
 def test_generation_config_round_trip(tmp_path):
-    config = BD3LMGenerationConfig(sampler="confidence_threshold", confidence_threshold=0.7, num_steps=8,
-                                   nucleus_p=0.9, entropy_stop=4.0, max_new_tokens=64, eos_token_id=[2, 5], seed=3)
+    config = BD3LMGenerationConfig(
+        sampler="confidence_threshold",
+        confidence_threshold=0.7,
+        num_steps=8,
+        nucleus_p=0.9,
+        entropy_stop=4.0,
+        max_new_tokens=64,
+        eos_token_id=[2, 5],
+        seed=3,
+    )
     config.save_pretrained(tmp_path)
     loaded = BD3LMGenerationConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, BD3LMGenerationConfig)
-    for name in ("sampler", "confidence_threshold", "num_steps", "nucleus_p", "entropy_stop", "max_new_tokens",
-                 "eos_token_id", "seed"):
+    for name in (
+        "sampler",
+        "confidence_threshold",
+        "num_steps",
+        "nucleus_p",
+        "entropy_stop",
+        "max_new_tokens",
+        "eos_token_id",
+        "seed",
+    ):
         assert getattr(loaded, name) == getattr(config, name), name
     # a plain GenerationConfig reads the file too (fields as extra attributes)
     assert GenerationConfig.from_pretrained(tmp_path).sampler == "confidence_threshold"
@@ -583,15 +701,15 @@ def test_generation_config_rejects_unknown_and_conflicting_arguments():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(max_new_tokens=0), "max_new_tokens"),
-        (dict(max_new_tokens=-1), "max_new_tokens"),
-        (dict(confidence_threshold=0.0), "confidence_threshold"),
-        (dict(confidence_threshold=1.01), "confidence_threshold"),
-        (dict(sampler="topk_confidence", tokens_per_step=0), "tokens_per_step"),
-        (dict(num_steps=0), "num_steps"),
-        (dict(sampler="nope"), "sampler"),
-        (dict(foo=1), "does not use"),
-        (dict(seed=0, generator=torch.Generator()), "seed"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"confidence_threshold": 0.0}, "confidence_threshold"),
+        ({"confidence_threshold": 1.01}, "confidence_threshold"),
+        ({"sampler": "topk_confidence", "tokens_per_step": 0}, "tokens_per_step"),
+        ({"num_steps": 0}, "num_steps"),
+        ({"sampler": "nope"}, "sampler"),
+        ({"foo": 1}, "does not use"),
+        ({"seed": 0, "generator": torch.Generator()}, "seed"),
     ],
 )
 def test_generate_rejects_bad_arguments(kwargs, match):
