@@ -605,8 +605,8 @@ def _card_load(info: CardInfo) -> str:
         'inputs = tokenizer("The block diffusion model", return_tensors="pt")\n'
         "with torch.no_grad():\n    output = model.generate(**inputs, max_new_tokens=64)\n"
         "print(tokenizer.decode(output[0], skip_special_tokens=True))\n```\n\n"
-        f"`max_new_tokens` is rounded up to whole blocks of {arch['block_size']} tokens; sampler settings are the "
-        "defaults below unless passed to `generate`.\n"
+        f"Tokens are drawn in whole blocks of {arch['block_size']}; the output stops at `max_new_tokens` (or EOS). "
+        "Sampler settings are the defaults below unless passed to `generate`.\n"
     )
 
 

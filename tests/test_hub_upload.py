@@ -401,6 +401,12 @@ def test_lora_adapter_publishes_with_a_card_naming_the_base_model(tmp_path, hub_
     (tmp_path / "adapter" / "optimizer.pt").write_bytes(b"state")
     with pytest.raises(ValueError, match="--base-model"):  # saved from an in-memory base: no Hub id to name
         hub_upload.plan_upload(tmp_path / "adapter", "fake-user/tiny-lora")
+    wrong = tmp_path / "wrong-rank"
+    peft_model.save_pretrained(wrong)
+    config = json.loads((wrong / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    with pytest.raises(ValueError, match="do not match adapter_config.json.*r=3"):
+        hub_upload.plan_upload(wrong, "fake-user/tiny-lora", base_model="fake-user/tiny-bd3lm")
     with hub_upload.plan_upload(tmp_path / "adapter", "fake-user/tiny-lora", base_model="fake-user/tiny-bd3lm") as plan:
         assert plan.kind == "adapter"
         assert {f.path for f in plan.files} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
