@@ -352,6 +352,14 @@ from bd3lm_trainer import BD3LMTrainer, BD3LMTrainingArguments, NoiseScheduleSea
 
 
 class CountingTrainer(BD3LMTrainer):
+    first_step = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if model.training and self.first_step is None:
+            self.first_step = {"ids": inputs["input_ids"][:, :4].tolist(), "t": outputs.noise_levels.tolist()}
+        return (loss, outputs) if return_outputs else loss
+
     def _record_eval_batch(self, token_loss, valid, block_size):
         super()._record_eval_batch(token_loss, valid, block_size)
         self.eval_tokens = self._eval_stats.num_tokens
@@ -382,6 +390,7 @@ result = {
     "eval": [{k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k}
              for entry in trainer.state.log_history if "eval_loss" in entry],
     "eval_tokens": trainer.eval_tokens,
+    "first_step": trainer.first_step,
     "weights": float(sum(p.detach().double().sum() for p in model.parameters())),
 }
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -406,4 +415,7 @@ def test_two_process_training_agrees_on_the_searched_interval(tmp_path):
         assert ranks[0][key] == ranks[1][key], key
     assert ranks[0]["interval"] == ranks[0]["history"][-1]
     assert ranks[0]["eval_tokens"] == ranks[1]["eval_tokens"] == 10 * 32  # padded duplicates dropped
+    # each rank trains on its own data with its own noise draws
+    assert ranks[0]["first_step"]["ids"] != ranks[1]["first_step"]["ids"]
+    assert ranks[0]["first_step"]["t"] != ranks[1]["first_step"]["t"]
     assert (tmp_path / "out" / "checkpoint-4" / EMA_STATE_NAME).is_file()

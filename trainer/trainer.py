@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
@@ -123,6 +123,19 @@ class BD3LMTrainingArguments(TrainingArguments):
             raise ValueError(f"`grad_variance_minibatches` must be >= 0, got {self.grad_variance_minibatches}.")
 
 
+class _PerProcessNoiseCallback(TrainerCallback):
+    """`Trainer` seeds every process alike, so every rank would draw the same noise levels, masks and dropout for its
+    own data, correlating the global batch. Offset the torch RNG of ranks > 0 when training starts (rank 0, and so a
+    single-process run, is untouched); on resume the Trainer then restores each rank's checkpointed RNG state."""
+
+    def __init__(self, process_index: int) -> None:
+        self.process_index = process_index
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.process_index > 0:
+            torch.manual_seed(args.seed + 1_000_003 * self.process_index)
+
+
 class _EvalStats:
     """Running sums of one evaluation: NELBO token sum and count, and the per-batch variances of per-block NELBO."""
 
@@ -220,6 +233,7 @@ class BD3LMTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, _TrainerBoundCallback):
                 callback.bind(self)
+        self.add_callback(_PerProcessNoiseCallback(self.accelerator.process_index))
 
     @staticmethod
     def _callbacks_from_args(args: BD3LMTrainingArguments, config: BD3LMConfig, given: list, eval_dataset: Any) -> list:
