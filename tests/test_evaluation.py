@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from bd3lm_trainer.corpus import load_tokenizer
 from bd3lm_trainer.evaluation import (
     add_eval_arguments,
@@ -22,6 +20,9 @@ from bd3lm_trainer.evaluation import (
     stratified_noise_levels,
     wrap_documents,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tests.conftest import random_model
 
 ATOL = 1e-5
@@ -73,22 +74,46 @@ def test_a_single_draw_is_the_models_own_block_nelbo():
     torch.testing.assert_close(out.per_token, reference, rtol=0, atol=ATOL)
 
 
+def _pattern_weight(n: int, k: int) -> float:
+    """∫_ε^1 (1/t) t^k (1-t)^(n-k) dt / (1-ε), by expanding (1-t)^(n-k): the weight of one k-of-n mask pattern."""
+    return sum(math.comb(n - k, j) * (-1) ** j * (1 - EPS ** (k + j)) / (k + j) for j in range(n - k + 1)) / (1 - EPS)
+
+
 @torch.no_grad()
-def test_monte_carlo_nelbo_is_unbiased_against_the_enumerated_expectation():
-    # L'=2, L=8: each block's expectation is a finite sum over its 3 non-empty mask patterns, weighted by
-    # c(k) = ∫_ε^1 t^{k-1} (1-t)^{2-k} dt / (1 - ε) (mask probability t^k (1-t)^{2-k} times the weight 1/t).
+def _enumerated_nelbo(model, x_0: torch.LongTensor, length: int) -> float:
+    """The NELBO expectation of one sequence, one block and one mask subset at a time (other blocks clean)."""
+    bs = model.config.block_size
+    width = -(-length // bs) * bs
+    ids = torch.nn.functional.pad(x_0[:, :length], (0, width - length))
+    mask = (torch.arange(width) < length).long()[None]
+    total = 0.0
+    for start in range(0, length, bs):
+        positions = list(range(start, min(start + bs, length)))
+        for k in range(1, len(positions) + 1):
+            for subset in itertools.combinations(positions, k):
+                x_t = ids.clone()
+                x_t[0, list(subset)] = model.mask_token_id
+                logits = model(ids, noisy_input_ids=x_t, attention_mask=mask, return_dict=True).logits.float()
+                logits[..., model.mask_token_id] = float("-inf")
+                nll = -torch.log_softmax(logits[0, list(subset)], -1).gather(-1, ids[0, list(subset)][:, None])
+                total += _pattern_weight(len(positions), k) * float(nll.sum())
+    return total
+
+
+@pytest.mark.parametrize("block_size, length", [(2, 8), (4, 7)])
+def test_exact_nelbo_enumerates_every_mask_pattern(block_size, length):
+    # (4, 7): the last block has 3 real tokens and one padding position.
+    model = random_model(block_size=block_size, model_length=8)
+    x_0 = _ids(1, length, seed=3)
+    out = nelbo(model, x_0, num_samples=2, exact=True)
+    assert float(out.per_sequence[0]) == pytest.approx(_enumerated_nelbo(model, x_0, length), abs=1e-4)
+    assert out.per_draw.shape == (2, 1) and bool((out.per_draw == out.per_sequence).all())
+
+
+def test_monte_carlo_nelbo_is_unbiased():
     model = random_model(block_size=2, model_length=8)
     x_0 = _ids(1, 8, seed=3)
-    grid = torch.linspace(EPS, 1.0, 200_001, dtype=torch.float64)
-    c = {k: float(torch.trapezoid(grid ** (k - 1) * (1 - grid) ** (2 - k), grid)) / (1 - EPS) for k in (1, 2)}
-    exact = 0.0
-    for pattern in ([1, 0], [0, 1], [1, 1]):
-        masked = torch.tensor(pattern * 4, dtype=torch.bool)[None]
-        x_t = x_0.masked_fill(masked, model.mask_token_id)
-        logits = model(x_0, noisy_input_ids=x_t, return_dict=True).logits.float()
-        logits[..., model.mask_token_id] = float("-inf")
-        nll = -torch.log_softmax(logits, -1).gather(-1, x_0[..., None])[..., 0]
-        exact += c[sum(pattern)] * float(nll[masked].sum())
+    exact = _enumerated_nelbo(model, x_0, 8)
     # 64 copies × 16 draws = 1024 estimates in 16 passes; the joint strata correlate the rows negatively, so the
     # naive standard error of their mean is conservative.
     out = nelbo(model, x_0.repeat(64, 1), num_samples=16, generator=torch.Generator().manual_seed(0))

@@ -8,10 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
 from bd3lm_trainer.corpus import load_tokenizer
 from bd3lm_trainer.generative_perplexity import (
     generative_perplexity,
@@ -19,6 +15,9 @@ from bd3lm_trainer.generative_perplexity import (
     network_calls_per_token,
     unigram_entropy,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 TEXTS = [
     "In the beginning God created the heaven and the earth.",

@@ -1,10 +1,11 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """Evaluation of BD3-LM: block-NELBO likelihood bounds, (zero-shot) perplexity and generative perplexity.
 
-* [`nelbo`]: per-token and per-sequence block NELBO of a batch (Arriola et al., 2025, Eq. (8)), averaged over K
-  jointly stratified Monte-Carlo draws of the noise levels t. It upper-bounds -log p_θ(x) in expectation; at L' = 1
-  with a time-independent log-linear model the t-integral is done analytically (t ≡ 1) and the value is the exact
-  autoregressive NLL.
+This module is the public entry point; it re-exports the likelihood API of `likelihood.py` and the judge of
+`generative_perplexity.py`.
+
+* [`nelbo`], [`score_continuations`]: per-token and per-sequence block NELBO (Arriola et al., 2025, Eq. (8)), with K
+  jointly stratified Monte-Carlo draws of the noise levels t or exactly (`exact=True`); exact AR NLL at L' = 1.
 * [`dataset_perplexity`]: the paper's test-perplexity protocol on any local or Hub dataset: documents tokenized
   without specials, EOS appended, concatenated and wrapped to `model_length`; PPL bound = exp(token-mean NELBO).
 * [`generative_perplexity`]: sample quality judged by a causal LM (the paper uses GPT-2 large), with a sliding window
@@ -23,10 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-
-from modeling_bd3lm.noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, add_noise
 
 from .generative_perplexity import (
     GenerativePerplexityResult,
@@ -35,314 +33,18 @@ from .generative_perplexity import (
     network_calls_per_token,
     unigram_entropy,
 )
-
-Generators = torch.Generator | Sequence[torch.Generator] | None
+from .likelihood import (
+    NELBOOutput,
+    _check_num_samples,
+    mask_pattern_weights,
+    nelbo,
+    plan_windows,
+    score_continuations,
+    stratified_noise_levels,
+)
 
 #: Folder of the `evaluate` metric module of the per-token NELBO: `evaluate.load(NELBO_METRIC_PATH)` (works offline).
 NELBO_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "bd3lm_nelbo")
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Likelihood
-
-
-@dataclass
-class NELBOOutput:
-    """Result of [`nelbo`].
-
-    Args:
-        per_token (`torch.FloatTensor` of shape `(batch, seq_len)`):
-            The per-token NELBO terms `loss_weight(t_b) · 1[x_t^ℓ = m] · (-log p_θ(x^ℓ | x_t^b, x^{<b}))`, averaged
-            over the draws; zero at positions that are not counted. Only sums over whole blocks are bounds.
-        per_sequence (`torch.FloatTensor` of shape `(batch,)`):
-            Sum of `per_token` over each sequence: the sequence NELBO in nats, E[·] >= -log p_θ(x).
-        num_tokens (`torch.LongTensor` of shape `(batch,)`):
-            Counted positions of each sequence (not padding, label != -100, not a kept BOS).
-        per_draw (`torch.FloatTensor` of shape `(num_samples, batch)`):
-            The per-sequence NELBO of every draw (each one alone is an unbiased estimate).
-    """
-
-    per_token: torch.Tensor
-    per_sequence: torch.Tensor
-    num_tokens: torch.Tensor
-    per_draw: torch.Tensor
-
-    @property
-    def token_mean(self) -> float:
-        """Σ per_sequence / Σ num_tokens: the token-mean NELBO of the batch (nats)."""
-        return float(self.per_sequence.sum() / self.num_tokens.sum().clamp_min(1))
-
-
-def stratified_noise_levels(
-    num_samples: int,
-    batch_size: int,
-    num_blocks: int,
-    generator: torch.Generator | None = None,
-    antithetic: bool = True,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Noise levels t ∼ U[1e-3, 1] for K draws of every (sequence, block) cell, stratified in two ways at once.
-
-    With N = K·M draws for M = batch·blocks cells, draw k of cell c lands in the coarse stratum S_k(c) of [0, 1) cut
-    in K (each cell's K draws cover all K coarse strata, in a random order), and inside it in the fine stratum
-    R_{S}(c) of M (within one coarse stratum the M cells cover all M fine strata). So the N values hit each of the N
-    strata of width 1/N once, as in the official batch-antithetic sampler, while every single draw of every cell is
-    still marginally U[0, 1]: each per-draw, per-sequence value is an unbiased NELBO estimate (the official sampler
-    gives cell 0 the lowest t every time).
-
-    Returns:
-        `torch.FloatTensor` of shape `(num_samples, batch_size, num_blocks)`.
-    """
-    k, m = num_samples, batch_size * num_blocks
-    if antithetic:
-        coarse = torch.rand(m, k, generator=generator, device=device).argsort(dim=1).T  # (K, M): a permutation per cell
-        fine = torch.rand(k, m, generator=generator, device=device).argsort(dim=1)  # (K strata, M): perm. per stratum
-        jitter = torch.rand(k, m, generator=generator, device=device)
-        u = (coarse + (fine.gather(0, coarse) + jitter) / m) / k
-    else:
-        u = torch.rand(k, m, generator=generator, device=device)
-    lo, hi = EVAL_NOISE_INTERVAL
-    return (lo + (hi - lo) * u).view(k, batch_size, num_blocks)
-
-
-def _is_deterministic(config: Any) -> bool:
-    """t ≡ 1 gives the expected NELBO exactly: `always_mask`, or L' = 1 with a time-independent log-linear model.
-
-    At L' = 1 a block is either masked (probability t, weight 1/t) or clean (zero loss), and a time-independent
-    denoiser predicts the same distribution for every t: E_t[(1/t)·t·NLL] = NLL, the value at t = 1.
-    """
-    loglinear = getattr(config, "noise_schedule", "loglinear") in ("loglinear", "linear")
-    return bool(config.always_mask) or (
-        config.block_size == 1 and loglinear and not getattr(config, "time_conditioning", False)
-    )
-
-
-def _check_num_samples(num_samples: Any) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` (K, the Monte-Carlo noise draws) must be an integer >= 1, got {num_samples!r}.")
-    return num_samples
-
-
-@torch.no_grad()
-def nelbo(
-    model: torch.nn.Module,
-    input_ids: torch.LongTensor,
-    attention_mask: torch.Tensor | None = None,
-    labels: torch.LongTensor | None = None,
-    num_samples: int = 1,
-    generator: Generators = None,
-    ignore_bos: bool | None = None,
-    antithetic: bool | None = None,
-) -> NELBOOutput:
-    """Block NELBO (Eq. (8) of Arriola et al., 2025) of every sequence, averaged over K noise draws.
-
-    L_BD(x) = Σ_b E_{t∼U[1e-3,1]} E_{q(x_t^b|x^b)} [ loss_weight(t) · Σ_{ℓ∈b, x_t^ℓ=m} -log p_θ(x^ℓ | x_t^b, x^{<b}) ]
-
-    The model runs in eval mode with its vectorised `x_t ⊕ x_0` pass. Sequences whose length is not a multiple of
-    `block_size` are padded on the right (the last block is then a shorter diffusion); longer than `model_length` is an
-    error (use [`dataset_perplexity`], which wraps, or [`score_continuations`], which slides).
-
-    Args:
-        model ([`BD3LMForMaskedDiffusion`]): the model.
-        input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): clean tokens x_0.
-        attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 0 for padding (never attended).
-        labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): -100 marks positions that are
-            conditioning only: kept clean in x_t and not counted (a prompt). Defaults to `input_ids`.
-        num_samples (`int`, defaults to 1): K, the Monte-Carlo draws of (t, x_t) per sequence.
-        generator (`torch.Generator` or a sequence of them, *optional*): randomness of t and of the masks, drawn on
-            the generator's device (CPU when none is given). One generator per row makes each row's value independent
-            of the batch it is in (then t is stratified across the K draws of a row only).
-        ignore_bos (`bool`, *optional*): keep position 0 clean and uncounted; defaults to `config.ignore_bos`.
-        antithetic (`bool`, *optional*): stratify t ([`stratified_noise_levels`]); defaults to
-            `config.antithetic_sampling`.
-    """
-    config = model.config
-    num_samples = _check_num_samples(num_samples)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise TypeError("`input_ids` must be an integer tensor of shape (batch, seq_len).")
-    batch, seq_len = input_ids.shape
-    if batch == 0 or seq_len == 0:
-        raise ValueError(f"`input_ids` is empty (shape {tuple(input_ids.shape)}); pass at least one token.")
-    if seq_len > config.model_length:
-        raise ValueError(
-            f"`input_ids` has {seq_len} tokens, more than `model_length`={config.model_length}; use "
-            "`dataset_perplexity` (wraps documents) or `score_continuations` (sliding window)."
-        )
-    ignore_bos = config.ignore_bos if ignore_bos is None else ignore_bos
-    if config.ignore_bos and not ignore_bos:
-        raise ValueError("`ignore_bos=False` is impossible for a model with `config.ignore_bos=True`: it never scores position 0.")
-    antithetic = config.antithetic_sampling if antithetic is None else antithetic
-    if generator is not None and not isinstance(generator, torch.Generator):
-        generator = list(generator)
-        if len(generator) != batch:
-            raise ValueError(f"Pass one generator per row: got {len(generator)} for a batch of {batch}.")
-
-    # 1. pad to whole blocks; counted positions are real, labelled and (with ignore_bos) not the first
-    device = model.device
-    bs = config.block_size
-    pad = -seq_len % bs
-    x_0 = F.pad(input_ids.to(device), (0, pad), value=0)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    mask = F.pad(mask.to(device).long(), (0, pad), value=0)
-    labels = x_0.clone() if labels is None else F.pad(labels.to(device), (0, pad), value=-100)
-    labels = labels.masked_fill(mask == 0, -100)
-    if ignore_bos:
-        labels[:, 0] = -100
-    counted = labels != -100
-    num_blocks = x_0.shape[1] // bs
-
-    # 2. K draws; deterministic models need one
-    draws = 1 if _is_deterministic(config) else num_samples
-    if _is_deterministic(config):
-        levels = torch.ones(1, batch, num_blocks)
-    elif isinstance(generator, list):
-        # Draw over each row's own blocks only, so that its value does not depend on the batch's padded width.
-        row_blocks = [_round_up(int(m.nonzero().max()) + 1, bs) // bs if m.any() else 0 for m in mask.cpu()]
-        levels = torch.ones(draws, batch, num_blocks)
-        for i, (g, nb) in enumerate(zip(generator, row_blocks)):
-            levels[:, i, :nb] = stratified_noise_levels(draws, 1, nb, g, antithetic, g.device)[:, 0].cpu()
-    else:
-        noise_device = generator.device if generator is not None else "cpu"
-        levels = stratified_noise_levels(draws, batch, num_blocks, generator, antithetic, noise_device)
-    per_draw, total = [], torch.zeros(x_0.shape, dtype=torch.float32, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        for k in range(draws):
-            t = levels[k]
-            p = torch.ones_like(t) if config.always_mask else model.noise_schedule.mask_probability(t)
-            x_t = _draw_x_t(x_0, p, config.mask_token_id, bs, counted, generator)
-            out = model(
-                x_0, noisy_input_ids=x_t, attention_mask=mask, labels=labels, noise_levels=t.to(device), return_dict=True
-            )
-            token_loss = out.token_loss.float()
-            total += token_loss
-            per_draw.append(token_loss.sum(1))
-    finally:
-        model.train(was_training)
-    per_token = (total / draws)[:, :seq_len]
-    per_draw_t = torch.stack(per_draw).repeat(num_samples // draws, 1)
-    return NELBOOutput(per_token, per_token.sum(1), counted[:, :seq_len].sum(1), per_draw_t)
-
-
-def _draw_x_t(x_0, p, mask_token_id, block_size, maskable, generator: Generators) -> torch.LongTensor:
-    """x_t ∼ q(x_t | x_0) drawn on the generator's device (CPU by default: same draws on every accelerator)."""
-    if isinstance(generator, list):
-        x_t = x_0.clone()
-        for i, g in enumerate(generator):
-            # only up to the row's last maskable block: the draws must not depend on the batch's padded width
-            n = _round_up(int(maskable[i].nonzero().max()) + 1, block_size) if maskable[i].any() else 0
-            x_t[i, :n] = add_noise(x_0[i : i + 1, :n].to(g.device), p[i : i + 1, : n // block_size].to(g.device),
-                                   mask_token_id, block_size, None, maskable[i : i + 1, :n].to(g.device), g)[0]
-        return x_t
-    noise_device = generator.device if generator is not None else torch.device("cpu")
-    x_t = add_noise(x_0.to(noise_device), p.to(noise_device), mask_token_id, block_size, None,
-                    maskable.to(noise_device), generator)
-    return x_t.to(x_0.device)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def plan_windows(
-    context: Sequence[int], target: Sequence[int], model_length: int, block_size: int, stride: int | None = None
-) -> list[tuple[list[int], list[int]]]:
-    """Cut the scoring of `target` given `context` into windows that fit `model_length`, each target chunk block-aligned.
-
-    A target that fits after one block of context is scored in one window; a longer one in chunks of `stride` tokens
-    (default `model_length // 2`), each preceded by as much of the text before it as fits. Every target token is
-    scored once and the chunk NELBOs add up to a bound on -log q(target | context) for the sliding-window model q.
-
-    Returns:
-        `[(window_context, chunk), ...]` with `len(pad(window_context)) + len(pad(chunk)) <= model_length`.
-    """
-    context, target = list(context), list(target)
-    if _round_up(len(target), block_size) + block_size <= model_length:
-        chunk = len(target)
-    else:
-        chunk = stride if stride is not None else max(block_size, model_length // 2 // block_size * block_size)
-        if not 1 <= chunk <= model_length - block_size:
-            raise ValueError(f"`stride`={stride} must be in [1, model_length - block_size = {model_length - block_size}].")
-    windows = []
-    for start in range(0, len(target), chunk):
-        piece = target[start : start + chunk]
-        room = model_length - _round_up(len(piece), block_size)
-        prefix = (context + target[:start])[-room:] if room > 0 else []
-        windows.append((prefix, piece))
-    return windows
-
-
-@torch.no_grad()
-def score_continuations(
-    model: torch.nn.Module,
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-    num_samples: int = 1,
-    batch_size: int = 8,
-    seed: int = 0,
-    stride: int | None = None,
-    check_greedy: bool = False,
-    pad_token_id: int = 0,
-    progress: bool = False,
-) -> list[tuple[float, bool | None]]:
-    """NELBO of each `target` given its clean `context`: `(nelbo_nats, is_greedy)` per pair.
-
-    The context is left-padded so that the target starts at a block boundary; context tokens stay clean and
-    uncounted, so the value bounds -log p_θ(target | context) under the block factorisation (exact at L' = 1 with
-    t ≡ 1, Monte-Carlo with `num_samples` draws otherwise). Each window gets its own generator seeded from `seed` and its
-    tokens, so scores do not depend on the batch size or on the other requests. `is_greedy` (with `check_greedy`)
-    asks whether every target token is the argmax of its prediction with its whole block masked and the previous
-    blocks clean: the greedy test of autoregressive models at L' = 1, a one-step (stricter) greedy test for L' > 1.
-    """
-    config = model.config
-    bs, length = config.block_size, config.model_length
-    for i, (context, target) in enumerate(pairs):
-        if len(target) == 0:
-            raise ValueError(f"Pair {i} has an empty target: nothing to score.")
-    windows = [
-        (i, ctx, tgt) for i, (context, target) in enumerate(pairs) for ctx, tgt in plan_windows(context, target, length, bs, stride)
-    ]
-    windows.sort(key=lambda w: -(len(w[1]) + len(w[2])))  # similar lengths together: less padding
-    totals = [0.0] * len(pairs)
-    greedy: list[bool | None] = [True if check_greedy else None] * len(pairs)
-    for start in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="scoring"):
-        chunk = windows[start : start + batch_size]
-        # Each row: context left-padded to whole blocks, so that its target starts on a block boundary; then the
-        # target, right-padded to the batch width (padding is never attended, so mixed padding is harmless).
-        width = max(_round_up(len(ctx), bs) + _round_up(len(tgt), bs) for _, ctx, tgt in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for r, (_, ctx, tgt) in enumerate(chunk):
-            begin = _round_up(len(ctx), bs)
-            end = begin + len(tgt)
-            ids[r, begin - len(ctx) : end] = torch.tensor([*ctx, *tgt], dtype=torch.long)
-            mask[r, begin - len(ctx) : end] = 1
-            labels[r, begin:end] = ids[r, begin:end]
-        gens = [torch.Generator().manual_seed(_row_seed(seed, ctx, tgt)) for _, ctx, tgt in chunk]
-        out = nelbo(model, ids, mask, labels, num_samples, gens)
-        hits = _greedy_hits(model, ids, mask, labels) if check_greedy else None
-        for r, (i, _, _) in enumerate(chunk):
-            totals[i] += float(out.per_sequence[r])
-            if hits is not None:
-                greedy[i] = bool(greedy[i] and hits[r])
-    return list(zip(totals, greedy))
-
-
-def _row_seed(seed: int, context: Sequence[int], target: Sequence[int]) -> int:
-    import zlib
-
-    data = torch.tensor([len(context), *context, *target], dtype=torch.int64).numpy().tobytes()
-    return (zlib.crc32(data) + 1_000_003 * seed) % (2**63)
-
-
-def _greedy_hits(model, ids, mask, labels) -> torch.BoolTensor:
-    """Whether each row's labelled tokens are the argmax with their blocks fully masked (see `score_continuations`)."""
-    device = model.device
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    scored = labels != -100
-    x_t = ids.masked_fill(scored, model.config.mask_token_id)
-    logits = model(ids, noisy_input_ids=x_t, attention_mask=mask, return_dict=True).logits.float()
-    logits[..., model.config.mask_token_id] = float("-inf")
-    return ((logits.argmax(-1) == ids) | ~scored).all(dim=1).cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -437,6 +139,7 @@ def dataset_perplexity(
     wrap: bool = True,
     max_documents: int | None = None,
     progress: bool = True,
+    exact: bool = False,
 ) -> PerplexityResult:
     """(Zero-shot) perplexity bound of `model` on a dataset, following the paper's protocol (Sec. 6.1).
 
@@ -449,6 +152,7 @@ def dataset_perplexity(
         seed (`int`): seeds the CPU generator of all draws (reproducible across devices).
         ignore_bos (`bool`, *optional*): drop each chunk's first token (kept clean) from the mean; defaults to
             `config.ignore_bos` (the official evaluation does it for OWT).
+        exact (`bool`): the expectation over the noise by enumeration (see [`nelbo`]) instead of K draws.
     """
     num_samples = _check_num_samples(num_samples)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -461,7 +165,9 @@ def dataset_perplexity(
         eos = getattr(tokenizer, "eos_token_id", None)
     else:
         if text_column not in data.column_names:
-            raise ValueError(f"The dataset has no `{text_column}` column (columns: {data.column_names}); set `text_column`.")
+            raise ValueError(
+                f"The dataset has no `{text_column}` column (columns: {data.column_names}); set `text_column`."
+            )
         if tokenizer is None:
             raise ValueError("A text dataset needs a `tokenizer`.")
         texts = [text for text in data[text_column] if text]
@@ -479,7 +185,7 @@ def dataset_perplexity(
         mask = torch.zeros_like(ids)
         for r, c in enumerate(batch):
             ids[r, : len(c)], mask[r, : len(c)] = torch.tensor(c, dtype=torch.long), 1
-        out = nelbo(model, ids, mask, None, num_samples, generator, ignore_bos)
+        out = nelbo(model, ids, mask, None, num_samples, generator, ignore_bos, exact=exact)
         sums.append(out.per_sequence.cpu().double())
         counts.append(out.num_tokens.cpu().double())
     sums_t, counts_t = torch.cat(sums), torch.cat(counts)
@@ -501,18 +207,19 @@ def dataset_perplexity(
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the arguments of `bd3lm eval` (likelihood, generative perplexity, lm-eval tasks) to `parser`."""
     parser.add_argument("model", help="A BD3-LM checkpoint folder or Hub id.")
-    parser.add_argument("--tokenizer", help="Tokenizer folder or Hub id (default: the model's; `bd3lm-corpus`: embedded).")
+    parser.add_argument("--tokenizer", help="Tokenizer folder or Hub id (default: the model's; `bd3lm-corpus`).")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu).")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="Load the model in this dtype.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of every noise draw and of the generated samples.")
     parser.add_argument("--output", help="Write all results to this JSON file.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
     g = parser.add_argument_group("likelihood (perplexity bound)")
-    g.add_argument("--dataset", action="append", help="Repeatable: a local file/folder, a Hub dataset or `bd3lm-corpus`.")
+    g.add_argument("--dataset", action="append", help="Repeatable: a local file/folder, a Hub name or `bd3lm-corpus`.")
     g.add_argument("--split", help="Dataset split (default: test, then validation, then train).")
     g.add_argument("--dataset-config", help="Hub dataset configuration name.")
     g.add_argument("--text-column", default="text")
     g.add_argument("--num-samples", type=int, default=1, help="K Monte-Carlo noise draws per sequence (default 1).")
+    g.add_argument("--exact", action="store_true", help="Exact expectation over the noise (2^L' - 1 passes, L' <= 8).")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--ignore-bos", action=argparse.BooleanOptionalAction, default=None,
                    help="Exclude each chunk's first token (default: the model config's `ignore_bos`).")
@@ -526,7 +233,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--num-gen-samples", type=int, default=8, help="Samples to generate (default 8; the paper: 300).")
     g.add_argument("--gen-length", type=int, help="New tokens per sample (default: model_length).")
     g.add_argument("--gen-batch-size", type=int, default=4)
-    g.add_argument("--gen-kwargs", default="{}", help='JSON of extra generate() arguments, e.g. \'{"nucleus_p": 0.9}\'.')
+    g.add_argument("--gen-kwargs", default="{}", help='JSON of extra generate() arguments: \'{"nucleus_p": 0.9}\'.')
     g.add_argument("--judge-batch-size", type=int, default=8)
     g.add_argument("--judge-max-length", type=int, help="Judge context (default: from its config).")
     g.add_argument("--judge-stride", type=int, help="Sliding-window stride (default: half the judge context).")
@@ -535,7 +242,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--include-path", help="Folder of extra lm-eval task YAML files.")
     g.add_argument("--num-fewshot", type=int)
     g.add_argument("--limit", type=float, help="Documents per task (a fraction if < 1).")
-    g.add_argument("--mc-samples", type=int, help="Noise draws per loglikelihood request (default: 1 if exact, else 16).")
+    g.add_argument("--mc-samples", type=int, help="Noise draws per loglikelihood request (default 16 when sampled).")
     return parser
 
 
@@ -590,13 +297,14 @@ def _generate_samples(model, tokenizer, args) -> tuple[list[list[int]], list[Any
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Run `bd3lm eval`: perplexity bounds, generative perplexity and lm-eval tasks; print a table, write JSON."""
     if not (args.dataset or args.judge or args.tasks):
-        raise ValueError("Nothing to evaluate: pass `--dataset` (perplexity), `--judge` (gen-PPL) or `--tasks` (lm-eval).")
+        raise ValueError("Nothing to evaluate: pass `--dataset` (perplexity), `--judge` (gen-PPL) or `--tasks`.")
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
     results: dict[str, Any] = {"model": args.model, "block_size": model.config.block_size}
     for name in args.dataset or []:
         result = dataset_perplexity(
             model, name, tokenizer, args.batch_size, args.num_samples, args.seed, args.ignore_bos, args.split,
             args.text_column, args.dataset_config, not args.no_wrap, args.max_documents, not args.no_progress,
+            args.exact,
         )
         results.setdefault("perplexity", {})[name] = result.to_dict()
     if args.judge:
@@ -615,7 +323,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
         results["lm_eval"] = run_lm_eval(
             model, tokenizer, args.tasks.split(","), args.include_path, args.num_fewshot, args.limit,
-            args.batch_size, args.mc_samples, args.seed,
+            args.batch_size, args.mc_samples, args.seed, True if args.exact else None,
         )
     print(format_results(results))
     if args.output:
@@ -638,9 +346,10 @@ def format_results(results: dict[str, Any]) -> str:
     for task, metrics in results.get("lm_eval", {}).items():
         rows += [("lm-eval", task, k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"]
     cells = [(a, str(b), c, f"{d:.4f}" if isinstance(d, float) else str(d)) for a, b, c, d in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(("section", "name", "metric", "value"))]
-    line = lambda row: " | ".join(v.ljust(w) for v, w in zip(row, widths))  # noqa: E731
-    return "\n".join([line(("section", "name", "metric", "value")), "-+-".join("-" * w for w in widths)] + [line(r) for r in cells])
+    header = ("section", "name", "metric", "value")
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(header)]
+    lines = [header, tuple("-" * w for w in widths), *cells]
+    return "\n".join(" | ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in lines)
 
 
 __all__ = [
@@ -656,6 +365,7 @@ __all__ = [
     "load_eval_dataset",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "mask_pattern_weights",
     "nelbo",
     "network_calls_per_token",
     "plan_windows",

@@ -52,7 +52,7 @@ def unigram_entropy(tokens: Sequence[int]) -> float:
     return float(-(p * p.log()).sum())
 
 
-def _to_judge_ids(samples, tokenizer, judge_tokenizer, check_roundtrip: bool) -> tuple[list[list[int]], list[list[int]]]:
+def _to_judge_ids(samples, tokenizer, judge_tokenizer, check_roundtrip: bool) -> tuple[list[list[int]], list[list]]:
     """Re-tokenize samples for the judge: `(judge_ids, entropy_tokens)` per sample.
 
     Our EOS/BOS tokens become the judge's EOS (document boundaries; they are context, never targets), padding is
@@ -87,16 +87,15 @@ def _to_judge_ids(samples, tokenizer, judge_tokenizer, check_roundtrip: bool) ->
         for piece in pieces:
             if piece is None:
                 if j_eos is None:
-                    raise ValueError("The judge tokenizer has no EOS/BOS token to mark the samples' document boundaries.")
+                    raise ValueError("The judge tokenizer has no EOS/BOS token to mark the samples' documents.")
                 if out != [j_eos]:
                     out.append(j_eos)
                 continue
             if not piece:
                 continue
             enc = judge_tokenizer(piece, add_special_tokens=False)["input_ids"]
-            if check_roundtrip and (
-                (unk is not None and unk in enc) or judge_tokenizer.decode(enc, clean_up_tokenization_spaces=False) != piece
-            ):
+            lossy = judge_tokenizer.decode(enc, clean_up_tokenization_spaces=False) != piece
+            if check_roundtrip and ((unk is not None and unk in enc) or lossy):
                 raise ValueError(
                     f"The judge tokenizer cannot represent sample {i} ({piece[:60]!r}...): it yields unknown tokens or "
                     "decodes to different text. Use a judge whose tokenizer covers the samples (byte-level BPE, e.g. "
@@ -169,12 +168,13 @@ def generative_perplexity(
         judge = judge.to(device)
     judge.eval()
     if max_length is None:
-        max_length = getattr(judge.config, "n_positions", None) or getattr(judge.config, "max_position_embeddings", None)
+        config = judge.config
+        max_length = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         if max_length is None:
             raise ValueError("Cannot read the judge's context length from its config; pass `max_length`.")
     stride = max(1, max_length // 2) if stride is None else stride
     if not 1 <= stride < max_length:
-        raise ValueError(f"`stride`={stride} must be in [1, max_length - 1 = {max_length - 1}] (a window needs context).")
+        raise ValueError(f"`stride`={stride} must be in [1, max_length - 1] = [1, {max_length - 1}] (windows overlap).")
 
     sequences, entropy_tokens = _to_judge_ids(samples, tokenizer, judge_tokenizer, check_roundtrip)
     excluded = {judge_tokenizer.eos_token_id, judge_tokenizer.bos_token_id} - {None} if exclude_eos else set()

@@ -12,8 +12,11 @@ import math
 
 import datasets
 import evaluate
-
-from bd3lm_trainer.evaluation import load_model_and_tokenizer, load_tokenizer, score_continuations
+from bd3lm_trainer.evaluation import (
+    load_model_and_tokenizer,
+    load_tokenizer,
+    score_continuations,
+)
 
 _CITATION = """\
 @inproceedings{arriola2025block,
@@ -29,7 +32,8 @@ _DESCRIPTION = """\
 Per-token block NELBO of a BD3-LM (Arriola et al., 2025, Eq. (8)) on each text: an upper bound, in expectation over
 the noise draws, on the negative log-likelihood per token (nats); exp of it bounds the perplexity. Every text is
 scored on its own after a BOS/EOS token, with a sliding window when it is longer than the model's window. The value is
-exact at block size 1 with a time-independent log-linear model, a Monte-Carlo estimate with `num_samples` draws else.
+exact at block size 1 with a time-independent log-linear model; otherwise a Monte-Carlo estimate with `num_samples`
+draws, or the exact expectation over the noise with `exact=True`.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -42,6 +46,8 @@ Args:
     batch_size (`int`, defaults to 8): windows per forward pass.
     seed (`int`, defaults to 0): seed of the noise draws (each text's draws depend only on it and the text).
     device (`str`, *optional*): where to load `model_id`.
+    exact (`bool`, defaults to `False`): the expectation over the noise by enumerating each block's mask patterns
+        (2^block_size - 1 forward passes, block_size <= 8) instead of `num_samples` draws.
 Returns:
     nelbos (`list[float]`): per-token NELBO of each text (nats).
     perplexities (`list[float]`): exp of each.
@@ -80,6 +86,7 @@ class BD3LMNelbo(evaluate.Metric):
         batch_size=8,
         seed=0,
         device=None,
+        exact=False,
     ):
         if model is None:
             if model_id is None:
@@ -91,14 +98,14 @@ class BD3LMNelbo(evaluate.Metric):
             raise ValueError("`predictions` is empty: nothing to score.")
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         targets = [
-            list(p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in predictions
+            tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p) for p in predictions
         ]
         for i, target in enumerate(targets):
             if not target:
                 raise ValueError(f"Prediction {i} has no tokens to score.")
         scores = score_continuations(
             model, [([prefix], t) for t in targets], num_samples=num_samples, batch_size=batch_size, seed=seed,
-            pad_token_id=tokenizer.pad_token_id or 0,
+            pad_token_id=tokenizer.pad_token_id or 0, exact=exact,
         )
         nelbos = [value / len(t) for (value, _), t in zip(scores, targets)]
         total = sum(len(t) for t in targets)

@@ -1,0 +1,181 @@
+"""The lm-evaluation-harness adapter (`bd3lm_trainer.lm_eval_adapter`), run offline on tiny local tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `bd3lm[eval]`")
+
+from bd3lm_trainer.corpus import load_tokenizer  # noqa: E402
+from bd3lm_trainer.evaluation import score_continuations  # noqa: E402
+from bd3lm_trainer.lm_eval_adapter import BD3LMEvalHarness  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from tests.conftest import random_model  # noqa: E402
+
+QUESTIONS = [
+    {"question": "In the beginning God created the", "choices": [" heaven", " sea", " stone"], "answer": 0},
+    {"question": "To be, or not to", "choices": [" be", " go"], "answer": 0},
+    {"question": "And God said, Let there be", "choices": [" light", " night", " dust"], "answer": 0},
+    {"question": "Now is the winter of our", "choices": [" discontent", " summer"], "answer": 0},
+]
+DOCUMENTS = [{"text": "In the beginning God created the heaven and the earth."}, {"text": "To be, or not to be."}]
+
+
+def _tiny(block_size: int, **overrides):
+    return random_model(vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=block_size,
+                        **overrides)
+
+
+def _requests(kind: str, arguments: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=args, idx=0) for args in arguments]
+
+
+@torch.no_grad()
+def _ar_logprob(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """log p(continuation | context) of a block-size-1 model, one sampling pass per position, and greediness."""
+    mask_id = model.config.mask_token_id
+    ids = context + continuation
+    total, greedy = 0.0, True
+    for i in range(len(context), len(ids)):
+        logits = model(torch.tensor([ids[:i] + [mask_id]])).logits[0, -1].float()
+        logits[mask_id] = float("-inf")
+        total += float(torch.log_softmax(logits, -1)[ids[i]])
+        greedy &= int(logits.argmax()) == ids[i]
+    return total, greedy
+
+
+def test_loglikelihood_is_the_exact_conditional_at_block_size_one():
+    model, tokenizer = _tiny(1, always_mask=True), load_tokenizer()
+    harness = BD3LMEvalHarness(model, tokenizer, batch_size=3)
+    assert harness.mc_samples == 1  # exact: no Monte-Carlo needed
+    pairs = [("In the beginning", " God created"), ("To be, or not to ", "be"), ("", "Hello")]
+    results = harness.loglikelihood(_requests("loglikelihood", pairs))
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    expected = [
+        _ar_logprob(model, enc("In the beginning"), enc(" God created")),
+        _ar_logprob(model, enc("To be, or not to"), enc(" be")),  # the trailing space moves to the continuation
+        _ar_logprob(model, [tokenizer.bos_token_id], enc("Hello")),  # empty context: conditioned on BOS
+    ]
+    for (value, greedy), (ref, ref_greedy) in zip(results, expected):
+        assert value == pytest.approx(ref, abs=1e-4)
+        assert greedy == ref_greedy
+    [rolling] = harness.loglikelihood_rolling(_requests("loglikelihood_rolling", [("In the beginning God",)]))
+    reference, _ = _ar_logprob(model, [tokenizer.bos_token_id], enc("In the beginning God"))
+    assert rolling == pytest.approx(reference, abs=1e-4)
+
+
+def test_monte_carlo_scores_do_not_depend_on_batch_size_or_order():
+    model, tokenizer = _tiny(4), load_tokenizer()
+    pairs = [(q["question"], c) for q in QUESTIONS[:2] for c in q["choices"]]
+    options = {"mc_samples": 2, "check_greedy": False, "exact": False}
+    a = BD3LMEvalHarness(model, tokenizer, batch_size=1, **options).loglikelihood(_requests("loglikelihood", pairs))
+    b = BD3LMEvalHarness(model, tokenizer, batch_size=16, **options).loglikelihood(
+        _requests("loglikelihood", pairs[::-1])
+    )[::-1]
+    assert [v for v, _ in a] == pytest.approx([v for v, _ in b], abs=1e-4)
+    assert all(v <= 0 for v, _ in a)  # a draw that masks no continuation token scores 0
+
+
+def test_small_blocks_default_to_the_exact_expectation_over_the_noise():
+    model, tokenizer = _tiny(4), load_tokenizer()
+    harness = BD3LMEvalHarness(model, tokenizer, check_greedy=False)
+    assert harness.exact
+    pairs = [("In the beginning", " God created the heaven")]
+    [(value, _)] = harness.loglikelihood(_requests("loglikelihood", pairs))
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    [(reference, _)] = score_continuations(model, [(enc("In the beginning"), enc(" God created the heaven"))],
+                                           exact=True)
+    assert value == pytest.approx(-reference, abs=1e-5) and value < 0
+    assert harness.loglikelihood(_requests("loglikelihood", pairs))[0][0] == value  # deterministic
+
+
+def test_bad_arguments():
+    model, tokenizer = _tiny(4), load_tokenizer()
+    with pytest.raises(ValueError, match="mc_samples"):
+        BD3LMEvalHarness(model, tokenizer, mc_samples=0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        BD3LMEvalHarness(model)
+
+
+def _write_tasks(tmp_path) -> str:
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCUMENTS))
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"prompt": "In the beginning", "answer": " God"}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    common = "dataset_path: json\ntest_split: test\n"
+    (tasks / "tiny_mc.yaml").write_text(
+        f"task: bd3lm_tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    (tasks / "tiny_rolling.yaml").write_text(
+        f"task: bd3lm_tiny_rolling\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n"
+    )
+    (tasks / "tiny_gen.yaml").write_text(
+        f"task: bd3lm_tiny_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 4\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    return str(tasks)
+
+
+def test_simple_evaluate_runs_offline_on_tiny_local_tasks(tmp_path):
+    model, tokenizer = _tiny(1, always_mask=True), load_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    include = _write_tasks(tmp_path)
+    out = lm_eval.simple_evaluate(
+        model="bd3lm", model_args=f"pretrained={tmp_path / 'model'},device=cpu,batch_size=4",
+        tasks=["bd3lm_tiny_mc", "bd3lm_tiny_rolling"],
+        task_manager=TaskManager(include_path=include, include_defaults=False),
+    )
+    results = out["results"]
+    # The harness' accuracy is our argmax over the choices' log-likelihoods.
+    harness = BD3LMEvalHarness(model, tokenizer)
+    scores = harness.loglikelihood(_requests("loglikelihood", [(q["question"] + "", c) for q in QUESTIONS
+                                                               for c in q["choices"]]))
+    acc, k = 0, 0
+    for q in QUESTIONS:
+        values = [v for v, _ in scores[k : k + len(q["choices"])]]
+        acc += int(max(range(len(values)), key=values.__getitem__) == q["answer"])
+        k += len(q["choices"])
+    assert results["bd3lm_tiny_mc"]["acc,none"] == pytest.approx(acc / len(QUESTIONS))
+    # word perplexity = exp(-Σ loglikelihood / Σ words)
+    rolling = harness.loglikelihood_rolling(_requests("loglikelihood_rolling", [(d["text"],) for d in DOCUMENTS]))
+    words = sum(len(d["text"].split()) for d in DOCUMENTS)
+    expected = math.exp(-sum(rolling) / words)
+    assert results["bd3lm_tiny_rolling"]["word_perplexity,none"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_generate_until_uses_generate_and_stops_at_the_stop_strings(tmp_path):
+    model, tokenizer = _tiny(4), load_tokenizer()
+    harness = BD3LMEvalHarness(model, tokenizer, batch_size=2)
+    requests = _requests("generate_until", [
+        ("In the beginning", {"until": ["e"], "max_gen_toks": 4, "do_sample": False}),
+        ("To be", {"until": ["e"], "max_gen_toks": 4, "do_sample": False}),
+    ])
+    try:
+        texts = harness.generate_until(requests)
+    except NotImplementedError:
+        pytest.skip("generate() has not landed yet")
+    for (context, _), text in zip([r.args for r in requests], texts):
+        assert "e" not in text
+        ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        full = tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        assert full.split("e")[0] == text  # the same greedy generation, cut at the stop string
+    include = _write_tasks(tmp_path)
+    results = lm_eval.simple_evaluate(model=harness, tasks=["bd3lm_tiny_gen"],
+                                      task_manager=TaskManager(include_path=include, include_defaults=False))["results"]
+    assert results["bd3lm_tiny_gen"]["exact_match,none"] in (0.0, 1.0)
