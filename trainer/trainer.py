@@ -227,7 +227,7 @@ class BD3LMTrainer(Trainer):
         # The model's forward has **kwargs, which makes the Trainer think it accepts `num_items_in_batch`; it does
         # not, but `compute_loss` below does, and for that the token count must be gathered.
         self.model_accepts_loss_kwargs = True
-        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list)}
+        self._train_metrics: defaultdict[str, list[float]] = defaultdict(list)  # averaged into each training log
         self._eval_stats: _EvalStats | None = None
         self._eval_generator: torch.Generator | None = None
         for callback in self.callback_handler.callbacks:
@@ -318,7 +318,7 @@ class BD3LMTrainer(Trainer):
         if training:
             masked = ((outputs.noisy_input_ids == config.mask_token_id) & valid).sum()
             counts = self.accelerator.gather(torch.stack([masked, valid.sum()]).float()[None]).sum(0)
-            self._metrics["train"]["mask_rate"].append(float(counts[0] / counts[1].clamp_min(1)))
+            self._train_metrics["mask_rate"].append(float(counts[0] / counts[1].clamp_min(1)))
         elif self._eval_stats is not None:
             self._record_eval_batch(outputs.token_loss.detach(), valid, config.block_size)
         return (loss, outputs) if return_outputs else loss
@@ -361,10 +361,10 @@ class BD3LMTrainer(Trainer):
         """Add the averaged recorded metrics to the periodic training log (and the noise interval in use)."""
         if "loss" in logs:
             logs = dict(logs)
-            for key, values in self._metrics["train"].items():
+            for key, values in self._train_metrics.items():
                 if values:
                     logs[key] = sum(values) / len(values)
-            self._metrics["train"].clear()
+            self._train_metrics.clear()
             config = self.bd3lm_config
             if config.var_min:
                 logs["sampling_eps_min"], logs["sampling_eps_max"] = unwrap_bd3lm(self.model).training_noise_interval()
