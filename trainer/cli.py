@@ -1,0 +1,339 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""The `bd3lm` command line: train, generate, eval, upload.
+
+    bd3lm train --preset tiny --output-dir runs/tiny          # the embedded corpus and tokenizer by default
+    bd3lm generate runs/tiny --prompt "And God said" --max-new-tokens 64
+    bd3lm eval runs/tiny
+    bd3lm upload runs/tiny user/my-bd3lm --dry-run
+
+User mistakes (a missing folder, a bad option value) print one readable line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user mistake: printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from bd3lm_configuration import BLOCK_PRESETS, SIZE_PRESETS
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="tiny", choices=SIZE_PRESETS, help="model size preset (default: tiny)")
+    model.add_argument(
+        "--block", choices=sorted(BLOCK_PRESETS), help="block-size preset with the paper's noise interval (e.g. bs4)"
+    )
+    model.add_argument("--block-size", type=int, help="L', tokens per block (overrides --block's block size)")
+    model.add_argument("--model-length", type=int, help="L, the training context (default: the preset's)")
+    model.add_argument(
+        "--init-from",
+        help="fine-tune from this checkpoint (local folder or Hub id; our format or the official BD3-LM/MDLM one) "
+        "instead of a fresh model; --block-size then sets the new L'",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        help="training data: a local .txt/.json/.jsonl/.parquet file or folder, or a Hub dataset name "
+        "(default: the embedded public-domain corpus)",
+    )
+    data.add_argument("--eval-dataset", help="validation data (default: the corpus' validation split, or --dataset's)")
+    data.add_argument("--text-column", default="text", help="column holding the documents (default: text)")
+    data.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the shipped 8192-token BPE)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", default="runs/bd3lm", help="where checkpoints and the final model go")
+    run.add_argument("--max-steps", type=int, default=1200, help="optimizer steps (default: 1200)")
+    run.add_argument("--batch-size", type=int, default=32, help="sequences per step and device (default: 32)")
+    run.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    run.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: 100)")
+    run.add_argument("--eval-steps", type=int, default=400, help="evaluate (and search the schedule) every N steps")
+    run.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation (default: 8)")
+    run.add_argument("--save-steps", type=int, default=400, help="write a checkpoint every N steps")
+    run.add_argument(
+        "--search-batches", type=int, default=4, help="validation batches per interval of the schedule search"
+    )
+    run.add_argument("--no-schedule-search", action="store_true", help="do not search the clipped noise interval")
+    run.add_argument(
+        "--noise-interval", nargs=2, type=float, metavar=("BETA", "OMEGA"), help="fixed training noise interval"
+    )
+    run.add_argument("--ema", action="store_true", help="evaluate and save an EMA of the weights (decay 0.9999)")
+    run.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
+    run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    run.add_argument("--report-to", default="none", help="experiment trackers for the Trainer (default: none)")
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    if value is not None and value <= 0:
+        raise CLIError(f"--{name} must be positive, got {value}")
+
+
+def _load_tokenizer(name: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    from bd3lm_trainer.corpus import load_tokenizer
+
+    if name is None:
+        return load_tokenizer()
+    if not os.path.isdir(name) and "/" not in name and not name.isidentifier():
+        raise CLIError(f"--tokenizer {name!r} is neither a folder nor a Hub id")
+    return AutoTokenizer.from_pretrained(name)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    for name in ("max_steps", "batch_size", "learning_rate", "eval_steps", "eval_batches", "save_steps"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    _positive("block-size", args.block_size)
+    _positive("model-length", args.model_length)
+    if args.init_from and not (os.path.isdir(args.init_from) or args.init_from.count("/") == 1):
+        raise CLIError(f"--init-from {args.init_from!r} is not a folder nor a Hub id")
+
+    import torch
+    from transformers import set_seed
+
+    from bd3lm_configuration import load_preset
+    from bd3lm_trainer import BD3LMTrainer, BD3LMTrainingArguments, build_lm_dataset, load_for_finetuning
+    from bd3lm_trainer.corpus import load_corpus
+    from modeling_bd3lm import BD3LMForMaskedDiffusion
+
+    set_seed(args.seed)
+    tokenizer = _load_tokenizer(args.tokenizer)
+    if args.init_from:
+        model = load_for_finetuning(args.init_from, block_size=args.block_size)
+    else:
+        overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
+        if tokenizer.mask_token_id is None:
+            overrides["mask_token_id"] = len(tokenizer)  # one extra id, as GPT-2 + mask in the released models
+            overrides["vocab_size"] = len(tokenizer) + 1
+        if args.model_length:
+            overrides["model_length"] = args.model_length
+        if args.block_size:
+            overrides["block_size"] = args.block_size
+        try:
+            config = load_preset(args.preset, block=args.block, **overrides)
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+        model = BD3LMForMaskedDiffusion(config)
+    config = model.config
+    if tokenizer.bos_token_id is not None:
+        config.bos_token_id = model.generation_config.bos_token_id = tokenizer.bos_token_id
+    if tokenizer.eos_token_id is not None:
+        config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config.pad_token_id = model.generation_config.pad_token_id = pad_id
+
+    if args.dataset is None:
+        train_source, eval_source = load_corpus("train"), load_corpus("validation")
+    else:
+        if os.path.sep in args.dataset and not os.path.exists(args.dataset):
+            raise CLIError(f"--dataset {args.dataset!r} does not exist")
+        train_source, eval_source = args.dataset, args.eval_dataset or args.dataset
+    if args.eval_dataset is not None:
+        eval_source = args.eval_dataset
+    eval_split = "validation" if args.dataset is not None and args.eval_dataset is None else "train"
+    train_dataset = build_lm_dataset(train_source, tokenizer, config.model_length, text_column=args.text_column)
+    eval_dataset = build_lm_dataset(
+        eval_source, tokenizer, config.model_length, split=eval_split, text_column=args.text_column
+    )
+    eval_size = min(len(eval_dataset), args.eval_batches * args.batch_size)
+    eval_dataset = eval_dataset.select(range(eval_size))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"bd3lm train: {n_params / 1e6:.2f}M parameters, L={config.model_length}, L'={config.block_size}, "
+        f"{len(train_dataset)} training chunks, {len(eval_dataset)} validation chunks -> {args.output_dir}",
+        flush=True,
+    )
+    training_args = BD3LMTrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=1.0,
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=max(1, min(50, args.eval_steps // 4)),
+        schedule_search=not args.no_schedule_search,
+        schedule_search_batches=args.search_batches,
+        noise_interval=args.noise_interval,
+        use_ema=args.ema,
+        seed=args.seed,
+        report_to=[] if args.report_to == "none" else [args.report_to],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    trainer = BD3LMTrainer(
+        model,
+        training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    resume = None
+    if args.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if resume is None:
+            raise CLIError(f"--resume: no checkpoint-* folder in {args.output_dir}")
+    trainer.train(resume_from_checkpoint=resume)
+    metrics = trainer.evaluate()
+    trainer.save_model(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    trainer.save_metrics("eval", metrics)
+    lo, hi = trainer.model.training_noise_interval() if hasattr(trainer.model, "training_noise_interval") else (0, 0)
+    print(
+        f"bd3lm train: done. eval NELBO {metrics['eval_loss']:.3f} nats/token, perplexity bound "
+        f"{metrics.get('eval_ppl', float('nan')):.1f}, training noise interval [{lo:.2f}, {hi:.2f}]. "
+        f"Model in {args.output_dir}",
+        flush=True,
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# generate
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a trained model folder or Hub id")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; none = unconditional)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    parser.add_argument(
+        "--sampler",
+        default=None,
+        help="ddpm, first_hitting, topk_confidence, confidence_threshold, margin or entropy (default: the model's)",
+    )
+    parser.add_argument("--num-steps", type=int, help="denoising steps per block")
+    parser.add_argument("--confidence-threshold", type=float, help="commit every token above this confidence")
+    parser.add_argument("--tokens-per-step", type=int, help="tokens committed per step (topk_confidence)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling")
+    parser.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--no-stream", action="store_true", help="print only at the end")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole window every step")
+    parser.add_argument("--revision", help="Hub revision to pin")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    _positive("max-new-tokens", args.max_new_tokens)
+    _positive("num-samples", args.num_samples)
+    if not os.path.isdir(args.model) and args.model.count("/") != 1:
+        raise CLIError(f"model {args.model!r} is neither a folder nor a Hub id (owner/name)")
+    if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise CLIError(f"{args.model} has no config.json; is it a trained model folder?")
+
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from modeling_bd3lm import BD3LMForMaskedDiffusion
+
+    model = BD3LMForMaskedDiffusion.from_pretrained(args.model, revision=args.revision).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "use_cache": not args.no_cache}
+    for name in ("sampler", "num_steps", "confidence_threshold", "tokens_per_step", "temperature", "top_k", "top_p"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.greedy:
+        kwargs["do_sample"] = False
+    prompts = args.prompt or [None]
+    generator = torch.Generator().manual_seed(args.seed)
+    for prompt in prompts:
+        for _ in range(args.num_samples):
+            inputs = {}
+            if prompt is not None:
+                inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            streamer = None if args.no_stream else TextStreamer(tokenizer, skip_special_tokens=True)
+            with torch.no_grad():
+                out = model.generate(
+                    **inputs, streamer=streamer, generator=generator, return_dict_in_generate=True, **kwargs
+                )
+            if args.no_stream:
+                print(tokenizer.decode(out.sequences[0], skip_special_tokens=True))
+            nfe = out.nfe[0].item() if hasattr(out.nfe, "__getitem__") else out.nfe
+            print(f"\n[{args.max_new_tokens} tokens, {nfe} network calls]", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# eval / upload delegate to their modules
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from bd3lm_trainer import evaluation
+
+    evaluation.add_eval_arguments(parser)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from bd3lm_trainer import evaluation
+
+    return evaluation.run_eval(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bd3lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,upload}")
+    train = sub.add_parser("train", help="train or fine-tune a BD3-LM", description=run_train.__doc__)
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+    generate = sub.add_parser("generate", help="generate from a model, streaming each finished block")
+    add_generate_arguments(generate)
+    generate.set_defaults(func=run_generate)
+    try:
+        import bd3lm_trainer.evaluation  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        evaluate = sub.add_parser("eval", help="NELBO perplexity bound, generative perplexity, lm-eval tasks")
+        add_eval_arguments(evaluate)
+        evaluate.set_defaults(func=run_eval)
+    upload = sub.add_parser(
+        "upload", help="publish a model folder to the Hugging Face Hub (see `bd3lm upload --help`)", add_help=False
+    )
+    upload.add_argument("rest", nargs=argparse.REMAINDER)
+    upload.set_defaults(func=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["upload"]:
+        import hub_upload
+
+        return hub_upload.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"bd3lm {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError, OSError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"bd3lm {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"bd3lm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
