@@ -13,6 +13,7 @@ from bd3lm_trainer.corpus import load_tokenizer
 from bd3lm_trainer.evaluation import (
     add_eval_arguments,
     dataset_perplexity,
+    evaluate_from_args,
     nelbo,
     plan_windows,
     run_eval,
@@ -301,7 +302,7 @@ def test_run_eval_prints_a_table_and_writes_json(tmp_path, corpus_model, capsys)
         "--samples", str(tmp_path / "samples.txt"), "--output", str(tmp_path / "out" / "results.json"),
         "--device", "cpu", "--no-progress",
     ])
-    results = run_eval(args)
+    results = evaluate_from_args(args)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written == json.loads(json.dumps(results))
     ppl = written["perplexity"][str(tmp_path / "docs.jsonl")]
@@ -311,5 +312,6 @@ def test_run_eval_prints_a_table_and_writes_json(tmp_path, corpus_model, capsys)
     assert written["generative_perplexity"]["num_samples"] == 2
     table = capsys.readouterr().out
     assert "gen_ppl" in table and "perplexity" in table
+    assert run_eval(args) == 0  # the command's exit status
     with pytest.raises(ValueError, match="Nothing to evaluate"):
         run_eval(parser.parse_args([str(tmp_path / "model")]))

@@ -253,8 +253,15 @@ def load_tokenizer(name: str) -> Any:
 
         return load_corpus_tokenizer()
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # a tokenizer never needs remote code
+    # A tokenizer never needs remote code; without it transformers warns about the checkpoint's custom config.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_model_and_tokenizer(model: str, tokenizer: str | None = None, device: str | None = None,
@@ -294,8 +301,15 @@ def _generate_samples(model, tokenizer, args) -> tuple[list[list[int]], list[Any
     return samples, outputs
 
 
-def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """Run `bd3lm eval`: perplexity bounds, generative perplexity and lm-eval tasks; print a table, write JSON."""
+def run_eval(args: argparse.Namespace) -> int:
+    """`bd3lm eval`: [`evaluate_from_args`], then exit status 0 (the results are printed and written as JSON)."""
+    evaluate_from_args(args)
+    return 0
+
+
+def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexity bounds, generative perplexity and lm-eval tasks as `add_eval_arguments` describes them; prints a
+    table, writes `--output` as JSON and returns the results."""
     if not (args.dataset or args.judge or args.tasks):
         raise ValueError("Nothing to evaluate: pass `--dataset` (perplexity), `--judge` (gen-PPL) or `--tasks`.")
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
@@ -359,6 +373,7 @@ __all__ = [
     "PerplexityResult",
     "add_eval_arguments",
     "dataset_perplexity",
+    "evaluate_from_args",
     "format_results",
     "generative_perplexity",
     "judge_windows",

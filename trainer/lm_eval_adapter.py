@@ -49,7 +49,6 @@ from .likelihood import _is_deterministic, score_continuations
 _GENERATE_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
-@register_model("bd3lm")
 class BD3LMEvalHarness(LM):
     """lm-eval model `bd3lm` (see the module docstring for what each request type computes).
 
@@ -213,6 +212,12 @@ class BD3LMEvalHarness(LM):
         return outputs
 
 
+# Registered under `bd3lm` when imported as `bd3lm_trainer.lm_eval_adapter`; `python -m` runs this file as `__main__`
+# and registers the class of the package module instead (below), so that the name is bound once.
+if __name__ != "__main__":
+    register_model("bd3lm")(BD3LMEvalHarness)
+
+
 def run_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -248,7 +253,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from bd3lm_trainer.lm_eval_adapter import main as registered_main
+
+    registered_main()
 
 
 __all__ = ["BD3LMEvalHarness", "run_lm_eval"]
