@@ -386,6 +386,12 @@ def test_all_rows_stopping_ends_generation_early():
     assert out.num_forwards == 1 + 4
 
 
+def test_max_time_stops_after_the_current_block():
+    model = make_model()
+    out = model.generate(max_new_tokens=40, max_time=1e-9, sampler="topk_confidence")
+    assert out.shape == (1, 1 + model.config.block_size)
+
+
 class StopOnToken(StoppingCriteria):
     def __init__(self, token: int) -> None:
         self.token = token
@@ -647,6 +653,18 @@ def test_model_generation_config_class_and_save_load(tmp_path):
     assert isinstance(loaded.generation_config, BD3LMGenerationConfig)
     assert loaded.generation_config.sampler == "topk_confidence" and loaded.generation_config.tokens_per_step == 2
     assert loaded.generate(max_new_tokens=8, return_dict_in_generate=True).nfe.tolist() == [4]
+
+
+def test_generation_config_survives_copies():
+    import copy
+    import pickle
+
+    model = make_model()
+    model.generation_config.sampler = "entropy"
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert isinstance(clone.generation_config, BD3LMGenerationConfig)
+        assert clone.generation_config.sampler == "entropy"
+        assert clone.generation_config is not model.generation_config
 
 
 def test_plain_generation_config_is_upgraded():
