@@ -194,8 +194,10 @@ def generative_perplexity(
             credit[r, first - begin : end - begin] = True
         if excluded:
             credit &= ~torch.isin(ids, torch.tensor(sorted(excluded)))
-        logits = judge(input_ids=ids.to(judge.device), attention_mask=mask.to(judge.device)).logits.float().cpu()
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").double()
+        on_device = ids.to(judge.device)
+        logits = judge(input_ids=on_device, attention_mask=mask.to(judge.device)).logits
+        # float32 log-softmax on the judge's device: only the (batch, width) NLLs come back
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), on_device[:, 1:], reduction="none").double().cpu()
         credit = credit[:, 1:]
         for r, (i, _, _, _) in enumerate(chunk):
             nll_sum[i] += nll[r][credit[r]].sum()
