@@ -6,8 +6,8 @@ autoregressive decode of the same backbone.
 Per block size L', one run each of `generate()` from BOS with: `use_cache=False` (the whole window every call), the KV
 cache (default), and `confidence_threshold` 0.9 / 0.7 (cached); all first-hitting except the threshold runs. The AR row
 decodes the same weights with `block_size=1` and the KV cache, one token per network call (the new token and the next
-mask go in one call; the mask's keys are dropped afterwards). Memory: peak RSS growth of a fresh process and the KV
-cache's bytes per cached token, after 1x and 4x `model_length` new tokens.
+mask go in one call; the mask's keys are dropped afterwards). Memory: in a fresh process, the largest resident memory
+at any network call and the KV cache's bytes per cached token, after 1x and 4x `model_length` new tokens.
 
 Without `--model` the tiny preset is randomly initialised: fine for speed and memory, but its flat predictions keep
 the confidence samplers at about one token per call (the paper's speed-ups need a trained model).
@@ -92,26 +92,34 @@ def trim_cache_left_last(cache) -> None:
         layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
 
 
+def current_rss_mib() -> float:
+    """Resident memory now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def memory_child(path: str | None, block_size: int, model_length: int, new_tokens: int) -> dict:
-    """Run in a fresh process: peak RSS growth during one cached generation, and the final KV cache's bytes."""
+    """Run in a fresh process: the largest resident memory seen at any network call of one cached generation (minus
+    the memory before it), and the bytes of the final KV cache."""
     model = load_model(path, block_size, model_length)
-    model.generate(torch.zeros((1, 1), dtype=torch.long), max_new_tokens=8)  # warm up allocator and kernels
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = current_rss_mib()
+    peak = [before]
+    hook = model.register_forward_pre_hook(lambda module, args: peak.append(current_rss_mib()))
     out = model.generate(torch.zeros((1, 1), dtype=torch.long), max_new_tokens=new_tokens, do_sample=True, seed=0,
                          return_dict_in_generate=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    hook.remove()
     kv, cached = cache_bytes(out.cache if hasattr(out, "cache") else out.past_key_values)
     config = model.config
     element = next(model.parameters()).element_size()
-    return {"new_tokens": new_tokens, "peak_rss_growth_mib": (peak - before) / 1024, "kv_bytes": kv,
-            "cached_tokens": cached, "kv_bytes_per_token": kv / cached,
+    return {"new_tokens": new_tokens, "peak_rss_growth_mib": max(peak) - before, "peak_rss_mib": max(peak),
+            "kv_bytes": kv, "cached_tokens": cached, "kv_bytes_per_token": kv / cached,
             "formula_bytes_per_token": 2 * config.n_blocks * config.hidden_dim * element}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a trained model folder (default: the tiny preset, randomly initialised)")
-    parser.add_argument("--model-length", type=int, default=256, help="L of the random model (default: 256)")
+    parser.add_argument("--model-length", type=int, default=1024, help="L of the random model (default: 1024)")
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; small decode calls slow "
@@ -168,12 +176,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     lines += [
         "",
-        "| L' | new tokens | peak RSS growth (MiB) | cached tokens | KV bytes/token | 2·layers·hidden·bytes |",
-        "|---|---|---|---|---|---|",
+        "| L' | new tokens | peak RSS during generate (MiB) | growth (MiB) | cached tokens | KV bytes/token | "
+        "2·layers·hidden·bytes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in memory:
         lines.append(
-            f"| {m['block_size']} | {m['new_tokens']} ({m['multiple']}x L) | {m['peak_rss_growth_mib']:.1f} | "
+            f"| {m['block_size']} | {m['new_tokens']} ({m['multiple']}x L) | {m['peak_rss_mib']:.0f} | "
+            f"{m['peak_rss_growth_mib']:.1f} | "
             f"{m['cached_tokens']} | {m['kv_bytes_per_token']:.0f} | {m['formula_bytes_per_token']} |"
         )
     table = "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""Samplers of BD3-LM generation: inside one block, which masked positions to reveal at a step and with which token.
+"""What happens inside and around one block of BD3-LM generation: the samplers (which masked positions to reveal at a
+step, and with which token), the loop they share, logits processing, stop detection and the committed window.
 
-All samplers share one loop (`BD3LMGenerationMixin._denoise_block`): the network gives p_θ(x_0 | x_t^b, x^{<b}) for
+All samplers share one loop (`denoise_block`): the network gives p_θ(x_0 | x_t^b, x^{<b}) for
 every position of the current block; the loop draws one candidate token per position (argmax, or a categorical draw
 from the processed probabilities) and asks the sampler which masked positions take their candidate now. Unmasked
 tokens are always carried over (SUBS), so a sampler only ever selects among masked positions.
