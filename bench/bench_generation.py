@@ -75,15 +75,28 @@ def run_ar(model, new_tokens: int) -> dict:
     for _ in range(new_tokens):
         if cache.get_seq_length() + 2 > length:
             trim_cache_left(cache, cache.get_seq_length() + 2 - length)
-        logits = model(torch.cat((token, torch.full_like(token, mask)), 1), past_key_values=cache, use_cache=True,
-                       return_dict=True).logits[:, -1].double()
+        logits = (
+            model(
+                torch.cat((token, torch.full_like(token, mask)), 1),
+                past_key_values=cache,
+                use_cache=True,
+                return_dict=True,
+            )
+            .logits[:, -1]
+            .double()
+        )
         calls += 1
         trim_cache_left_last(cache)
         logits[:, mask] = float("-inf")
         token = torch.multinomial(logits.softmax(-1), 1, generator=g)
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": new_tokens / seconds, "nfe_per_token": calls / new_tokens,
-            "forwards_per_token": calls / new_tokens, "tokens_per_nfe": new_tokens / calls, "seconds": seconds}
+    return {
+        "tokens_per_s": new_tokens / seconds,
+        "nfe_per_token": calls / new_tokens,
+        "forwards_per_token": calls / new_tokens,
+        "tokens_per_nfe": new_tokens / calls,
+        "seconds": seconds,
+    }
 
 
 def trim_cache_left_last(cache) -> None:
@@ -105,15 +118,26 @@ def memory_child(path: str | None, block_size: int, model_length: int, new_token
     before = current_rss_mib()
     peak = [before]
     hook = model.register_forward_pre_hook(lambda module, args: peak.append(current_rss_mib()))
-    out = model.generate(torch.zeros((1, 1), dtype=torch.long), max_new_tokens=new_tokens, do_sample=True, seed=0,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        torch.zeros((1, 1), dtype=torch.long),
+        max_new_tokens=new_tokens,
+        do_sample=True,
+        seed=0,
+        return_dict_in_generate=True,
+    )
     hook.remove()
     kv, cached = cache_bytes(out.cache if hasattr(out, "cache") else out.past_key_values)
     config = model.config
     element = next(model.parameters()).element_size()
-    return {"new_tokens": new_tokens, "peak_rss_growth_mib": max(peak) - before, "peak_rss_mib": max(peak),
-            "kv_bytes": kv, "cached_tokens": cached, "kv_bytes_per_token": kv / cached,
-            "formula_bytes_per_token": 2 * config.n_blocks * config.hidden_dim * element}
+    return {
+        "new_tokens": new_tokens,
+        "peak_rss_growth_mib": max(peak) - before,
+        "peak_rss_mib": max(peak),
+        "kv_bytes": kv,
+        "cached_tokens": cached,
+        "kv_bytes_per_token": kv / cached,
+        "formula_bytes_per_token": 2 * config.n_blocks * config.hidden_dim * element,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,9 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-length", type=int, default=1024, help="L of the random model (default: 1024)")
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; small decode calls slow "
-                        "down with more threads on a busy machine)")
-    parser.add_argument("--memory-child", nargs=2, type=int, metavar=("BLOCK_SIZE", "NEW_TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default: 1; small decode calls slow down with more threads on a busy machine)",
+    )
+    parser.add_argument(
+        "--memory-child", nargs=2, type=int, metavar=("BLOCK_SIZE", "NEW_TOKENS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -152,9 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     memory = []
     for bs in args.block_sizes:
         for multiple in (1, 4):
-            command = [sys.executable, "-m", "bench.bench_generation", "--model-length", str(args.model_length),
-                       "--threads", str(args.threads),
-                       "--memory-child", str(bs), str(multiple * length)] + (["--model", args.model] if args.model else [])
+            command = [
+                sys.executable,
+                "-m",
+                "bench.bench_generation",
+                "--model-length",
+                str(args.model_length),
+                "--threads",
+                str(args.threads),
+                "--memory-child",
+                str(bs),
+                str(multiple * length),
+            ] + (["--model", args.model] if args.model else [])
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             memory.append({"block_size": bs, "multiple": multiple, **result})
             print(memory[-1], flush=True)
@@ -164,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Model: {args.model or 'tiny preset, random init'}; L = {length}; {args.new_tokens} new tokens from BOS; "
         f"batch 1; {machine()['device']}, {torch.get_num_threads()} threads.",
         "",
-        "| L' | mode | tokens/s | speed-up vs uncached | network calls/token (NFE) | all forwards/token | tokens/call |",
+        "| L' | mode | tokens/s | speed-up vs uncached | network calls/token (NFE) | all forwards/token | "
+        "tokens/call |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

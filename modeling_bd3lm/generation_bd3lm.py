@@ -396,6 +396,7 @@ class BD3LMGenerationMixin:
         # 1. configuration
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
+        kwargs.pop("token_type_ids", None)  # some tokenizers return it; BD3-LM has no segment embeddings
         config = self._resolve_generation_config(generation_config, kwargs)
         model_config = self.config
         device = self.device

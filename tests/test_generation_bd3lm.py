@@ -228,8 +228,17 @@ def test_unconditional_starts_from_bos_and_prompt_conditioned_keeps_prompt():
     assert out.shape == (1, 10) and out[0, 0] == BOS
     assert not bool((out == MASK).any())
     ids, mask = prompts([5])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=9)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=9, sampler="topk_confidence")
     assert torch.equal(out[:, :5], ids) and out.shape == (1, 14)
+    # a tokenizer's full output (HF `inputs=` spelling, token_type_ids) is accepted as is
+    same = model.generate(
+        inputs=ids,
+        attention_mask=mask,
+        token_type_ids=torch.zeros_like(ids),
+        max_new_tokens=9,
+        sampler="topk_confidence",
+    )
+    assert torch.equal(same, out)
 
 
 def test_dtypes_and_cache_dtype():
