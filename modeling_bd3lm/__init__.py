@@ -2,6 +2,7 @@
 """BD3-LM for Hugging Face transformers: the code that ships inside every checkpoint."""
 
 from .configuration_bd3lm import BD3LMConfig
+from .generation_bd3lm import BD3LMGenerateOutput, BD3LMGenerationConfig, BD3LMGenerationMixin
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .modeling_bd3lm import (
     CACHE_FIELD,
@@ -17,6 +18,9 @@ from .noise_schedule_bd3lm import BD3LMNoiseSchedule, add_noise, sample_noise_le
 __all__ = [
     "CACHE_FIELD",
     "BD3LMConfig",
+    "BD3LMGenerateOutput",
+    "BD3LMGenerationConfig",
+    "BD3LMGenerationMixin",
     "BD3LMForMaskedDiffusion",
     "BD3LMModel",
     "BD3LMOutput",

@@ -250,7 +250,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from modeling_bd3lm import BD3LMForMaskedDiffusion
 
     model = BD3LMForMaskedDiffusion.from_pretrained(args.model, revision=args.revision).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision, trust_remote_code=False)
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "use_cache": not args.no_cache}
     for name in ("sampler", "num_steps", "confidence_threshold", "tokens_per_step", "temperature", "top_k", "top_p"):
         if getattr(args, name) is not None:
