@@ -80,3 +80,27 @@ def run_python_without_project(
         [str(python), "-c", script], cwd=cwd, env=child_env, capture_output=True, text=True, timeout=timeout,
         check=False,
     )
+
+
+def tiny_train_model(seed: int = 0, **overrides) -> BD3LMForMaskedDiffusion:
+    """`random_model` in training mode, for Trainer and callback tests."""
+    return random_model(seed, **overrides).train()
+
+
+def random_token_dataset(n: int, length: int = 32, seed: int = 1):
+    """A `datasets.Dataset` of `n` random sequences in the tiny vocabulary (mask id 63 excluded)."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    return Dataset.from_dict({"input_ids": torch.randint(0, 63, (n, length), generator=g).tolist()})
+
+
+def tiny_training_args(tmp_path, **overrides):
+    """CPU-only, silent `BD3LMTrainingArguments` for the tiny model; tests override what they exercise."""
+    from bd3lm_trainer import BD3LMTrainingArguments
+
+    kwargs = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], dataloader_num_workers=0,
+                  disable_tqdm=True, save_strategy="no", per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                  seed=0)
+    kwargs.update(overrides)
+    return BD3LMTrainingArguments(**kwargs)

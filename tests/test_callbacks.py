@@ -22,27 +22,16 @@ from bd3lm_trainer import (
 )
 from bd3lm_trainer import callbacks as callbacks_module
 from bd3lm_trainer.callbacks import _search_generator, _take, nelbo_valid_mask
-from datasets import Dataset
 
-from modeling_bd3lm import BD3LMForMaskedDiffusion
-from tests.conftest import random_model
+from tests.conftest import random_token_dataset, tiny_train_model, tiny_training_args
 
 
-def tiny_model(seed: int = 0, **overrides) -> BD3LMForMaskedDiffusion:
-    return random_model(seed, **overrides).train()
-
-
-def random_dataset(n: int, length: int = 32, seed: int = 1) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    return Dataset.from_dict({"input_ids": torch.randint(0, 63, (n, length), generator=g).tolist()})
+tiny_model = tiny_train_model
+random_dataset = random_token_dataset
 
 
 def make_args(tmp_path, **overrides) -> BD3LMTrainingArguments:
-    kwargs = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], dataloader_num_workers=0,
-                  disable_tqdm=True, save_strategy="no", per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                  schedule_search_batches=2, seed=0)
-    kwargs.update(overrides)
-    return BD3LMTrainingArguments(**kwargs)
+    return tiny_training_args(tmp_path, **{"schedule_search_batches": 2, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
