@@ -12,18 +12,16 @@ Module and parameter names reproduce the official checkpoints (`kuleshov-group/b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import MaskedLMOutput
-from transformers.utils import ModelOutput
 
 from .configuration_bd3lm import BD3LMConfig
-from .generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerationMixin
+from .generation_bd3lm import BD3LMGenerationMixin
+from .generation_config_bd3lm import BD3LMGenerationConfig
 from .layers_bd3lm import (
     ATTENTION_FUNCTIONS,
     BD3LMBlock,
@@ -38,57 +36,11 @@ from .layers_bd3lm import (
 )
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, BD3LMNoiseSchedule, add_noise, sample_noise_levels
+from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
 
 # Imported here although only generation uses it: transformers 4.57 copies just the direct relative imports of this file
-# when it loads a checkpoint from a local folder with trust_remote_code.
+# when it loads a checkpoint from a local folder with trust_remote_code, so every bundled module is imported here.
 from .sampling_bd3lm import SAMPLERS  # noqa: F401
-
-
-# transformers 5.24 renamed the cache output field `past_key_values` to `cache` (keeping a deprecated property); 4.x
-# only knows the old name. Outputs use whichever name the installed release expects.
-CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "past_key_values", None), property) else "past_key_values"
-
-if CACHE_FIELD == "cache":
-
-    @dataclass
-    class _BD3LMCacheOutput(MaskedLMOutput):
-        cache: Cache | None = None
-
-else:
-
-    @dataclass
-    class _BD3LMCacheOutput(MaskedLMOutput):
-        past_key_values: Cache | None = None
-
-
-@dataclass
-class BD3LMOutput(_BD3LMCacheOutput):
-    """
-    Output of [`BD3LMForMaskedDiffusion`] and [`BD3LMModel`].
-
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Token-mean block NELBO (returned when `labels` are given).
-        logits (`torch.FloatTensor` of shape `(batch, seq_len, vocab_size)`):
-            Raw denoiser logits, before the SUBS step (mask-logit suppression and carry-over); in the vectorised pass
-            only the `x_t` half.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-            The embeddings and the output of every layer, each `(batch, seq_len, hidden_size)`.
-        past_key_values / cache (`Cache`, *optional*):
-            Pre-rotary keys and values of committed (clean) tokens. The field is `cache` on transformers >= 5.24
-            (where `past_key_values` remains a deprecated alias) and `past_key_values` before.
-        noisy_input_ids (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*):
-            The `x_t` the loss was computed on.
-        noise_levels (`torch.FloatTensor` of shape `(batch, num_blocks)`, *optional*):
-            The noise level t of every (sequence, block).
-        token_loss (`torch.FloatTensor` of shape `(batch, seq_len)`, *optional*):
-            The per-token NELBO term `loss_weight(t_b) · (-log p_θ(x_0^ℓ | x_t^b, x^{<b}))` at masked positions, zero
-            elsewhere; block means of it feed the data-driven schedule search.
-    """
-
-    noisy_input_ids: torch.LongTensor | None = None
-    noise_levels: torch.FloatTensor | None = None
-    token_loss: torch.FloatTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

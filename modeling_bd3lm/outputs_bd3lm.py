@@ -1,0 +1,109 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""Output classes of BD3-LM, and the one place that knows what the cache field of an output is called.
+
+transformers 5.24 renamed the `ModelOutput` field `past_key_values` to `cache` (keeping a deprecated property); 4.x
+only knows the old name. `CACHE_FIELD` is the name the installed release expects: build outputs with
+`**{CACHE_FIELD: cache}` and read them with `getattr(output, CACHE_FIELD)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.utils import ModelOutput
+
+CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "past_key_values", None), property) else "past_key_values"
+
+
+def with_cache_field(base: type[ModelOutput]) -> type[ModelOutput]:
+    """`base` plus a last field `Cache | None = None` named `CACHE_FIELD`, as a dataclass (the field must be declared,
+    not only set: `ModelOutput` keys and tuple conversion follow the declared fields)."""
+    name = f"{base.__name__}WithCache"
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__annotations__": {CACHE_FIELD: Cache | None},
+        CACHE_FIELD: None,
+    }
+    return dataclass(type(name, (base,), namespace))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model output
+
+
+@dataclass
+class BD3LMOutput(with_cache_field(MaskedLMOutput)):
+    """
+    Output of [`BD3LMForMaskedDiffusion`] and [`BD3LMModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Token-mean block NELBO (returned when `labels` are given).
+        logits (`torch.FloatTensor` of shape `(batch, seq_len, vocab_size)`):
+            Raw denoiser logits, before the SUBS step (mask-logit suppression and carry-over); in the vectorised pass
+            only the `x_t` half.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            The embeddings and the output of every layer, each `(batch, seq_len, hidden_size)`.
+        past_key_values / cache (`Cache`, *optional*):
+            Pre-rotary keys and values of committed (clean) tokens. The field is `cache` on transformers >= 5.24
+            (where `past_key_values` remains a deprecated alias) and `past_key_values` before.
+        noisy_input_ids (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*):
+            The `x_t` the loss was computed on.
+        noise_levels (`torch.FloatTensor` of shape `(batch, num_blocks)`, *optional*):
+            The noise level t of every (sequence, block).
+        token_loss (`torch.FloatTensor` of shape `(batch, seq_len)`, *optional*):
+            The per-token NELBO term `loss_weight(t_b) · (-log p_θ(x_0^ℓ | x_t^b, x^{<b}))` at masked positions, zero
+            elsewhere; block means of it feed the data-driven schedule search.
+    """
+
+    noisy_input_ids: torch.LongTensor | None = None
+    noise_levels: torch.FloatTensor | None = None
+    token_loss: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation output
+
+
+@dataclass
+class _BD3LMGenerateOutputBase(ModelOutput):
+    sequences: torch.LongTensor | None = None
+    nfe: torch.LongTensor | None = None
+    num_forwards: int | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
+    cache_rows: torch.LongTensor | None = None
+
+
+@dataclass
+class BD3LMGenerateOutput(with_cache_field(_BD3LMGenerateOutputBase)):
+    """
+    Output of [`BD3LMGenerationMixin.generate`] with `return_dict_in_generate=True`.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch * num_return_sequences, prompt_len + new_len)`):
+            The prompt as given (left padding kept) followed by the new tokens; after a stop (EOS, stopping criteria)
+            a row holds `pad_token_id`. `new_len` is at most `max_new_tokens`.
+        nfe (`torch.LongTensor` of shape `(batch,)`):
+            Denoising network calls each row needed (the paper's NFE): calls made while the row had masked tokens
+            (for `ddpm`, only calls after the row's block changed). Prefill and commit calls are not counted.
+        num_forwards (`int`):
+            All network calls made for the batch: prefill, denoising and commit calls (a batched call counts once).
+        tokens_per_forward (`torch.FloatTensor` of shape `(batch,)`):
+            New tokens of each row divided by its `nfe`.
+        logits (`tuple(torch.FloatTensor)`, *optional*, with `output_logits=True`):
+            Raw logits of every denoising call, each `(batch, block_size, vocab)`; rows that had left the batch are NaN.
+        cache_rows (`torch.LongTensor`):
+            Rows (indices into `sequences`) held by the cache: rows that stopped early leave the batch, and their keys
+            and values with it.
+        past_key_values / cache (`Cache`):
+            Pre-rotary keys and values of the committed window of the rows in `cache_rows` (the last block is not
+            committed, as the last token of an autoregressive decode). `cache` on transformers >= 5.24.
+    """
+
+
+__all__ = ["CACHE_FIELD", "BD3LMGenerateOutput", "BD3LMOutput", "with_cache_field"]
