@@ -1,6 +1,7 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""The `bd3lm` command line: train, generate, eval, upload.
+"""The `bd3lm` command line: demo, train, generate, eval, upload.
 
+    bd3lm demo                                                # train, generate, save Hub-ready, reload (~6 min)
     bd3lm train --preset tiny --output-dir runs/tiny          # the embedded corpus and tokenizer by default
     bd3lm generate runs/tiny --prompt "And God said" --max-new-tokens 64
     bd3lm eval runs/tiny
@@ -17,6 +18,8 @@ import sys
 from typing import Any, Sequence
 
 EXIT_USAGE = 2
+# `modeling_bd3lm.SAMPLERS`, spelled out so that `--help` does not import torch (a test keeps them equal).
+SAMPLER_NAMES = ("first_hitting", "ddpm", "topk_confidence", "confidence_threshold", "margin", "entropy")
 
 
 class CLIError(Exception):
@@ -90,7 +93,13 @@ def _load_tokenizer(name: str | None) -> Any:
     return AutoTokenizer.from_pretrained(name)
 
 
-def run_train(args: argparse.Namespace) -> int:
+def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float]]:
+    """Train (or fine-tune) as `bd3lm train` does and save the final model and tokenizer in `args.output_dir`.
+
+    Returns:
+        `(trainer, tokenizer, metrics)`: the finished `BD3LMTrainer`, the tokenizer, and the last evaluation's
+        `eval_*` metrics (an evaluation of the final weights is run when the last periodic one is older).
+    """
     for name in ("max_steps", "batch_size", "learning_rate", "eval_steps", "eval_batches", "save_steps"):
         _positive(name.replace("_", "-"), getattr(args, name))
     _positive("block-size", args.block_size)
@@ -199,6 +208,11 @@ def run_train(args: argparse.Namespace) -> int:
     trainer.save_model(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     trainer.save_metrics("eval", metrics)
+    return trainer, tokenizer, metrics
+
+
+def run_train(args: argparse.Namespace) -> int:
+    trainer, _, metrics = train_from_args(args)
     lo, hi = trainer.model.training_noise_interval() if hasattr(trainer.model, "training_noise_interval") else (0, 0)
     print(
         f"bd3lm train: done. eval NELBO {metrics['eval_loss']:.3f} nats/token, perplexity bound "
@@ -220,7 +234,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sampler",
         default=None,
-        help="ddpm, first_hitting, topk_confidence, confidence_threshold, margin or entropy (default: the model's)",
+        choices=SAMPLER_NAMES,
+        help="how a block is denoised: %(choices)s (default: the model's generation config)",
     )
     parser.add_argument("--num-steps", type=int, help="denoising steps per block")
     parser.add_argument("--confidence-threshold", type=float, help="commit every token above this confidence")
@@ -250,7 +265,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from modeling_bd3lm import BD3LMForMaskedDiffusion
 
     model = BD3LMForMaskedDiffusion.from_pretrained(args.model, revision=args.revision).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision, config=model.config)
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "use_cache": not args.no_cache}
     for name in ("sampler", "num_steps", "confidence_threshold", "tokens_per_step", "temperature", "top_k", "top_p"):
         if getattr(args, name) is not None:
@@ -294,7 +309,17 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bd3lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,upload}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,upload}")
+    from .demo import add_demo_arguments, run_demo
+
+    demo = sub.add_parser(
+        "demo",
+        help="train the tiny preset on the embedded corpus, generate, save a Hub-ready folder, reload it",
+        description=sys.modules[run_demo.__module__].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_demo_arguments(demo)
+    demo.set_defaults(func=run_demo)
     train = sub.add_parser("train", help="train or fine-tune a BD3-LM", description=run_train.__doc__)
     add_train_arguments(train)
     train.set_defaults(func=run_train)
