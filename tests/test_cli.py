@@ -104,6 +104,8 @@ def test_console_script_runs(tmp_path: Path) -> None:
         (["generate", ".", "--num-samples", "0"], "--num-samples must be positive"),
         (["demo", "--confidence-threshold", "1.5"], "--confidence-threshold must be in (0, 1]"),
         (["demo", "--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+        (["demo", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["generate", ".", "--greedy", "--top-p", "0.9"], "--greedy takes the argmax"),
     ],
 )
 def test_user_mistakes_are_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -158,6 +160,17 @@ def test_generate_streams_and_counts_network_calls(trained: Path, capsys: pytest
     assert capsys.readouterr().out == first  # same seed, same sample
     assert main(argv + ["--sampler", "confidence_threshold", "--confidence-threshold", "0.5", "--no-stream"]) == 0
     assert "network calls]" in capsys.readouterr().out
+
+
+def test_sampling_options_are_applied(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--temperature` / `--greedy` change the sample (HF's do_sample=False default would silently ignore them)."""
+    argv = ["generate", str(trained), "--prompt", "And God", "--max-new-tokens", "16", "--no-stream"]
+    outputs = []
+    for extra in ([], ["--temperature", "0.05"], ["--greedy"]):
+        assert main(argv + extra) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] != outputs[1]
+    assert outputs[0] != outputs[2]
 
 
 def test_sampler_choices_are_the_models() -> None:

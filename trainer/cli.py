@@ -254,6 +254,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     _positive("max-new-tokens", args.max_new_tokens)
     _positive("num-samples", args.num_samples)
+    if args.greedy and any(getattr(args, name) is not None for name in ("temperature", "top_k", "top_p")):
+        raise CLIError("--greedy takes the argmax: drop --temperature, --top-k and --top-p")
     if not os.path.isdir(args.model) and args.model.count("/") != 1:
         raise CLIError(f"model {args.model!r} is neither a folder nor a Hub id (owner/name)")
     if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -270,8 +272,8 @@ def run_generate(args: argparse.Namespace) -> int:
     for name in ("sampler", "num_steps", "confidence_threshold", "tokens_per_step", "temperature", "top_k", "top_p"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    if args.greedy:
-        kwargs["do_sample"] = False
+    # Sampling unless --greedy: HF's do_sample defaults to False, which would silently drop the sampling options.
+    kwargs["do_sample"] = not args.greedy
     prompts = args.prompt or [None]
     generator = torch.Generator().manual_seed(args.seed)
     for prompt in prompts:

@@ -46,6 +46,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.9,
         help="threshold of the parallel-decoding pass (default: 0.9)",
     )
+    demo.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of every revealed token (default: 0.9)")
     demo.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG (no matplotlib needed)")
 
 
@@ -129,6 +130,8 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path:
 
 def run_demo(args: argparse.Namespace) -> int:
     _positive("max-new-tokens", args.max_new_tokens)
+    if not 0.0 < args.top_p <= 1.0:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not 0.0 < args.confidence_threshold <= 1.0:
         raise CLIError(f"--confidence-threshold must be in (0, 1], got {args.confidence_threshold}")
     if not args.no_plot:
@@ -147,8 +150,8 @@ def run_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    print(f"[2/5] generating {args.max_new_tokens} tokens per prompt, KV cache on", flush=True)
-    common = {"max_new_tokens": args.max_new_tokens, "use_cache": True}
+    print(f"[2/5] generating {args.max_new_tokens} tokens per prompt (KV cache, top-p {args.top_p})", flush=True)
+    common = {"max_new_tokens": args.max_new_tokens, "use_cache": True, "do_sample": True, "top_p": args.top_p}
     print("  one token per network call (first_hitting):")
     _, one = _sample(model, tokenizer, prompts, seed=args.seed, stream=True, sampler="first_hitting", **common)
     print(f"  confidence_threshold {args.confidence_threshold}:")
