@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -15,6 +16,18 @@ _ATTN_BACKENDS = {
     "eager": "eager",
 }
 NOISE_SCHEDULES = ("loglinear", "linear", "square", "square_root", "log", "cosine")
+_BOOL_FIELDS = (
+    "cross_attn", "adaln", "causal", "time_conditioning", "var_min", "always_mask", "antithetic_sampling", "resample",
+    "ignore_bos",
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class BD3LMConfig(PretrainedConfig):
@@ -155,7 +168,9 @@ class BD3LMConfig(PretrainedConfig):
         self.antithetic_sampling = antithetic_sampling
         self.resample = resample
         self.ignore_bos = ignore_bos
-        self.mask_token_id = vocab_size - 1 if mask_token_id is None else mask_token_id
+        if mask_token_id is None and isinstance(vocab_size, int):
+            mask_token_id = vocab_size - 1
+        self.mask_token_id = mask_token_id
         self.rope_theta = rope_theta
         self.initializer_range = initializer_range
         if attn_backend not in _ATTN_BACKENDS:
@@ -165,15 +180,32 @@ class BD3LMConfig(PretrainedConfig):
         if kwargs.get("attn_implementation") is None:
             kwargs["attn_implementation"] = _ATTN_BACKENDS[attn_backend]
         kwargs.setdefault("tie_word_embeddings", False)  # the official output head is not tied
+        self.validate_bd3lm()  # before the base class, which may already derive values (head_dim) from the fields
         super().__init__(**kwargs)
-        self.validate_bd3lm()
 
     def validate_bd3lm(self) -> None:
         """Raise a `ValueError` naming the field and the fix for any inconsistent combination."""
-        for name in ("block_size", "vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads"):
+        for name in (
+            "block_size", "vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads", "mlp_ratio"
+        ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.vocab_size < 2:
+            raise ValueError(f"`vocab_size` must be >= 2 (at least one token besides the mask), got {self.vocab_size}.")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        for name in ("rope_theta", "initializer_range", "dropout", "sampling_eps_min", "sampling_eps_max"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        if self.rope_theta <= 0:
+            raise ValueError(f"`rope_theta` must be > 0 (the base of the rotary frequencies), got {self.rope_theta}.")
+        if self.initializer_range < 0:
+            raise ValueError(f"`initializer_range` must be >= 0 (a standard deviation), got {self.initializer_range}.")
+        if not _is_int(self.mask_token_id):
+            raise ValueError(f"`mask_token_id` must be an integer token id, got {self.mask_token_id!r}.")
         if self.hidden_dim % self.n_heads != 0:
             raise ValueError(
                 f"`hidden_dim` (hidden_size)={self.hidden_dim} must be divisible by `n_heads` "

@@ -35,6 +35,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
+from .checks_bd3lm import check_attention_mask, check_special_token_ids, check_token_ids, check_tokenizer_fits
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .outputs_bd3lm import CACHE_FIELD, BD3LMGenerateOutput
 from .sampling_bd3lm import (
@@ -173,6 +174,11 @@ class BD3LMGenerationMixin:
         if mask_id is None:
             raise ValueError("No mask token: set `mask_token_id` in the model config (or the generation config).")
         bos_id, pad_id, eos_ids = self._special_tokens(config)
+        check_special_token_ids(
+            {"mask_token_id": mask_id, "bos_token_id": bos_id, "pad_token_id": pad_id, "eos_token_id": eos_ids},
+            model_config.vocab_size,
+        )
+        self._check_hooks(logits_processor, stopping_criteria, streamer, tokenizer)
         do_sample = bool(self._value(config, "do_sample"))
         use_cache = config.use_cache is not False
         sampler_name = config.sampler or (
@@ -358,6 +364,31 @@ class BD3LMGenerationMixin:
         eos_ids = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
         return pick("bos_token_id"), pick("pad_token_id"), eos_ids
 
+    def _check_hooks(self, logits_processor: Any, stopping_criteria: Any, streamer: Any, tokenizer: Any) -> None:
+        """The user's processors, criteria, streamer and tokenizer are of the right kind, and the tokenizer (also the
+        streamer's) produces no id past the model's vocabulary."""
+        for name, value in (("logits_processor", logits_processor), ("stopping_criteria", stopping_criteria)):
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(
+                    f"`{name}` must be a list (e.g. {'LogitsProcessorList' if name == 'logits_processor' else 'StoppingCriteriaList'}"
+                    f"([...])) of callables, got {type(value).__name__}."
+                )
+            for item in value:
+                if not callable(item):
+                    raise TypeError(f"Every entry of `{name}` must be callable, got {type(item).__name__}.")
+        if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+            raise TypeError(
+                f"`streamer` must have `put(value)` and `end()` methods (a transformers BaseStreamer), got "
+                f"{type(streamer).__name__}."
+            )
+        if tokenizer is not None and not callable(getattr(tokenizer, "convert_ids_to_tokens", None)):
+            raise TypeError(f"`tokenizer` must be a transformers tokenizer, got {type(tokenizer).__name__}.")
+        vocab_size = self.config.vocab_size
+        check_tokenizer_fits(tokenizer, vocab_size, "`tokenizer`")
+        check_tokenizer_fits(getattr(streamer, "tokenizer", None), vocab_size, "streamer's tokenizer")
+
     @staticmethod
     def _resolve_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -387,29 +418,17 @@ class BD3LMGenerationMixin:
                     "has a `bos_token_id`; pass `input_ids` or set `bos_token_id`."
                 )
             input_ids = torch.tensor([[bos_id]], dtype=torch.long)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32, torch.int16):
-            raise TypeError("`input_ids` must be an integer torch.Tensor of token ids.")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(
-                f"`input_ids` must have shape (batch, prompt_len) with prompt_len >= 1, got {tuple(input_ids.shape)}."
-            )
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
         input_ids = input_ids.to(device=device, dtype=torch.long)
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"`input_ids` holds ids outside [0, {self.config.vocab_size}); check the tokenizer.")
         if attention_mask is None:
             if pad_id is not None and pad_id not in eos_ids and bool((input_ids == pad_id).any()):
                 attention_mask = input_ids != pad_id
             else:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has "
-                f"{tuple(input_ids.shape)}; pass the mask returned by the tokenizer with the ids."
-            )
-        attention_mask = attention_mask.to(device)
-        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (tokens).")
-        attention_mask = attention_mask.bool()
+        check_attention_mask(
+            "attention_mask", attention_mask, tuple(input_ids.shape), "the shape of `input_ids`: the tokenizer's mask"
+        )
+        attention_mask = attention_mask.to(device).bool()
         if bool((attention_mask[:, 1:].int() < attention_mask[:, :-1].int()).any()):
             raise ValueError(
                 "`attention_mask` has padding after tokens; BD3-LM generation needs left padding "

@@ -5,6 +5,7 @@ against a table of rules so that a bad value raises a `ValueError` naming the fi
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, ClassVar
 
 from transformers import GenerationConfig
@@ -55,6 +56,7 @@ def _is_strings(value: Any) -> bool:
 _POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1")
 _UNIT_INTERVAL = (lambda v: _is_real(v) and 0.0 < v <= 1.0, "must be a number in (0, 1]")
 _POSITIVE = (lambda v: _is_real(v) and v > 0, "must be a positive number")
+_POSITIVE_FINITE = (lambda v: _is_real(v) and 0 < v < math.inf, "must be a positive finite number")
 _TOKEN_ID = (lambda v: _is_int(v) and v >= 0, "must be a non-negative token id")
 _BOOL = (lambda v: isinstance(v, bool), "must be a bool")
 
@@ -68,9 +70,9 @@ _FIELD_RULES = {
     "entropy_stop": (_POSITIVE[0], "must be a positive number of nats"),
     "entropy_stop_window": _POSITIVE_INT,
     "mask_token_id": _TOKEN_ID,
-    "seed": (_is_int, "must be an integer"),
+    "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "must be an integer in [-2**63, 2**64)"),
     **dict.fromkeys(("max_new_tokens", "max_length", "num_return_sequences"), _POSITIVE_INT),
-    **dict.fromkeys(("temperature", "repetition_penalty"), _POSITIVE),
+    **dict.fromkeys(("temperature", "repetition_penalty"), _POSITIVE_FINITE),
     "max_time": (_POSITIVE[0], "must be a positive number of seconds"),
     "top_k": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0 (0 disables it)"),
     "top_p": _UNIT_INTERVAL,

@@ -35,6 +35,16 @@ from .layers_bd3lm import (
     trim_cache_left,
 )
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
+from .checks_bd3lm import (
+    check_attention_mask,
+    check_cache,
+    check_extra_kwargs,
+    check_generator,
+    check_noise_levels,
+    check_timesteps,
+    check_token_ids,
+    check_vectorised_length,
+)
 from .noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, BD3LMNoiseSchedule, add_noise, sample_noise_levels
 from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
 
@@ -213,16 +223,31 @@ class BD3LMModel(BD3LMPreTrainedModel):
         """
         config = self.config
         past_key_values = _resolve_cache_kwarg(past_key_values, kwargs)
+        check_extra_kwargs(kwargs, f"{type(self).__name__}.forward()")
         return_dict = config.return_dict if return_dict is None else return_dict
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        check_token_ids("input_ids", input_ids, config.vocab_size)
         batch, seq_len = input_ids.shape
         device = input_ids.device
-        key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        if past_key_values is not None:
+            check_cache(past_key_values, batch)
+        if config.time_conditioning and timesteps is not None:
+            check_timesteps(timesteps, batch)
 
         if noisy_input_ids is not None:
             # 1. vectorised pass: x_t first, then x_0, both at rotary positions 0..L-1
             if past_key_values is not None or use_cache:
                 raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
+            check_token_ids("noisy_input_ids", noisy_input_ids, config.vocab_size)
+            if noisy_input_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"`noisy_input_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
+                    f"{tuple(noisy_input_ids.shape)}."
+                )
+            check_vectorised_length(seq_len, config)
+            if attention_mask is not None:
+                check_attention_mask("attention_mask", attention_mask, (batch, seq_len), "one column per token")
+            key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
             tokens = torch.cat((noisy_input_ids, input_ids), dim=1)
             positions = torch.arange(seq_len, device=device).repeat(2)
             if key_padding is not None:
@@ -240,11 +265,14 @@ class BD3LMModel(BD3LMPreTrainedModel):
                 )
             tokens = input_ids
             positions = torch.arange(past_len + seq_len, device=device)
-            if key_padding is not None and key_padding.shape[1] != past_len + seq_len:
-                raise ValueError(
-                    f"`attention_mask` has {key_padding.shape[1]} columns but the window has {past_len} cached + "
-                    f"{seq_len} new tokens; pass a mask covering both."
+            if attention_mask is not None:
+                check_attention_mask(
+                    "attention_mask",
+                    attention_mask,
+                    (batch, past_len + seq_len),
+                    f"one column per token of the window: {past_len} cached + {seq_len} new",
                 )
+            key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
             mask = self._sampling_mask(seq_len, past_len, key_padding, device)
 
         # 2. noise-level conditioning (a learned constant when time conditioning is off, as in the paper)
@@ -340,16 +368,6 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         self.sampling_eps_min.fill_(eps_min)
         self.sampling_eps_max.fill_(eps_max)
 
-    def _check_ids(self, name: str, ids: torch.Tensor) -> None:
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"`{name}` must be an integer tensor of token ids, got dtype {ids.dtype}.")
-        if ids.dim() != 2:
-            raise ValueError(f"`{name}` must have shape (batch, seq_len), got {tuple(ids.shape)}.")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"`{name}` holds ids outside [0, {self.config.vocab_size}); check the tokenizer matches the model."
-            )
-
     def draw_noise(
         self,
         x_0: torch.LongTensor,
@@ -423,7 +441,14 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             weight = self.noise_schedule.loss_weight(noise_levels.float())
         weight = weight.repeat_interleave(config.block_size, dim=1)
         is_masked = (noisy_input_ids == config.mask_token_id) & valid
-        token_loss = torch.where(is_masked, weight * nll, torch.zeros_like(nll))
+        if not bool(torch.isfinite(weight[is_masked]).all()):
+            raise ValueError(
+                "`noisy_input_ids` has mask tokens in a block whose `noise_levels` entry gives an infinite NELBO weight "
+                "(t = 0 masks nothing); use t > 0 for blocks with masked tokens."
+            )
+        # Zero the weight, not only the term, off the masked positions: an infinite weight there (t = 0) would turn
+        # the zero gradient of an unused term into NaN.
+        token_loss = torch.where(is_masked, weight, torch.zeros_like(weight)) * nll
         loss = token_loss.sum() / valid.sum().clamp_min(1)
         return loss, token_loss
 
@@ -465,46 +490,26 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         """
         config = self.config
         past_key_values = _resolve_cache_kwarg(past_key_values, kwargs)
+        check_extra_kwargs(kwargs, f"{type(self).__name__}.forward()")
+        check_generator(generator)
         return_dict = config.return_dict if return_dict is None else return_dict
-        self._check_ids("input_ids", input_ids)
+        check_token_ids("input_ids", input_ids, config.vocab_size)
         batch, seq_len = input_ids.shape
-        if attention_mask is not None and attention_mask.shape[0] != batch:
-            raise ValueError(f"`attention_mask` has batch {attention_mask.shape[0]} but `input_ids` has {batch}.")
 
         vectorised = noisy_input_ids is not None or labels is not None or noise_levels is not None
         if vectorised:
-            if seq_len % config.block_size != 0:
-                raise ValueError(
-                    f"The sequence length {seq_len} must be a multiple of `block_size`={config.block_size} for the "
-                    "block NELBO; pad or crop the batch (the data collator chunks to `model_length`)."
-                )
-            if seq_len > config.model_length:
-                raise ValueError(
-                    f"The input has {seq_len} tokens, more than `model_length`={config.model_length}; chunk the data "
-                    "to the training context."
-                )
-            if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq_len):
-                raise ValueError(f"`attention_mask` must have shape {(batch, seq_len)}, got {tuple(attention_mask.shape)}.")
-            if labels is not None and tuple(labels.shape) != (batch, seq_len):
-                raise ValueError(f"`labels` must have the shape of `input_ids` {(batch, seq_len)}, got {tuple(labels.shape)}.")
+            check_vectorised_length(seq_len, config)
+            if attention_mask is not None:
+                check_attention_mask("attention_mask", attention_mask, (batch, seq_len), "one column per token")
+            if labels is not None:
+                check_token_ids("labels", labels, config.vocab_size, allow_ignore_index=True)
+                if tuple(labels.shape) != (batch, seq_len):
+                    raise ValueError(
+                        f"`labels` must have the shape of `input_ids` {(batch, seq_len)}, got {tuple(labels.shape)}."
+                    )
             if noise_levels is not None:
-                expected = (batch, seq_len // config.block_size)
-                if tuple(noise_levels.shape) != expected:
-                    raise ValueError(
-                        f"`noise_levels` must have shape (batch, seq_len // block_size) = {expected}, got "
-                        f"{tuple(noise_levels.shape)}."
-                    )
-                if not torch.is_floating_point(noise_levels) or bool(((noise_levels < 0) | (noise_levels > 1)).any()) or (
-                    bool(noise_levels.isnan().any())
-                ):
-                    raise ValueError("`noise_levels` must be floats in [0, 1].")
+                check_noise_levels(noise_levels, (batch, seq_len // config.block_size))
             if noisy_input_ids is not None:
-                if noisy_input_ids.shape != input_ids.shape:
-                    raise ValueError(
-                        f"`noisy_input_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
-                        f"{tuple(noisy_input_ids.shape)}."
-                    )
-                self._check_ids("noisy_input_ids", noisy_input_ids)
                 if labels is not None and noise_levels is None:
                     raise ValueError("Pass `noise_levels` with `noisy_input_ids` and `labels` to weight the NELBO.")
             else:

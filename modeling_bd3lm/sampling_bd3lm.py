@@ -136,7 +136,14 @@ def block_probabilities(
     if logits_processor or warpers:
         context = torch.cat((history(), block), dim=1).repeat_interleave(block_size, dim=0)
         scores = warpers(context, logits_processor(context, scores))
-    return scores.softmax(dim=-1).view(rows, block_size, vocab)
+    probs = scores.softmax(dim=-1)
+    if bool(probs.isnan().any()):  # NaN, +inf or all -inf scores: no distribution to draw from
+        raise ValueError(
+            "The scores after the logits processors and sampling warpers are NaN, +inf or all -inf for some position, "
+            "so no token can be drawn; check the custom `logits_processor` (it must leave at least one finite score) "
+            "and `temperature`."
+        )
+    return probs.view(rows, block_size, vocab)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -375,7 +382,17 @@ def first_stops(
     if eos is not None:
         stop_at |= torch.isin(block, eos)
     for j in range(width if criteria else 0):
-        stop_at[:, j] |= criteria(sequence_up_to(j), None).to(block.device)
+        sequences = sequence_up_to(j)
+        for criterion in criteria:  # one by one, so that a wrong answer is reported as the criterion's
+            fired = torch.as_tensor(criterion(sequences, None), device=block.device)
+            if fired.dim() == 0:  # one answer for the whole batch
+                fired = fired.expand(rows)
+            if tuple(fired.shape) != (rows,):
+                raise ValueError(
+                    f"`stopping_criteria` entry {type(criterion).__name__} must return one bool per row (shape "
+                    f"({rows},)), got shape {tuple(fired.shape)}."
+                )
+            stop_at[:, j] |= fired.bool()
     stopped = stop_at.any(dim=1)
     first = stop_at.int().argmax(dim=1)  # index of the first True
     return torch.where(stopped, first + 1, torch.full_like(first, width)), stopped

@@ -1,0 +1,201 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""Checks of user input shared by the forward pass, generation and loading.
+
+Each check raises a `TypeError` (wrong kind of object) or a `ValueError` (wrong shape or value) that names the argument
+and the fix, so that a mistake surfaces at the call instead of as an index error, a shape mismatch or a NaN deep
+inside torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+# Integer dtypes accepted for token ids (uint8 only holds vocabularies of <= 256 ids, but is not wrong).
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+IGNORE_INDEX = -100
+# Keyword arguments other libraries pass to every model and BD3-LM ignores (a tokenizer's `token_type_ids`, the
+# Trainer's `num_items_in_batch`); any other unknown keyword argument is a mistake and raises.
+IGNORED_KWARGS = ("token_type_ids", "num_items_in_batch")
+# Standard HF arguments BD3-LM does not implement: accepted only when unset.
+UNSUPPORTED_KWARGS = {
+    "inputs_embeds": "pass `input_ids`",
+    "position_ids": "positions follow from the window (0..past_len + seq_len - 1)",
+    "output_attentions": "the attention kernels do not return attention weights",
+    "head_mask": "heads cannot be masked",
+}
+
+
+def _shape(value: torch.Tensor) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def check_tensor(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}; wrap it with torch.tensor(...).")
+    return value
+
+
+def check_token_ids(name: str, ids: Any, vocab_size: int, allow_ignore_index: bool = False) -> None:
+    """`ids` is a non-empty 2-D integer tensor whose entries lie in [0, vocab_size) (or are -100 when allowed)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor of token ids of shape (batch, seq_len), got {type(ids).__name__}; "
+            "use the tokenizer with return_tensors='pt'."
+        )
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(f"`{name}` must be an integer tensor of token ids, got dtype {ids.dtype}; use torch.long.")
+    if ids.dim() != 2:
+        raise ValueError(f"`{name}` must have shape (batch, seq_len), got {_shape(ids)}; add a batch dimension.")
+    if ids.numel() == 0:
+        raise ValueError(f"`{name}` is empty (shape {_shape(ids)}); pass at least one sequence of at least one token.")
+    valid = (ids >= 0) & (ids < vocab_size)
+    if allow_ignore_index:
+        valid |= ids == IGNORE_INDEX
+    if not bool(valid.all()):
+        bad = ids[~valid][0].item()
+        allowed = f"[0, {vocab_size})" + (" or -100 (ignored)" if allow_ignore_index else "")
+        raise ValueError(
+            f"`{name}` holds id {bad}, outside {allowed}; check that the tokenizer matches the model "
+            f"(config.vocab_size={vocab_size})."
+        )
+
+
+def check_attention_mask(name: str, mask: Any, expected_shape: tuple[int, int], what: str) -> None:
+    """`mask` is a tensor of 0 (padding) and 1 (tokens) of `expected_shape`; `what` says what its columns cover."""
+    check_tensor(name, mask)
+    if mask.is_complex():
+        raise TypeError(f"`{name}` must hold 0 and 1 (bool, integer or float), got dtype {mask.dtype}.")
+    if _shape(mask) != tuple(expected_shape):
+        raise ValueError(f"`{name}` must have shape {tuple(expected_shape)} ({what}), got {_shape(mask)}.")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"`{name}` must hold only 0 (padding) and 1 (tokens).")
+
+
+def check_vectorised_length(seq_len: int, config: Any) -> None:
+    """The training pass works on whole blocks of one window."""
+    if seq_len % config.block_size != 0:
+        raise ValueError(
+            f"The sequence length {seq_len} must be a multiple of `block_size`={config.block_size} for the block "
+            "NELBO; pad or crop the batch (the data collator chunks to `model_length`)."
+        )
+    if seq_len > config.model_length:
+        raise ValueError(
+            f"The input has {seq_len} tokens, more than `model_length`={config.model_length}; chunk the data to the "
+            "training context."
+        )
+
+
+def check_noise_levels(noise_levels: Any, expected_shape: tuple[int, int]) -> None:
+    check_tensor("noise_levels", noise_levels)
+    if not torch.is_floating_point(noise_levels):
+        raise TypeError(f"`noise_levels` must be a float tensor, got dtype {noise_levels.dtype}.")
+    if _shape(noise_levels) != tuple(expected_shape):
+        raise ValueError(
+            f"`noise_levels` must have shape (batch, seq_len // block_size) = {tuple(expected_shape)}, got "
+            f"{_shape(noise_levels)}."
+        )
+    if not bool(((noise_levels >= 0) & (noise_levels <= 1)).all()):  # NaN fails both comparisons
+        raise ValueError("`noise_levels` must be floats in [0, 1] (no NaN).")
+
+
+def check_cache(past_key_values: Any, batch: int) -> None:
+    """A transformers `Cache` whose committed rows match the batch."""
+    if not isinstance(past_key_values, Cache):
+        raise TypeError(
+            f"`past_key_values` must be a transformers Cache (e.g. DynamicCache()), got {type(past_key_values).__name__}"
+            "; legacy tuples of tensors are not supported."
+        )
+    for layer in getattr(past_key_values, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel() > 0:
+            if keys.shape[0] != batch:
+                raise ValueError(
+                    f"`past_key_values` holds {keys.shape[0]} rows but `input_ids` has batch {batch}; pass the cache "
+                    "built for these sequences (or a fresh DynamicCache())."
+                )
+            return
+
+
+def check_timesteps(timesteps: Any, batch: int) -> None:
+    check_tensor("timesteps", timesteps)
+    if not torch.is_floating_point(timesteps) or _shape(timesteps) not in ((batch,), (batch, 1)):
+        raise ValueError(
+            f"`timesteps` must be a float tensor of shape (batch,) = ({batch},), got {_shape(timesteps)} "
+            f"{timesteps.dtype}."
+        )
+
+
+def check_generator(generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+
+
+def check_extra_kwargs(kwargs: dict[str, Any], where: str) -> None:
+    """Drop the keyword arguments BD3-LM ignores; raise on unsupported or unknown ones (a typo would be silent)."""
+    for name in IGNORED_KWARGS:
+        kwargs.pop(name, None)
+    for name, why in UNSUPPORTED_KWARGS.items():
+        value = kwargs.pop(name, None)
+        if value is not None and value is not False:
+            raise ValueError(f"`{name}` is not supported by {where}: {why}.")
+    unknown = sorted(name for name, value in kwargs.items() if value is not None)
+    if unknown:
+        raise TypeError(f"{where} got unexpected keyword arguments {unknown}; see its docstring for the arguments.")
+
+
+def check_special_token_ids(ids: dict[str, Any], vocab_size: int) -> None:
+    """Special-token ids (`pad_token_id`, ...) that will be fed to or compared with the model lie in its vocabulary."""
+    for name, value in ids.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for token_id in values:
+            if token_id is not None and not 0 <= int(token_id) < vocab_size:
+                raise ValueError(
+                    f"`{name}`={value!r} is outside the model's vocabulary [0, {vocab_size}); use the tokenizer's id "
+                    "for that token (or fix generation_config.json)."
+                )
+
+
+def tokenizer_size(tokenizer: Any) -> int | None:
+    """Number of ids a tokenizer can produce (added tokens included), or None when it cannot tell."""
+    try:
+        return len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+        return size if isinstance(size, int) else None
+
+
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, name: str = "tokenizer") -> None:
+    """A tokenizer must not produce ids the model has no embedding for (a smaller one is fine: the mask token and
+    padding rows may sit past its end, as in the released GPT-2 + mask models)."""
+    if tokenizer is None:
+        return
+    size = tokenizer_size(tokenizer)
+    if size is not None and size > vocab_size:
+        raise ValueError(
+            f"The {name} has {size} tokens but the model's `vocab_size` is {vocab_size}: ids >= {vocab_size} have no "
+            "embedding. Use the tokenizer the model was trained with, or resize the model's embeddings."
+        )
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+__all__ = [
+    "check_attention_mask",
+    "check_cache",
+    "check_extra_kwargs",
+    "check_generator",
+    "check_noise_levels",
+    "check_special_token_ids",
+    "check_tensor",
+    "check_timesteps",
+    "check_token_ids",
+    "check_tokenizer_fits",
+    "check_vectorised_length",
+    "tokenizer_size",
+]
