@@ -1,236 +1,354 @@
 """Generation speed, network calls per token and memory: uncached vs cached block sampling, parallel decoding, and an
 autoregressive decode of the same backbone.
 
-    PYTHONPATH=. python -m bench.bench_generation [--model runs/tiny] [--new-tokens 1024] [--block-sizes 4 8 16]
+    python -m bench --only generation [--model runs/bench-tiny] [--quick]
 
-Per block size L', one run each of `generate()` from BOS with: `use_cache=False` (the whole window every call), the KV
-cache (default), and `confidence_threshold` 0.9 / 0.7 (cached); all first-hitting except the threshold runs. The AR row
-decodes the same weights with `block_size=1` and the KV cache, one token per network call (the new token and the next
-mask go in one call; the mask's keys are dropped afterwards). Memory: in a fresh process, the largest resident memory
-at any network call and the KV cache's bytes per cached token, after 1x and 4x `model_length` new tokens.
+Three measurements:
 
-Without `--model` the tiny preset is randomly initialised: fine for speed and memory, but its flat predictions keep
-the confidence samplers at about one token per call (the paper's speed-ups need a trained model).
+* `cache`: the tiny preset with random weights and a long window (L = 1024), 1024 new tokens from BOS, batch 1:
+  `use_cache=False` (the whole window at every call) against the KV cache (default), both first-hitting (one token per
+  call), and the AR decode.
+* `samplers`: `--model` (a trained checkpoint; else the tiny preset with random weights, L = 128), for L' = 4, 8, 16 and
+  batch 1 and 8: uncached, cached, `confidence_threshold` 0.9 / 0.7 / 0.5, `topk_confidence` with 2 tokens per call,
+  and the AR decode, side by side. A trained checkpoint is run at other block sizes by changing L' only.
+* `memory`: in a fresh process per run, the peak memory of one cached generation of 1x, 4x and 10x `model_length`
+  tokens, and the KV cache's bytes per cached token.
+
+Every run samples (`do_sample=True`, generate's defaults otherwise, `seed=0`), so repeats make the same tokens. EOS is
+disabled (set to the mask id, which is never sampled) so that every row makes exactly the requested tokens. The AR
+decode uses the same weights with block_size = 1 and a KV cache: one call per token holding [previous token, mask],
+committing the former (the mask's keys are dropped); top-k 50 sampling like generate's default.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
+import os
+import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
-from bd3lm_configuration import load_preset
-from bench.common import machine, write_results
-from modeling_bd3lm import BD3LMForMaskedDiffusion, trim_cache_left
+from bench.bench_training import build_config
+from bench.common import interleaved_times, median_ratio
+from modeling_bd3lm import CACHE_FIELD, BD3LMConfig, BD3LMForMaskedDiffusion, trim_cache_left
+
+MODES: dict[str, dict] = {
+    "uncached": dict(use_cache=False, sampler="first_hitting"),
+    "cached": dict(sampler="first_hitting"),
+    "threshold 0.9": dict(confidence_threshold=0.9),
+    "threshold 0.7": dict(confidence_threshold=0.7),
+    "threshold 0.5": dict(confidence_threshold=0.5),
+    "topk_confidence k=2": dict(sampler="topk_confidence", tokens_per_step=2),
+}
+AR_MODE = "AR (KV cache)"
 
 
-def load_model(path: str | None, block_size: int, model_length: int) -> BD3LMForMaskedDiffusion:
-    """A trained checkpoint with its L' replaced, or the tiny preset with random non-zero weights (seed 0)."""
+def load_model(
+    path: str | None, block_size: int, model_length: int, preset: str = "tiny", device: torch.device | str = "cpu"
+) -> BD3LMForMaskedDiffusion:
+    """A checkpoint with its L' replaced, or `preset` with random non-zero weights (seed 0, the same for every L')."""
     if path is not None:
-        return BD3LMForMaskedDiffusion.from_pretrained(path, block_size=block_size).eval()
-    torch.manual_seed(0)
-    model = BD3LMForMaskedDiffusion(load_preset("tiny", block_size=block_size, model_length=model_length, dropout=0.0))
-    with torch.no_grad():  # the zero-initialised head and adaLN would make every prediction uniform
-        for name, param in model.named_parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5)
-            else:
-                param.copy_(0.1 * torch.randn_like(param) + (1.0 if "norm" in name else 0.0))
-    return model.eval()
+        model = BD3LMForMaskedDiffusion.from_pretrained(path, block_size=block_size)
+    else:
+        torch.manual_seed(0)
+        model = BD3LMForMaskedDiffusion(build_config(preset, model_length, block_size, "sdpa"))
+        with torch.no_grad():  # the zero-initialised head and adaLN would make every prediction uniform
+            for name, param in model.named_parameters():
+                if param.dim() > 1:
+                    param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5)
+                else:
+                    param.copy_(0.1 * torch.randn_like(param) + (1.0 if "norm" in name else 0.0))
+    return model.to(device).eval()
+
+
+def bos_prompt(model: BD3LMForMaskedDiffusion, batch: int) -> torch.LongTensor:
+    bos = getattr(model.config, "bos_token_id", None)
+    bos = 0 if bos is None else bos
+    return torch.full((batch, 1), bos, dtype=torch.long, device=model.device)
+
+
+def generate_run(model: BD3LMForMaskedDiffusion, batch: int, new_tokens: int, **kwargs) -> Callable[[], dict]:
+    """A closure that runs one generation and returns its call counts."""
+    prompt = bos_prompt(model, batch)
+
+    def run() -> dict:
+        out = model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            do_sample=True,
+            seed=0,
+            eos_token_id=model.config.mask_token_id,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+        if out.sequences.shape != (batch, 1 + new_tokens):
+            raise RuntimeError(f"expected {new_tokens} new tokens per row, got shape {tuple(out.sequences.shape)}")
+        nfe = out.nfe.double().mean().item()
+        return {"nfe_per_row": nfe, "forwards": out.num_forwards}
+
+    return run
+
+
+@torch.no_grad()
+def ar_run(model: BD3LMForMaskedDiffusion, batch: int, new_tokens: int) -> Callable[[], dict]:
+    """A closure that decodes `new_tokens` per row autoregressively with a KV cache (module docstring)."""
+    if model.config.block_size != 1:
+        raise ValueError(f"The AR decode needs a block_size=1 model, got block_size={model.config.block_size}.")
+    mask_id, length = model.config.mask_token_id, model.config.model_length
+
+    @torch.no_grad()
+    def run() -> dict:
+        g = torch.Generator().manual_seed(0)
+        cache, token = DynamicCache(), bos_prompt(model, batch)
+        masks = torch.full_like(token, mask_id)
+        for _ in range(new_tokens):
+            if cache.get_seq_length() + 2 > length:
+                trim_cache_left(cache, cache.get_seq_length() + 2 - length)
+            logits = model(torch.cat((token, masks), 1), past_key_values=cache, use_cache=True, return_dict=True)
+            for layer in cache.layers:  # drop the mask's keys and values: only the real token stays committed
+                layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+            scores = logits.logits[:, -1].double()
+            scores[:, mask_id] = float("-inf")
+            top = scores.topk(min(50, scores.shape[-1]), dim=-1)
+            pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=g).to(scores.device)
+            token = top.indices.gather(-1, pick)
+        return {"nfe_per_row": float(new_tokens), "forwards": new_tokens}
+
+    return run
+
+
+def time_modes(
+    models: dict[str, BD3LMForMaskedDiffusion],
+    modes: list[str],
+    batch: int,
+    new_tokens: int,
+    repeats: int,
+    device: torch.device,
+    warmup_tokens: int = 32,
+) -> list[dict]:
+    """Time `modes` side by side (AR on `models['ar']`, the rest on `models['bd3lm']`); one row per mode."""
+
+    def candidate(mode: str, tokens: int) -> Callable[[], dict]:
+        if mode == AR_MODE:
+            return ar_run(models["ar"], batch, tokens)
+        return generate_run(models["bd3lm"], batch, tokens, **MODES[mode])
+
+    candidates = {mode: candidate(mode, new_tokens) for mode in modes}
+    warmups = {mode: candidate(mode, min(warmup_tokens, new_tokens)) for mode in modes}
+    times, results = interleaved_times(candidates, repeats, warmup=1, device=device, warmup_candidates=warmups)
+    config = models["bd3lm"].config
+    rows = []
+    for mode in modes:
+        seconds = statistics.median(times[mode])
+        row = {
+            "mode": mode,
+            "device": device.type,
+            "block_size": 1 if mode == AR_MODE else config.block_size,
+            "model_length": config.model_length,
+            "batch": batch,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "seconds": seconds,
+            "times": times[mode],
+            "tokens_per_s": batch * new_tokens / seconds,
+            # denoising calls a row needed per token (the paper's NFE), and every batched call per token position
+            # (prefill, denoising and commit calls included)
+            "calls_per_token": results[mode]["nfe_per_row"] / new_tokens,
+            "forwards_per_token": results[mode]["forwards"] / new_tokens,
+            "tokens_per_call": new_tokens / results[mode]["nfe_per_row"],
+        }
+        for reference, key in (("uncached", "speedup_vs_uncached"), ("cached", "speedup_vs_cached"),
+                               (AR_MODE, "speedup_vs_ar")):  # fmt: skip
+            if reference in times and reference != mode:
+                row[key] = median_ratio(times[reference], times[mode])  # time ratio = tokens/s ratio
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory, in a fresh process per measurement
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * __import__("resource").getpagesize() / 2**20
+
+
+def peak_rss_mib() -> float | None:
+    """VmHWM (the process's peak resident memory since the last reset), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def cache_bytes(cache) -> tuple[int, int]:
-    """(bytes, cached tokens) of a DynamicCache, summed over layers, keys and values."""
+    """(bytes, cached tokens per row) of a DynamicCache, summed over layers, keys and values."""
     total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return total, cache.layers[0].keys.shape[-2]
 
 
-def run_generate(model, new_tokens: int, **kwargs) -> dict:
-    bos = torch.zeros((1, 1), dtype=torch.long)
-    start = time.perf_counter()
-    out = model.generate(bos, max_new_tokens=new_tokens, do_sample=True, seed=0, return_dict_in_generate=True, **kwargs)
-    seconds = time.perf_counter() - start
-    return {
-        "tokens_per_s": new_tokens / seconds,
-        "nfe_per_token": int(out.nfe[0]) / new_tokens,
-        "forwards_per_token": out.num_forwards / new_tokens,
-        "tokens_per_nfe": float(out.tokens_per_forward[0]),
-        "seconds": seconds,
-    }
-
-
-@torch.no_grad()
-def run_ar(model, new_tokens: int) -> dict:
-    """Autoregressive decode with a KV cache: each call holds [previous token, mask] and commits only the former."""
-    mask, length = model.config.mask_token_id, model.config.model_length
-    g = torch.Generator().manual_seed(0)
-    cache, token, calls = DynamicCache(), torch.zeros((1, 1), dtype=torch.long), 0
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        if cache.get_seq_length() + 2 > length:
-            trim_cache_left(cache, cache.get_seq_length() + 2 - length)
-        logits = (
-            model(
-                torch.cat((token, torch.full_like(token, mask)), 1),
-                past_key_values=cache,
-                use_cache=True,
-                return_dict=True,
-            )
-            .logits[:, -1]
-            .double()
-        )
-        calls += 1
-        trim_cache_left_last(cache)
-        logits[:, mask] = float("-inf")
-        token = torch.multinomial(logits.softmax(-1), 1, generator=g)
-    seconds = time.perf_counter() - start
-    return {
-        "tokens_per_s": new_tokens / seconds,
-        "nfe_per_token": calls / new_tokens,
-        "forwards_per_token": calls / new_tokens,
-        "tokens_per_nfe": new_tokens / calls,
-        "seconds": seconds,
-    }
-
-
-def trim_cache_left_last(cache) -> None:
-    """Drop the most recent cached token (the mask of the fused AR call)."""
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
-
-
-def current_rss_mib() -> float:
-    """Resident memory now (Linux /proc), in MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def memory_child(path: str | None, block_size: int, model_length: int, new_tokens: int) -> dict:
-    """Run in a fresh process: the largest resident memory seen at any network call of one cached generation (minus
-    the memory before it), and the bytes of the final KV cache."""
-    model = load_model(path, block_size, model_length)
-    before = current_rss_mib()
-    peak = [before]
-    hook = model.register_forward_pre_hook(lambda module, args: peak.append(current_rss_mib()))
-    out = model.generate(
-        torch.zeros((1, 1), dtype=torch.long),
-        max_new_tokens=new_tokens,
-        do_sample=True,
-        seed=0,
-        return_dict_in_generate=True,
-    )
-    hook.remove()
-    kv, cached = cache_bytes(out.cache if hasattr(out, "cache") else out.past_key_values)
+def measure_memory(
+    path: str | None, preset: str, block_size: int, model_length: int, new_tokens: int, device: str = "cpu"
+) -> dict:
+    """Peak memory of one cached generation after a short warm-up one (so lazily allocated buffers are in the
+    baseline): process peak RSS (CPU) or the allocator's peak (CUDA), and the final KV cache's bytes per token."""
+    torch.set_num_threads(1)
+    model = load_model(path, block_size, model_length, preset, device)
+    prompt = bos_prompt(model, 1)
+    kwargs = dict(do_sample=True, seed=0, eos_token_id=model.config.mask_token_id, return_dict_in_generate=True)
+    model.generate(prompt, max_new_tokens=4 * block_size, **kwargs)
+    result: dict = {"new_tokens": new_tokens, "model_length": model.config.model_length, "block_size": block_size}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = current_rss_mib()
+        sampled = [before]
+        exact = reset_peak_rss()
+        hook = model.register_forward_pre_hook(lambda module, args: sampled.append(current_rss_mib()))
+    out = model.generate(prompt, max_new_tokens=new_tokens, **kwargs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["baseline_mib"] = before / 2**20
+        result["measure"] = "torch.cuda.max_memory_allocated"
+    else:
+        hook.remove()
+        hwm = peak_rss_mib() if exact else None
+        result["peak_mib"] = max(hwm, max(sampled)) if hwm is not None else max(sampled)
+        result["baseline_mib"] = before
+        result["measure"] = "peak RSS (VmHWM)" if hwm is not None else "RSS sampled at every network call"
+    result["growth_mib"] = result["peak_mib"] - result["baseline_mib"]
+    kv, cached = cache_bytes(getattr(out, CACHE_FIELD))
     config = model.config
     element = next(model.parameters()).element_size()
-    return {
-        "new_tokens": new_tokens,
-        "peak_rss_growth_mib": max(peak) - before,
-        "peak_rss_mib": max(peak),
-        "kv_bytes": kv,
-        "cached_tokens": cached,
-        "kv_bytes_per_token": kv / cached,
-        "formula_bytes_per_token": 2 * config.n_blocks * config.hidden_dim * element,
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a trained model folder (default: the tiny preset, randomly initialised)")
-    parser.add_argument("--model-length", type=int, default=1024, help="L of the random model (default: 1024)")
-    parser.add_argument("--new-tokens", type=int, default=1024)
-    parser.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default: 1; small decode calls slow down with more threads on a busy machine)",
+    result.update(
+        kv_bytes=kv,
+        cached_tokens=cached,
+        kv_bytes_per_token=kv / cached,
+        formula_bytes_per_token=2 * config.n_blocks * config.hidden_dim * element,
     )
-    parser.add_argument(
-        "--memory-child", nargs=2, type=int, metavar=("BLOCK_SIZE", "NEW_TOKENS"), help=argparse.SUPPRESS
+    return result
+
+
+def memory_in_child(path: str | None, preset: str, block_size: int, model_length: int, new_tokens: int,
+                    device: str) -> dict:  # fmt: skip
+    code = (
+        "import json, sys; from bench.bench_generation import measure_memory; "
+        "print(json.dumps(measure_memory(*json.loads(sys.argv[1]))))"
     )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.memory_child:
-        bs, new_tokens = args.memory_child
-        print(json.dumps(memory_child(args.model, bs, args.model_length, new_tokens)))
-        return
-
-    rows = []
-    for bs in args.block_sizes:
-        model = load_model(args.model, bs, args.model_length)
-        runs = {
-            "uncached": dict(use_cache=False, sampler="first_hitting"),
-            "cached": dict(sampler="first_hitting"),
-            "threshold 0.9": dict(confidence_threshold=0.9),
-            "threshold 0.7": dict(confidence_threshold=0.7),
-        }
-        for name, kwargs in runs.items():
-            rows.append({"block_size": bs, "mode": name, **run_generate(model, args.new_tokens, **kwargs)})
-            print(rows[-1], flush=True)
-    ar_model = load_model(args.model, 1, args.model_length)
-    rows.append({"block_size": 1, "mode": "AR (KV cache)", **run_ar(ar_model, args.new_tokens)})
-    print(rows[-1], flush=True)
-
-    length = load_model(args.model, 4, args.model_length).config.model_length
-    memory = []
-    for bs in args.block_sizes:
-        for multiple in (1, 4):
-            command = [
-                sys.executable,
-                "-m",
-                "bench.bench_generation",
-                "--model-length",
-                str(args.model_length),
-                "--threads",
-                str(args.threads),
-                "--memory-child",
-                str(bs),
-                str(multiple * length),
-            ] + (["--model", args.model] if args.model else [])
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-            memory.append({"block_size": bs, "multiple": multiple, **result})
-            print(memory[-1], flush=True)
-
-    uncached = {r["block_size"]: r["tokens_per_s"] for r in rows if r["mode"] == "uncached"}
-    lines = [
-        f"Model: {args.model or 'tiny preset, random init'}; L = {length}; {args.new_tokens} new tokens from BOS; "
-        f"batch 1; {machine()['device']}, {torch.get_num_threads()} threads.",
-        "",
-        "| L' | mode | tokens/s | speed-up vs uncached | network calls/token (NFE) | all forwards/token | "
-        "tokens/call |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        base = uncached.get(r["block_size"])
-        speedup = f"{r['tokens_per_s'] / base:.1f}x" if base else "-"
-        lines.append(
-            f"| {r['block_size']} | {r['mode']} | {r['tokens_per_s']:.1f} | {speedup} | {r['nfe_per_token']:.3f} | "
-            f"{r['forwards_per_token']:.3f} | {r['tokens_per_nfe']:.2f} |"
-        )
-    lines += [
-        "",
-        "| L' | new tokens | peak RSS during generate (MiB) | growth (MiB) | cached tokens | KV bytes/token | "
-        "2·layers·hidden·bytes |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for m in memory:
-        lines.append(
-            f"| {m['block_size']} | {m['new_tokens']} ({m['multiple']}x L) | {m['peak_rss_mib']:.0f} | "
-            f"{m['peak_rss_growth_mib']:.1f} | "
-            f"{m['cached_tokens']} | {m['kv_bytes_per_token']:.0f} | {m['formula_bytes_per_token']} |"
-        )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    name = "generation" + ("-trained" if args.model else "")
-    print("written to", write_results(name, {"args": vars(args), "rows": rows, "memory": memory}, table))
+    args = json.dumps([path, preset, block_size, model_length, new_tokens, device])
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory measurement failed in its child process:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-if __name__ == "__main__":
-    main()
+# ----------------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+def generation_plan(mode: str, model_path: str | None) -> dict:
+    """Settings of the three measurements for `full`, `quick` and `smoke` runs (module docstring)."""
+    every = [*MODES, AR_MODE]
+    if mode == "smoke":
+        return dict(preset="test", cache=dict(model_length=32, new_tokens=16, block_sizes=[4], repeats=1),
+                    samplers=dict(model_length=32, new_tokens=8, block_sizes=[4], batches=[2], modes=every,
+                                  repeats=1),
+                    memory=dict(model_length=16, block_size=4, multiples=[1, 4, 10], subprocess=False))  # fmt: skip
+    if mode == "quick":
+        return dict(preset="tiny", cache=dict(model_length=256, new_tokens=256, block_sizes=[4], repeats=2),
+                    samplers=dict(model_length=128, new_tokens=128, block_sizes=[4], batches=[1, 8], modes=every,
+                                  repeats=2),
+                    memory=dict(model_length=128, block_size=4, multiples=[1, 4, 10], subprocess=True))  # fmt: skip
+    return dict(preset="tiny", cache=dict(model_length=1024, new_tokens=1024, block_sizes=[4], repeats=3),
+                samplers=dict(model_length=128, new_tokens=256, block_sizes=[4, 8, 16], batches=[1, 8], modes=every,
+                              repeats=3),
+                memory=dict(model_length=1024, block_size=4, multiples=[1, 4, 10], subprocess=True))  # fmt: skip
+
+
+def run_generation(
+    mode: str, device: torch.device, model_path: str | None = None, log: Callable[[str], None] = print
+) -> dict:
+    """The three measurements on `device` with one torch thread (small decode calls only slow down with more)."""
+    plan = generation_plan(mode, model_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        preset, rows = plan["preset"], []
+        cache = plan["cache"]
+        for bs in cache["block_sizes"]:
+            models = {"bd3lm": load_model(None, bs, cache["model_length"], preset, device),
+                      "ar": load_model(None, 1, cache["model_length"], preset, device)}  # fmt: skip
+            for row in time_modes(models, ["uncached", "cached", AR_MODE], 1, cache["new_tokens"], cache["repeats"],
+                                  device):  # fmt: skip
+                rows.append({"group": "cache", "model": f"{preset} (random weights)", **row})
+                log_row(log, rows[-1])
+        grid = plan["samplers"]
+        model_name = model_path or f"{preset} (random weights)"
+        for bs in grid["block_sizes"]:
+            models = {"bd3lm": load_model(model_path, bs, grid["model_length"], preset, device),
+                      "ar": load_model(model_path, 1, grid["model_length"], preset, device)}  # fmt: skip
+            for batch in grid["batches"]:
+                for row in time_modes(models, grid["modes"], batch, grid["new_tokens"], grid["repeats"], device):
+                    rows.append({"group": "samplers", "model": model_name, "trained": model_path is not None, **row})
+                    log_row(log, rows[-1])
+        memory = []
+        spec = plan["memory"]
+        for multiple in spec["multiples"]:
+            args = (None, preset, spec["block_size"], spec["model_length"], multiple * spec["model_length"],
+                    device.type)  # fmt: skip
+            result = memory_in_child(*args) if spec["subprocess"] else measure_memory(*args)
+            memory.append({"multiple": multiple, "fresh_process": spec["subprocess"], "device": device.type, **result})
+            log(f"  memory {multiple:>2}x L: peak {result['peak_mib']:.1f} MiB (growth {result['growth_mib']:.1f}), "
+                f"KV {result['kv_bytes_per_token']:.0f} B/token (formula {result['formula_bytes_per_token']})")  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    native = BD3LMConfig.from_pretrained(model_path).block_size if model_path else None
+    return {"device": device.type, "torch_threads": 1, "model": model_name, "native_block_size": native, "rows": rows,
+            "memory": memory}  # fmt: skip
+
+
+def log_row(log: Callable[[str], None], row: dict) -> None:
+    log(
+        f"  {row['group']:>8} L'={row['block_size']:<2} B={row['batch']} {row['mode']:<20} "
+        f"{row['tokens_per_s']:8.1f} tok/s  {row['tokens_per_call']:.2f} tok/call"
+        + (f"  {row['speedup_vs_ar']:.2f}x AR" if "speedup_vs_ar" in row else "")
+    )
+
+
+__all__ = [
+    "AR_MODE",
+    "MODES",
+    "ar_run",
+    "cache_bytes",
+    "generate_run",
+    "generation_plan",
+    "load_model",
+    "measure_memory",
+    "run_generation",
+    "time_modes",
+]

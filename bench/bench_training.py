@@ -1,87 +1,222 @@
-"""Training-step speed of the vectorised x_t ⊕ x_0 pass against an AR pass of the same backbone and the per-block loop.
+"""Training-step speed: the vectorised x_t ⊕ x_0 pass against an AR pass and an MDLM pass of the same backbone, and
+against the per-block loop it replaces; attention kernels; sweeps over length, block size and batch; MFU.
 
-    python -m bench.bench_training [--presets tiny small] [--length 256] [--block-size 4] [--batch 2]
+    python -m bench --only training [--quick]
 
-One step = forward + backward. The vectorised pass carries 2L tokens, so ~2.0× an AR step over L tokens is the floor.
+One step = `zero_grad` + forward + backward (no optimizer). The passes, all on the same weights:
+
+* `vectorised`: `model(x_0, labels=x_0)`, one pass over 2L tokens with the three-part mask (Sec. 3.2 of the paper).
+* `ar`: next-token prediction over L tokens, the same network with block_size = 1 (causal attention).
+* `mdlm`: one pass over the L noisy tokens with block_size = L (bidirectional attention) and the NELBO of the masked ones.
+* `per_block_loop`: for each block b, a pass over [x_0 blocks < b ; x_t block b], summed (what the vectorised pass
+  replaces; the official code's naive alternative).
+
+The vectorised pass carries 2L tokens, so about 2.0x an AR step is its floor.
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
+import statistics
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from bd3lm_configuration import load_preset
-from bench.common import median_time, write_results
-from modeling_bd3lm import BD3LMForMaskedDiffusion
+from bench.common import interleaved_times, median_ratio
+from bench.flops import matmul_peak, per_block_loop_flops, step_flops
+from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
+
+# The shape of tests/conftest.py's tiny configuration: the smoke test's setting.
+TEST_CONFIG = dict(vocab_size=64, hidden_dim=64, cond_dim=16, n_blocks=2, n_heads=4, model_length=32, dropout=0.0)
+
+PASSES = ("vectorised", "ar", "mdlm", "per_block_loop")
 
 
-def vectorised_step(model, x_0):
+def build_config(preset: str, length: int, block_size: int, attn: str) -> BD3LMConfig:
+    """`preset` ("test", "tiny", "small", ...) at context `length`, block size `block_size`, no dropout."""
+    kwargs = dict(model_length=length, block_size=block_size, dropout=0.0, attn_implementation=attn)
+    if preset == "test":
+        return BD3LMConfig(**{**TEST_CONFIG, **kwargs})
+    return load_preset(preset, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One training step of each pass
+
+
+def vectorised_step(model: BD3LMForMaskedDiffusion, x_0: torch.LongTensor) -> None:
+    model.zero_grad(set_to_none=True)
     model(x_0, labels=x_0, return_dict=True).loss.backward()
 
 
-def ar_step(model, x_0):
-    """Next-token prediction with causal attention over L tokens: the same network with block_size = 1."""
-    logits = model(x_0[:, :-1], return_dict=True).logits
-    F.cross_entropy(logits.flatten(0, 1).float(), x_0[:, 1:].flatten()).backward()
+def ar_step(model: BD3LMForMaskedDiffusion, x: torch.LongTensor) -> None:
+    """Next-token prediction over the first L of L + 1 tokens: the sampling pass with block_size = 1 is causal."""
+    model.zero_grad(set_to_none=True)
+    logits = model(x[:, :-1], return_dict=True).logits
+    F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten()).backward()
 
 
-def per_block_step(model, x_0):
-    """One network call per block on [x_0 blocks < b ; x_t block b] (what the vectorised pass replaces)."""
+def mdlm_step(model: BD3LMForMaskedDiffusion, x_0: torch.LongTensor) -> None:
+    """MDLM: one block spanning the sequence, so the sampling pass over x_t is bidirectional; NELBO as in Eq. (8)."""
+    model.zero_grad(set_to_none=True)
+    x_t, t = model.draw_noise(x_0)
+    logits = model(x_t, return_dict=True).logits
+    model.block_nelbo(logits, x_0, x_t, t)[0].backward()
+
+
+def per_block_step(model: BD3LMForMaskedDiffusion, x_0: torch.LongTensor) -> None:
+    """One network call per block b on [x_0 blocks < b ; x_t block b]; the block NELBO terms are summed."""
+    model.zero_grad(set_to_none=True)
     bs = model.config.block_size
-    out = model(x_0, labels=x_0, return_dict=True)  # reuse its noise draw for x_t
-    x_t, t = out.noisy_input_ids, out.noise_levels
+    x_t, t = model.draw_noise(x_0)
     total = 0.0
     for b in range(x_0.shape[1] // bs):
         window = torch.cat((x_0[:, : b * bs], x_t[:, b * bs : (b + 1) * bs]), dim=1)
         logits = model(window, return_dict=True).logits[:, -bs:]
-        loss, _ = model.block_nelbo(logits, x_0[:, b * bs : (b + 1) * bs], x_t[:, b * bs : (b + 1) * bs], t[:, b : b + 1])
-        total = total + loss
+        block = slice(b * bs, (b + 1) * bs)
+        total = total + model.block_nelbo(logits, x_0[:, block], x_t[:, block], t[:, b : b + 1])[0]
     total.backward()
 
 
-def run(preset: str, length: int, block_size: int, batch: int, repeats: int, loop: bool) -> dict:
-    torch.manual_seed(0)
-    config = load_preset(preset, model_length=length, block_size=block_size, dropout=0.0)
-    model = BD3LMForMaskedDiffusion(config).train()
-    ar_model = BD3LMForMaskedDiffusion(load_preset(preset, model_length=length, block_size=1, dropout=0.0)).train()
-    ar_model.load_state_dict(model.state_dict())
-    x_0 = torch.randint(0, config.vocab_size - 1, (batch, length))
-    row = {"preset": preset, "L": length, "block_size": block_size, "batch": batch}
-    row["vectorised_s"] = median_time(lambda: vectorised_step(model, x_0), repeats)
-    row["ar_s"] = median_time(lambda: ar_step(ar_model, x_0), repeats)
-    row["vectorised_over_ar"] = row["vectorised_s"] / row["ar_s"]
-    if loop:
-        row["per_block_s"] = median_time(lambda: per_block_step(model, x_0), max(1, repeats // 2))
-        row["per_block_over_vectorised"] = row["per_block_s"] / row["vectorised_s"]
-    return row
+def make_step(
+    kind: str, preset: str, length: int, block_size: int, batch: int, attn: str, state: dict, device: torch.device
+) -> tuple[Callable[[], None], int]:
+    """The step closure of one pass (its model loaded with the shared `state` weights) and its counted FLOPs."""
+    pass_block = {"ar": 1, "mdlm": length}.get(kind, block_size)
+    config = build_config(preset, length, pass_block, attn)
+    model = BD3LMForMaskedDiffusion(config)
+    model.load_state_dict(state)
+    model.to(device).train()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size - 1, (batch, length + 1), generator=g).to(device)
+    x_0 = tokens[:, :length]
+    if kind == "vectorised":
+        return (lambda: vectorised_step(model, x_0)), step_flops(config, "vectorised", batch, length)
+    if kind == "ar":
+        return (lambda: ar_step(model, tokens)), step_flops(config, "ar", batch, length)
+    if kind == "mdlm":
+        return (lambda: mdlm_step(model, x_0)), step_flops(config, "mdlm", batch, length)
+    if kind == "per_block_loop":
+        return (lambda: per_block_step(model, x_0)), per_block_loop_flops(config, batch, length)
+    raise ValueError(f"Unknown pass {kind!r}; choose one of {PASSES}.")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--block-size", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-loop", action="store_true", help="skip the (slow) per-block loop")
-    args = parser.parse_args(argv)
-    rows = [run(p, args.length, args.block_size, args.batch, args.repeats, not args.no_loop) for p in args.presets]
-    lines = [
-        "| preset | L | L' | batch | vectorised step (s) | AR step (s) | vectorised / AR | per-block loop (s) | loop / vectorised |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['preset']} | {r['L']} | {r['block_size']} | {r['batch']} | {r['vectorised_s']:.4f} | {r['ar_s']:.4f} | "
-            f"{r['vectorised_over_ar']:.2f} | {r.get('per_block_s', float('nan')):.4f} | "
-            f"{r.get('per_block_over_vectorised', float('nan')):.1f} |"
-        )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    print("written to", write_results("training_step", {"rows": rows}, table))
+# ----------------------------------------------------------------------------------------------------------------------
+# The plan: groups of candidates timed side by side
 
 
-if __name__ == "__main__":
-    main()
+def training_plan(mode: str, device: torch.device) -> list[dict]:
+    """Groups to measure. Each group is one setting (preset, L, L', batch) whose passes × kernels run interleaved.
+
+    `full` (default): the kernel comparison at tiny L=256, L'=4, batch 2; one-at-a-time sweeps of L (128 to 1024),
+    L' (4, 8, 16) and batch (1 to 8) around it; the small preset at L=256 (batch 1: a step takes seconds on a CPU);
+    the per-block loop at L=128. `quick`: the kernel comparison at tiny L=128 and a short loop. `smoke`: the test
+    configuration.
+    """
+    kernels = ["sdpa", "eager"] + (["flex_attention"] if device.type == "cuda" else [])
+    if mode == "smoke":
+        return [
+            dict(name="kernels", preset="test", length=32, block_size=4, batch=2, passes=["vectorised", "ar", "mdlm"],
+                 attn=kernels, repeats=1, warmup=0),
+            dict(name="per-block loop", preset="test", length=32, block_size=4, batch=2,
+                 passes=["per_block_loop", "vectorised"], attn=["sdpa"], repeats=1, warmup=0),
+        ]  # fmt: skip
+    if mode == "quick":
+        return [
+            dict(name="kernels", preset="tiny", length=128, block_size=4, batch=2, passes=["vectorised", "ar", "mdlm"],
+                 attn=kernels, repeats=3, warmup=1),
+            dict(name="per-block loop", preset="tiny", length=64, block_size=4, batch=2,
+                 passes=["per_block_loop", "vectorised"], attn=["sdpa"], repeats=3, warmup=1),
+        ]  # fmt: skip
+    base = dict(preset="tiny", length=256, block_size=4, batch=2, attn=["sdpa"], repeats=5, warmup=1)
+    plan = [dict(base, name="kernels", passes=["vectorised", "ar", "mdlm"], attn=kernels, repeats=7)]
+    for length in (128, 512, 1024):
+        plan.append(dict(base, name="length", length=length, passes=["vectorised", "ar", "mdlm"],
+                         repeats=3 if length == 1024 else 5))  # fmt: skip
+    for block_size in (8, 16):
+        plan.append(dict(base, name="block size", block_size=block_size, passes=["vectorised", "ar"]))
+    for batch in (1, 4, 8):
+        plan.append(dict(base, name="batch", batch=batch, passes=["vectorised", "ar"]))
+    plan.append(dict(base, name="small preset", preset="small", batch=1, passes=["vectorised", "ar"], repeats=3))
+    plan.append(dict(base, name="per-block loop", length=128, passes=["per_block_loop", "vectorised"], repeats=3))
+    return plan
+
+
+def run_group(group: dict, device: torch.device, states: dict) -> list[dict]:
+    """Time one group side by side; one row per (pass, kernel) with its median time, ratios and counted FLOPs."""
+    preset = group["preset"]
+    if preset not in states:  # one set of weights per preset, shared by every pass (they do not depend on L or L')
+        torch.manual_seed(0)
+        states[preset] = copy.deepcopy(BD3LMForMaskedDiffusion(build_config(preset, 32, 4, "sdpa")).state_dict())
+    steps, flops = {}, {}
+    for attn in group["attn"]:
+        for kind in group["passes"]:
+            key = f"{kind}/{attn}"
+            steps[key], flops[key] = make_step(
+                kind, preset, group["length"], group["block_size"], group["batch"], attn, states[preset], device
+            )
+    times, _ = interleaved_times(steps, group["repeats"], group["warmup"], device)
+    rows = []
+    for key, seconds in times.items():
+        kind, attn = key.split("/")
+        row = {
+            "group": group["name"],
+            "device": device.type,
+            "preset": preset,
+            "L": group["length"],
+            "block_size": group["block_size"],
+            "batch": group["batch"],
+            "pass": kind,
+            "attn": attn,
+            "seconds": statistics.median(seconds),
+            "times": seconds,
+            "flops": flops[key],
+        }
+        for reference in ("ar", "vectorised", "sdpa"):
+            ref_key = f"{kind}/sdpa" if reference == "sdpa" else f"{reference}/{attn}"
+            if ref_key in times and ref_key != key:
+                row[f"over_{reference}"] = median_ratio(seconds, times[ref_key])
+        rows.append(row)
+    return rows
+
+
+def run_training(mode: str, device: torch.device, log: Callable[[str], None] = print) -> dict:
+    """Run the plan on `device`; MFU uses the larger of two matmul-peak measurements taken before and after."""
+    peak_repeats = 1 if mode == "smoke" else 5
+    peak_size = 256 if mode == "smoke" else None
+    peaks = [matmul_peak(device, peak_size, peak_repeats)]
+    log(f"matmul peak ({device.type}, fp32 {peaks[0]['size']}^2): {peaks[0]['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    rows: list[dict] = []
+    states: dict = {}
+    for group in training_plan(mode, device):
+        rows += run_group(group, device, states)
+        for row in rows[-len(group["passes"]) * len(group["attn"]) :]:
+            log(
+                f"  {row['group']:>14} {row['preset']} L={row['L']} L'={row['block_size']} B={row['batch']} "
+                f"{row['pass']}/{row['attn']}: {row['seconds'] * 1e3:.1f} ms"
+                + (f", {row['over_ar']:.2f}x AR" if "over_ar" in row else "")
+            )
+    peaks.append(matmul_peak(device, peak_size, peak_repeats))
+    peak = max(p["flops_per_s"] for p in peaks)
+    for row in rows:
+        row["flops_per_s"] = row["flops"] / row["seconds"]
+        row["mfu"] = row["flops_per_s"] / peak
+    return {"device": device.type, "torch_threads": torch.get_num_threads(), "matmul_peak": peaks,
+            "peak_flops_per_s": peak, "rows": rows}  # fmt: skip
+
+
+__all__ = [
+    "PASSES",
+    "TEST_CONFIG",
+    "ar_step",
+    "build_config",
+    "make_step",
+    "mdlm_step",
+    "per_block_step",
+    "run_group",
+    "run_training",
+    "training_plan",
+    "vectorised_step",
+]

@@ -1,9 +1,16 @@
-"""Timing helpers shared by the benchmark scripts: warm-up, median of repeats, machine description."""
+"""Timing and reporting helpers shared by the benchmarks.
+
+Every comparison is timed side by side: the candidates run in turn within each repeat (the starting candidate rotates),
+after warm-up calls, so that a slow spell of a shared machine hits all of them alike. A ratio is the median over
+repeats of the per-repeat ratio; a time is the median over repeats.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -14,35 +21,111 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+def synchronize(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device | str | None = None) -> tuple[float, object]:
+    """(wall seconds, result) of one call; waits for the device before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def median_time(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: torch.device | str | None = None
+) -> float:
     """Median wall time of `fn()` in seconds after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device)[0] for _ in range(repeats))
+
+
+def interleaved_times(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+    warmup_candidates: dict[str, Callable[[], object]] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Time every candidate once per repeat, in turn, and return `{name: [seconds per repeat]}` and the last result
+    of each. `warmup_candidates` (same names) replace the candidates during warm-up, e.g. a shorter generation."""
+    if repeats < 1:
+        raise ValueError(f"`repeats` must be >= 1, got {repeats}.")
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            (warmup_candidates or candidates)[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, object] = {}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds, results[name] = timed(candidates[name], device)
+            times[name].append(seconds)
+    return times, results
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over repeats of numerator[r] / denominator[r] (both measured in the same repeat)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
-    return {
+    """What the numbers depend on: CPU, cores, torch threads, accelerator, library versions."""
+    import transformers
+
+    info = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+    return info
 
 
 def machine_name() -> str:
-    return "cuda" if torch.cuda.is_available() else f"cpu-{torch.get_num_threads()}threads"
+    """File stem of this machine's results, e.g. `cpu-amd-epyc-2cores` or `cuda-nvidia-h200`."""
+    if torch.cuda.is_available():
+        label = "cuda-" + torch.cuda.get_device_name()
+    else:
+        label = f"cpu-{cpu_model()}-{os.cpu_count()}cores"
+    return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
 
 
-def write_results(name: str, payload: dict, markdown: str) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"{name}-{machine_name()}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), **payload}, indent=2))
-    stem.with_suffix(".md").write_text(markdown)
-    return stem.with_suffix(".md")
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return path
+
+
+__all__ = [
+    "RESULTS_DIR",
+    "cpu_model",
+    "interleaved_times",
+    "machine",
+    "machine_name",
+    "median_ratio",
+    "median_time",
+    "synchronize",
+    "timed",
+    "write_json",
+]
