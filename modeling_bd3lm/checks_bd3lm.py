@@ -9,6 +9,7 @@ inside torch.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -181,12 +182,55 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, name: str = "tokenizer
         )
 
 
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_corrupt_weights_error(error: BaseException) -> bool:
+    """True for the `safetensors` reader's error (matched by name: the bundle imports only torch and transformers)."""
+    return type(error).__name__ == "SafetensorError"
+
+
+def check_loading_info(
+    info: dict[str, Any],
+    source: Any,
+    tolerated_missing: tuple[str, ...] = (),
+    tolerated_unexpected: tuple[str, ...] = (),
+    allow_size_mismatch: bool = False,
+) -> None:
+    """Refuse weights that do not fit the config: transformers only warns about missing and unexpected keys (a config
+    with another depth would silently load a partly random model) and words size mismatches differently per release.
+
+    Args:
+        info: the `output_loading_info` dict of `from_pretrained`.
+        source: the folder or Hub id, for the message.
+        tolerated_missing / tolerated_unexpected: regular expressions of keys that may be absent / extra (buffers the
+            config initialises).
+        allow_size_mismatch: the caller passed `ignore_mismatched_sizes=True` on purpose.
+    """
+    def keys(name: str, tolerated: tuple[str, ...]) -> list[str]:
+        found = info.get(name) or []
+        return sorted(k for k in found if not any(re.search(pattern, k) for pattern in tolerated))
+
+    missing = keys("missing_keys", tolerated_missing)
+    unexpected = keys("unexpected_keys", tolerated_unexpected)
+    mismatched = [] if allow_size_mismatch else sorted(
+        # transformers 5 reports (key, shape in the weights, shape of the model), 4.57 only the key
+        entry if isinstance(entry, str) else f"{entry[0]} {tuple(entry[1])} in the weights vs {tuple(entry[2])}"
+        for entry in (info.get("mismatched_keys") or [])
+    )
+    problems = [
+        f"{label}: {', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''}"
+        for label, found in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        if found
+    ]
+    if problems:
+        raise ValueError(
+            f"The weights of {source} do not match its config ({'; '.join(problems)}). Check that config.json "
+            "belongs to these weights (hidden_dim, n_blocks, n_heads, cond_dim, vocab_size); pass "
+            "ignore_mismatched_sizes=True only to re-initialise layers whose size you changed on purpose."
+        )
 
 
 __all__ = [
     "check_attention_mask",
+    "check_loading_info",
     "check_cache",
     "check_extra_kwargs",
     "check_generator",
@@ -197,5 +241,6 @@ __all__ = [
     "check_token_ids",
     "check_tokenizer_fits",
     "check_vectorised_length",
+    "is_corrupt_weights_error",
     "tokenizer_size",
 ]

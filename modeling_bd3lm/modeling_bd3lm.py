@@ -12,6 +12,7 @@ Module and parameter names reproduce the official checkpoints (`kuleshov-group/b
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,12 @@ from .checks_bd3lm import (
     check_cache,
     check_extra_kwargs,
     check_generator,
+    check_loading_info,
     check_noise_levels,
     check_timesteps,
     check_token_ids,
     check_vectorised_length,
+    is_corrupt_weights_error,
 )
 from .noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, BD3LMNoiseSchedule, add_noise, sample_noise_levels
 from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
@@ -74,6 +77,51 @@ class BD3LMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_cache_class = True
     _keys_to_ignore_on_load_unexpected = [r"^sampling_eps_(min|max)$"]
+    # The model computes its own token-mean loss: a plain `Trainer` must not pass `num_items_in_batch` (BD3LMTrainer
+    # normalises the token terms itself).
+    accepts_loss_kwargs = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but from safetensors only (never a pickle) and strict: a truncated or
+        corrupted weights file, or weights that do not fit the config (missing, unexpected or resized tensors), raise
+        a `ValueError` that says so instead of loading a partly random model."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("BD3-LM loads weights from safetensors only (pickle files can run code); drop `use_safetensors=False`.")
+        kwargs["use_safetensors"] = True
+        return_info = kwargs.pop("output_loading_info", False)
+        allow_size_mismatch = bool(kwargs.pop("ignore_mismatched_sizes", False))
+        try:
+            # Let transformers report resized tensors instead of raising (its message differs per release).
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
+                **kwargs,
+            )
+        except OSError as error:
+            folder = str(pretrained_model_name_or_path)
+            pickles = os.path.isdir(folder) and [n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth"))]
+            if not pickles:
+                raise
+            raise ValueError(
+                f"{folder} holds pickle weights ({', '.join(sorted(pickles))}) but no model.safetensors; BD3-LM loads "
+                "safetensors only. Convert them once in a trusted environment and `save_pretrained` again."
+            ) from error
+        except Exception as error:
+            if not is_corrupt_weights_error(error):
+                raise
+            raise ValueError(
+                f"The weights file of {pretrained_model_name_or_path} is not a readable safetensors file ({error}): it "
+                "is truncated or corrupted (an interrupted save or download?). Save it again or re-download it "
+                "(force_download=True)."
+            ) from error
+        check_loading_info(
+            info,
+            pretrained_model_name_or_path,
+            tolerated_missing=(r"(^|\.)sampling_eps_(min|max)$",),  # initialised from the config
+            tolerated_unexpected=tuple(cls._keys_to_ignore_on_load_unexpected or ()),
+            allow_size_mismatch=allow_size_mismatch,
+        )
+        return (model, info) if return_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Save weights (safetensors), config and the code files, with an `auto_map` for every auto class."""
