@@ -135,3 +135,85 @@ def test_decode_skips_special_tokens(tokenizer) -> None:
     ids = [tokenizer.bos_token_id, *tokenizer("Let there be light.")["input_ids"]]
     ids += [tokenizer.eos_token_id, tokenizer.pad_token_id]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "Let there be light."
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers without a mask token (GPT-2, as the official checkpoints use): one is appended at the next id.
+
+
+def _gpt2_style_folder(folder: Path) -> Path:
+    """A GPT-2-like tokenizer (byte-level BPE, `<|endoftext|>` as BOS/EOS, no mask, no pad) built offline: 400 ids."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_raw_texts("validation")[:1], vocab_size=400, special_tokens=["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_gpt2_style_tokenizer_gets_the_mask_at_the_next_id(tmp_path: Path) -> None:
+    from bd3lm_trainer.corpus import MASK_TOKEN, load_gpt2_tokenizer
+
+    folder = _gpt2_style_folder(tmp_path / "gpt2-like")
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(folder)
+    assert plain.mask_token is None and plain.pad_token is None and len(plain) == 400
+    tokenizer = load_gpt2_tokenizer(str(folder))
+    assert tokenizer.mask_token == MASK_TOKEN
+    assert tokenizer.mask_token_id == len(plain) == len(tokenizer) - 1  # GPT-2: 50257, vocab_size 50258
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    text = "And God said, Let there be light"
+    assert tokenizer(text)["input_ids"] == plain(text)["input_ids"]  # ordinary ids unchanged
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved").mask_token_id == tokenizer.mask_token_id
+
+
+def test_add_mask_token_keeps_an_existing_mask(tokenizer) -> None:
+    from bd3lm_trainer.corpus import add_mask_token
+
+    before = (len(tokenizer), tokenizer.mask_token_id, tokenizer.pad_token_id)
+    assert add_mask_token(tokenizer) is tokenizer
+    assert (len(tokenizer), tokenizer.mask_token_id, tokenizer.pad_token_id) == before
+
+
+def test_add_mask_token_refuses_an_ordinary_token(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from bd3lm_trainer.corpus import add_mask_token
+
+    tokenizer = AutoTokenizer.from_pretrained(_gpt2_style_folder(tmp_path / "t"))
+    ordinary = next(token for token in tokenizer.get_vocab() if token.isalpha())
+    with pytest.raises(ValueError, match="mask_token=.*already an ordinary token"):
+        add_mask_token(tokenizer, mask_token=ordinary)
+
+
+def test_gpt2_tokenizer_unavailable_offline_says_how_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bd3lm_trainer.corpus import load_gpt2_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="not available here.*hf download gpt2"):
+        load_gpt2_tokenizer(str(tmp_path / "no-such-folder"))
+
+
+def test_cli_trains_with_a_tokenizer_that_had_no_mask(tmp_path: Path) -> None:
+    import json
+
+    from bd3lm_trainer.cli import main
+
+    folder = _gpt2_style_folder(tmp_path / "gpt2-like")
+    data = tmp_path / "train.txt"
+    data.write_text(_raw_texts("validation")[0][:3000])
+    out = tmp_path / "run"
+    argv = ["train", "--tokenizer", str(folder), "--dataset", str(data), "--eval-dataset", str(data), "--output-dir",
+            str(out), "--model-length", "16", "--max-steps", "1", "--batch-size", "2", "--warmup-steps", "0",
+            "--eval-batches", "1", "--search-batches", "1", "--no-schedule-search"]  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["vocab_size"] == config["mask_token_id"] + 1 == 401
+    assert saved["mask_token"] == "<|mask|>"

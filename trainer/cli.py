@@ -53,7 +53,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--eval-dataset", help="validation data (default: the corpus' validation split, or --dataset's)")
     data.add_argument("--text-column", default="text", help="column holding the documents (default: text)")
-    data.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the shipped 8192-token BPE)")
+    data.add_argument(
+        "--tokenizer",
+        help="tokenizer folder or Hub id (default: the shipped 8192-token BPE); one without a mask token gets "
+        "<|mask|> appended (gpt2 -> id 50257, as the official checkpoints)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default="runs/bd3lm", help="where checkpoints and the final model go")
     run.add_argument("--max-steps", type=int, default=600, help="optimizer steps (default: 600, about 5 minutes for tiny on 2 CPU cores)")
@@ -82,15 +86,16 @@ def _positive(name: str, value: int | float | None) -> None:
 
 
 def _load_tokenizer(name: str | None) -> Any:
+    """The embedded tokenizer, or `name` with a mask token appended when it has none (GPT-2 -> id 50257)."""
     from transformers import AutoTokenizer
 
-    from bd3lm_trainer.corpus import load_tokenizer
+    from bd3lm_trainer.corpus import add_mask_token, load_tokenizer
 
     if name is None:
         return load_tokenizer()
-    if not os.path.isdir(name) and "/" not in name and not name.isidentifier():
+    if not os.path.isdir(name) and "/" not in name and not name.replace("-", "_").isidentifier():
         raise CLIError(f"--tokenizer {name!r} is neither a folder nor a Hub id")
-    return AutoTokenizer.from_pretrained(name)
+    return add_mask_token(AutoTokenizer.from_pretrained(name))
 
 
 def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float]]:
@@ -121,9 +126,6 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
         model = load_for_finetuning(args.init_from, block_size=args.block_size)
     else:
         overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
-        if tokenizer.mask_token_id is None:
-            overrides["mask_token_id"] = len(tokenizer)  # one extra id, as GPT-2 + mask in the released models
-            overrides["vocab_size"] = len(tokenizer) + 1
         if args.model_length:
             overrides["model_length"] = args.model_length
         if args.block_size:

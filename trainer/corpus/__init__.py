@@ -19,11 +19,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay lazy: importing this package costs nothing
     import datasets
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-__all__ = ["SPLITS", "corpus_files", "load_corpus", "load_tokenizer", "tokenizer_path"]
+__all__ = ["MASK_TOKEN", "SPLITS", "add_mask_token", "corpus_files", "load_corpus", "load_gpt2_tokenizer", "load_tokenizer",
+           "tokenizer_path"]
 
 _HERE = Path(__file__).resolve().parent
+
+#: The mask token this package appends to a tokenizer that has none (the embedded tokenizer's own is the same string).
+MASK_TOKEN = "<|mask|>"
 
 #: The split names, in the order :func:`corpus_files` lists them.
 SPLITS: tuple[str, ...] = ("train", "validation")
@@ -75,3 +79,50 @@ def load_tokenizer() -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_path())
+
+
+def add_mask_token(tokenizer: PreTrainedTokenizerBase, mask_token: str = MASK_TOKEN) -> PreTrainedTokenizerBase:
+    """Give ``tokenizer`` a mask token at the next free id if it has none; pad with EOS if it has no pad token.
+
+    This is how the released BD3-LM / MDLM checkpoints extend GPT-2: its 50257 ids plus one mask token, id 50257, so
+    ``vocab_size == len(tokenizer) == 50258``. A tokenizer that already has a mask token is returned unchanged.
+
+    Args:
+        tokenizer: any transformers tokenizer; modified in place.
+        mask_token: the string of the new special token.
+
+    Returns:
+        The same tokenizer, with ``mask_token_id == len(tokenizer) - 1`` when a token was added.
+    """
+    if tokenizer.mask_token is None:
+        if mask_token in tokenizer.get_vocab():
+            raise ValueError(
+                f"mask_token={mask_token!r} is already an ordinary token of this tokenizer; pass another string."
+            )
+        tokenizer.add_special_tokens({"mask_token": mask_token})
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_gpt2_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:
+    """The tokenizer of the official BD3-LM checkpoints: GPT-2's byte-level BPE plus ``<|mask|>`` at id 50257.
+
+    Args:
+        name_or_path: a folder with GPT-2's tokenizer files, or a Hub id (``"gpt2"``; needs the network or the local
+            Hugging Face cache).
+
+    Raises:
+        OSError: the files are not available (offline and not cached), with the way to fix it.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:
+        raise OSError(
+            f"The GPT-2 tokenizer {name_or_path!r} is not available here (offline and not in the Hugging Face cache). "
+            "Download it once with `hf download gpt2 tokenizer.json vocab.json merges.txt tokenizer_config.json` "
+            "or pass a folder that holds those files."
+        ) from err
+    return add_mask_token(tokenizer)
