@@ -10,9 +10,11 @@ search, EMA, gradient variance).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
+from modeling_bd3lm.checks_bd3lm import check_tokenizer_fits
 
 from .callbacks import (
     DEFAULT_SEARCH_STEP,
@@ -29,6 +32,8 @@ from .callbacks import (
     EMACallback,
     GradientVarianceCallback,
     NoiseScheduleSearchCallback,
+    NonFiniteLossError,
+    _NonFiniteGuard,
     _TrainerBoundCallback,
     gather_block_values,
     nelbo_valid_mask,
@@ -38,6 +43,12 @@ from .callbacks import (
 from .data import BD3LMDataCollator
 
 logger = logging.getLogger(__name__)
+
+NAN_LOSS_POLICIES = ("stop", "skip")
+# Files a complete checkpoint holds when they exist at all; HF's Trainer writes `trainer_state.json` last.
+TRAINER_STATE_NAME = "trainer_state.json"
+_TORCH_ZIP_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin")
+
 
 
 @dataclass
@@ -74,6 +85,15 @@ class BD3LMTrainingArguments(TrainingArguments):
     grad_variance_minibatches (`int`, *optional*, defaults to 0):
         If > 0, log the paper's gradient-variance estimate over this many evaluation minibatches after every
         evaluation.
+
+    > Fault handling
+
+    nan_loss_policy (`str`, *optional*, defaults to `"stop"`):
+        What a non-finite (NaN or ±inf) training loss, or gradient norm, does. `"stop"`: raise
+        [`NonFiniteLossError`] naming the global step, before the optimizer touches the weights (they keep their last
+        finite update; the last checkpoint is intact). `"skip"`: discard that step's gradients so the optimizer leaves
+        the weights and its state unchanged, and log a warning with the step (the learning-rate schedule still
+        advances). Checked on all processes at once, so every rank takes the same decision.
     """
 
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (paper: 3e-4)."})
@@ -95,6 +115,13 @@ class BD3LMTrainingArguments(TrainingArguments):
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (with warm-up)."})
     grad_variance_minibatches: int = field(
         default=0, metadata={"help": "Minibatches of the gradient-variance diagnostic (0 = off)."}
+    )
+    nan_loss_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "On a NaN/inf training loss or gradient norm: 'stop' (raise, naming the step; the weights keep "
+            "their last finite update) or 'skip' (drop that update and log a warning)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -121,6 +148,8 @@ class BD3LMTrainingArguments(TrainingArguments):
             raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
         if self.grad_variance_minibatches < 0:
             raise ValueError(f"`grad_variance_minibatches` must be >= 0, got {self.grad_variance_minibatches}.")
+        if self.nan_loss_policy not in NAN_LOSS_POLICIES:
+            raise ValueError(f"`nan_loss_policy` must be one of {NAN_LOSS_POLICIES}, got {self.nan_loss_policy!r}.")
 
 
 class _PerProcessNoiseCallback(TrainerCallback):
@@ -205,6 +234,7 @@ class BD3LMTrainer(Trainer):
             model = get_peft_model(model, peft_config)
         bd3lm = unwrap_bd3lm(model)
         config = bd3lm.config
+        check_tokenizer_fits(processing_class, config.vocab_size, "`processing_class` (tokenizer)")
         if data_collator is None:
             data_collator = BD3LMDataCollator(
                 pad_token_id=_pad_token_id(processing_class, config),
@@ -224,9 +254,11 @@ class BD3LMTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        # The model's forward has **kwargs, which makes the Trainer think it accepts `num_items_in_batch`; it does
-        # not, but `compute_loss` below does, and for that the token count must be gathered.
+        # The model says it does not accept `num_items_in_batch` (`accepts_loss_kwargs = False`), but `compute_loss`
+        # below does, and for that the Trainer must gather the token count.
         self.model_accepts_loss_kwargs = True
+        self._non_finite: str | None = None  # what was not finite in the current step, for `_NonFiniteGuard`
+        self._skipped_steps: list[int] = []  # global steps dropped under nan_loss_policy="skip"
         self._train_metrics: defaultdict[str, list[float]] = defaultdict(list)  # averaged into each training log
         self._eval_stats: _EvalStats | None = None
         self._eval_generator: torch.Generator | None = None
@@ -234,6 +266,7 @@ class BD3LMTrainer(Trainer):
             if isinstance(callback, _TrainerBoundCallback):
                 callback.bind(self)
         self.add_callback(_PerProcessNoiseCallback(self.accelerator.process_index))
+        self.add_callback(_NonFiniteGuard(self))
 
     @staticmethod
     def _callbacks_from_args(args: BD3LMTrainingArguments, config: BD3LMConfig, given: list, eval_dataset: Any) -> list:
@@ -317,11 +350,33 @@ class BD3LMTrainer(Trainer):
         valid = nelbo_valid_mask(inputs["labels"], inputs.get("attention_mask"), config.ignore_bos)
         if training:
             masked = ((outputs.noisy_input_ids == config.mask_token_id) & valid).sum()
-            counts = self.accelerator.gather(torch.stack([masked, valid.sum()]).float()[None]).sum(0)
+            non_finite = (~torch.isfinite(loss.detach())).sum()
+            # One gather for the metrics and the finiteness check, so that every process takes the same decision.
+            counts = self.accelerator.gather(torch.stack([masked, valid.sum(), non_finite]).float()[None]).sum(0)
             self._train_metrics["mask_rate"].append(float(counts[0] / counts[1].clamp_min(1)))
+            if counts[2] > 0:
+                self._on_non_finite_loss(float(loss.detach()))
         elif self._eval_stats is not None:
             self._record_eval_batch(outputs.token_loss.detach(), valid, config.block_size)
         return (loss, outputs) if return_outputs else loss
+
+    def _on_non_finite_loss(self, value: float) -> None:
+        step = self.state.global_step + 1
+        if self.args.nan_loss_policy == "stop":  # before backward: nothing reaches the weights
+            raise NonFiniteLossError(
+                f"The training loss is {value} at global step {step} (a NaN or infinite loss on at least one "
+                "process); training stopped before the optimizer step, so the weights keep their last finite update. "
+                "Lower the learning rate, check the data, or set nan_loss_policy='skip' to drop such steps."
+            )
+        self._non_finite = self._non_finite or f"training loss ({value})"
+
+    def _clip_grad_norm(self, model: torch.nn.Module):
+        # Called by the transformers 5 training loop when max_grad_norm > 0, right before the optimizer step. With a
+        # GradScaler (fp16) infinite gradients are routine and the scaler skips those steps itself.
+        grad_norm = super()._clip_grad_norm(model)
+        if grad_norm is not None and self.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
+            self._non_finite = self._non_finite or f"gradient norm ({float(grad_norm)})"
+        return grad_norm
 
     def _record_eval_batch(self, token_loss: torch.Tensor, valid: torch.Tensor, block_size: int) -> None:
         stats = self._eval_stats
@@ -391,13 +446,35 @@ class BD3LMTrainer(Trainer):
             super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        # The EMA state goes in first: the parent writes trainer_state.json last, so a folder that has it is complete
+        # (`last_complete_checkpoint` relies on that when a run was killed while saving).
         ema = self.ema_callback
         if ema is not None and self.args.should_save:
             checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            if os.path.isdir(folder):
-                ema.save_state(folder, self.model)
+            os.makedirs(folder, exist_ok=True)
+            ema.save_state(folder, self.model)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
+        """[`Trainer.train`], resuming only from a complete checkpoint: `resume_from_checkpoint=True` takes the newest
+        complete `checkpoint-*` folder (skipping one half-written by a killed run, which transformers would pick), and
+        an explicit folder is checked first."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-* folder."
+                )
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)) and os.path.isdir(resume_from_checkpoint):
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                latest = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
+                raise ValueError(
+                    f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not a complete checkpoint ({problem}); "
+                    + (f"the newest complete one is {latest}." if latest else "no complete checkpoint is beside it.")
+                )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -410,6 +487,75 @@ class BD3LMTrainer(Trainer):
         ema = self.ema_callback
         if ema is not None and self.state.best_model_checkpoint is not None:
             ema.load_state(self.state.best_model_checkpoint, self.model)
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from, or None when it is complete.
+
+    Complete means: `trainer_state.json` (which the Trainer writes last) parses and names this step, the weights
+    (`model.safetensors`, its shards, or a PEFT `adapter_model.safetensors`) are whole safetensors files, and every
+    torch-serialised state file present (optimizer, scheduler, ...) is a whole zip archive. A run killed while saving
+    leaves a folder that fails one of these.
+    """
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = os.fspath(folder)
+    state_path = os.path.join(folder, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_path):
+        return f"no {TRAINER_STATE_NAME} (the save was interrupted)"
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE_NAME} is unreadable ({error})"
+    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(os.path.normpath(folder)))
+    if not isinstance(state, dict) or (match and state.get("global_step") != int(match.group(1))):
+        return f"{TRAINER_STATE_NAME} does not describe step {match.group(1) if match else '?'}"
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weights = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as error:
+            return f"model.safetensors.index.json is unreadable ({error})"
+    else:
+        weights = [n for n in ("model.safetensors", "adapter_model.safetensors") if os.path.isfile(os.path.join(folder, n))]
+        if not weights:
+            return "no model.safetensors"
+    for name in weights:
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt"):
+                pass  # opening checks that the header is whole and covers the file
+        except (SafetensorError, OSError) as error:  # OSError: a shard is missing
+            return f"{name} is not a whole safetensors file ({error})"
+    for name in sorted(os.listdir(folder)):
+        if (name in _TORCH_ZIP_FILES or name.startswith("rng_state")) and not zipfile.is_zipfile(os.path.join(folder, name)):
+            return f"{name} is truncated"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` that is complete ([`checkpoint_problem`]), or None.
+
+    `transformers.trainer_utils.get_last_checkpoint` returns the newest folder even when a run was killed while
+    writing it; resuming from such a folder restarts at step 0 or fails. This skips it (with a warning).
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append((int(match.group(1)), name))
+    for _, name in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, name)
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning(f"Skipping {folder}: {problem}.")
+    return None
 
 
 def _pad_token_id(processing_class: Any, config: BD3LMConfig) -> int:
@@ -460,4 +606,11 @@ def load_for_finetuning(
     return model
 
 
-__all__ = ["BD3LMTrainer", "BD3LMTrainingArguments", "load_for_finetuning"]
+__all__ = [
+    "BD3LMTrainer",
+    "BD3LMTrainingArguments",
+    "NonFiniteLossError",
+    "checkpoint_problem",
+    "last_complete_checkpoint",
+    "load_for_finetuning",
+]
