@@ -227,7 +227,7 @@ def test_stop_policy_raises_naming_the_step_before_the_weights_change(fault, rea
 @pytest.mark.parametrize("fault", ["nan loss", "inf loss", "nan gradient"])
 def test_skip_policy_drops_only_the_bad_update_and_warns(fault, tmp_path, caplog):
     trainer, snapshots = _poisoned_trainer(tmp_path, "skip", fault)
-    with caplog.at_level("WARNING", logger="bd3lm_trainer.callbacks"):
+    with caplog.at_level("WARNING", logger="bd3lm_trainer.faults"):
         trainer.train()
     assert trainer.state.global_step == 4 and trainer._skipped_steps == [BAD_STEP]
     assert f"global step {BAD_STEP}: skipping" in caplog.text

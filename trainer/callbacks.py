@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -454,40 +453,6 @@ class EMACallback(TrainerCallback):
         return True
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss or gradient norm was NaN or infinite (`nan_loss_policy="stop"`); the weights were not
-    updated with it."""
-
-
-class _NonFiniteGuard(TrainerCallback):
-    """Applies `nan_loss_policy` just before the optimizer step: with "skip", a step whose loss (flagged by
-    `compute_loss`) or gradient norm (flagged by `_clip_grad_norm`) was not finite loses its gradients, so that the
-    optimizer leaves the weights and its state as they were; with "stop", a non-finite gradient norm raises."""
-
-    def __init__(self, trainer: BD3LMTrainer) -> None:
-        self._trainer = weakref.ref(trainer)  # no reference cycle: a finished trainer (and its data) is freed at once
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if trainer is None:
-            return
-        reason, trainer._non_finite = trainer._non_finite, None
-        if reason is None:
-            return
-        step = state.global_step + 1
-        if args.nan_loss_policy == "stop":
-            raise NonFiniteLossError(
-                f"Non-finite {reason} at global step {step}; training stopped before the optimizer step, so the weights "
-                "keep their last finite update. Lower the learning rate, check the data, or set "
-                "nan_loss_policy='skip' to drop such steps."
-            )
-        logger.warning(f"Non-finite {reason} at global step {step}: skipping this update (nan_loss_policy='skip').")
-        trainer._skipped_steps.append(step)
-        if trainer.accelerator.scaler is None:  # a GradScaler already skips steps with non-finite gradients itself
-            for param in trainer.model.parameters():
-                param.grad = None  # torch optimizers leave a parameter without gradient (and its state) untouched
-
-
 def estimate_gradient_variance(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -575,7 +540,6 @@ __all__ = [
     "EMACallback",
     "GradientVarianceCallback",
     "NoiseScheduleSearchCallback",
-    "NonFiniteLossError",
     "estimate_gradient_variance",
     "noise_interval_grid",
     "noised_nelbo",

@@ -258,13 +258,18 @@ class BD3LMDataCollator(DataCollatorMixin):
         if not examples:
             raise ValueError("Cannot collate an empty list of examples.")
         rows = []
-        for example in examples:
+        for index, example in enumerate(examples):
             if not isinstance(example, Mapping) or "input_ids" not in example:
                 raise TypeError("Every example must be a mapping with an `input_ids` entry.")
-            ids = torch.as_tensor(example["input_ids"], dtype=torch.long).reshape(-1)
+            ids = _example_ids(example["input_ids"], index)
             mask = example.get("attention_mask")
             if mask is not None:  # honour pre-padded examples
                 ids = ids[torch.as_tensor(mask).reshape(-1).bool()]
+            if ids.numel() == 0:
+                raise ValueError(
+                    f"Example {index} has no tokens (empty `input_ids`): nothing to train on; drop empty documents "
+                    "(build_lm_dataset does)."
+                )
             rows.append(ids)
         longest = max(len(ids) for ids in rows)
         if self.max_length is not None and longest > self.max_length:
@@ -283,6 +288,22 @@ class BD3LMDataCollator(DataCollatorMixin):
             attention_mask[i, : len(ids)] = 1
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _example_ids(value: Any, index: int) -> torch.Tensor:
+    """One example's `input_ids` as a flat long tensor; floats, strings and nested lists are refused."""
+    try:
+        ids = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(
+            f"Example {index}: `input_ids` must be a list of integer token ids, got {type(value).__name__} ({error})."
+        ) from error
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex() or ids.dim() > 1:
+        raise TypeError(
+            f"Example {index}: `input_ids` must be a flat list of integer token ids, got {ids.dtype} of shape "
+            f"{tuple(ids.shape)}; tokenize the text first."
+        )
+    return ids.to(torch.long).reshape(-1)
 
 
 __all__ = ["BD3LMDataCollator", "build_lm_dataset", "load_text_dataset"]

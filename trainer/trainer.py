@@ -10,11 +10,9 @@ search, EMA, gradient variance).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +30,6 @@ from .callbacks import (
     EMACallback,
     GradientVarianceCallback,
     NoiseScheduleSearchCallback,
-    NonFiniteLossError,
-    _NonFiniteGuard,
     _TrainerBoundCallback,
     gather_block_values,
     nelbo_valid_mask,
@@ -41,13 +37,41 @@ from .callbacks import (
     unwrap_bd3lm,
 )
 from .data import BD3LMDataCollator
+from .faults import (
+    NonFiniteLossError,
+    _NonFiniteGuard,
+    checkpoint_problem,
+    last_complete_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
 NAN_LOSS_POLICIES = ("stop", "skip")
-# Files a complete checkpoint holds when they exist at all; HF's Trainer writes `trainer_state.json` last.
-TRAINER_STATE_NAME = "trainer_state.json"
-_TORCH_ZIP_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# BD3LMTrainingArguments field -> (test, requirement): one ValueError naming the field per bad value.
+_ARGUMENT_RULES = {
+    "schedule_search_widths": (
+        lambda v: bool(v) and all(_is_real(w) and 0.0 < w <= 1.0 for w in v), "must be a non-empty list of widths in (0, 1]"
+    ),
+    "schedule_search_step": (lambda v: _is_real(v) and 0.0 < v < 1.0, "must be a number in (0, 1)"),
+    "schedule_search_batches": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
+    "noise_interval": (
+        lambda v: v is None or (len(v) == 2 and all(_is_real(x) for x in v) and 0.0 <= v[0] <= v[1] <= 1.0),
+        "must be two numbers 0 <= β <= ω <= 1",
+    ),
+    "ema_decay": (lambda v: _is_real(v) and 0.0 <= v < 1.0, "must be a number in [0, 1)"),
+    "grad_variance_minibatches": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
+    "nan_loss_policy": (lambda v: v in NAN_LOSS_POLICIES, f"must be one of {NAN_LOSS_POLICIES}"),
+}
 
 
 
@@ -129,27 +153,11 @@ class BD3LMTrainingArguments(TrainingArguments):
             # Every trainable parameter takes part in the vectorised pass, so DDP can skip the graph traversal.
             self.ddp_find_unused_parameters = False
         super().__post_init__()
-        if not self.schedule_search_widths or any(not 0.0 < w <= 1.0 for w in self.schedule_search_widths):
-            raise ValueError(
-                "`schedule_search_widths` must be a non-empty list of widths in (0, 1], got "
-                f"{self.schedule_search_widths}."
-            )
-        if not 0.0 < self.schedule_search_step < 1.0:
-            raise ValueError(f"`schedule_search_step` must be in (0, 1), got {self.schedule_search_step}.")
-        if self.schedule_search_batches < 1:
-            raise ValueError(f"`schedule_search_batches` must be >= 1, got {self.schedule_search_batches}.")
+        for name, (test, requirement) in _ARGUMENT_RULES.items():
+            if not test(getattr(self, name)):
+                raise ValueError(f"`{name}` {requirement}, got {getattr(self, name)!r}.")
         if self.noise_interval is not None:
-            if len(self.noise_interval) != 2 or not 0.0 <= self.noise_interval[0] <= self.noise_interval[1] <= 1.0:
-                raise ValueError(
-                    f"`noise_interval` must be two numbers 0 <= β <= ω <= 1, got {self.noise_interval}."
-                )
             self.noise_interval = [float(v) for v in self.noise_interval]
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
-        if self.grad_variance_minibatches < 0:
-            raise ValueError(f"`grad_variance_minibatches` must be >= 0, got {self.grad_variance_minibatches}.")
-        if self.nan_loss_policy not in NAN_LOSS_POLICIES:
-            raise ValueError(f"`nan_loss_policy` must be one of {NAN_LOSS_POLICIES}, got {self.nan_loss_policy!r}.")
 
 
 class _PerProcessNoiseCallback(TrainerCallback):
@@ -222,14 +230,24 @@ class BD3LMTrainer(Trainer):
     ) -> None:
         if args is None:
             args = BD3LMTrainingArguments(output_dir="bd3lm-trainer")
+        elif not isinstance(args, TrainingArguments):
+            raise TypeError(f"`args` must be BD3LMTrainingArguments (or TrainingArguments), got {type(args).__name__}.")
         elif not isinstance(args, BD3LMTrainingArguments):
             values = args.to_dict()
             values["hub_token"] = args.hub_token  # to_dict masks tokens
             args = BD3LMTrainingArguments(**values)
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)):
+            model = os.fspath(model)
+            if not os.path.isdir(model) and model.count("/") != 1:
+                raise ValueError(f"`model`={model!r} is neither a model folder nor a Hub id (owner/name).")
             model = BD3LMForMaskedDiffusion.from_pretrained(model)
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError("`train_dataset` is empty; pass at least one example.")
         if peft_config is not None:
-            from peft import get_peft_model
+            from peft import PeftConfig, get_peft_model
+
+            if not isinstance(peft_config, PeftConfig):
+                raise TypeError(f"`peft_config` must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}.")
 
             model = get_peft_model(model, peft_config)
         bd3lm = unwrap_bd3lm(model)
@@ -340,7 +358,9 @@ class BD3LMTrainer(Trainer):
         extra = {"generator": self._eval_generator} if not training and self._eval_generator is not None else {}
         outputs = model(**inputs, **extra)
         if training and num_items_in_batch is not None:
-            loss = outputs.token_loss.sum() / num_items_in_batch
+            # clamp: a batch whose every label is ignored contributes 0, not 0 / 0
+            loss = outputs.token_loss.sum() / (num_items_in_batch.clamp_min(1) if torch.is_tensor(num_items_in_batch)
+                                               else max(num_items_in_batch, 1))
             if self.args.average_tokens_across_devices:
                 loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
         else:
@@ -487,75 +507,6 @@ class BD3LMTrainer(Trainer):
         ema = self.ema_callback
         if ema is not None and self.state.best_model_checkpoint is not None:
             ema.load_state(self.state.best_model_checkpoint, self.model)
-
-
-def checkpoint_problem(folder: str | os.PathLike) -> str | None:
-    """Why a Trainer checkpoint folder cannot be resumed from, or None when it is complete.
-
-    Complete means: `trainer_state.json` (which the Trainer writes last) parses and names this step, the weights
-    (`model.safetensors`, its shards, or a PEFT `adapter_model.safetensors`) are whole safetensors files, and every
-    torch-serialised state file present (optimizer, scheduler, ...) is a whole zip archive. A run killed while saving
-    leaves a folder that fails one of these.
-    """
-    import zipfile
-
-    from safetensors import SafetensorError, safe_open
-
-    folder = os.fspath(folder)
-    state_path = os.path.join(folder, TRAINER_STATE_NAME)
-    if not os.path.isfile(state_path):
-        return f"no {TRAINER_STATE_NAME} (the save was interrupted)"
-    try:
-        with open(state_path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError) as error:
-        return f"{TRAINER_STATE_NAME} is unreadable ({error})"
-    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(os.path.normpath(folder)))
-    if not isinstance(state, dict) or (match and state.get("global_step") != int(match.group(1))):
-        return f"{TRAINER_STATE_NAME} does not describe step {match.group(1) if match else '?'}"
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weights = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as error:
-            return f"model.safetensors.index.json is unreadable ({error})"
-    else:
-        weights = [n for n in ("model.safetensors", "adapter_model.safetensors") if os.path.isfile(os.path.join(folder, n))]
-        if not weights:
-            return "no model.safetensors"
-    for name in weights:
-        try:
-            with safe_open(os.path.join(folder, name), framework="pt"):
-                pass  # opening checks that the header is whole and covers the file
-        except (SafetensorError, OSError) as error:  # OSError: a shard is missing
-            return f"{name} is not a whole safetensors file ({error})"
-    for name in sorted(os.listdir(folder)):
-        if (name in _TORCH_ZIP_FILES or name.startswith("rng_state")) and not zipfile.is_zipfile(os.path.join(folder, name)):
-            return f"{name} is truncated"
-    return None
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` folder of `output_dir` that is complete ([`checkpoint_problem`]), or None.
-
-    `transformers.trainer_utils.get_last_checkpoint` returns the newest folder even when a run was killed while
-    writing it; resuming from such a folder restarts at step 0 or fails. This skips it (with a warning).
-    """
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            steps.append((int(match.group(1)), name))
-    for _, name in sorted(steps, reverse=True):
-        folder = os.path.join(output_dir, name)
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
-        logger.warning(f"Skipping {folder}: {problem}.")
-    return None
 
 
 def _pad_token_id(processing_class: Any, config: BD3LMConfig) -> int:

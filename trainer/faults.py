@@ -1,0 +1,130 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""Fault handling of `BD3LMTrainer`: non-finite losses and gradients (`nan_loss_policy`), and checkpoints half-written
+by a run that was killed while saving (`last_complete_checkpoint`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import weakref
+from typing import TYPE_CHECKING
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+if TYPE_CHECKING:
+    from .trainer import BD3LMTrainer
+
+logger = logging.getLogger(__name__)
+
+# Files a complete checkpoint holds when they exist at all; HF's Trainer writes `trainer_state.json` last.
+TRAINER_STATE_NAME = "trainer_state.json"
+_TORCH_ZIP_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss or gradient norm was NaN or infinite (`nan_loss_policy="stop"`); the weights were not
+    updated with it."""
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Applies `nan_loss_policy` just before the optimizer step: with "skip", a step whose loss (flagged by
+    `compute_loss`) or gradient norm (flagged by `_clip_grad_norm`) was not finite loses its gradients, so that the
+    optimizer leaves the weights and its state as they were; with "stop", a non-finite gradient norm raises."""
+
+    def __init__(self, trainer: BD3LMTrainer) -> None:
+        self._trainer = weakref.ref(trainer)  # no reference cycle: a finished trainer (and its data) is freed at once
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is None:
+            return
+        reason, trainer._non_finite = trainer._non_finite, None
+        if reason is None:
+            return
+        step = state.global_step + 1
+        if args.nan_loss_policy == "stop":
+            raise NonFiniteLossError(
+                f"Non-finite {reason} at global step {step}; training stopped before the optimizer step, so the weights "
+                "keep their last finite update. Lower the learning rate, check the data, or set "
+                "nan_loss_policy='skip' to drop such steps."
+            )
+        logger.warning(f"Non-finite {reason} at global step {step}: skipping this update (nan_loss_policy='skip').")
+        trainer._skipped_steps.append(step)
+        if trainer.accelerator.scaler is None:  # a GradScaler already skips steps with non-finite gradients itself
+            for param in trainer.model.parameters():
+                param.grad = None  # torch optimizers leave a parameter without gradient (and its state) untouched
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from, or None when it is complete.
+
+    Complete means: `trainer_state.json` (which the Trainer writes last) parses and names this step, the weights
+    (`model.safetensors`, its shards, or a PEFT `adapter_model.safetensors`) are whole safetensors files, and every
+    torch-serialised state file present (optimizer, scheduler, ...) is a whole zip archive. A run killed while saving
+    leaves a folder that fails one of these.
+    """
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = os.fspath(folder)
+    state_path = os.path.join(folder, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_path):
+        return f"no {TRAINER_STATE_NAME} (the save was interrupted)"
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE_NAME} is unreadable ({error})"
+    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(os.path.normpath(folder)))
+    if not isinstance(state, dict) or (match and state.get("global_step") != int(match.group(1))):
+        return f"{TRAINER_STATE_NAME} does not describe step {match.group(1) if match else '?'}"
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weights = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as error:
+            return f"model.safetensors.index.json is unreadable ({error})"
+    else:
+        weights = [n for n in ("model.safetensors", "adapter_model.safetensors") if os.path.isfile(os.path.join(folder, n))]
+        if not weights:
+            return "no model.safetensors"
+    for name in weights:
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt"):
+                pass  # opening checks that the header is whole and covers the file
+        except (SafetensorError, OSError) as error:  # OSError: a shard is missing
+            return f"{name} is not a whole safetensors file ({error})"
+    for name in sorted(os.listdir(folder)):
+        if (name in _TORCH_ZIP_FILES or name.startswith("rng_state")) and not zipfile.is_zipfile(os.path.join(folder, name)):
+            return f"{name} is truncated"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` that is complete ([`checkpoint_problem`]), or None.
+
+    `transformers.trainer_utils.get_last_checkpoint` returns the newest folder even when a run was killed while
+    writing it; resuming from such a folder restarts at step 0 or fails. This skips it (with a warning).
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append((int(match.group(1)), name))
+    for _, name in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, name)
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning(f"Skipping {folder}: {problem}.")
+    return None
+
+
+__all__ = ["NonFiniteLossError", "checkpoint_problem", "last_complete_checkpoint"]
