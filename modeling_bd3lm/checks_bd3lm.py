@@ -9,6 +9,7 @@ inside torch.
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
@@ -182,9 +183,24 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, name: str = "tokenizer
         )
 
 
-def is_corrupt_weights_error(error: BaseException) -> bool:
-    """True for the `safetensors` reader's error (matched by name: the bundle imports only torch and transformers)."""
-    return type(error).__name__ == "SafetensorError"
+def explain_load_error(error: Exception, source: Any) -> Exception:
+    """The error `from_pretrained` should raise for `error`: a `ValueError` that says what is wrong for a truncated or
+    corrupted safetensors file and for a folder holding only pickle weights; otherwise `error` itself."""
+    # The safetensors reader's error is matched by name: the bundle imports only torch and transformers.
+    if type(error).__name__ == "SafetensorError":
+        return ValueError(
+            f"The weights file of {source} is not a readable safetensors file ({error}): it is truncated or corrupted "
+            "(an interrupted save or download?). Save it again or re-download it (force_download=True)."
+        )
+    folder = str(source)
+    if isinstance(error, OSError) and os.path.isdir(folder):
+        pickles = sorted(name for name in os.listdir(folder) if name.endswith((".bin", ".pt", ".pth")))
+        if pickles:
+            return ValueError(
+                f"{folder} holds pickle weights ({', '.join(pickles)}) but no model.safetensors; BD3-LM loads "
+                "safetensors only. Convert them once in a trusted environment and `save_pretrained` again."
+            )
+    return error
 
 
 def check_loading_info(
@@ -241,6 +257,6 @@ __all__ = [
     "check_token_ids",
     "check_tokenizer_fits",
     "check_vectorised_length",
-    "is_corrupt_weights_error",
+    "explain_load_error",
     "tokenizer_size",
 ]

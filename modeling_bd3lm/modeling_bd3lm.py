@@ -12,7 +12,6 @@ Module and parameter names reproduce the official checkpoints (`kuleshov-group/b
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ from .checks_bd3lm import (
     check_timesteps,
     check_token_ids,
     check_vectorised_length,
-    is_corrupt_weights_error,
+    explain_load_error,
 )
 from .noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, BD3LMNoiseSchedule, add_noise, sample_noise_levels
 from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
@@ -55,6 +54,9 @@ from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
 # when it loads a checkpoint from a local folder with trust_remote_code, so every bundled module is imported here.
 from .sampling_bd3lm import SAMPLERS  # noqa: F401
 
+
+# Largest NELBO weight (≈ 1/t) accepted: beyond it weight × cross-entropy may overflow float32.
+_MAX_LOSS_WEIGHT = 1e30
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Models
@@ -87,7 +89,7 @@ class BD3LMPreTrainedModel(PreTrainedModel):
         corrupted weights file, or weights that do not fit the config (missing, unexpected or resized tensors), raise
         a `ValueError` that says so instead of loading a partly random model."""
         if kwargs.get("use_safetensors") is False:
-            raise ValueError("BD3-LM loads weights from safetensors only (pickle files can run code); drop `use_safetensors=False`.")
+            raise ValueError("BD3-LM loads weights from safetensors only (pickles can run code): drop use_safetensors=False.")
         kwargs["use_safetensors"] = True
         return_info = kwargs.pop("output_loading_info", False)
         allow_size_mismatch = bool(kwargs.pop("ignore_mismatched_sizes", False))
@@ -97,23 +99,11 @@ class BD3LMPreTrainedModel(PreTrainedModel):
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
                 **kwargs,
             )
-        except OSError as error:
-            folder = str(pretrained_model_name_or_path)
-            pickles = os.path.isdir(folder) and [n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth"))]
-            if not pickles:
-                raise
-            raise ValueError(
-                f"{folder} holds pickle weights ({', '.join(sorted(pickles))}) but no model.safetensors; BD3-LM loads "
-                "safetensors only. Convert them once in a trusted environment and `save_pretrained` again."
-            ) from error
         except Exception as error:
-            if not is_corrupt_weights_error(error):
+            explained = explain_load_error(error, pretrained_model_name_or_path)
+            if explained is error:
                 raise
-            raise ValueError(
-                f"The weights file of {pretrained_model_name_or_path} is not a readable safetensors file ({error}): it "
-                "is truncated or corrupted (an interrupted save or download?). Save it again or re-download it "
-                "(force_download=True)."
-            ) from error
+            raise explained from error
         check_loading_info(
             info,
             pretrained_model_name_or_path,
@@ -481,6 +471,12 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             valid = valid & attention_mask.bool()
         if config.ignore_bos:
             valid[:, 0] = False
+        if bool(((labels == config.mask_token_id) & valid).any()):
+            raise ValueError(
+                f"`labels` contain the mask token id {config.mask_token_id}, which the model can never predict (SUBS "
+                "gives it probability 0, so the loss is infinite); the data must not contain the mask token: check "
+                "the tokenizer and `mask_token_id`, or set those labels to -100."
+            )
         targets = torch.where(valid, labels, torch.zeros_like(labels))
         nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
         if config.always_mask:
@@ -489,14 +485,15 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             weight = self.noise_schedule.loss_weight(noise_levels.float())
         weight = weight.repeat_interleave(config.block_size, dim=1)
         is_masked = (noisy_input_ids == config.mask_token_id) & valid
-        if not bool(torch.isfinite(weight[is_masked]).all()):
-            raise ValueError(
-                "`noisy_input_ids` has mask tokens in a block whose `noise_levels` entry gives an infinite NELBO weight "
-                "(t = 0 masks nothing); use t > 0 for blocks with masked tokens."
-            )
         # Zero the weight, not only the term, off the masked positions: an infinite weight there (t = 0) would turn
         # the zero gradient of an unused term into NaN.
-        token_loss = torch.where(is_masked, weight, torch.zeros_like(weight)) * nll
+        weight = torch.where(is_masked, weight, torch.zeros_like(weight))
+        if not bool((weight <= _MAX_LOSS_WEIGHT).all()):  # also catches inf and NaN
+            raise ValueError(
+                "`noisy_input_ids` has mask tokens in a block whose `noise_levels` entry is (nearly) 0, where the NELBO "
+                f"weight overflows (t = 0 masks nothing); use t > {1 / _MAX_LOSS_WEIGHT:g} for blocks with masked tokens."
+            )
+        token_loss = torch.where(is_masked, weight * nll, torch.zeros_like(nll))
         loss = token_loss.sum() / valid.sum().clamp_min(1)
         return loss, token_loss
 
