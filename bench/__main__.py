@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default: {RESULTS_DIR})")
     parser.add_argument("--device", nargs="+", choices=("cpu", "cuda"),
                         help="devices to measure (default: cpu, and cuda when available)")  # fmt: skip
+    parser.add_argument("--threads", type=int, help="torch CPU threads of the training section (default: torch's "
+                        "default, one per core; generation always uses 1: its small calls only slow down with more)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the test suite's tiny setting
     args = parser.parse_args(argv)
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but torch sees no CUDA device.")
     args.devices = [torch.device(d) for d in devices]
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}.")
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     return args
 
@@ -56,6 +60,8 @@ def run(args: argparse.Namespace) -> dict:
     from bench.bench_generation import run_generation
     from bench.bench_training import run_training
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     stem = args.out / machine_name()
     json_path = stem.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.exists() and args.only else {}
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
         "generation": previous.get("generation", []),
     }
     sections = [args.only] if args.only else list(SECTIONS)
-    log = lambda message: print(message, flush=True)  # noqa: E731
+    log = lambda message: print(message, flush=True)
     for name in sections:
         measured = []
         for device in args.devices:
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> dict:
             )
             section.update(
                 mode=args.mode,
+                command=results["command"],
                 measured_at=datetime.datetime.now().isoformat(timespec="seconds"),
                 duration_s=round(time.time() - start, 1),
             )

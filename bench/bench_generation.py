@@ -27,8 +27,8 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -261,7 +261,8 @@ def memory_in_child(path: str | None, preset: str, block_size: int, model_length
     args = json.dumps([path, preset, block_size, model_length, new_tokens, device])
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
-    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, cwd=root)
+    command = [sys.executable, "-c", code, args]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the memory measurement failed in its child process:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -323,8 +324,10 @@ def run_generation(
                     device.type)  # fmt: skip
             result = memory_in_child(*args) if spec["subprocess"] else measure_memory(*args)
             memory.append({"multiple": multiple, "fresh_process": spec["subprocess"], "device": device.type, **result})
-            log(f"  memory {multiple:>2}x L: peak {result['peak_mib']:.1f} MiB (growth {result['growth_mib']:.1f}), "
-                f"KV {result['kv_bytes_per_token']:.0f} B/token (formula {result['formula_bytes_per_token']})")  # fmt: skip
+            log(
+                f"  memory {multiple:>2}x L: peak {result['peak_mib']:.1f} MiB (growth {result['growth_mib']:.1f}), "
+                f"KV {result['kv_bytes_per_token']:.0f} B/token (formula {result['formula_bytes_per_token']})"
+            )
     finally:
         torch.set_num_threads(threads)
     native = BD3LMConfig.from_pretrained(model_path).block_size if model_path else None

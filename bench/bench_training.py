@@ -7,7 +7,7 @@ One step = `zero_grad` + forward + backward (no optimizer). The passes, all on t
 
 * `vectorised`: `model(x_0, labels=x_0)`, one pass over 2L tokens with the three-part mask (Sec. 3.2 of the paper).
 * `ar`: next-token prediction over L tokens, the same network with block_size = 1 (causal attention).
-* `mdlm`: one pass over the L noisy tokens with block_size = L (bidirectional attention) and the NELBO of the masked ones.
+* `mdlm`: one pass over the L noisy tokens with block_size = L (bidirectional attention), NELBO of the masked ones.
 * `per_block_loop`: for each block b, a pass over [x_0 blocks < b ; x_t block b], summed (what the vectorised pass
   replaces; the official code's naive alternative).
 
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import copy
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from bd3lm_configuration import load_preset
+
 from bench.common import interleaved_times, median_ratio
 from bench.flops import matmul_peak, per_block_loop_flops, step_flops
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion

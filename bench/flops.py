@@ -9,7 +9,7 @@ attention, where every product is a visible `mm`/`addmm`/`bmm`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -55,8 +55,8 @@ def step_flops(config: BD3LMConfig, kind: str, batch: int, length: int) -> int:
 
 
 def per_block_loop_flops(config: BD3LMConfig, batch: int, length: int) -> int:
-    """Matmul FLOPs of the per-block loop: for block b, one pass over [x_0 blocks < b ; x_t block b] with the head on
-    the last block only would be cheapest, but the loop (like a naive implementation) runs the head on the window."""
+    """Matmul FLOPs of the per-block loop: for each block b, one pass over the window [x_0 blocks < b ; x_t block b]
+    (the head runs on the whole window, as in `bench_training.per_block_step`)."""
     bs = config.block_size
     total = 0
     for block in range(length // bs):

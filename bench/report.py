@@ -68,8 +68,10 @@ def evaluate_targets(results: dict) -> list[dict]:
         native = section.get("native_block_size")
         row = _first(trained, mode="threshold 0.9", batch=1, block_size=native)
         if row is None:
-            targets.append(_target("confidence_threshold 0.9, trained model", ">= 2 tokens/call and faster than AR",
-                                   "not measured", None, device, "pass --model PATH (a trained checkpoint)"))  # fmt: skip
+            targets.append(_target(
+                "confidence_threshold 0.9, trained model", ">= 2 tokens/call and faster than AR", "not measured",
+                None, device, "pass --model PATH (a trained checkpoint)",
+            ))  # fmt: skip
         else:
             where = f"{device}, {row['model']}, L'={row['block_size']}, batch 1"
             targets.append(_target("confidence_threshold 0.9: tokens per call", ">= 2",
@@ -88,11 +90,15 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Benchmark results: `{results['machine_name']}`",
         "",
-        f"Machine: {m['cpu']}, {m['cpu_cores']} cores" + (f", {m['cuda']}" if m.get("cuda") else "")
-        + f"; torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['platform']}.",
+        (
+            f"Machine: {m['cpu']}, {m['cpu_cores']} cores" + (f", {m['cuda']}" if m.get("cuda") else "")
+            + f"; torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['platform']}."
+        ),
         "",
-        "Every ratio is measured side by side in one run (candidates interleaved repeat by repeat, after warm-up; the"
-        " median of the per-repeat ratios). Absolute times belong to this machine only.",
+        (
+            "Every ratio is measured side by side in one run (candidates interleaved repeat by repeat, after warm-up;"
+            " the median of the per-repeat ratios). Absolute times belong to this machine only."
+        ),
         "",
         "## Targets",
         "",
@@ -105,11 +111,15 @@ def markdown(results: dict) -> str:
     for section in results.get("training", []):
         lines += [
             "",
-            f"## Training step ({section['device']}, {section['torch_threads']} threads, `{section['mode']}` run, "
-            f"{section['measured_at']})",
+            (
+                f"## Training step ({section['device']}, {section['torch_threads']} threads, `{section['mode']}` run, "
+                f"{section['measured_at']})"
+            ),
             "",
-            f"One step = forward + backward. MFU = counted matmul FLOPs / step time / fp32 matmul peak "
-            f"({section['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, measured in the same run).",
+            (
+                "One step = forward + backward. MFU = counted matmul FLOPs / step time / fp32 matmul peak "
+                f"({section['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, measured in the same run)."
+            ),
             "",
             "| group | preset | L | L' | batch | pass | attention | step (ms) | / AR | / vectorised | GFLOP | MFU |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -123,12 +133,16 @@ def markdown(results: dict) -> str:
     for section in results.get("generation", []):
         lines += [
             "",
-            f"## Generation ({section['device']}, {section['torch_threads']} thread, `{section['mode']}` run, "
-            f"{section['measured_at']})",
+            (
+                f"## Generation ({section['device']}, {section['torch_threads']} thread, `{section['mode']}` run, "
+                f"{section['measured_at']})"
+            ),
             "",
-            "Tokens/s count every row of the batch. Calls/token: denoising network calls a row needs per token (the "
-            "paper's NFE); tokens/call is its inverse. `cache` rows use random weights and a long window; `samplers` "
-            f"rows use {section['model']}.",
+            (
+                "Tokens/s count every row of the batch. Calls/token: denoising network calls a row needs per token "
+                "(the paper's NFE); tokens/call is its inverse. `cache` rows use random weights and a long window; "
+                f"`samplers` rows use {section['model']}."
+            ),
             "",
             "| group | L | L' | batch | mode | new tokens | tokens/s | calls/token | tokens/call | x uncached | x AR |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -142,8 +156,10 @@ def markdown(results: dict) -> str:
         if section.get("memory"):
             lines += [
                 "",
-                "| new tokens | L | L' | peak (MiB) | growth (MiB) | measure | cached tokens | KV bytes/token | "
-                "2·layers·hidden·bytes |",
+                (
+                    "| new tokens | L | L' | peak (MiB) | growth (MiB) | measure | cached tokens | KV bytes/token | "
+                    "2·layers·hidden·bytes |"
+                ),
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             for mem in section["memory"]:

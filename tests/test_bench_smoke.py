@@ -50,7 +50,7 @@ def test_suite_writes_valid_json(tmp_path):
 
 @pytest.mark.parametrize("kind", ["vectorised", "ar", "mdlm", "per_block_loop"])
 def test_flop_count_matches_flop_counter(kind):
-    """Eager attention makes every product a visible mm/addmm/bmm, so the counter sees exactly what step_flops counts."""
+    """With eager attention every product is a visible mm/addmm/bmm: the counter sees exactly what we count."""
     state = BD3LMForMaskedDiffusion(build_config("test", 32, 4, "eager")).state_dict()
     step, counted = make_step(kind, "test", 16, 4, 3, "eager", state, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
