@@ -265,6 +265,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         return_dict = config.return_dict if return_dict is None else return_dict
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         check_token_ids("input_ids", input_ids, config.vocab_size)
+        input_ids = input_ids.long()  # int16/uint8 ids would index the embedding wrongly (uint8 as a boolean mask)
         batch, seq_len = input_ids.shape
         device = input_ids.device
         if past_key_values is not None:
@@ -277,6 +278,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
             if past_key_values is not None or use_cache:
                 raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
             check_token_ids("noisy_input_ids", noisy_input_ids, config.vocab_size)
+            noisy_input_ids = noisy_input_ids.long()
             if noisy_input_ids.shape != input_ids.shape:
                 raise ValueError(
                     f"`noisy_input_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
@@ -539,6 +541,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         check_generator(generator)
         return_dict = config.return_dict if return_dict is None else return_dict
         check_token_ids("input_ids", input_ids, config.vocab_size)
+        input_ids = input_ids.long()
         batch, seq_len = input_ids.shape
 
         vectorised = noisy_input_ids is not None or labels is not None or noise_levels is not None
@@ -548,6 +551,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 check_attention_mask("attention_mask", attention_mask, (batch, seq_len), "one column per token")
             if labels is not None:
                 check_token_ids("labels", labels, config.vocab_size, allow_ignore_index=True)
+                labels = labels.long()
                 if tuple(labels.shape) != (batch, seq_len):
                     raise ValueError(
                         f"`labels` must have the shape of `input_ids` {(batch, seq_len)}, got {tuple(labels.shape)}."

@@ -309,3 +309,17 @@ def test_float_input_ids_raise_type_error():
 def test_unknown_attn_implementation_raises():
     with pytest.raises(ValueError, match="attn_implementation|attn_backend"):
         random_model(attn_implementation="nope")(torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_integer_ids_give_the_logits_and_loss_of_int64(dtype):
+    # uint8 ids must not be taken for a boolean mask by the embedding lookup
+    model = random_model()
+    x_0 = torch.randint(0, 63, (2, 32), generator=torch.Generator().manual_seed(0))
+    x_t = torch.where(torch.rand(2, 32, generator=torch.Generator().manual_seed(1)) < 0.5, 63, x_0)
+    t = torch.full((2, 8), 0.5)
+    expected = model(x_0, noisy_input_ids=x_t, labels=x_0, noise_levels=t, return_dict=True)
+    narrow = model(x_0.to(dtype), noisy_input_ids=x_t.to(dtype), labels=x_0.to(dtype), noise_levels=t, return_dict=True)
+    torch.testing.assert_close(narrow.logits, expected.logits)
+    torch.testing.assert_close(narrow.loss, expected.loss)
+    torch.testing.assert_close(model(x_t.to(dtype), return_dict=True).logits, model(x_t, return_dict=True).logits)

@@ -298,6 +298,8 @@ def _example_ids(value: Any, index: int) -> torch.Tensor:
         raise TypeError(
             f"Example {index}: `input_ids` must be a list of integer token ids, got {type(value).__name__} ({error})."
         ) from error
+    if ids.numel() == 0:  # an empty list has no integer dtype to check
+        return torch.zeros(0, dtype=torch.long)
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex() or ids.dim() > 1:
         raise TypeError(
             f"Example {index}: `input_ids` must be a flat list of integer token ids, got {ids.dtype} of shape "
