@@ -178,6 +178,15 @@ def check_repo_id(repo_id: str, *, name: str = "repo_id", namespace: bool = True
     return repo_id
 
 
+def check_shard_size(size: str | int) -> str | int:
+    """`size` as `save_pretrained`'s `max_shard_size` takes it ('5GB', '500MB', bytes), or a ValueError naming it."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    if isinstance(size, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", size, re.I):
+        return size.strip()
+    raise ValueError(f"max_shard_size={size!r} is not a size: use a positive number of bytes or e.g. '5GB', '500MB'.")
+
+
 def resolve_token(token: str | None = None) -> str:
     """The explicit token, else `HF_TOKEN`, else the login cache; a ValueError when there is none."""
     from huggingface_hub import get_token
@@ -445,6 +454,17 @@ def plan_upload(
     check_repo_id(repo_id)
     if base_model is not None:
         check_repo_id(base_model, name="base_model", namespace=False)
+    for dataset in datasets:
+        check_repo_id(dataset, name="dataset", namespace=False)
+    if isinstance(nfe_tokens, bool) or not isinstance(nfe_tokens, int) or nfe_tokens < 0:
+        raise ValueError(f"nfe_tokens={nfe_tokens!r} must be an integer >= 0 (0 skips the measurement).")
+    max_shard_size = check_shard_size(max_shard_size)
+    for pattern in include:
+        if "custom_generate" in pattern:
+            raise ValueError(
+                f"--include {pattern!r}: custom_generate/ code is never published; BD3-LM's generate() is part of the "
+                "model code and runs only under trust_remote_code=True."
+            )
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ValueError(f"tokenizer={str(tokenizer)!r} is not a folder.")
     folder = Path(folder).resolve()

@@ -128,7 +128,7 @@ def test_resume_without_checkpoint_is_one_line(
     train, validation = text_files
     argv = ["train", "--dataset", str(train), "--eval-dataset", str(validation), "--output-dir", str(tmp_path), "--resume"]
     assert main(argv + FAST_TRAIN) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"bd3lm train: error: --resume: no checkpoint-* folder in {tmp_path}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"bd3lm train: error: --resume: no complete checkpoint-* folder in {tmp_path}"
 
 
 def test_train_writes_a_loadable_model(trained: Path) -> None:

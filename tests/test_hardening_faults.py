@@ -374,9 +374,6 @@ def test_generate_interrupted_leaves_the_model_usable(kind, use_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="bd3lm train --resume picks the newest checkpoint-* with transformers' "
-                                       "get_last_checkpoint, a torn one included; cli.py should call "
-                                       "bd3lm_trainer.trainer.last_complete_checkpoint (or pass resume_from_checkpoint=True)")
 def test_cli_resume_skips_a_torn_checkpoint(tmp_path, capsys):
     from bd3lm_trainer.cli import main
 

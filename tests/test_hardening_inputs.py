@@ -369,21 +369,16 @@ COMMANDS = [
     CommandCase("bd3lm", ("generate", "{truncated}"), "truncated or corrupted"),
     CommandCase("bd3lm", ("generate", "{small-vocab}"), "tokenizer.*8192 tokens.*vocab_size"),
     CommandCase("bd3lm", ("upload", "{root}/missing", "user/name", "--dry-run"), "folder=.*does not exist"),
-    CommandCase("bd3lm", ("eval", "{root}/missing", "--dataset", "{data}"), "missing.*(does not exist|not a folder)",
-                xfail="bd3lm eval on a missing model folder says \"Repo id must be in the form ...\" (from "
-                      "huggingface_hub) instead of naming the folder"),
+    CommandCase("bd3lm", ("eval", "{root}/missing", "--dataset", "{data}"), "missing.*(does not exist|not a folder)"),
     CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--checkpoint", "latest"), "checkpoint='latest'"),
     CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--tokenizer", "{root}/missing"), "tokenizer="),
     CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--base-model", "bad id!"), "base_model="),
     CommandCase("hub_upload", ("{truncated}", "user/name", "--dry-run", "--nfe-tokens", "0"), "safetensors"),
     CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--nfe-tokens", "0", "--max-shard-size", "lots"),
-                "max[-_]shard[-_]size",
-                xfail="--max-shard-size lots fails with transformers' \"Unit 'TS' not supported\", naming no option"),
-    CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--nfe-tokens", "-5"), "nfe[-_]tokens",
-                xfail="--nfe-tokens -5 is accepted silently (treated as 0)"),
+                "max[-_]shard[-_]size"),
+    CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--nfe-tokens", "-5"), "nfe[-_]tokens"),
     CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--nfe-tokens", "0", "--dataset", "bad id!"),
-                "dataset",
-                xfail="--dataset 'bad id!' is not checked and lands in the card's metadata"),
+                "dataset"),
 ]
 
 

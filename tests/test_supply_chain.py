@@ -157,8 +157,6 @@ def test_hub_upload_never_publishes_a_custom_generate_folder(folder_with_custom_
         assert any("custom_generate" in str(getattr(left, "path", left)) for left in plan.left_out)
 
 
-@pytest.mark.xfail(strict=True, reason="hub_upload --include 'custom_generate/*' publishes the folder; it should "
-                                       "refuse it (we ship no custom_generate code, see the stance)")
 def test_hub_upload_refuses_to_include_custom_generate_on_request(folder_with_custom_generate):
     with pytest.raises(ValueError, match="custom_generate"):
         with hub_upload.plan_upload(folder_with_custom_generate, "user/model", nfe_tokens=0,

@@ -196,11 +196,12 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
     )
     resume = None
     if args.resume:
-        from transformers.trainer_utils import get_last_checkpoint
+        from bd3lm_trainer.faults import last_complete_checkpoint
 
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        # Not transformers' get_last_checkpoint: that returns a checkpoint torn by a kill during its save.
+        resume = last_complete_checkpoint(args.output_dir)
         if resume is None:
-            raise CLIError(f"--resume: no checkpoint-* folder in {args.output_dir}")
+            raise CLIError(f"--resume: no complete checkpoint-* folder in {args.output_dir}")
     trainer.train(resume_from_checkpoint=resume)
     evaluations = [log for log in trainer.state.log_history if "eval_loss" in log]
     if not evaluations or evaluations[-1].get("step") != trainer.state.global_step:

@@ -312,6 +312,10 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     table, writes `--output` as JSON and returns the results."""
     if not (args.dataset or args.judge or args.tasks):
         raise ValueError("Nothing to evaluate: pass `--dataset` (perplexity), `--judge` (gen-PPL) or `--tasks`.")
+    if not os.path.isdir(args.model) and (args.model.count("/") != 1 or args.model.startswith((".", "/"))):
+        raise ValueError(f"model {args.model!r} does not exist and is not a Hub id (owner/name)")
+    if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise ValueError(f"{args.model} has no config.json; is it a trained model folder?")
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
     results: dict[str, Any] = {"model": args.model, "block_size": model.config.block_size}
     for name in args.dataset or []:
