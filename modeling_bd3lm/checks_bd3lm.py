@@ -8,7 +8,6 @@ inside torch.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Any
@@ -246,10 +245,10 @@ def check_loading_info(
 
 __all__ = [
     "check_attention_mask",
-    "check_loading_info",
     "check_cache",
     "check_extra_kwargs",
     "check_generator",
+    "check_loading_info",
     "check_noise_levels",
     "check_special_token_ids",
     "check_tensor",

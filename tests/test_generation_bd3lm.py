@@ -787,3 +787,22 @@ def test_generate_through_peft(task_type):
                 param.normal_(0, 0.5)
     changed = peft_model.generate(max_new_tokens=8, do_sample=True, seed=0, return_dict_in_generate=True)
     assert changed.sequences.shape == expected.shape
+
+
+def test_the_output_classes_share_one_cache_field_switch():
+    import dataclasses
+
+    from transformers import DynamicCache
+
+    import modeling_bd3lm
+    from modeling_bd3lm import generation_bd3lm, outputs_bd3lm
+
+    assert CACHE_FIELD == outputs_bd3lm.CACHE_FIELD == modeling_bd3lm.CACHE_FIELD
+    for cls in (BD3LMGenerateOutput, modeling_bd3lm.BD3LMOutput):
+        names = [field.name for field in dataclasses.fields(cls)]
+        assert names.count(CACHE_FIELD) == 1 and ({"cache", "past_key_values"} - {CACHE_FIELD}).isdisjoint(names)
+    out = BD3LMGenerateOutput(sequences=torch.zeros(1, 2, dtype=torch.long), **{CACHE_FIELD: DynamicCache()})
+    assert isinstance(out[CACHE_FIELD], DynamicCache)
+    # the split modules keep every public name where it was
+    for name in generation_bd3lm.__all__:
+        assert getattr(modeling_bd3lm, name) is getattr(generation_bd3lm, name)

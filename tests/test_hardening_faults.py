@@ -16,14 +16,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from bd3lm_trainer import BD3LMTrainer
+from bd3lm_trainer.trainer import (
+    NonFiniteLossError,
+    checkpoint_problem,
+    last_complete_checkpoint,
+)
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from bd3lm_trainer import BD3LMTrainer
-from bd3lm_trainer.trainer import NonFiniteLossError, checkpoint_problem, last_complete_checkpoint
 from modeling_bd3lm import BD3LMForMaskedDiffusion
-from tests.conftest import REPO_ROOT, random_model, random_token_dataset, tiny_train_model, tiny_training_args
+from tests.conftest import (
+    REPO_ROOT,
+    random_model,
+    random_token_dataset,
+    tiny_train_model,
+    tiny_training_args,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # A run killed (SIGKILL) while it writes a checkpoint resumes from the last complete one, losing nothing

@@ -22,28 +22,33 @@ from typing import Any
 
 import pytest
 import torch
+from bd3lm_trainer import BD3LMTrainer
+from bd3lm_trainer.cli import main as cli_main
+from bd3lm_trainer.corpus import load_tokenizer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LogitsProcessor, TextStreamer
 
 import hub_upload
-from bd3lm_trainer import BD3LMTrainer
-from bd3lm_trainer.cli import main as cli_main
-from bd3lm_trainer.corpus import load_tokenizer
 from modeling_bd3lm.sampling_bd3lm import SAMPLERS
-from tests.conftest import random_model, tiny_config, tiny_train_model, tiny_training_args
+from tests.conftest import (
+    random_model,
+    tiny_config,
+    tiny_train_model,
+    tiny_training_args,
+)
 
 VOCAB, MASK, BOS, PAD = 64, 63, 1, 0
 L = torch.long
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model():
     """The tiny random model in eval mode (shared: no case mutates it)."""
     return random_model(bos_token_id=BOS, pad_token_id=PAD)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _time_conditioned():
     return random_model(time_conditioning=True)
 

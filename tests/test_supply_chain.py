@@ -17,12 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from bd3lm_trainer import BD3LMTrainer
 
 import hub_upload
-from bd3lm_trainer import BD3LMTrainer
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 from modeling_bd3lm.sampling_bd3lm import SAMPLERS
-from tests.conftest import REPO_ROOT, random_model, random_token_dataset, tiny_train_model, tiny_training_args
+from tests.conftest import (
+    REPO_ROOT,
+    random_model,
+    random_token_dataset,
+    tiny_train_model,
+    tiny_training_args,
+)
 
 OUR_CODE = [REPO_ROOT / "hub_upload.py", *(
     path for folder in ("modeling_bd3lm", "trainer", "configuration", "bench")

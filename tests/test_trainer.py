@@ -410,3 +410,27 @@ def test_two_process_training_agrees_on_the_searched_interval(tmp_path):
     assert ranks[0]["first_step"]["ids"] != ranks[1]["first_step"]["ids"]
     assert ranks[0]["first_step"]["t"] != ranks[1]["first_step"]["t"]
     assert (tmp_path / "out" / "checkpoint-4" / EMA_STATE_NAME).is_file()
+
+
+def test_plain_trainer_does_not_pass_num_items_in_batch(tmp_path):
+    # The model computes its own token-mean loss (`accepts_loss_kwargs = False`); BD3LMTrainer normalises the token
+    # terms itself and so does take the count.
+    from transformers import Trainer
+
+    assert BD3LMForMaskedDiffusion.accepts_loss_kwargs is False
+    seen = []
+
+    class Recording(BD3LMForMaskedDiffusion):
+        def forward(self, *args, **kwargs):
+            seen.append(sorted(kwargs))
+            return super().forward(*args, **kwargs)
+
+    model = Recording(tiny_train_model().config).train()
+    args = TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=1, use_cpu=True, report_to=[],
+                             per_device_train_batch_size=4, gradient_accumulation_steps=2, disable_tqdm=True,
+                             remove_unused_columns=False)
+    plain = Trainer(model=model, args=args, train_dataset=random_token_dataset(8).map(lambda r: {"labels": r["input_ids"]}))
+    assert plain.model_accepts_loss_kwargs is False
+    plain.train()
+    assert seen and all("num_items_in_batch" not in keys for keys in seen)
+    assert BD3LMTrainer(tiny_train_model(), make_args(tmp_path)).model_accepts_loss_kwargs is True
