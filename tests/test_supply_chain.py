@@ -181,13 +181,14 @@ def test_our_generate_never_runs_custom_generate_code(folder_with_custom_generat
 
 
 def test_a_shipped_custom_generate_would_require_a_transformers_that_gates_it():
-    """transformers 4.49-5.8.1 wrote a repository's custom_generate/generate.py to disk before asking for consent
-    (fixed in 5.17, transformers PR #46483). The package supports 4.57, which is fine only while nothing ships one."""
+    """Before transformers 5.12.0 (PR #46483; checked in the wheels: `load_custom_generate` passes
+    `has_local_code=False` from 5.12.0 on, not in 5.11.0) a local custom_generate/generate.py ran without
+    `trust_remote_code`. The package supports 4.57, which is fine only while nothing ships one."""
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     lower = re.search(r'"transformers>=([0-9.]+)', pyproject)
     assert lower is not None, "pyproject.toml must bound transformers from below"
     version = tuple(int(part) for part in lower.group(1).split(".")[:2])
-    assert not _custom_generate_folders() or version >= (5, 17)
+    assert not _custom_generate_folders() or version >= (5, 12)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .callbacks import (
     plot_schedule_search,
     unwrap_bd3lm,
 )
+from .faults import NonFiniteLossError, checkpoint_problem, last_complete_checkpoint
 from .data import BD3LMDataCollator, build_lm_dataset, load_text_dataset
 from .peft_presets import LORA_TARGET_MODULES, lora_target_modules
 from .trainer import BD3LMTrainer, BD3LMTrainingArguments, load_for_finetuning
@@ -23,9 +24,12 @@ __all__ = [
     "EMACallback",
     "GradientVarianceCallback",
     "LORA_TARGET_MODULES",
+    "NonFiniteLossError",
     "NoiseScheduleSearchCallback",
     "build_lm_dataset",
+    "checkpoint_problem",
     "estimate_gradient_variance",
+    "last_complete_checkpoint",
     "load_for_finetuning",
     "load_text_dataset",
     "lora_target_modules",
