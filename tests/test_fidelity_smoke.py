@@ -110,3 +110,18 @@ def test_command_line_rejects_bad_steps(capsys):
     with pytest.raises(SystemExit) as err:
         main(["--steps", "0"])
     assert err.value.code == 2 and "--steps must be positive" in capsys.readouterr().err
+
+
+def test_unenforce_floor_moves_only_a_floor_bound():
+    from bench.fidelity.study import FLOAT32_BELOW_FLOOR, unenforce_floor
+    from tests.conftest import tiny_config
+
+    model = BD3LMForMaskedDiffusion(tiny_config(resample=True))
+    model.set_noise_interval(1e-3, 0.6)  # float32 buffers: reads back as 0.0010000000475 > 1e-3
+    assert model.training_noise_interval()[0] > 1e-3
+    unenforce_floor(model)
+    lo, hi = model.training_noise_interval()
+    assert lo == FLOAT32_BELOW_FLOOR and 0.000999 < lo < 1e-3 and hi == pytest.approx(0.6)
+    model.set_noise_interval(0.3, 0.8)
+    unenforce_floor(model)
+    assert model.training_noise_interval() == pytest.approx((0.3, 0.8))
