@@ -355,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return hub_upload.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .malloc_tuning import reuse_freed_memory
+
+    reuse_freed_memory()  # ~20% less CPU per training step on glibc; see malloc_tuning.py
     try:
         return args.func(args)
     except CLIError as err:
