@@ -70,6 +70,11 @@ AUTO_MAP = {
 }
 
 
+def _float32(value: float) -> float:
+    """`value` rounded to float32, the dtype of the noise-interval buffers."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
 class BD3LMPreTrainedModel(PreTrainedModel):
     config_class = BD3LMConfig
     base_model_prefix = "backbone"
@@ -432,9 +437,12 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 noise_levels = sample_noise_levels(
                     batch, num_blocks, lo, hi, config.antithetic_sampling, generator, x_0.device
                 )
-                if self.training and config.resample and (lo, hi) != EVAL_NOISE_INTERVAL:
-                    # A bound at the default end of the range is not enforced (as upstream).
-                    resample_interval = (lo if lo > EVAL_NOISE_INTERVAL[0] else 0.0, hi)
+                # A bound at the default end of the range is not enforced (as upstream). Compared in float32, the
+                # buffers' dtype: 1e-3 reads back from them as 0.0010000000475 and would otherwise count as clipped.
+                lo32, hi32 = _float32(lo), _float32(hi)
+                floor, ceiling = (_float32(bound) for bound in EVAL_NOISE_INTERVAL)
+                if self.training and config.resample and (lo32, hi32) != (floor, ceiling):
+                    resample_interval = (lo if lo32 > floor else 0.0, hi)
         maskable = torch.ones_like(x_0, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
         if config.ignore_bos:
             maskable[:, 0] = False

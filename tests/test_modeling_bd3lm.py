@@ -237,6 +237,31 @@ def test_resampling_keeps_every_block_in_the_interval():
     assert torch.all((fractions >= 0.45) & (fractions <= 0.95))  # only 2 or 3 masked tokens per block
 
 
+@pytest.mark.parametrize(("interval", "enforced"), [((1e-3, 1.0), None), ((1e-3, 0.8), (0.0, 0.8)), ((0.3, 1.0), (0.3, 1.0))])
+def test_resampling_leaves_the_default_ends_unenforced(monkeypatch, interval, enforced):
+    """1e-3 read back from the float32 buffers is 0.0010000000475; it must still count as the unclipped floor (else
+    every block would need a masked token even at t ~ 1e-3, and the rejection loop would run out of rounds)."""
+    import modeling_bd3lm.modeling_bd3lm as modeling
+
+    seen = []
+    real_add_noise = modeling.add_noise
+
+    def spy(x_0, probability, mask_id, block_size, resample_interval, *args):
+        seen.append(resample_interval)
+        return real_add_noise(x_0, probability, mask_id, block_size, resample_interval, *args)
+
+    monkeypatch.setattr(modeling, "add_noise", spy)
+    model = random_model(block_size=4, resample=True)
+    model.set_noise_interval(*interval)
+    model.train()
+    x_0 = _ids(2, 32)
+    model(x_0, labels=x_0, generator=torch.Generator().manual_seed(0), return_dict=True)
+    if enforced is None:
+        assert seen == [None]
+    else:
+        torch.testing.assert_close(torch.tensor(seen[0]), torch.tensor(enforced))
+
+
 def test_ignore_bos_keeps_position_zero_and_drops_it_from_the_mean():
     model = random_model(block_size=4, ignore_bos=True, always_mask=True)
     x_0 = _ids(2, 32)
