@@ -88,6 +88,12 @@ class BD3LMPreTrainedModel(PreTrainedModel):
     # normalises the token terms itself).
     accepts_loss_kwargs = False
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on. PEFT still reads this name, which transformers 5 deprecates with a
+        FutureWarning on every LoRA wrap; answering it here keeps that out (4.57 only has this name)."""
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, but from safetensors only (never a pickle) and strict: a truncated or

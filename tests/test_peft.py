@@ -117,3 +117,18 @@ def test_lora_with_schedule_search_and_ema(tmp_path):
     assert base.training_noise_interval() == pytest.approx(
         (chosen["schedule_search/eps_min"], chosen["schedule_search/eps_max"])
     )
+
+
+def test_wrapping_raises_no_deprecation_warning():
+    """PEFT reads `is_gradient_checkpointing`; the model answers it without transformers 5's FutureWarning."""
+    import warnings
+
+    model = random_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=LORA_TARGET_MODULES["attention"]))
+    assert model.is_gradient_checkpointing is False
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # 5.x / 4.57
+    enable()
+    assert model.is_gradient_checkpointing is True
+    assert peft_model is not None
