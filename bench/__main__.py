@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,10 @@ def run(args: argparse.Namespace) -> dict:
     }
     sections = [args.only] if args.only else list(SECTIONS)
     log = lambda message: print(message, flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if torch.get_num_threads() > 1 and load > 0.5:
+        log(f"warning: load average {load:.1f} on {os.cpu_count()} cores. With {torch.get_num_threads()} threads a "
+            "training step mostly waits for descheduled threads; on a shared machine use --threads 1.")  # fmt: skip
     for name in sections:
         measured = []
         for device in args.devices:
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> dict:
                 command=results["command"],
                 measured_at=datetime.datetime.now().isoformat(timespec="seconds"),
                 duration_s=round(time.time() - start, 1),
+                load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
             )
             measured.append(section)
         results[name] = measured

@@ -355,3 +355,11 @@ __all__ = [
     "run_generation",
     "time_modes",
 ]
+
+
+if __name__ == "__main__":  # `python -m bench.bench_generation` = `python -m bench --only generation`
+    import sys
+
+    from bench.__main__ import main
+
+    main(["--only", "generation", *sys.argv[1:]])

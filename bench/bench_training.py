@@ -220,3 +220,11 @@ __all__ = [
     "training_plan",
     "vectorised_step",
 ]
+
+
+if __name__ == "__main__":  # `python -m bench.bench_training` = `python -m bench --only training`
+    import sys
+
+    from bench.__main__ import main
+
+    main(["--only", "training", *sys.argv[1:]])

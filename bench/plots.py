@@ -1,4 +1,4 @@
-"""PNG plots of a results dict: training step time against L, generation tokens/s per mode, memory against length.
+"""PNG plots of a results dict: training step time against L, generation speed per mode, memory against length.
 
 matplotlib is optional (`pip install "bd3lm[plot]"`); without it `write_plots` prints one line and writes nothing.
 """
@@ -43,7 +43,7 @@ def plot_training(plt, section: dict, path: Path) -> Path | None:
     right.axvline(2.2, color="tab:red", linestyle="--", label="target 2.2")
     right.set_yticks(range(len(ratios)), labels, fontsize=7)
     right.set(xlabel="vectorised step / AR step", title="vectorised / AR (same run)")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -51,27 +51,26 @@ def plot_training(plt, section: dict, path: Path) -> Path | None:
 
 
 def plot_generation(plt, section: dict, path: Path) -> Path | None:
-    """Tokens/s of every mode, one panel per batch size, bars grouped by L' (samplers rows)."""
-    rows = [r for r in section["rows"] if r["group"] == "samplers"]
+    """Tokens/s of every mode relative to the AR decode timed beside it (1.0 = as fast as AR), one panel per batch
+    size, bars grouped by L' (samplers rows). Ratios, not absolute speeds: each group has its own AR run."""
+    rows = [r for r in section["rows"] if r["group"] == "samplers" and "speedup_vs_ar" in r]
     if not rows:
         return None
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
-    modes = list(dict.fromkeys(r["mode"] for r in rows if r["block_size"] != 1))
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
     for ax, batch in zip(axes[0], batches):
-        sizes = sorted({r["block_size"] for r in rows if r["batch"] == batch and r["block_size"] != 1})
+        sizes = sorted({r["block_size"] for r in rows if r["batch"] == batch})
         width = 0.8 / max(len(modes), 1)
         for i, mode in enumerate(modes):
-            values = [next((r["tokens_per_s"] for r in rows if r["batch"] == batch and r["block_size"] == bs
+            values = [next((r["speedup_vs_ar"] for r in rows if r["batch"] == batch and r["block_size"] == bs
                             and r["mode"] == mode), 0.0) for bs in sizes]  # fmt: skip
             ax.bar([j + i * width for j in range(len(sizes))], values, width, label=mode)
-        ar = [r["tokens_per_s"] for r in rows if r["batch"] == batch and r["block_size"] == 1]
-        if ar:
-            ax.axhline(sum(ar) / len(ar), color="black", linestyle="--", label="AR decode (KV cache)")
+        ax.axhline(1.0, color="black", linestyle="--", label="AR decode (KV cache)")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [f"L'={bs}" for bs in sizes])
-        ax.set(ylabel="tokens/s", title=f"generation, batch {batch}, {section['device']}")
-        ax.legend(fontsize=7)
-    fig.suptitle(section["model"], fontsize=9)
+        ax.set(ylabel="tokens/s relative to AR decode", title=f"generation, batch {batch}, {section['device']}")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{section['model']} (ratios measured side by side)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -79,17 +78,21 @@ def plot_generation(plt, section: dict, path: Path) -> Path | None:
 
 
 def plot_memory(plt, section: dict, path: Path) -> Path | None:
+    """Left: peak memory of the process against new tokens. Right: what generation adds, and the KV cache."""
     memory = section.get("memory") or []
     if not memory:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     tokens = [m["new_tokens"] for m in memory]
-    ax.plot(tokens, [m["peak_mib"] for m in memory], marker="o", label="peak memory")
-    ax.plot(tokens, [m["growth_mib"] for m in memory], marker="s", label="growth during generate")
-    ax.plot(tokens, [m["kv_bytes"] / 2**20 for m in memory], marker="^", label="KV cache")
-    ax.set(xscale="log", xlabel="new tokens", ylabel="MiB", ylim=(0, None),
-           title=f"memory of cached generation (L={memory[0]['model_length']}), {section['device']}")  # fmt: skip
-    ax.legend()
+    left.plot(tokens, [m["peak_mib"] for m in memory], marker="o")
+    left.set(xscale="log", xlabel="new tokens", ylabel="MiB", ylim=(0, None),
+             title=f"peak memory ({memory[0]['measure']})")  # fmt: skip
+    right.plot(tokens, [m["growth_mib"] for m in memory], marker="s", label="growth during generate")
+    right.plot(tokens, [m["kv_bytes"] / 2**20 for m in memory], marker="^", label="KV cache")
+    right.set(xscale="log", xlabel="new tokens", ylabel="MiB", ylim=(0, None), title="generation's own memory")
+    right.legend()
+    fig.suptitle(f"cached generation, L={memory[0]['model_length']}, L'={memory[0]['block_size']}, "
+                 f"{section['device']}", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -112,8 +112,8 @@ def markdown(results: dict) -> str:
         lines += [
             "",
             (
-                f"## Training step ({section['device']}, {section['torch_threads']} threads, `{section['mode']}` run, "
-                f"{section['measured_at']})"
+                f"## Training step ({section['device']}, torch threads: {section['torch_threads']}, "
+                f"`{section['mode']}` run, {section['measured_at']})"
             ),
             "",
             (
@@ -134,8 +134,8 @@ def markdown(results: dict) -> str:
         lines += [
             "",
             (
-                f"## Generation ({section['device']}, {section['torch_threads']} thread, `{section['mode']}` run, "
-                f"{section['measured_at']})"
+                f"## Generation ({section['device']}, torch threads: {section['torch_threads']}, "
+                f"`{section['mode']}` run, {section['measured_at']})"
             ),
             "",
             (
