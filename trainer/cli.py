@@ -1,7 +1,7 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """The `bd3lm` command line: demo, train, generate, eval, upload.
 
-    bd3lm demo                                                # train, generate, save Hub-ready, reload (~6 min)
+    bd3lm demo                                                # train, generate, save Hub-ready, reload (<8 min)
     bd3lm train --preset tiny --output-dir runs/tiny          # the embedded corpus and tokenizer by default
     bd3lm generate runs/tiny --prompt "And God said" --max-new-tokens 64
     bd3lm eval runs/tiny

@@ -1,7 +1,7 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """`bd3lm demo`: the README's main job, end to end on the embedded corpus and tokenizer.
 
-    bd3lm demo                      # about 6 minutes on 2 CPU cores; everything lands in runs/demo/
+    bd3lm demo                      # under 8 minutes on 2 CPU cores; everything lands in runs/demo/
 
 1. trains the tiny preset (L'=4) with the HF Trainer: tqdm progress, periodic evaluation, the clipped-schedule search;
 2. prints the validation perplexity bound (exp of the NELBO per token);
