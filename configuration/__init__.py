@@ -26,8 +26,16 @@ def size_preset(name: str) -> dict[str, Any]:
     return dict(importlib.import_module(f"{__name__}.{name}").CONFIG)
 
 
-def load_preset(size: str = "tiny", block: str | None = None, **overrides: Any) -> BD3LMConfig:
-    """Build a `BD3LMConfig` from a size preset, an optional block-size preset and explicit overrides (last wins)."""
+def load_preset(size: str = "tiny", block: str | None = None, tokenizer: Any = None, **overrides: Any) -> BD3LMConfig:
+    """Build a `BD3LMConfig` from a size preset, an optional block-size preset and explicit overrides (last wins).
+
+    Args:
+        size: a key of `SIZE_PRESETS` (`"tiny"`, `"small"`, `"medium"`).
+        block: a key of `BLOCK_PRESETS` (`"bs1"`, `"bs4"`, `"bs8"`, `"bs16"`, `"mdlm"`): L' and its training interval.
+        tokenizer: take `vocab_size` (`len(tokenizer)`) and the mask, BOS, EOS and pad ids from it; it needs a mask
+            token (`bd3lm_trainer.corpus.add_mask_token` appends one).
+        overrides: any `BD3LMConfig` field.
+    """
     kwargs = size_preset(size)
     if block is not None:
         if block not in BLOCK_PRESETS:
@@ -36,6 +44,15 @@ def load_preset(size: str = "tiny", block: str | None = None, **overrides: Any) 
         if block_kwargs["block_size"] is None:  # MDLM: one block over the whole context
             block_kwargs["block_size"] = overrides.get("model_length", kwargs["model_length"])
         kwargs.update(block_kwargs)
+    if tokenizer is not None:
+        if getattr(tokenizer, "mask_token_id", None) is None:
+            raise ValueError(
+                "tokenizer has no mask token: call bd3lm_trainer.corpus.add_mask_token(tokenizer) first."
+            )
+        kwargs.update(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, name, None) is not None:
+                kwargs[name] = getattr(tokenizer, name)
     kwargs.update(overrides)
     return BD3LMConfig(**kwargs)
 

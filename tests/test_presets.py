@@ -36,3 +36,21 @@ def test_overrides_win_and_unknown_names_raise():
         load_preset("huge")
     with pytest.raises(ValueError, match="block preset"):
         load_preset("tiny", "bs3")
+
+
+def test_tokenizer_sets_the_vocabulary_and_special_ids():
+    from bd3lm_trainer.corpus import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    config = load_preset("tiny", block="bs4", tokenizer=tokenizer)
+    assert config.vocab_size == len(tokenizer) == 8192
+    assert config.mask_token_id == tokenizer.mask_token_id == 8191
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 0, 1)
+    assert load_preset("tiny", tokenizer=tokenizer, pad_token_id=0).pad_token_id == 0  # overrides still win
+
+
+def test_tokenizer_without_a_mask_token_is_refused():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="tokenizer has no mask token.*add_mask_token"):
+        load_preset("tiny", tokenizer=SimpleNamespace(mask_token_id=None))
