@@ -157,7 +157,7 @@ def time_modes(
             "times": times[mode],
             "tokens_per_s": batch * new_tokens / seconds,
             # denoising calls a row needed per token (the paper's NFE), and every batched call per token position
-            # (prefill, denoising and commit calls included)
+            # (the cached path writes committed tokens inside denoising calls, so it has no other calls)
             "calls_per_token": results[mode]["nfe_per_row"] / new_tokens,
             "forwards_per_token": results[mode]["forwards"] / new_tokens,
             "tokens_per_call": new_tokens / results[mode]["nfe_per_row"],

@@ -7,16 +7,18 @@
 2. Prepare the prompt: left padding, and blocks aligned to the END of the prompt (extra left padding so that the
    prompt ends at a block boundary). A row then sees the same block boundaries, relative positions and keys whatever
    the batch it is in. Without a prompt, generation starts from BOS (a 1-token prompt).
-3. Prefill: one cached call over the prompt commits its keys and values; this is exactly the block-causal x_0 stream
-   of training, so the cache is exact.
+3. The prompt is the first committed window. With the cache it is written by the first block's first call: that call
+   runs `prompt ⊕ block` with `use_cache=True` (the block-causal x_0 stream of training, so the cache is exact) and
+   drops the block's own keys and values again.
 4. For each new block: slide the window if `committed + block_size > model_length` (drop the oldest blocks; the
    cache holds pre-rotary keys, so positions are re-based), start from `block_size` mask tokens, and denoise with the
    sampler (`sampling_bd3lm.py`), calling the network on the block only (`use_cache=False`: attend to the committed
-   tokens without committing). A clean block is checked for EOS and stopping criteria, streamed, and committed with
-   one more call (`use_cache=True`). Rows that stop leave the batch, so they cost no further calls.
+   tokens without committing). A clean block is checked for EOS and stopping criteria, streamed, and committed: it
+   rides along in the next block's first call like the prompt did, so committing costs no call of its own. Rows that
+   stop leave the batch, so they cost no further calls.
 5. Assemble the output: the prompt as given (left padding kept) followed by the new tokens, padding after a stop.
 
-With `use_cache=False` every step runs the whole window instead (no prefill, no commit); inside `model_length` this
+With `use_cache=False` every step runs the whole window instead (nothing is committed to a cache); inside `model_length` this
 gives the same logits up to float rounding and, for a fixed seed, the same tokens.
 """
 
@@ -211,7 +213,9 @@ class BD3LMGenerationMixin:
                 )
         filler = pad_id if pad_id is not None else mask_id  # never attended; any valid id works
         out_pad = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else mask_id)
-        window = CommittedWindow.from_prompt(prompt, prompt_mask, block_size, model_length, filler)
+        # 3. the prompt is the first committed window (prefilled by the first block's first call when cached)
+        cache = DynamicCache() if use_cache else None
+        window = CommittedWindow.from_prompt(prompt, prompt_mask, block_size, model_length, filler, cache)
 
         logits_processor = LogitsProcessorList(logits_processor or [])
         if self._value(config, "repetition_penalty", 1.0) not in (None, 1.0):
@@ -233,20 +237,7 @@ class BD3LMGenerationMixin:
         if streamer is not None:
             streamer.put(prompt.cpu())
 
-        # 3. prefill
         num_forwards = 0
-        if use_cache:
-            window.cache = DynamicCache()
-            self(
-                input_ids=window.ids,
-                attention_mask=window.mask,
-                past_key_values=window.cache,
-                use_cache=True,
-                return_dict=True,
-            )
-            window.ids = None  # the cache holds them now
-            num_forwards += 1
-
         # 4. block loop
         num_blocks = -(-max_new_tokens // block_size)
         new_tokens = torch.full((batch, num_blocks * block_size), out_pad, dtype=torch.long, device=device)
@@ -306,8 +297,7 @@ class BD3LMGenerationMixin:
                 keep = (~stopped).nonzero().squeeze(1)
                 window.keep(keep)
                 block = block[keep]
-            window.commit(block, self)
-            num_forwards += int(use_cache)
+            window.commit(block)
             cache_rows = window.rows
         if streamer is not None:
             streamer.end()

@@ -252,6 +252,17 @@ def trim_cache_left(cache: Cache, num_tokens: int) -> None:
             layer.values = layer.values[:, :, num_tokens:]
 
 
+def trim_cache_right(cache: Cache, num_tokens: int) -> None:
+    """Drop the newest `num_tokens` tokens of every layer: those of a noisy block that was run with `use_cache=True`
+    only to write the committed tokens before it in the same call (see `CommittedWindow.block_logits`)."""
+    if num_tokens <= 0:
+        return
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            layer.keys = layer.keys[:, :, :-num_tokens]
+            layer.values = layer.values[:, :, :-num_tokens]
+
+
 __all__ = [
     "ATTENTION_FUNCTIONS",
     "BD3LMBlock",
@@ -263,4 +274,5 @@ __all__ = [
     "apply_rotary",
     "read_cache_layer",
     "trim_cache_left",
+    "trim_cache_right",
 ]

@@ -90,9 +90,10 @@ class BD3LMGenerateOutput(with_cache_field(_BD3LMGenerateOutputBase)):
             a row holds `pad_token_id`. `new_len` is at most `max_new_tokens`.
         nfe (`torch.LongTensor` of shape `(batch,)`):
             Denoising network calls each row needed (the paper's NFE): calls made while the row had masked tokens
-            (for `ddpm`, only calls after the row's block changed). Prefill and commit calls are not counted.
+            (for `ddpm`, only calls after the row's block changed).
         num_forwards (`int`):
-            All network calls made for the batch: prefill, denoising and commit calls (a batched call counts once).
+            All network calls made for the batch (a batched call counts once). With the cache, the prompt and each
+            committed block are written by the next block's first denoising call, so this counts denoising calls.
         tokens_per_forward (`torch.FloatTensor` of shape `(batch,)`):
             New tokens of each row divided by its `nfe`.
         logits (`tuple(torch.FloatTensor)`, *optional*, with `output_logits=True`):

@@ -41,7 +41,7 @@ from transformers.generation.stopping_criteria import (
     StopStringCriteria,
 )
 
-from .layers_bd3lm import trim_cache_left
+from .layers_bd3lm import trim_cache_left, trim_cache_right
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Randomness and categorical draws
@@ -419,20 +419,35 @@ def select_cache_rows(cache: Cache, index: torch.LongTensor) -> None:
 class CommittedWindow:
     """The rows still generating and the committed tokens they attend to: keys and values in `cache` (cached
     generation) or the ids themselves (uncached), with their padding mask. Row i of every tensor is the sequence
-    `rows[i]` of the batch."""
+    `rows[i]` of the batch.
+
+    Cached generation writes committed tokens lazily: `pending` holds the ids of the last committed columns whose keys
+    and values are not in `cache` yet (the prompt, then each clean block). The next block's first denoising call runs
+    `pending ⊕ block` with `use_cache=True` and drops the block's own keys and values again, so that committing costs
+    no call of its own. Under the block-causal mask the pending tokens never attend to the block, so their keys and
+    values are those a separate commit call would store (the sampling pass of Eq. 9, two blocks at once).
+    """
 
     rows: torch.LongTensor
-    mask: torch.BoolTensor  # (rows, committed)
+    mask: torch.BoolTensor  # (rows, committed), pending columns included
     ids: torch.LongTensor | None = None  # (rows, committed), uncached generation only
     cache: Cache | None = None
+    pending: torch.LongTensor | None = None  # (rows, the last committed columns not yet in `cache`)
 
     @classmethod
     def from_prompt(
-        cls, prompt: torch.LongTensor, mask: torch.BoolTensor, block_size: int, model_length: int, filler: int
+        cls,
+        prompt: torch.LongTensor,
+        mask: torch.BoolTensor,
+        block_size: int,
+        model_length: int,
+        filler: int,
+        cache: Cache | None = None,
     ) -> CommittedWindow:
         """The prompt as the first committed window, aligned so that it ends at a block boundary in every row: the
         width becomes the smallest multiple of `block_size` that holds the longest prompt (left padding is added, or
-        all-padding columns dropped). A row then has the same blocks whatever the batch it is in."""
+        all-padding columns dropped). A row then has the same blocks whatever the batch it is in. With a `cache`, the
+        prompt is pending (prefilled by the first block's first call)."""
         longest = int(mask.sum(dim=1).max())
         width = -(-longest // block_size) * block_size
         if width + block_size > model_length:
@@ -447,13 +462,18 @@ class CommittedWindow:
             prompt = torch.cat((prompt.new_full((prompt.shape[0], missing), filler), prompt), dim=1)
             mask = torch.cat((mask.new_zeros((mask.shape[0], missing)), mask), dim=1)
         rows = torch.arange(prompt.shape[0], device=prompt.device)
-        return cls(rows=rows, mask=mask, ids=prompt.masked_fill(~mask, filler))
+        ids = prompt.masked_fill(~mask, filler)
+        if cache is None:
+            return cls(rows=rows, mask=mask, ids=ids)
+        return cls(rows=rows, mask=mask, cache=cache, pending=ids if width > 0 else None)
 
     def keep(self, index: torch.LongTensor) -> None:
         """Drop every row not in `index` (rows that stopped cost no further network calls)."""
         self.rows, self.mask = self.rows[index], self.mask[index]
         if self.ids is not None:
             self.ids = self.ids[index]
+        if self.pending is not None:
+            self.pending = self.pending[index]
         if self.cache is not None:
             select_cache_rows(self.cache, index)
 
@@ -467,33 +487,43 @@ class CommittedWindow:
         if self.ids is not None:
             self.ids = self.ids[:, overflow:]
         if self.cache is not None:
-            trim_cache_left(self.cache, overflow)
+            num_pending = 0 if self.pending is None else self.pending.shape[1]
+            from_cache = min(overflow, self.cache.get_seq_length())
+            trim_cache_left(self.cache, from_cache)
+            if overflow > from_cache:  # the window no longer reaches back to (some of) the pending tokens
+                kept = num_pending - (overflow - from_cache)
+                self.pending = self.pending[:, num_pending - kept :] if kept > 0 else None
 
-    def commit(self, block: torch.LongTensor, model: Any) -> None:
-        """Append a clean block: one `use_cache=True` call stores its keys and values (cached), or keep its ids."""
+    def commit(self, block: torch.LongTensor) -> None:
+        """Append a clean block to the window: its ids (uncached), or pending until the next call (cached)."""
         ones = torch.ones(block.shape, dtype=torch.bool, device=block.device)
         if self.cache is not None:
-            model(
-                input_ids=block,
-                attention_mask=torch.cat((self.mask, ones), dim=1),
-                past_key_values=self.cache,
-                use_cache=True,
-                return_dict=True,
-            )
+            self.pending = block if self.pending is None else torch.cat((self.pending, block), dim=1)
         else:
             self.ids = torch.cat((self.ids, block), dim=1)
         self.mask = torch.cat((self.mask, ones), dim=1)
 
     def block_logits(self, model: Any, block: torch.LongTensor) -> torch.Tensor:
-        """Raw logits `(rows, block_size, vocab)` of the current (noisy) block given the window, committing nothing:
-        the block alone after the cache (`use_cache=False`), or the whole window when uncached (its last rows)."""
+        """Raw logits `(rows, block_size, vocab)` of the current (noisy) block given the window: the block alone after
+        the cache (writing the pending tokens' keys and values on the way), or the whole window when uncached."""
         mask = torch.cat((self.mask, torch.ones(block.shape, dtype=torch.bool, device=block.device)), dim=1)
-        if self.cache is not None:
+        if self.cache is None:
+            out = model(input_ids=torch.cat((self.ids, block), dim=1), attention_mask=mask, return_dict=True)
+            return out.logits[:, -block.shape[1] :]
+        if self.pending is None:
             return model(
                 input_ids=block, attention_mask=mask, past_key_values=self.cache, use_cache=False, return_dict=True
             ).logits
-        out = model(input_ids=torch.cat((self.ids, block), dim=1), attention_mask=mask, return_dict=True)
-        return out.logits[:, -block.shape[1] :]
+        logits = model(
+            input_ids=torch.cat((self.pending, block), dim=1),
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            return_dict=True,
+        ).logits
+        trim_cache_right(self.cache, block.shape[1])
+        self.pending = None
+        return logits[:, -block.shape[1] :]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -104,6 +105,25 @@ def test_causal_judge_scores_like_the_causal_loss(study):
         direct = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:])
         assert float(direct) == pytest.approx(float(measures.causal_lm_loss(model, x)), rel=1e-6)
     assert torch.isinf(logits[..., model.config.mask_token_id]).all()  # the mask token is never predicted
+
+
+def test_rows_add_to_a_finished_study_and_retrain_a_missing_judge(study, tmp_path):
+    """`--rows` keeps the rows measured before (same training key); without the AR model on disk it is trained again,
+    deterministically, so the kept rows were judged by the same model."""
+    root, before = study
+    out, work = tmp_path / "out", tmp_path / "work"
+    shutil.copytree(root / "out", out)
+    shutil.copytree(root / "work" / "bd3_l4", work / "bd3_l4")
+    run_study(QUICK, out, work, rows=("bd3_l4",), command="pytest")
+    after = json.loads((out / "fidelity.json").read_text())
+    assert list(after["rows"]) == list(before["rows"])
+    assert (work / "ar" / "train_record.json").is_file()  # retrained as the judge
+    assert after["rows"]["ar"]["nelbo"]["nelbo"] == before["rows"]["ar"]["nelbo"]["nelbo"]
+    assert after["meta"]["ar_nelbo_before_retraining"] == before["rows"]["ar"]["nelbo"]["nelbo"]
+    for name in ("bd3_l16", "mdlm"):  # neither trained nor measured again
+        assert after["rows"][name] == before["rows"][name]
+    assert after["rows"]["bd3_l4"]["nelbo"]["nelbo"] == before["rows"]["bd3_l4"]["nelbo"]["nelbo"]  # reused model
+    assert "judged by the same model" in (out / "tables.md").read_text()
 
 
 def test_command_line_rejects_bad_steps(capsys):

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
@@ -109,9 +110,8 @@ def test_cached_equals_uncached(sampler):
     assert len(cached.logits) == len(uncached.logits) > 0
     for a, b in zip(cached.logits, uncached.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, equal_nan=True)
-    # cached: prefill + denoising calls + one commit per block except the last; uncached: denoising calls only
-    num_blocks = -(-14 // 4)
-    assert cached.num_forwards == 1 + len(cached.logits) + num_blocks - 1
+    # the prompt and each committed block ride along in the next block's first call: no call of their own
+    assert cached.num_forwards == len(cached.logits)
     assert uncached.num_forwards == len(uncached.logits)
 
 
@@ -208,6 +208,28 @@ def test_beyond_model_length_sliding_window(use_cache):
     if use_cache:
         assert output_cache(out).get_seq_length() <= length - model.config.block_size
         assert max(past for _, _, past in recorder.calls) == length - model.config.block_size
+
+
+def test_lazy_commits_leave_the_cache_of_one_call_over_the_committed_tokens():
+    """The prompt and each clean block are written to the cache by the next block's first call (`pending ⊕ block`,
+    the block's own keys dropped again). The cache after generation equals the one a single block-causal call over
+    the aligned prompt and every committed block writes."""
+    model = make_model()
+    ids, mask = prompts([3, 6])
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=14, sampler="topk_confidence", return_dict_in_generate=True
+    )
+    cache = output_cache(out)
+    committed = out.sequences[:, ids.shape[1] : ids.shape[1] + 12]  # 4 blocks; the last is never committed
+    aligned_ids = torch.cat((torch.full((2, 2), PAD), ids.masked_fill(mask == 0, PAD), committed), dim=1)
+    aligned_mask = torch.cat((torch.zeros(2, 2, dtype=torch.long), mask, torch.ones(2, 12, dtype=torch.long)), dim=1)
+    reference = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=aligned_ids, attention_mask=aligned_mask, past_key_values=reference, use_cache=True)
+    assert cache.get_seq_length() == reference.get_seq_length() == 8 + 12
+    for ours, theirs in zip(cache.layers, reference.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=1e-5)
 
 
 def test_sliding_window_keeps_the_latest_blocks():
@@ -374,8 +396,9 @@ def test_eos_per_row_pads_after_and_stops_costing_calls():
     assert seq[1, 4] == EOS and bool((seq[1, 5:] == PAD).all())  # EOS kept, the rest of the block is padding
     assert out.nfe[1] == 4 and out.nfe[0] == 12 and out.nfe[2] == 12
     assert sorted(out.cache_rows.tolist()) == [0, 2]
-    # after the first block, no call includes row 1
-    assert [b for b, _, _ in recorder.calls[5:]] == [2] * (len(recorder.calls) - 5)
+    # the first block takes 4 calls of all 3 rows (the first one also prefills the prompt); after it, no call
+    # includes row 1
+    assert [b for b, _, _ in recorder.calls] == [3] * 4 + [2] * (len(recorder.calls) - 4)
 
 
 def test_all_rows_stopping_ends_generation_early():
@@ -392,7 +415,7 @@ def test_all_rows_stopping_ends_generation_early():
         return_dict_in_generate=True,
     )
     assert out.sequences.shape == (2, 3 + 1)  # each row is its EOS; no further blocks
-    assert out.num_forwards == 1 + 4
+    assert out.num_forwards == 4
 
 
 def test_max_time_stops_after_the_current_block():

@@ -258,6 +258,15 @@ def tables(results: dict[str, Any]) -> str:
         f"{_fmt(meta['load_average_start'][0])}, at its end {_fmt(meta.get('load_average_end', [math.nan])[0])} "
         f"(other jobs shared the cores, so wall times are upper bounds).",
     ]
+    before = meta.get("ar_nelbo_before_retraining")
+    if before is not None and "ar" in rows:
+        after = rows["ar"]["nelbo"]["nelbo"]
+        lines += [
+            "",
+            f"The AR judge was trained again for the last invocation: NELBO {after:.6f} against {before:.6f} before "
+            f"(difference {after - before:+.2e} nats/token), so rows kept from earlier invocations were judged by "
+            f"{'the same' if abs(after - before) < 1e-4 else 'a slightly different'} model.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -486,6 +486,16 @@ def run_study(
         "config": dataclasses.asdict(cfg),
         "rows": {},
     }
+    previous = _previous_rows(output_dir, cfg) if resume and rows else {}
+    if previous:
+        # `--rows` adds to a finished study: rows measured earlier under the same training key stay in the results.
+        results["rows"].update({name: row for name, row in previous.items() if name not in {r.name for r in selected}})
+        if not (work_dir / "ar" / "train_record.json").is_file() and all(r.name != "ar" for r in selected):
+            # The AR model judges generated samples; without it on disk it is trained again (deterministically, so
+            # its re-measured row is a check that the rows kept from before were judged by the same model).
+            selected.insert(0, ROW_BY_NAME["ar"])
+            if "ar" in previous:
+                results["meta"]["ar_nelbo_before_retraining"] = previous["ar"]["nelbo"]["nelbo"]
     data = prepare_data(cfg)
     results["meta"].update(
         train_chunks=data["train_chunks"], val_chunks=len(data["val_chunks"]), var_sequences=int(data["var_x"].shape[0])
@@ -501,6 +511,8 @@ def run_study(
             judge = measures.CausalJudge(BD3LMForMaskedDiffusion.from_pretrained(str(work_dir / "ar")).eval())
         print(f"[fidelity] {row.name}: measuring", flush=True)
         results["rows"][row.name] = measure_row(row, model, record, cfg, data, judge)
+        order = [r.name for r in ROWS]
+        results["rows"] = dict(sorted(results["rows"].items(), key=lambda item: order.index(item[0])))
         results["val_token_counts"] = data["val_counts"]
         results["meta"].update(
             wall_seconds=time.perf_counter() - start_wall,
@@ -521,6 +533,16 @@ def run_study(
     (output_dir / "fidelity.json").write_text(json.dumps(results, indent=1, default=_json_default))
     report.write_report(results, output_dir)
     return results
+
+
+def _previous_rows(output_dir: Path, cfg: StudyConfig) -> dict[str, Any]:
+    """Rows of an earlier `fidelity.json` in `output_dir` whose models were trained with this `cfg`'s training key."""
+    path = output_dir / "fidelity.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    key = cfg.training_key()
+    return {name: row for name, row in earlier.get("rows", {}).items() if row.get("train", {}).get("training_key") == key}
 
 
 def _json_default(value: Any) -> Any:
