@@ -351,7 +351,7 @@ def _copy_tokenizer(tokenizer_dirs: list[Path], staging: Path, vocab_size: int |
 
 
 def _measure_network_calls(model, num_tokens: int) -> dict | None:
-    """Network calls per generated token: backbone forwards (cache commits included) over tokens generated."""
+    """Network calls per generated token: every backbone forward (prefill and cache commits ride inside them) over tokens generated."""
     import torch
 
     config = model.config
@@ -382,7 +382,7 @@ def _measure_network_calls(model, num_tokens: int) -> dict | None:
     sequences = getattr(output, "sequences", output)
     generated = int(sequences.shape[-1]) - 1
     return {"calls": calls, "tokens": generated, "calls_per_token": calls / max(generated, 1),
-            "method": f"counted backbone forward passes (cache commits included) while generating {generated} tokens "
+            "method": f"counted every backbone forward pass (prefill and cache commits ride inside them) while generating {generated} tokens "
                       "after a one-token prompt, batch 1, default generation config, torch.manual_seed(0), on CPU"}
 
 

@@ -425,7 +425,7 @@ class CommittedWindow:
     and values are not in `cache` yet (the prompt, then each clean block). The next block's first denoising call runs
     `pending ⊕ block` with `use_cache=True` and drops the block's own keys and values again, so that committing costs
     no call of its own. Under the block-causal mask the pending tokens never attend to the block, so their keys and
-    values are those a separate commit call would store (the sampling pass of Eq. 9, two blocks at once).
+    values are those a separate commit call would store (the block-causal sampling pass, two blocks at once).
     """
 
     rows: torch.LongTensor
