@@ -217,7 +217,7 @@ def test_card_metadata_and_body(trainer_output):
     if calls is not None:  # generate() exists in this build: the card states the measured figure and how
         assert calls["tokens"] == 8 and calls["calls"] >= 8
         assert f"{calls['calls_per_token']:.3f} network calls per generated token" in text
-        assert "counted backbone forward passes" in text
+        assert "counted every backbone forward pass" in text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
