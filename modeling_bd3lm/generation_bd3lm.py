@@ -14,8 +14,9 @@
    cache holds pre-rotary keys, so positions are re-based), start from `block_size` mask tokens, and denoise with the
    sampler (`sampling_bd3lm.py`), calling the network on the block only (`use_cache=False`: attend to the committed
    tokens without committing). A clean block is checked for EOS and stopping criteria, streamed, and committed: it
-   rides along in the next block's first call like the prompt did, so committing costs no call of its own. Rows that
-   stop leave the batch, so they cost no further calls.
+   rides along in the next block's first call like the prompt did, so committing costs no call of its own (beyond
+   `model_length` it gets its own call before the window slides, so that its keys see the window the official
+   sampler gives them). Rows that stop leave the batch, so they cost no further calls.
 5. Assemble the output: the prompt as given (left padding kept) followed by the new tokens, padding after a stop.
 
 With `use_cache=False` every step runs the whole window instead (nothing is committed to a cache); inside `model_length` this
@@ -250,7 +251,7 @@ class BD3LMGenerationMixin:
         cache_rows = window.rows
         for k in range(num_blocks):
             begin = k * block_size
-            window.slide(block_size, model_length)
+            num_forwards += window.slide(block_size, model_length, self)
             # a. denoise the block from all-mask
             block = torch.full((len(window.rows), block_size), mask_id, dtype=torch.long, device=device)
             block, calls = denoise_block(

@@ -93,7 +93,8 @@ class BD3LMGenerateOutput(with_cache_field(_BD3LMGenerateOutputBase)):
             (for `ddpm`, only calls after the row's block changed).
         num_forwards (`int`):
             All network calls made for the batch (a batched call counts once). With the cache, the prompt and each
-            committed block are written by the next block's first denoising call, so this counts denoising calls.
+            committed block are written by the next block's first denoising call; only once the window slides beyond
+            `model_length` does a committed block take a call of its own.
         tokens_per_forward (`torch.FloatTensor` of shape `(batch,)`):
             New tokens of each row divided by its `nfe`.
         logits (`tuple(torch.FloatTensor)`, *optional*, with `output_logits=True`):

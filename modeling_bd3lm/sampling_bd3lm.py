@@ -425,7 +425,8 @@ class CommittedWindow:
     and values are not in `cache` yet (the prompt, then each clean block). The next block's first denoising call runs
     `pending ⊕ block` with `use_cache=True` and drops the block's own keys and values again, so that committing costs
     no call of its own. Under the block-causal mask the pending tokens never attend to the block, so their keys and
-    values are those a separate commit call would store (the block-causal sampling pass, two blocks at once).
+    values are those a separate commit call would store (the block-causal sampling pass, two blocks at once). Once the
+    window slides (beyond `model_length`) a pending block gets its own call before the slide (see `slide`).
     """
 
     rows: torch.LongTensor
@@ -477,22 +478,36 @@ class CommittedWindow:
         if self.cache is not None:
             select_cache_rows(self.cache, index)
 
-    def slide(self, block_size: int, model_length: int) -> None:
+    def slide(self, block_size: int, model_length: int, model: Any) -> int:
         """Drop the oldest committed blocks so that one more block fits in `model_length`. Keys are cached before the
-        rotary embedding, so the next call re-bases the positions of the rest to 0.. (as the official cache)."""
+        rotary embedding, so the next call re-bases the positions of the rest to 0.. (as the official cache).
+
+        Pending tokens are first written with a call of their own: the official sampler commits a block while the
+        window still holds the blocks about to be dropped, and their keys and values must see that same window.
+        Returns the number of network calls made (0 or 1)."""
         overflow = self.mask.shape[1] + block_size - model_length
         if overflow <= 0:
-            return
+            return 0
+        calls = 0
+        if self.pending is not None:
+            self._write_pending(model)
+            calls = 1
         self.mask = self.mask[:, overflow:]
         if self.ids is not None:
             self.ids = self.ids[:, overflow:]
         if self.cache is not None:
-            num_pending = 0 if self.pending is None else self.pending.shape[1]
-            from_cache = min(overflow, self.cache.get_seq_length())
-            trim_cache_left(self.cache, from_cache)
-            if overflow > from_cache:  # the window no longer reaches back to (some of) the pending tokens
-                kept = num_pending - (overflow - from_cache)
-                self.pending = self.pending[:, num_pending - kept :] if kept > 0 else None
+            trim_cache_left(self.cache, overflow)
+        return calls
+
+    def _write_pending(self, model: Any) -> None:
+        model(
+            input_ids=self.pending,
+            attention_mask=self.mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        self.pending = None
 
     def commit(self, block: torch.LongTensor) -> None:
         """Append a clean block to the window: its ids (uncached), or pending until the next call (cached)."""

@@ -20,6 +20,7 @@ from transformers import (
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from modeling_bd3lm import BD3LMForMaskedDiffusion
+from modeling_bd3lm.layers_bd3lm import trim_cache_left
 from modeling_bd3lm.generation_bd3lm import (
     CACHE_FIELD,
     BD3LMGenerateOutput,
@@ -230,6 +231,45 @@ def test_lazy_commits_leave_the_cache_of_one_call_over_the_committed_tokens():
     for ours, theirs in zip(cache.layers, reference.layers, strict=True):
         torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-5)
         torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=1e-5)
+
+
+def test_beyond_model_length_the_cache_replays_the_official_call_order():
+    """Beyond `model_length`, the official sampler commits a block (one call, attending to the whole window) and then
+    slides. A replay of that order over the generated tokens (prefill; before each block trim the window; commit every
+    block but the last) leaves the same cache as `generate`, whose commits otherwise ride inside denoising calls."""
+    model = make_model()
+    length, bs = model.config.model_length, model.config.block_size
+    ids, mask = prompts([5, 8])  # aligned width 8; 10 blocks of 4 slide the 32-token window from the 6th block on
+    recorder = CallRecorder(model)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=40, sampler="topk_confidence", return_dict_in_generate=True
+    )
+    recorder.remove()
+    new = out.sequences[:, ids.shape[1] :]
+    assert new.shape[1] == 40
+    reference = DynamicCache()
+    window_mask = mask.bool()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=reference, use_cache=True)
+        for k in range(10):
+            overflow = window_mask.shape[1] + bs - length
+            if overflow > 0:
+                trim_cache_left(reference, overflow)
+                window_mask = window_mask[:, overflow:]
+            if k == 9:
+                break
+            window_mask = torch.cat((window_mask, torch.ones(2, bs, dtype=torch.bool)), dim=1)
+            block = new[:, k * bs : (k + 1) * bs]
+            model(input_ids=block, attention_mask=window_mask, past_key_values=reference, use_cache=True)
+    cache = output_cache(out)
+    assert cache.get_seq_length() == reference.get_seq_length() == length - bs
+    for ours, theirs in zip(cache.layers, reference.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=1e-5)
+    # 4 denoising calls per block; blocks 5-8 are committed by calls of their own (the window slides before blocks
+    # 6-9), the prompt and blocks 0-4 ride inside the first call of the next block
+    assert out.num_forwards == len(recorder.calls) == 10 * 4 + 4
+    assert sorted(q for _, q, _ in recorder.calls if q > bs) == [2 * bs] * 5 + [8 + bs]
 
 
 def test_sliding_window_keeps_the_latest_blocks():
