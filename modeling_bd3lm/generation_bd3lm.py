@@ -41,14 +41,8 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from .checks_bd3lm import check_attention_mask, check_special_token_ids, check_token_ids, check_tokenizer_fits
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .outputs_bd3lm import CACHE_FIELD, BD3LMGenerateOutput
-from .sampling_bd3lm import (
-    SAMPLERS,
-    CommittedWindow,
-    build_logits_warpers,
-    build_stopping_criteria,
-    denoise_block,
-    first_stops,
-)
+from .sampling_bd3lm import SAMPLERS, build_logits_warpers, build_stopping_criteria, denoise_block, first_stops
+from .window_bd3lm import CommittedWindow
 
 # HF defaults applied when a field is None (transformers 5 leaves them unset in the config).
 _HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}

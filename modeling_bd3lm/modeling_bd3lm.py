@@ -53,6 +53,7 @@ from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
 # Imported here although only generation uses it: transformers 4.57 copies just the direct relative imports of this file
 # when it loads a checkpoint from a local folder with trust_remote_code, so every bundled module is imported here.
 from .sampling_bd3lm import SAMPLERS  # noqa: F401
+from .window_bd3lm import CommittedWindow  # noqa: F401
 
 
 # Largest NELBO weight (≈ 1/t) accepted: beyond it weight × cross-entropy may overflow float32.

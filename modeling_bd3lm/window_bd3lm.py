@@ -1,0 +1,154 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""The committed window of block-by-block generation: the tokens every new block attends to, as a KV cache of
+pre-rotary keys and values (cached generation) or as ids (uncached), with the rows still generating. Commits are
+lazy in the cached case (see `CommittedWindow`), and the window slides beyond `model_length` as the official cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from .layers_bd3lm import trim_cache_left, trim_cache_right
+
+
+def select_cache_rows(cache: Cache, index: torch.LongTensor) -> None:
+    """Keep only the batch rows `index` of every layer of a dynamic cache."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel() > 0:
+            index = index.to(keys.device)
+            layer.keys, layer.values = keys.index_select(0, index), layer.values.index_select(0, index)
+
+
+@dataclass
+class CommittedWindow:
+    """The rows still generating and the committed tokens they attend to: keys and values in `cache` (cached
+    generation) or the ids themselves (uncached), with their padding mask. Row i of every tensor is the sequence
+    `rows[i]` of the batch.
+
+    Cached generation writes committed tokens lazily: `pending` holds the ids of the last committed columns whose keys
+    and values are not in `cache` yet (the prompt, then each clean block). The next block's first denoising call runs
+    `pending ⊕ block` with `use_cache=True` and drops the block's own keys and values again, so that committing costs
+    no call of its own. Under the block-causal mask the pending tokens never attend to the block, so their keys and
+    values are those a separate commit call would store (the block-causal sampling pass, two blocks at once). Once the
+    window slides (beyond `model_length`) a pending block gets its own call before the slide (see `slide`).
+    """
+
+    rows: torch.LongTensor
+    mask: torch.BoolTensor  # (rows, committed), pending columns included
+    ids: torch.LongTensor | None = None  # (rows, committed), uncached generation only
+    cache: Cache | None = None
+    pending: torch.LongTensor | None = None  # (rows, the last committed columns not yet in `cache`)
+
+    @classmethod
+    def from_prompt(
+        cls,
+        prompt: torch.LongTensor,
+        mask: torch.BoolTensor,
+        block_size: int,
+        model_length: int,
+        filler: int,
+        cache: Cache | None = None,
+    ) -> CommittedWindow:
+        """The prompt as the first committed window, aligned so that it ends at a block boundary in every row: the
+        width becomes the smallest multiple of `block_size` that holds the longest prompt (left padding is added, or
+        all-padding columns dropped). A row then has the same blocks whatever the batch it is in. With a `cache`, the
+        prompt is pending (prefilled by the first block's first call)."""
+        longest = int(mask.sum(dim=1).max())
+        width = -(-longest // block_size) * block_size
+        if width + block_size > model_length:
+            raise ValueError(
+                f"The prompt has {longest} tokens ({width} once aligned to block_size={block_size}); with one block to "
+                f"generate this exceeds the window `model_length`={model_length}. Truncate the prompt to at most "
+                f"{model_length - block_size} tokens."
+            )
+        prompt, mask = prompt[:, -min(width, prompt.shape[1]) :], mask[:, -min(width, mask.shape[1]) :]
+        missing = width - prompt.shape[1]
+        if missing > 0:
+            prompt = torch.cat((prompt.new_full((prompt.shape[0], missing), filler), prompt), dim=1)
+            mask = torch.cat((mask.new_zeros((mask.shape[0], missing)), mask), dim=1)
+        rows = torch.arange(prompt.shape[0], device=prompt.device)
+        ids = prompt.masked_fill(~mask, filler)
+        if cache is None:
+            return cls(rows=rows, mask=mask, ids=ids)
+        return cls(rows=rows, mask=mask, cache=cache, pending=ids if width > 0 else None)
+
+    def keep(self, index: torch.LongTensor) -> None:
+        """Drop every row not in `index` (rows that stopped cost no further network calls)."""
+        self.rows, self.mask = self.rows[index], self.mask[index]
+        if self.ids is not None:
+            self.ids = self.ids[index]
+        if self.pending is not None:
+            self.pending = self.pending[index]
+        if self.cache is not None:
+            select_cache_rows(self.cache, index)
+
+    def slide(self, block_size: int, model_length: int, model: Any) -> int:
+        """Drop the oldest committed blocks so that one more block fits in `model_length`. Keys are cached before the
+        rotary embedding, so the next call re-bases the positions of the rest to 0.. (as the official cache).
+
+        Pending tokens are first written with a call of their own: the official sampler commits a block while the
+        window still holds the blocks about to be dropped, and their keys and values must see that same window.
+        Returns the number of network calls made (0 or 1)."""
+        overflow = self.mask.shape[1] + block_size - model_length
+        if overflow <= 0:
+            return 0
+        calls = 0
+        if self.pending is not None:
+            self._write_pending(model)
+            calls = 1
+        self.mask = self.mask[:, overflow:]
+        if self.ids is not None:
+            self.ids = self.ids[:, overflow:]
+        if self.cache is not None:
+            trim_cache_left(self.cache, overflow)
+        return calls
+
+    def _write_pending(self, model: Any) -> None:
+        """Write the pending tokens' keys and values with a call of their own (no block attached)."""
+        model(
+            input_ids=self.pending,
+            attention_mask=self.mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        self.pending = None
+
+    def commit(self, block: torch.LongTensor) -> None:
+        """Append a clean block to the window: its ids (uncached), or pending until the next call (cached)."""
+        ones = torch.ones(block.shape, dtype=torch.bool, device=block.device)
+        if self.cache is not None:
+            self.pending = block if self.pending is None else torch.cat((self.pending, block), dim=1)
+        else:
+            self.ids = torch.cat((self.ids, block), dim=1)
+        self.mask = torch.cat((self.mask, ones), dim=1)
+
+    def block_logits(self, model: Any, block: torch.LongTensor) -> torch.Tensor:
+        """Raw logits `(rows, block_size, vocab)` of the current (noisy) block given the window: the block alone after
+        the cache (writing the pending tokens' keys and values on the way), or the whole window when uncached."""
+        mask = torch.cat((self.mask, torch.ones(block.shape, dtype=torch.bool, device=block.device)), dim=1)
+        if self.cache is None:
+            out = model(input_ids=torch.cat((self.ids, block), dim=1), attention_mask=mask, return_dict=True)
+            return out.logits[:, -block.shape[1] :]
+        if self.pending is None:
+            return model(
+                input_ids=block, attention_mask=mask, past_key_values=self.cache, use_cache=False, return_dict=True
+            ).logits
+        logits = model(
+            input_ids=torch.cat((self.pending, block), dim=1),
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            return_dict=True,
+        ).logits
+        trim_cache_right(self.cache, block.shape[1])
+        self.pending = None
+        return logits[:, -block.shape[1] :]
+
+
+__all__ = ["CommittedWindow", "select_cache_rows"]
