@@ -351,7 +351,8 @@ def _copy_tokenizer(tokenizer_dirs: list[Path], staging: Path, vocab_size: int |
 
 
 def _measure_network_calls(model, num_tokens: int) -> dict | None:
-    """Network calls per generated token: every backbone forward (prefill and cache commits ride inside them) over tokens generated."""
+    """Network calls per generated token: every backbone forward over the tokens generated (the prompt and the
+    committed blocks are written to the cache inside these calls)."""
     import torch
 
     config = model.config
@@ -382,8 +383,9 @@ def _measure_network_calls(model, num_tokens: int) -> dict | None:
     sequences = getattr(output, "sequences", output)
     generated = int(sequences.shape[-1]) - 1
     return {"calls": calls, "tokens": generated, "calls_per_token": calls / max(generated, 1),
-            "method": f"counted every backbone forward pass (prefill and cache commits ride inside them) while generating {generated} tokens "
-                      "after a one-token prompt, batch 1, default generation config, torch.manual_seed(0), on CPU"}
+            "method": f"counted every backbone forward pass (prefill and cache commits ride inside them) while "
+                      f"generating {generated} tokens after a one-token prompt, batch 1, default generation config, "
+                      "torch.manual_seed(0), on CPU"}
 
 
 def _left_out(folder: Path, model_dir: Path, used: set[Path]) -> list[LeftOut]:

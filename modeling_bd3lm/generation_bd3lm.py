@@ -19,8 +19,8 @@
    sampler gives them). Rows that stop leave the batch, so they cost no further calls.
 5. Assemble the output: the prompt as given (left padding kept) followed by the new tokens, padding after a stop.
 
-With `use_cache=False` every step runs the whole window instead (nothing is committed to a cache); inside `model_length` this
-gives the same logits up to float rounding and, for a fixed seed, the same tokens.
+With `use_cache=False` every step runs the whole window instead (nothing is committed to a cache); inside
+`model_length` this gives the same logits up to float rounding and, for a fixed seed, the same tokens.
 """
 
 from __future__ import annotations

@@ -238,29 +238,29 @@ def read_cache_layer(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.
     return keys, layer.values
 
 
+def _slice_cache_tokens(cache: Cache, tokens: slice) -> None:
+    """Keep the token positions `tokens` of every non-empty layer (keys and values alike)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            layer.keys = layer.keys[:, :, tokens]
+            layer.values = layer.values[:, :, tokens]
+
+
 def trim_cache_left(cache: Cache, num_tokens: int) -> None:
     """Drop the oldest `num_tokens` committed tokens of every layer (sliding window beyond `model_length`).
 
     Keys are stored before the rotary embedding, so the remaining ones are re-based to positions 0.. on the next call,
     exactly as the official sliding-window cache does.
     """
-    if num_tokens <= 0:
-        return
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            layer.keys = layer.keys[:, :, num_tokens:]
-            layer.values = layer.values[:, :, num_tokens:]
+    if num_tokens > 0:
+        _slice_cache_tokens(cache, slice(num_tokens, None))
 
 
 def trim_cache_right(cache: Cache, num_tokens: int) -> None:
     """Drop the newest `num_tokens` tokens of every layer: those of a noisy block that was run with `use_cache=True`
     only to write the committed tokens before it in the same call (see `CommittedWindow.block_logits`)."""
-    if num_tokens <= 0:
-        return
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            layer.keys = layer.keys[:, :, :-num_tokens]
-            layer.values = layer.values[:, :, :-num_tokens]
+    if num_tokens > 0:
+        _slice_cache_tokens(cache, slice(None, -num_tokens))
 
 
 __all__ = [

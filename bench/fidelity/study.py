@@ -153,6 +153,7 @@ ROWS: tuple[Row, ...] = (
     Row("bd3_l1_linear", "BD3-LM L'=1, linear U[0,1]", "bd3", 1),
 )
 ROW_BY_NAME = {row.name: row for row in ROWS}
+ROW_ORDER = [row.name for row in ROWS]  # results list the rows in this order, however they were run
 
 
 def unenforce_floor(model: torch.nn.Module) -> None:
@@ -489,7 +490,8 @@ def run_study(
     previous = _previous_rows(output_dir, cfg) if resume and rows else {}
     if previous:
         # `--rows` adds to a finished study: rows measured earlier under the same training key stay in the results.
-        results["rows"].update({name: row for name, row in previous.items() if name not in {r.name for r in selected}})
+        chosen = {r.name for r in selected}
+        results["rows"].update({name: row for name, row in previous.items() if name not in chosen})
         if not (work_dir / "ar" / "train_record.json").is_file() and all(r.name != "ar" for r in selected):
             # The AR model judges generated samples; without it on disk it is trained again (deterministically, so
             # its re-measured row is a check that the rows kept from before were judged by the same model).
@@ -511,8 +513,7 @@ def run_study(
             judge = measures.CausalJudge(BD3LMForMaskedDiffusion.from_pretrained(str(work_dir / "ar")).eval())
         print(f"[fidelity] {row.name}: measuring", flush=True)
         results["rows"][row.name] = measure_row(row, model, record, cfg, data, judge)
-        order = [r.name for r in ROWS]
-        results["rows"] = dict(sorted(results["rows"].items(), key=lambda item: order.index(item[0])))
+        results["rows"] = dict(sorted(results["rows"].items(), key=lambda item: ROW_ORDER.index(item[0])))
         results["val_token_counts"] = data["val_counts"]
         results["meta"].update(
             wall_seconds=time.perf_counter() - start_wall,
@@ -542,7 +543,8 @@ def _previous_rows(output_dir: Path, cfg: StudyConfig) -> dict[str, Any]:
         return {}
     earlier = json.loads(path.read_text())
     key = cfg.training_key()
-    return {name: row for name, row in earlier.get("rows", {}).items() if row.get("train", {}).get("training_key") == key}
+    rows = earlier.get("rows", {})
+    return {name: row for name, row in rows.items() if row.get("train", {}).get("training_key") == key}
 
 
 def _json_default(value: Any) -> Any:
