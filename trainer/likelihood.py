@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modeling_bd3lm.noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, add_noise
+from modeling_bd3lm.noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, draw_noise, nelbo_valid_mask
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -171,10 +171,8 @@ def nelbo(
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     mask = F.pad(mask.to(device).long(), (0, pad), value=0)
     labels = x_0.clone() if labels is None else F.pad(labels.to(device), (0, pad), value=-100)
-    labels = labels.masked_fill(mask == 0, -100)
-    if ignore_bos:
-        labels[:, 0] = -100
-    counted = labels != -100
+    counted = nelbo_valid_mask(labels, mask, ignore_bos)
+    labels = labels.masked_fill(~counted, -100)
     num_blocks = x_0.shape[1] // bs
 
     if exact and not _is_deterministic(config):
@@ -201,8 +199,7 @@ def nelbo(
     try:
         for k in range(draws):
             t = levels[k]
-            p = torch.ones_like(t) if config.always_mask else model.noise_schedule.mask_probability(t)
-            x_t = _draw_x_t(x_0, p, config.mask_token_id, bs, counted, generator)
+            x_t = _draw_x_t(model, x_0, t, counted, generator)
             out = model(x_0, noisy_input_ids=x_t, attention_mask=mask, labels=labels, noise_levels=t.to(device),
                         return_dict=True)
             token_loss = out.token_loss.float()
@@ -265,19 +262,24 @@ def _enumerated_nelbo(model, x_0, mask, counted) -> torch.Tensor:
     return total.float()
 
 
-def _draw_x_t(x_0, p, mask_token_id, block_size, maskable, generator: Generators) -> torch.LongTensor:
-    """x_t ∼ q(x_t | x_0) drawn on the generator's device (CPU by default: same draws on every accelerator)."""
+def _draw_x_t(model, x_0, noise_levels, maskable, generator: Generators) -> torch.LongTensor:
+    """x_t ∼ q(x_t | x_0) at the given t with `draw_noise` (the training estimator's forward process, no resampling:
+    the interval is the unclipped one), drawn on the generator's device (CPU by default: same draws on every
+    accelerator). Only `maskable` positions (the counted ones) are masked: a prompt stays clean."""
+    config, schedule, block_size = model.config, model.noise_schedule, model.config.block_size
     if isinstance(generator, list):
         x_t = x_0.clone()
         for i, g in enumerate(generator):
             # only up to the row's last maskable block: the draws must not depend on the batch's padded width
             n = _round_up(int(maskable[i].nonzero().max()) + 1, block_size) if maskable[i].any() else 0
-            x_t[i, :n] = add_noise(x_0[i : i + 1, :n].to(g.device), p[i : i + 1, : n // block_size].to(g.device),
-                                   mask_token_id, block_size, None, maskable[i : i + 1, :n].to(g.device), g)[0]
+            row = draw_noise(x_0[i : i + 1, :n].to(g.device), config, EVAL_NOISE_INTERVAL,
+                             maskable[i : i + 1, :n].to(g.device), noise_levels[i : i + 1, : n // block_size].to(g.device),
+                             g, schedule)[0]
+            x_t[i, :n] = row[0]
         return x_t
     noise_device = generator.device if generator is not None else torch.device("cpu")
-    x_t = add_noise(x_0.to(noise_device), p.to(noise_device), mask_token_id, block_size, None,
-                    maskable.to(noise_device), generator)
+    x_t, _ = draw_noise(x_0.to(noise_device), config, EVAL_NOISE_INTERVAL, maskable.to(noise_device),
+                        noise_levels.to(noise_device), generator, schedule)
     return x_t.to(x_0.device)
 
 
