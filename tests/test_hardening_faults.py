@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from bd3lm_trainer import BD3LMTrainer
-from bd3lm_trainer.trainer import (
+from bd3lm_trainer.faults import (
     NonFiniteLossError,
     checkpoint_problem,
     last_complete_checkpoint,
@@ -239,7 +239,7 @@ def test_skip_policy_drops_only_the_bad_update_and_warns(fault, tmp_path, caplog
     trainer, snapshots = _poisoned_trainer(tmp_path, "skip", fault)
     with caplog.at_level("WARNING", logger="bd3lm_trainer.faults"):
         trainer.train()
-    assert trainer.state.global_step == 4 and trainer._skipped_steps == [BAD_STEP]
+    assert trainer.state.global_step == 4 and trainer.skipped_steps == [BAD_STEP]
     assert f"global step {BAD_STEP}: skipping" in caplog.text
     assert _same(snapshots.begin[BAD_STEP], snapshots.end[BAD_STEP])  # the bad step left the weights alone
     for step in (1, 2, 4):  # the good ones did update

@@ -9,13 +9,11 @@ import logging
 import os
 import re
 import weakref
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-if TYPE_CHECKING:
-    from .trainer import BD3LMTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -29,20 +27,38 @@ class NonFiniteLossError(FloatingPointError):
     updated with it."""
 
 
-class _NonFiniteGuard(TrainerCallback):
-    """Applies `nan_loss_policy` just before the optimizer step: with "skip", a step whose loss (flagged by
-    `compute_loss`) or gradient norm (flagged by `_clip_grad_norm`) was not finite loses its gradients, so that the
-    optimizer leaves the weights and its state as they were; with "stop", a non-finite gradient norm raises."""
+@dataclass
+class NonFiniteSteps:
+    """What was not finite in the current training step (flagged by the trainer's `compute_loss` and
+    `_clip_grad_norm`), and the global steps that `nan_loss_policy="skip"` dropped."""
 
-    def __init__(self, trainer: BD3LMTrainer) -> None:
-        self._trainer = weakref.ref(trainer)  # no reference cycle: a finished trainer (and its data) is freed at once
+    pending: str | None = None
+    skipped: list[int] = field(default_factory=list)
+
+    def flag(self, reason: str) -> None:
+        """Record `reason` for the current step (the first one flagged is reported)."""
+        self.pending = self.pending or reason
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Applies `nan_loss_policy` just before the optimizer step: with "skip", a step whose loss or gradient norm was
+    flagged in `steps` loses its gradients, so that the optimizer leaves the weights and its state as they were; with
+    "stop", a non-finite gradient norm raises.
+
+    Args:
+        steps ([`NonFiniteSteps`]): the flags the trainer writes.
+        trainer (`transformers.Trainer`): read for its current `model` and `accelerator` (weakly held: a finished
+            trainer, and its data, is freed at once).
+    """
+
+    def __init__(self, steps: NonFiniteSteps, trainer: Any) -> None:
+        self.steps = steps
+        self._trainer = weakref.ref(trainer)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer()
-        if trainer is None:
-            return
-        reason, trainer._non_finite = trainer._non_finite, None
-        if reason is None:
+        reason, self.steps.pending = self.steps.pending, None
+        if trainer is None or reason is None:
             return
         step = state.global_step + 1
         if args.nan_loss_policy == "stop":
@@ -52,7 +68,7 @@ class _NonFiniteGuard(TrainerCallback):
                 "nan_loss_policy='skip' to drop such steps."
             )
         logger.warning(f"Non-finite {reason} at global step {step}: skipping this update (nan_loss_policy='skip').")
-        trainer._skipped_steps.append(step)
+        self.steps.skipped.append(step)
         if trainer.accelerator.scaler is None:  # a GradScaler already skips steps with non-finite gradients itself
             for param in trainer.model.parameters():
                 param.grad = None  # torch optimizers leave a parameter without gradient (and its state) untouched
@@ -127,4 +143,4 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
-__all__ = ["NonFiniteLossError", "checkpoint_problem", "last_complete_checkpoint"]
+__all__ = ["NonFiniteLossError", "NonFiniteSteps", "checkpoint_problem", "last_complete_checkpoint"]
