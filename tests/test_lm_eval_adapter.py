@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness adapter (`bd3lm_trainer.lm_eval_adapter`), run offline on tiny local tasks."""
+"""The lm-evaluation-harness adapter (`bd3lm_trainer.evaluation.lm_eval_adapter`), run offline on tiny local tasks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `
 
 from bd3lm_trainer.corpus import load_tokenizer  # noqa: E402
 from bd3lm_trainer.evaluation import score_continuations  # noqa: E402
-from bd3lm_trainer.lm_eval_adapter import BD3LMEvalHarness  # noqa: E402
+from bd3lm_trainer.evaluation.lm_eval_adapter import BD3LMEvalHarness  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
