@@ -170,6 +170,19 @@ def test_a_package_refers_to_itself_by_relative_imports_only(package: str) -> No
     assert absolute == []
 
 
+def test_pyproject_installs_every_package_and_the_console_script_exists() -> None:
+    import importlib
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(setup["tool"]["setuptools"]["packages"])
+    folders = {name for name, path in module_files().items()
+               if path.name == "__init__.py" and name.split(".")[0] in setup["tool"]["setuptools"]["package-dir"]}
+    assert folders == listed
+    module, function = setup["project"]["scripts"]["bd3lm"].split(":")
+    assert callable(getattr(importlib.import_module(module), function))
+
+
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_moved_modules_keep_their_old_path_for_one_release(old: str) -> None:
     import importlib

@@ -4,13 +4,14 @@
 * the model behind the wrappers ([`unwrap_bd3lm`]) and the training estimator's NELBO at a given interval
   ([`noised_nelbo`]), with its per-block statistic and the cross-process gather;
 * batches and seeded generators of the evaluation-time diagnostics;
-* the one check of "a local folder or a Hub id" ([`check_model_reference`]);
+* the one check of "a local folder or a Hub id" ([`check_model_reference`]) and the JSON reader of saved reports;
 * the one matplotlib preamble ([`pyplot`], [`save_figure`]).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -115,15 +116,28 @@ def diagnostic_generator(device: torch.device, seed: int, step: int, process_ind
 # Arguments
 
 
-def is_hub_id(value: str, namespace: bool = True) -> bool:
-    """Whether `value` is a valid Hub repository id (`owner/name`; with `namespace=False` a bare `name` too)."""
+def check_repo_id(repo_id: str, *, name: str = "repo_id", namespace: bool = True) -> str:
+    """`repo_id` when it is a valid Hub repository id (`namespace/name`; with `namespace=False` a bare `name` too),
+    else a `ValueError` naming the argument and the fix."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
-        validate_repo_id(value)
-    except HFValidationError:
+        validate_repo_id(repo_id)
+        if not repo_id or (namespace and "/" not in repo_id):
+            raise HFValidationError("it needs a namespace.")
+    except HFValidationError as error:
+        raise ValueError(f"{name}={repo_id!r} is not a valid Hub repository id: {error} Use 'namespace/name' "
+                         "(letters, digits, '-', '_', '.').") from None
+    return repo_id
+
+
+def is_hub_id(value: str, namespace: bool = True) -> bool:
+    """Whether `value` passes [`check_repo_id`]."""
+    try:
+        check_repo_id(value, namespace=namespace)
+    except ValueError:
         return False
-    return "/" in value or not namespace
+    return True
 
 
 def check_model_reference(
@@ -147,6 +161,14 @@ def check_model_reference(
             f"{argument} {value!r} is neither a folder nor a Hub id ({'owner/name' if namespace else 'name or owner/name'})"
         )
     return value
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in `path`; a `ValueError` that calls it `what` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what} {path} is not readable JSON ({error}); was the save interrupted?") from error
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -183,12 +205,14 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 __all__ = [
     "check_model_reference",
+    "check_repo_id",
     "diagnostic_generator",
     "gather_block_values",
     "is_hub_id",
     "noised_nelbo",
     "per_block_nelbo",
     "pyplot",
+    "read_json",
     "save_figure",
     "take_batches",
     "unwrap_bd3lm",
