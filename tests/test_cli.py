@@ -157,8 +157,8 @@ def test_train_records_its_data(trained: Path, text_files: tuple[Path, Path]) ->
 
 def test_embedded_corpus_record() -> None:
     assert _data_record(None, "train", range(5), 32) == {
-        "name": "bd3lm-corpus", "description": "King James Bible + Shakespeare, the embedded English corpus of the bd3lm "
-        "package", "license": "public domain", "split": "train", "chunks": 5, "tokens": 160,
+        "name": "bd3lm-corpus", "description": "King James Bible + Shakespeare, the embedded English corpus of the "
+        "bd3lm package", "license": "public domain", "split": "train", "chunks": 5, "tokens": 160,
     }
 
 
