@@ -37,7 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "chat_template.*")
 # JSON reports the trainer writes; read into the card, not published.
 REPORT_FILES = ("eval_results.json", "all_results.json", "train_results.json", "trainer_state.json",
-                "schedule_search.json", "training_args.json")
+                "schedule_search.json", "training_args.json", "training_data.json")
 # Files that a re-save regenerates (weights, config, code, generation config) or the card replaces.
 REGENERATED = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
                "model.safetensors.index.json", "*_bd3lm.py", "__init__.py")
@@ -223,7 +223,11 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
     info.architecture["parameters"] = sum(p.numel() for p in model.parameters())
     info.noise_interval = model.training_noise_interval()
     generation = read_json(staging / "generation_config.json", "The generation config")
-    info.sampler_defaults = {k: v for k, v in generation.items() if k not in ("transformers_version", "_from_model_config")}
+    # Only what differs from a fresh generation config: a null field is the built-in default and says nothing.
+    builtin = type(model.generation_config)().to_dict()
+    info.sampler_defaults = {k: v for k, v in generation.items()
+                             if k not in ("transformers_version", "_from_model_config") and v != builtin.get(k)}
+    info.sampler = model.generation_config.resolved_sampler
     info.network_calls = _measure_network_calls(model, nfe_tokens) if nfe_tokens > 0 else None
 
 

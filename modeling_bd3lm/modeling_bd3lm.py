@@ -433,9 +433,9 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         [`noise_schedule_bd3lm.draw_noise`], the one function every estimator of this package draws its noise with.
 
         One t per (sequence, block), antithetic across the batch; training mode draws from the clipped interval (with
-        rejection resampling when `config.resample`), eval mode from U[1e-3, 1]; `always_mask` gives t ≡ 1. An explicit
-        `interval` draws what training would draw with that interval in the buffers, whatever the mode (the schedule
-        search and the gradient-variance diagnostic measure the training estimator this way).
+        rejection resampling when `config.resample`), eval mode from U[1e-3, 1]; `always_mask` gives t ≡ 1. An
+        explicit `interval` draws what training would draw with that interval in the buffers, whatever the mode (the
+        schedule search and the gradient-variance diagnostic measure the training estimator this way).
         """
         if interval is None:
             interval = self.training_noise_interval() if self.training else EVAL_NOISE_INTERVAL

@@ -214,7 +214,8 @@ def draw_noise(
     Args:
         x_0 (`torch.LongTensor` of shape `(batch, seq_len)`): clean tokens; `seq_len` a multiple of `block_size`.
         config: a `BD3LMConfig` (`block_size`, `mask_token_id`, `antithetic_sampling`, `resample`, `always_mask`).
-        interval (`tuple[float, float]`, defaults to `EVAL_NOISE_INTERVAL`): [β, ω]; the training interval in training.
+        interval (`tuple[float, float]`, defaults to `EVAL_NOISE_INTERVAL`): [β, ω]; in training, the training
+            interval.
         maskable (`torch.BoolTensor` of shape `(batch, seq_len)`, *optional*): positions that may be masked
             ([`maskable_positions`]); all by default.
         noise_levels (`torch.Tensor` of shape `(batch, seq_len // block_size)`, *optional*): t, if already drawn.

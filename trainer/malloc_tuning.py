@@ -1,6 +1,6 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""Deprecated alias of `bd3lm_trainer.cli.malloc_tuning`, which it re-exports (moved when trainer/ was split by job); goes in
-0.2."""
+"""Deprecated alias of `bd3lm_trainer.cli.malloc_tuning`, which it re-exports (it moved when trainer/ was
+split by job); goes in 0.2."""
 
 import warnings
 

@@ -38,10 +38,12 @@ class CardInfo:
     architecture: dict[str, Any] = field(default_factory=dict)  # block_size, model_length, vocab_size, ...
     noise_interval: tuple[float, float] | None = None
     schedule_search: dict[str, Any] | None = None
-    sampler_defaults: dict[str, Any] = field(default_factory=dict)
+    sampler: str | None = None  # the sampler `generate` runs with the stored generation config
+    sampler_defaults: dict[str, Any] = field(default_factory=dict)  # stored settings that differ from the built-ins
     network_calls: dict[str, Any] | None = None  # calls, tokens, calls_per_token, method
     evaluation: dict[str, Any] | None = None  # ppl, source
     training: dict[str, Any] = field(default_factory=dict)
+    training_data: dict[str, Any] = field(default_factory=dict)  # `training_data.json`: {"train": {...}, ...}
     adapter: dict[str, Any] | None = None  # peft_type, r, lora_alpha, target_modules
     has_tokenizer: bool = False
 
@@ -67,6 +69,7 @@ def read_reports(info: CardInfo, dirs: list[Path]) -> None:
     if info.evaluation is not None:
         info.evaluation["dataset"] = report("eval_results.json").get("eval_dataset") or (info.datasets or [None])[0]
     info.schedule_search = report("schedule_search.json") or None
+    info.training_data = report("training_data.json")
     args = report("training_args.json")
     training = {"steps": state.get("global_step"), "epochs": state.get("epoch"),
                 "train_batch_size": state.get("train_batch_size")}
@@ -130,17 +133,22 @@ def _card_context(info: CardInfo) -> dict[str, Any]:
                 ("Parameters", f"{arch['parameters']:,}"), ("Noise schedule", arch["noise_schedule"])]
         if lo is not None:
             rows.append(("Training noise interval [β, ω]", f"[{lo:.4g}, {hi:.4g}]"))
-        context.update(
-            tokenizer_line=tokenizer, detail_rows=rows, noise_origin=_noise_origin(info, lo, hi),
-            sampler_rows=[(k, "built-in default" if v is None else f"`{json.dumps(v)}`")
-                          for k, v in sorted(info.sampler_defaults.items())],
-        )
+        settings = dict(info.sampler_defaults)
+        stored = settings.pop("sampler", None)
+        sampler_rows = [(k, f"`{json.dumps(v)}`") for k, v in sorted(settings.items())]
+        if info.sampler is not None:  # the one the measurement below and a plain `generate()` use
+            how = "" if stored else " (none stored: chosen because `confidence_threshold` is set)" \
+                if info.sampler == "confidence_threshold" else " (none stored: the built-in default)"
+            sampler_rows.insert(0, ("sampler", f"`{info.sampler}`{how}"))
+        context.update(tokenizer_line=tokenizer, detail_rows=rows, noise_origin=_noise_origin(info, lo, hi),
+                       sampler_rows=sampler_rows)
+    data = [_data_line(role, entry) for role, entry in info.training_data.items() if isinstance(entry, dict)]
     if info.datasets:
-        data = ["Data: " + ", ".join(f"[`{d}`](https://huggingface.co/datasets/{d})" for d in info.datasets)]
+        data.append("Data: " + ", ".join(f"[`{d}`](https://huggingface.co/datasets/{d})" for d in info.datasets))
     elif info.converted_from_official:
-        data = ["Data and recipe: trained by the BD3-LM authors; see the paper and the original repository."]
-    else:
-        data = ["Data: not recorded."]
+        data.append("Data and recipe: trained by the BD3-LM authors; see the paper and the original repository.")
+    elif not data:
+        data.append("Data: not recorded.")
     context["training_lines"] = data + [f"{k.replace('_', ' ')}: {v}" for k, v in info.training.items()]
     limitations = ["A research model: no instruction tuning or safety filtering; outputs can be false, biased or "
                    "offensive.", "Perplexities are NELBO upper bounds, not exact likelihoods; compare with care.",
@@ -152,6 +160,16 @@ def _card_context(info: CardInfo) -> dict[str, Any]:
         limitations.append("No tokenizer files are published here; use the tokenizer the model was trained with.")
     context["limitations"] = limitations
     return context
+
+
+def _data_line(role: str, entry: dict[str, Any]) -> str:
+    """One dataset of `training_data.json` (written by `bd3lm train`): name, licence, size in tokens."""
+    name = f"`{entry.get('name', 'unnamed')}`" + (f", {entry['split']} split" if entry.get("split") else "")
+    about = f" ({entry['description']})" if entry.get("description") else ""
+    size = f"{entry['tokens']:,} tokens of this model's tokenizer" if isinstance(entry.get("tokens"), int) else \
+        "size not recorded"
+    label = {"train": "Training data", "evaluation": "Validation data"}.get(role, f"Data ({role})")
+    return f"{label}: {name}{about}; licence: {entry.get('license') or 'not recorded'}; {size}."
 
 
 def _noise_origin(info: CardInfo, lo: float | None, hi: float | None) -> str:

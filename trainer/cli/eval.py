@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..corpus import CORPUS_DESCRIPTION, CORPUS_NAME
 from ..evaluation.generative_perplexity import generative_perplexity
 from ..evaluation.loading import load_model_and_tokenizer
 from ..evaluation.perplexity import dataset_perplexity
@@ -27,7 +28,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--output", help="Write all results to this JSON file.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
     g = parser.add_argument_group("likelihood (perplexity bound)")
-    g.add_argument("--dataset", action="append", help="Repeatable: a local file/folder, a Hub name or `bd3lm-corpus`.")
+    g.add_argument("--dataset", action="append", help="Repeatable: a local file/folder, a Hub name or `bd3lm-corpus` "
+                   "(the default when no --dataset, --judge or --tasks is given: its validation split).")
     g.add_argument("--split", help="Dataset split (default: test, then validation, then train).")
     g.add_argument("--dataset-config", help="Hub dataset configuration name.")
     g.add_argument("--text-column", default="text", help="Column holding the documents (default: text).")
@@ -90,12 +92,17 @@ def run_eval(args: argparse.Namespace) -> int:
 def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Perplexity bounds, generative perplexity and lm-eval tasks as `add_eval_arguments` describes them; prints a
     table, writes `--output` as JSON and returns the results."""
-    if not (args.dataset or args.judge or args.tasks):
-        raise ValueError("Nothing to evaluate: pass `--dataset` (perplexity), `--judge` (gen-PPL) or `--tasks`.")
     check_model_reference(args.model, "model", need_config=True)
+    datasets = list(args.dataset or [])
+    if not (datasets or args.judge or args.tasks):
+        # What a user most likely wants first, and what `bd3lm train` trains on by default: the held-out split of the
+        # embedded corpus (offline, no option needed).
+        datasets = [CORPUS_NAME]
+        print(f"bd3lm eval: no --dataset, --judge or --tasks given: the perplexity bound on `{CORPUS_NAME}` "
+              f"({CORPUS_DESCRIPTION}), {args.split or 'validation'} split", flush=True)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
     results: dict[str, Any] = {"model": args.model, "block_size": model.config.block_size}
-    for name in args.dataset or []:
+    for name in datasets:
         result = dataset_perplexity(
             model, name, tokenizer, args.batch_size, args.num_samples, args.seed, args.ignore_bos, args.split,
             args.text_column, args.dataset_config, not args.no_wrap, args.max_documents, not args.no_progress,

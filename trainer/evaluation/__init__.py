@@ -37,7 +37,7 @@ from .likelihood import (
     score_continuations,
     stratified_noise_levels,
 )
-from .loading import load_model_and_tokenizer
+from .loading import load_model_and_tokenizer, resolve_device
 from .perplexity import PerplexityResult, dataset_perplexity, load_eval_dataset, wrap_documents
 
 #: Folder of the `evaluate` metric module of the per-token NELBO: `evaluate.load(NELBO_METRIC_PATH)` (works offline).
@@ -84,6 +84,7 @@ __all__ = [
     "nelbo",
     "network_calls_per_token",
     "plan_windows",
+    "resolve_device",
     "score_continuations",
     "stratified_noise_levels",
     "unigram_entropy",

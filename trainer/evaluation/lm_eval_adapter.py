@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..corpus import resolve_tokenizer
 from .likelihood import _is_deterministic, score_continuations
-from .loading import load_model_and_tokenizer
+from .loading import load_model_and_tokenizer, resolve_device
 
 # Sampling fields of lm-eval `gen_kwargs` that `generate` understands; `until` and `max_gen_toks` are handled here.
 _GENERATE_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
@@ -86,10 +86,12 @@ class BD3LMEvalHarness(LM):
         **generate_kwargs: Any,
     ) -> None:
         super().__init__()
+        # lm-eval's command line passes device="cuda:0" unless told otherwise: without CUDA, fall back to the CPU
+        # with one warning line rather than crash (see `resolve_device`).
         if isinstance(pretrained, str):
-            model, tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device, dtype)
+            model, tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device, dtype, device_fallback=True)
         else:
-            model = pretrained.to(device) if device else pretrained
+            model = pretrained.to(resolve_device(device, fallback=True)) if device else pretrained
             if tokenizer is None:
                 raise ValueError("Pass `tokenizer` together with a loaded model.")
             if isinstance(tokenizer, str):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..corpus import EMBEDDED_NAME, load_corpus
+from ..corpus import CORPUS_NAME, load_corpus
 from ..data import load_text_dataset
 from .likelihood import _check_num_samples, nelbo
 
@@ -39,7 +39,7 @@ def load_eval_dataset(dataset: Any, split: str | None = None, config_name: str |
     if isinstance(dataset, (list, tuple)):
         return datasets.Dataset.from_dict({"text": list(dataset)})
     if isinstance(dataset, str):
-        if dataset == EMBEDDED_NAME:
+        if dataset == CORPUS_NAME:
             return load_corpus(split or "validation")
 
         if os.path.isfile(os.path.expanduser(dataset)):
