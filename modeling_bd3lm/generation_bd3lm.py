@@ -5,8 +5,9 @@
 
 1. Resolve a `BD3LMGenerationConfig` from the model's config, the one passed in and the keyword arguments.
 2. Prepare the prompt: left padding (a right-padded row is rotated to the left first), and blocks aligned to the END
-   of the prompt (extra left padding so that the prompt ends at a block boundary). A row then sees the same block boundaries, relative positions and keys whatever
-   the batch it is in. Without a prompt, generation starts from BOS (a 1-token prompt).
+   of the prompt (extra left padding so that the prompt ends at a block boundary). A row then sees the same block
+   boundaries, relative positions and keys whatever the batch it is in. Without a prompt, generation starts from BOS
+   (a 1-token prompt).
 3. The prompt is the first committed window. With the cache it is written by the first block's first call: that call
    runs `prompt ⊕ block` with `use_cache=True` (the block-causal x_0 stream of training, so the cache is exact) and
    drops the block's own keys and values again.

@@ -18,6 +18,10 @@ Samplers (the official ones of Arriola et al., 2025, plus confidence-based paral
 * `topk_confidence`, `margin`, `entropy`: the k masked positions with the highest confidence (probability of the
   candidate token), the largest top-1 minus top-2 margin, or the lowest entropy.
 * `confidence_threshold`: every masked position whose candidate has probability >= the threshold, and at least one.
+
+Random numbers (`uniform`) come from a `RandomSource`: one `torch.Generator` shared by the batch, torch's global RNG,
+or `RowGenerators` (one generator per row: a row's draws, and so its tokens, do not depend on the other rows). The
+contract `generate()` offers on top of them is in `generation_bd3lm.py` ("Randomness").
 """
 
 from __future__ import annotations

@@ -259,8 +259,9 @@ def test_seeded_sampling_is_batch_invariant(sampler, use_cache):
     assert torch.equal(torch.random.get_rng_state(), state)  # seeded generation never touches the global RNG
     for row, n in enumerate(lengths):
         torch.manual_seed(3 + row)
-        assert torch.equal(same_seed[row, -45:], model.generate(ids[row : row + 1, -n:], seed=11, **kwargs)[0, -45:])
-        assert torch.equal(per_row[row, -45:], model.generate(ids[row : row + 1, -n:], seed=seeds[row], **kwargs)[0, -45:])
+        alone = ids[row : row + 1, -n:]
+        assert torch.equal(same_seed[row, -45:], model.generate(alone, seed=11, **kwargs)[0, -45:])
+        assert torch.equal(per_row[row, -45:], model.generate(alone, seed=seeds[row], **kwargs)[0, -45:])
     assert not torch.equal(per_row[1, -45:], same_seed[1, -45:])
     # rows stopping at EOS: take a token row 1 samples in its third block as EOS (it appears in other rows too)
     eos = int(per_row[1, ids.shape[1] + 9])
@@ -325,6 +326,22 @@ def test_right_padded_prompts_generate_as_left_padded():
     left = model.generate(ids, attention_mask=mask, max_new_tokens=9, sampler="ddpm")
     right = model.generate(right_ids, attention_mask=right_mask, max_new_tokens=9, sampler="ddpm")
     assert torch.equal(right[:, :width], right_ids) and torch.equal(right[:, width:], left[:, width:])
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 4), st.integers(1, 5), st.integers(0, 4)), min_size=1, max_size=4))
+def test_left_align_moves_every_rows_padding_to_the_left(rows):
+    """Rows padded on the left, the right or both (one run of tokens each) end with their tokens, in order."""
+    width = max(left + n + right for left, n, right in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, (left, n, _) in enumerate(rows):
+        ids[r, left : left + n] = torch.arange(3, 3 + n) + r
+        mask[r, left : left + n] = True
+    aligned, aligned_mask = BD3LMForMaskedDiffusion._left_align(ids, mask)
+    for r, (_, n, _) in enumerate(rows):
+        assert aligned_mask[r].tolist() == [False] * (width - n) + [True] * n
+        assert torch.equal(aligned[r, width - n :], ids[r][mask[r]])
 
 
 def test_prepare_generation_config_for_transformers_457_pipelines():
