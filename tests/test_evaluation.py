@@ -150,7 +150,7 @@ def test_generated_samples_depend_on_their_index_not_on_the_batch_size():
     and --gen-batch-size changes nothing."""
     from types import SimpleNamespace
 
-    from bd3lm_trainer.evaluation import _generate_samples
+    from bd3lm_trainer.cli.eval import _generate_samples
 
     model = random_model()
     tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2)
