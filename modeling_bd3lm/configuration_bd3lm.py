@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -287,9 +286,11 @@ class BD3LMConfig(PretrainedConfig):
 
 
 def _init_defaults() -> dict[str, Any]:
-    """The default of every `BD3LMConfig.__init__` argument."""
-    signature = inspect.signature(BD3LMConfig.__init__)
-    return {name: p.default for name, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+    """The default of every named `BD3LMConfig.__init__` argument (read from the function: the bundle imports no
+    `inspect`)."""
+    code, defaults = BD3LMConfig.__init__.__code__, BD3LMConfig.__init__.__defaults__
+    names = code.co_varnames[1 : code.co_argcount]  # after `self`
+    return dict(zip(names[len(names) - len(defaults) :], defaults))
 
 
 __all__ = ["BD3LMConfig"]

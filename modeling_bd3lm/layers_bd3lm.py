@@ -93,6 +93,11 @@ class BD3LMEmbedding(nn.Embedding):
     and `get_input_embeddings` work as for any HF model; its tensor is `weight` in memory, while checkpoints store it
     under the official key `vocab_embed.embedding` (renamed on load and save by `BD3LMPreTrainedModel`)."""
 
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        # An uninitialised table, as the official layer: `_init_weights` fills it (kaiming-uniform, as upstream).
+        # nn.Embedding's own N(0, 1) draw would shift the RNG stream, so a seeded model would change.
+        super().__init__(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
+
     @property
     def embedding(self) -> nn.Parameter:
         """The official attribute name of the table (read-only alias of `weight`)."""

@@ -91,6 +91,22 @@ try:
     from transformers.core_model_loading import WeightRenaming
 except ImportError:  # transformers 4.x
     register_checkpoint_conversion_mapping = None
+
+
+def parameter_name(checkpoint_key: str) -> str:
+    """The in-memory name of a tensor stored under `checkpoint_key` (the official embedding key is renamed)."""
+    if checkpoint_key.endswith(_SAVED_EMBEDDING_KEY):
+        return checkpoint_key[: -len(_SAVED_EMBEDDING_KEY)] + _MEMORY_EMBEDDING_KEY
+    return checkpoint_key
+
+
+def checkpoint_key(name: str) -> str:
+    """The key under which `save_pretrained` stores the tensor named `name` in memory."""
+    if name.endswith(_MEMORY_EMBEDDING_KEY):
+        return name[: -len(_MEMORY_EMBEDDING_KEY)] + _SAVED_EMBEDDING_KEY
+    return name
+
+
 if register_checkpoint_conversion_mapping is not None:
     # overwrite=True: the bundled copy of this file registers again when a checkpoint is loaded with remote code.
     register_checkpoint_conversion_mapping(
@@ -116,16 +132,14 @@ class BD3LMPreTrainedModel(PreTrainedModel):
     @staticmethod
     def _fix_state_dict_key_on_load(key: str) -> tuple[str, bool]:
         """transformers 4.57's load-time key hook: the official embedding key to the `nn.Embedding` one."""
-        if key.endswith(_SAVED_EMBEDDING_KEY):
-            return key[: -len(_SAVED_EMBEDDING_KEY)] + _MEMORY_EMBEDDING_KEY, True
+        if parameter_name(key) != key:
+            return parameter_name(key), True
         return PreTrainedModel._fix_state_dict_key_on_load(key)  # only 4.x calls this hook, and defines the base
 
     @staticmethod
     def _fix_state_dict_key_on_save(key: str) -> tuple[str, bool]:
         """transformers 4.57's save-time key hook: checkpoints keep the official embedding key."""
-        if key.endswith(_MEMORY_EMBEDDING_KEY):
-            return key[: -len(_MEMORY_EMBEDDING_KEY)] + _SAVED_EMBEDDING_KEY, True
-        return key, False
+        return checkpoint_key(key), checkpoint_key(key) != key
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -246,20 +260,27 @@ class BD3LMModel(BD3LMPreTrainedModel):
 
             mask_mod = block_diffusion_mask_mod(seq_len, bs)
             if key_padding is None:
-                key = ("flex", seq_len, bs, str(device))
-                if key not in self._mask_cache:
-                    self._mask_cache[key] = create_block_mask(mask_mod, None, None, 2 * seq_len, 2 * seq_len, device)
-                return self._mask_cache[key]
+                return self._cached_mask(
+                    ("flex", seq_len, bs, str(device)),
+                    lambda: create_block_mask(mask_mod, None, None, 2 * seq_len, 2 * seq_len, device),
+                )
             padding = key_padding
 
             def padded_mask_mod(b, h, q_idx, kv_idx):
                 return (mask_mod(b, h, q_idx, kv_idx) & padding[b, kv_idx]) | (q_idx == kv_idx)
 
             return create_block_mask(padded_mask_mod, padding.shape[0], None, 2 * seq_len, 2 * seq_len, device)
-        key = ("dense", seq_len, bs, str(device))
+        mask = self._cached_mask(("dense", seq_len, bs, str(device)), lambda: block_diffusion_mask(seq_len, bs, device))
+        return self._apply_padding(mask, key_padding)
+
+    def _cached_mask(self, key: tuple, build):
+        """`build()`, kept per `key` in eager mode. A traced graph (torch.compile, torch.export) builds the mask in the
+        graph instead: a symbolic length cannot be a dict key, and the graph must not write Python state."""
+        if torch.compiler.is_compiling():
+            return build()
         if key not in self._mask_cache:
-            self._mask_cache[key] = block_diffusion_mask(seq_len, bs, device)
-        return self._apply_padding(self._mask_cache[key], key_padding)
+            self._mask_cache[key] = build()
+        return self._mask_cache[key]
 
     def _sampling_mask(
         self, q_len: int, past_len: int, key_padding: torch.BoolTensor | None, device: torch.device, impl: str
@@ -685,6 +706,8 @@ BD3LMForMaskedDiffusion.register_for_auto_class("AutoModelForMaskedLM")
 
 __all__ = [
     "AUTO_MAP",
+    "checkpoint_key",
+    "parameter_name",
     "BD3LMForMaskedDiffusion",
     "BD3LMModel",
     "BD3LMPreTrainedModel",
