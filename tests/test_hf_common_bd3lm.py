@@ -1,10 +1,17 @@
 """transformers' own common model and config tests (`ModelTesterMixin`, `ConfigTester`, vendored verbatim from the
 transformers 5.24.0 sdist in tests/hf_common/) run against BD3-LM.
 
-`make_model_test` builds one unittest class per model family from a `BD3LMModelTester`-like object, so another
-backbone (a model converted from a causal LM, say) gets the same suite by adding one `make_model_test(...)` line with
-its own tester. Flags of the mixin are set only where a test cannot apply to a diffusion LM, each with its reason;
-expected failures are `xfail(strict=True)` with the reason, never skips.
+`make_model_test` builds one unittest class per model family from a `BD3LMModelTester`-like object. Flags of the mixin
+are set only where a test cannot apply to a diffusion LM, each with its reason; expected failures are
+`xfail(strict=True)` with the reason, never skips.
+
+Adding another backbone (a model converted from a causal LM, say): subclass `BD3LMModelTester`, override `get_config`
+(and `loss_inputs` if its loss takes other inputs), and add one line at the end of this file:
+
+    ConvertedModelTest = make_model_test(
+        "ConvertedModelTest", (ConvertedForMaskedDiffusion,), ConvertedModelTester, is_training=True,
+        config_class=ConvertedConfig, config_kwargs={...},  # ConfigTester's inputs, in the config's own field names
+    )
 """
 
 from __future__ import annotations
@@ -95,8 +102,20 @@ STRICT_LOADING = (
 )
 
 
-def make_model_test(name: str, model_classes: tuple, tester_factory, *, is_training: bool, **flags) -> type:
-    """A `unittest.TestCase` running `ModelTesterMixin` for `model_classes`, built on `tester_factory(parent)`."""
+def make_model_test(
+    name: str,
+    model_classes: tuple,
+    tester_factory,
+    *,
+    is_training: bool,
+    config_class: type = BD3LMConfig,
+    config_kwargs: dict | None = None,
+    **flags,
+) -> type:
+    """A `unittest.TestCase` running `ModelTesterMixin` for `model_classes`, built on `tester_factory(parent)`, and
+    `ConfigTester` for `config_class(**config_kwargs)`; `flags` set further mixin attributes (give the reason)."""
+    # the official field names, as a saved config.json spells them (to_json_string is compared key by key)
+    config_kwargs = {"hidden_dim": 32, "n_heads": 4} if config_kwargs is None else config_kwargs
 
     class _Test(ModelTesterMixin, unittest.TestCase):
         all_model_classes = model_classes
@@ -111,8 +130,7 @@ def make_model_test(name: str, model_classes: tuple, tester_factory, *, is_train
         def setUp(self):
             self.model_tester = tester_factory(self)
             self.model_tester.is_training = is_training
-            # the official field names, as a saved config.json spells them (to_json_string is compared key by key)
-            self.config_tester = ConfigTester(self, config_class=BD3LMConfig, hidden_dim=32, n_heads=4)
+            self.config_tester = ConfigTester(self, config_class=config_class, **config_kwargs)
 
         def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
             inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
