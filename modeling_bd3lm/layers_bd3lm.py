@@ -16,6 +16,12 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer  # 4.57 and 5.x
 
+try:  # the checkpoint key renaming of transformers 5 (4.x uses the `_fix_state_dict_key_on_*` hooks)
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+except ImportError:
+    register_checkpoint_conversion_mapping = None
+
 from .configuration_bd3lm import BD3LMConfig
 
 # Width of the sinusoidal noise-level features fed to `sigma_map` (fixed by the released checkpoints).
@@ -108,6 +114,38 @@ class BD3LMEmbedding(nn.Embedding):
         if prefix + OFFICIAL_EMBEDDING_NAME in state_dict and prefix + "weight" not in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(prefix + OFFICIAL_EMBEDDING_NAME)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# The token embedding is an `nn.Embedding` (key `vocab_embed.weight` in memory) while the official checkpoints, and the
+# ones this package saves, store it as `vocab_embed.embedding`. The key is renamed on load and back on save:
+# transformers 5 through its checkpoint conversion mapping (registered for BD3LMModel, which every BD3-LM class holds
+# or is; scoped to it, so other models' keys are untouched), transformers 4.57 through the `_fix_state_dict_key_on_*`
+# hooks of BD3LMPreTrainedModel, and torch's `load_state_dict` through `BD3LMEmbedding._load_from_state_dict`.
+_SAVED_EMBEDDING_KEY = f"vocab_embed.{OFFICIAL_EMBEDDING_NAME}"
+_MEMORY_EMBEDDING_KEY = "vocab_embed.weight"
+
+
+def parameter_name(checkpoint_key: str) -> str:
+    """The in-memory name of a tensor stored under `checkpoint_key` (the official embedding key is renamed)."""
+    if checkpoint_key.endswith(_SAVED_EMBEDDING_KEY):
+        return checkpoint_key[: -len(_SAVED_EMBEDDING_KEY)] + _MEMORY_EMBEDDING_KEY
+    return checkpoint_key
+
+
+def checkpoint_key(name: str) -> str:
+    """The key under which `save_pretrained` stores the tensor named `name` in memory."""
+    if name.endswith(_MEMORY_EMBEDDING_KEY):
+        return name[: -len(_MEMORY_EMBEDDING_KEY)] + _SAVED_EMBEDDING_KEY
+    return name
+
+
+if register_checkpoint_conversion_mapping is not None:
+    # overwrite=True: the copy of this file bundled with a checkpoint registers again when loaded as remote code.
+    register_checkpoint_conversion_mapping(
+        "BD3LMModel",
+        [WeightRenaming(source_patterns=_SAVED_EMBEDDING_KEY, target_patterns=_MEMORY_EMBEDDING_KEY)],
+        overwrite=True,
+    )
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -302,6 +340,8 @@ __all__ = [
     "BD3LMRotaryEmbedding",
     "BD3LMTimestepEmbedder",
     "apply_rotary",
+    "checkpoint_key",
+    "parameter_name",
     "read_cache_layer",
     "trim_cache_left",
     "trim_cache_right",

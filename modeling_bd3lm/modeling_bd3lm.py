@@ -24,7 +24,6 @@ from .generation_bd3lm import BD3LMGenerationMixin
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .layers_bd3lm import (
     ATTENTION_FUNCTIONS,
-    OFFICIAL_EMBEDDING_NAME,
     BD3LMBlock,
     BD3LMEmbedding,
     BD3LMFinalLayer,
@@ -32,6 +31,8 @@ from .layers_bd3lm import (
     BD3LMRotaryEmbedding,
     BD3LMTimestepEmbedder,
     _resolve_cache_kwarg,
+    checkpoint_key,
+    parameter_name,
     read_cache_layer,
     trim_cache_left,
 )
@@ -77,43 +78,6 @@ AUTO_MAP = {
 def _float32(value: float) -> float:
     """`value` rounded to float32, the dtype of the noise-interval buffers."""
     return float(torch.tensor(value, dtype=torch.float32))
-
-
-# The token embedding is an `nn.Embedding` (key `vocab_embed.weight` in memory) while the official checkpoints, and the
-# ones this package saves, store it as `vocab_embed.embedding`. The key is renamed on load and back on save:
-# transformers 5 through its checkpoint conversion mapping (registered for BD3LMModel, which every BD3-LM class holds
-# or is; scoped to it, so other models' keys are untouched), transformers 4.57 through the `_fix_state_dict_key_on_*`
-# hooks below, and torch's `load_state_dict` through `BD3LMEmbedding._load_from_state_dict`.
-_SAVED_EMBEDDING_KEY = f"vocab_embed.{OFFICIAL_EMBEDDING_NAME}"
-_MEMORY_EMBEDDING_KEY = "vocab_embed.weight"
-try:
-    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-except ImportError:  # transformers 4.x
-    register_checkpoint_conversion_mapping = None
-
-
-def parameter_name(checkpoint_key: str) -> str:
-    """The in-memory name of a tensor stored under `checkpoint_key` (the official embedding key is renamed)."""
-    if checkpoint_key.endswith(_SAVED_EMBEDDING_KEY):
-        return checkpoint_key[: -len(_SAVED_EMBEDDING_KEY)] + _MEMORY_EMBEDDING_KEY
-    return checkpoint_key
-
-
-def checkpoint_key(name: str) -> str:
-    """The key under which `save_pretrained` stores the tensor named `name` in memory."""
-    if name.endswith(_MEMORY_EMBEDDING_KEY):
-        return name[: -len(_MEMORY_EMBEDDING_KEY)] + _SAVED_EMBEDDING_KEY
-    return name
-
-
-if register_checkpoint_conversion_mapping is not None:
-    # overwrite=True: the bundled copy of this file registers again when a checkpoint is loaded with remote code.
-    register_checkpoint_conversion_mapping(
-        "BD3LMModel",
-        [WeightRenaming(source_patterns=_SAVED_EMBEDDING_KEY, target_patterns=_MEMORY_EMBEDDING_KEY)],
-        overwrite=True,
-    )
 
 
 class BD3LMPreTrainedModel(PreTrainedModel):
