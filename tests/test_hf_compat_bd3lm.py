@@ -21,7 +21,13 @@ from torch.export import Dim
 from transformers import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion, BD3LMModel, block_diffusion_mask
+from modeling_bd3lm import (
+    BD3LMConfig,
+    BD3LMForMaskedDiffusion,
+    BD3LMModel,
+    block_diffusion_mask,
+    sample_noise_levels,
+)
 from tests.conftest import random_model, tiny_config
 
 MASK_ID = 63
@@ -161,7 +167,8 @@ def test_checkpointing_kwargs_reach_torch_checkpoint(use_reentrant):
     x_t, t = _noised(x_0)
     loss, grads = _loss_and_grads(model, x_0, x_t, t)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    assert all(b._gradient_checkpointing_func.keywords == {"use_reentrant": use_reentrant} for b in model.backbone.blocks)
+    for block in model.backbone.blocks:
+        assert block._gradient_checkpointing_func.keywords == {"use_reentrant": use_reentrant}
     loss_ckpt, grads_ckpt = _loss_and_grads(model, x_0, x_t, t)
     torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
     for name, grad in grads.items():
@@ -216,6 +223,20 @@ def test_export_vectorised_pass_with_padding_static_and_dynamic():
     shapes = {name: {0: batch, 1: 4 * blocks} for name in call}
     shorter = {name: value[:1, :12] for name, value in call.items()}
     _exported_matches_eager(model, call, shapes, (shorter, {n: v.repeat(3, 1) for n, v in call.items()}))
+
+
+@settings(max_examples=40, deadline=None)
+@given(lo=st.floats(0.0, 1.0, width=32), width=st.floats(0.0, 1.0, width=32), antithetic=st.booleans())
+def test_noise_levels_from_the_buffers_equal_those_from_their_floats(lo, width, antithetic):
+    """Training reads the noise interval from the buffers as tensors (no sync, no graph break); the draws must be
+    bit-identical to the float path that eval mode and older versions take."""
+    lo32 = torch.tensor(lo, dtype=torch.float32)
+    hi32 = torch.clamp(lo32 + torch.tensor(width, dtype=torch.float32), max=1.0)
+    draws = [
+        sample_noise_levels(3, 8, a, b, antithetic, torch.Generator().manual_seed(0))
+        for a, b in ((float(lo32), float(hi32)), (lo32, hi32))
+    ]
+    torch.testing.assert_close(draws[1], draws[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("padding", [False, True])
