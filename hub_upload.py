@@ -267,6 +267,7 @@ def _load_model(model_dir: Path):
     import torch
 
     from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
+    from modeling_bd3lm.modeling_bd3lm import parameter_name
 
     try:
         config = BD3LMConfig.from_pretrained(model_dir)
@@ -274,7 +275,8 @@ def _load_model(model_dir: Path):
         raise ValueError(f"{model_dir}/config.json is not a valid BD3-LM config: {error}") from error
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in BD3LMForMaskedDiffusion(config).state_dict().items()}
-    found = _checkpoint_shapes(_weight_files(model_dir))
+    # checkpoints store the token table under the official key; compare under the in-memory names
+    found = {parameter_name(key): shape for key, shape in _checkpoint_shapes(_weight_files(model_dir)).items()}
     ignorable = BD3LMForMaskedDiffusion._keys_to_ignore_on_load_unexpected or []
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(k for k in set(found) - set(expected) if not any(re.search(p, k) for p in ignorable))
