@@ -70,8 +70,8 @@ class BD3LMNoiseSchedule:
 def sample_noise_levels(
     batch_size: int,
     num_blocks: int,
-    eps_min: float,
-    eps_max: float,
+    eps_min: float | torch.Tensor,
+    eps_max: float | torch.Tensor,
     antithetic: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -79,7 +79,8 @@ def sample_noise_levels(
     """Draw one noise level per (sequence, block), t ∼ U[eps_min, eps_max].
 
     With `antithetic`, the N = batch·blocks draws are stratified jointly: cell j gets t_j = (u_j + j) / N, one draw per
-    stratum of [0, 1) (the low-discrepancy sampler of the official code), then rescaled to the interval.
+    stratum of [0, 1) (the low-discrepancy sampler of the official code), then rescaled to the interval. The bounds may
+    be Python floats or 0-d float32 tensors (the model's buffers); both give the same draws.
 
     Returns:
         `torch.FloatTensor` of shape `(batch_size, num_blocks)`.
@@ -88,6 +89,11 @@ def sample_noise_levels(
     u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
     if antithetic:
         u = (u / n + torch.arange(n, device=u.device, dtype=torch.float32) / n) % 1.0
+    if isinstance(eps_min, torch.Tensor) or isinstance(eps_max, torch.Tensor):
+        # As for floats: the width is the float64 difference rounded once to float32, the bounds' own dtype.
+        lo, hi = torch.as_tensor(eps_min, device=u.device), torch.as_tensor(eps_max, device=u.device)
+        width = (hi.double() - lo.double()).float()
+        return (lo.float() + width * u).view(batch_size, num_blocks)
     return (eps_min + (eps_max - eps_min) * u).view(batch_size, num_blocks)
 
 
@@ -197,7 +203,7 @@ def maskable_positions(
 def draw_noise(
     x_0: torch.LongTensor,
     config: Any,
-    interval: tuple[float, float] = EVAL_NOISE_INTERVAL,
+    interval: tuple[float | torch.Tensor, float | torch.Tensor] = EVAL_NOISE_INTERVAL,
     maskable: torch.BoolTensor | None = None,
     noise_levels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -215,7 +221,7 @@ def draw_noise(
         x_0 (`torch.LongTensor` of shape `(batch, seq_len)`): clean tokens; `seq_len` a multiple of `block_size`.
         config: a `BD3LMConfig` (`block_size`, `mask_token_id`, `antithetic_sampling`, `resample`, `always_mask`).
         interval (`tuple[float, float]`, defaults to `EVAL_NOISE_INTERVAL`): [β, ω]; in training, the training
-            interval.
+            interval (floats, or the model's 0-d float32 buffers).
         maskable (`torch.BoolTensor` of shape `(batch, seq_len)`, *optional*): positions that may be masked
             ([`maskable_positions`]); all by default.
         noise_levels (`torch.Tensor` of shape `(batch, seq_len // block_size)`, *optional*): t, if already drawn.
@@ -229,11 +235,14 @@ def draw_noise(
         if config.always_mask:
             noise_levels = torch.ones(batch, num_blocks, device=x_0.device)
         else:
-            lo, hi = _float32(interval[0]), _float32(interval[1])
+            # Bounds held in float32, as the buffers hold the training interval; the buffers themselves may come as
+            # 0-d tensors (no device sync, no graph break under torch.compile), which draw the same t.
+            lo, hi = (bound if isinstance(bound, torch.Tensor) else _float32(bound) for bound in interval)
             noise_levels = sample_noise_levels(
                 batch, num_blocks, lo, hi, config.antithetic_sampling, generator, x_0.device
             )
-            bounds = resampling_bounds((lo, hi), config.resample)
+            if config.resample:  # rejection resampling is data-dependent: it never compiles into one graph anyway
+                bounds = resampling_bounds((float(lo), float(hi)), True)
     if config.always_mask:
         mask_probability = torch.ones_like(noise_levels)
     else:

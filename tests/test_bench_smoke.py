@@ -32,6 +32,8 @@ def test_suite_writes_valid_json(tmp_path):
         assert len(row["times"]) >= 1 and row["seconds"] > 0 and row["flops"] > 0 and 0 < row["mfu"]
     vectorised = next(r for r in training["rows"] if r["pass"] == "vectorised" and r["attn"] == "sdpa")
     assert vectorised["over_ar"] > 0
+    compiled = next(r for r in training["rows"] if r["pass"] == "compiled")  # torch.compile(fullgraph=True) step
+    assert compiled["group"] == "compile" and compiled["over_vectorised"] > 0
 
     (generation,) = results["generation"]
     assert {r["mode"] for r in generation["rows"] if r["group"] == "samplers"} == {*MODES, AR_MODE}

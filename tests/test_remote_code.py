@@ -37,6 +37,7 @@ for auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
         out[auto.__name__ + ".train"] = model(inputs["x_0"], noisy_input_ids=inputs["x_t"], return_dict=True).logits
         out[auto.__name__ + ".sample"] = model(inputs["x_t"], return_dict=True).logits
 save_file(out, FOLDER + "/child_logits.safetensors")
+model.save_pretrained(FOLDER + "/resaved")  # this release's save path must keep the official embedding key
 print(transformers.__version__)
 """
 
@@ -99,3 +100,8 @@ def test_saved_model_loads_in_a_fresh_process_without_this_project(python, tmp_p
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     reloaded = BD3LMForMaskedDiffusion.from_pretrained(tmp_path)
     assert reloaded.training_noise_interval() == pytest.approx((0.3, 0.8))
+    # the token table is stored under the official key (`backbone.vocab_embed.embedding`) by both releases
+    ours, theirs = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "resaved" / "model.safetensors")
+    assert "backbone.vocab_embed.embedding" in ours and set(theirs) == set(ours)
+    for key, value in ours.items():
+        torch.testing.assert_close(theirs[key], value, rtol=0, atol=0, msg=key)
