@@ -13,7 +13,8 @@ FSDP1 (`FullyShardedDataParallel`, flat parameters) is refused with a message po
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -148,6 +149,24 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+@contextlib.contextmanager
+def saved_as_original_class(model: torch.nn.Module) -> Iterator[None]:
+    """`fully_shard` gives the model a generated class, `FSDP<Name>`, defined in torch's FSDP module; `save_pretrained`
+    would copy torch's files as the model's code and write `_fsdp_init.FSDP<Name>` into `config.auto_map`, a folder that
+    `trust_remote_code` cannot load. The model carries its own class for the duration of the block (the FSDP state
+    lives on the instance, so gathering the state dict still works)."""
+    fsdp_module = _fsdp2_module_type()
+    generated = type(model)
+    if fsdp_module is None or not isinstance(model, fsdp_module):
+        yield
+        return
+    model.__class__ = next(base for base in generated.__mro__[1:] if not issubclass(base, fsdp_module))
+    try:
+        yield
+    finally:
+        model.__class__ = generated
+
+
 def describe(params: Iterable[torch.Tensor]) -> str:
     """`"fsdp2"`, `"zero3"` or `"full"` for a set of parameters (the first sharded one decides). Call `reshard_fsdp2`
     first: gathered FSDP2 parameters look whole."""
@@ -169,4 +188,5 @@ __all__ = [
     "rank_and_world",
     "release_gathered",
     "reshard_fsdp2",
+    "saved_as_original_class",
 ]

@@ -476,6 +476,10 @@ class BD3LMTrainer(Trainer):
             else:
                 super().save_model(output_dir, _internal_call)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        with sharding.saved_as_original_class(self.model):  # FSDP2's generated class would break the saved code
+            super()._save(output_dir, state_dict)
+
     def _gathers_full_state_dict(self) -> bool:
         if self._saving_checkpoint or not self.is_fsdp_enabled:
             return False
