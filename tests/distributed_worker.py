@@ -220,15 +220,24 @@ def fully_shard_loop(out: Path) -> None:
             restored = EMACallback(decay=0.8)
             restored.load_state(str(out / "ema_ckpt"), sharded)
             record["restored_equal"] = all(torch.equal(restored.shadow[n], v) for n, v in ema_s.shadow.items())
-            with ema_s.applied(sharded), ema_r.applied(reference), torch.no_grad():
-                sharded.eval()
-                reference.eval()
-                loss_s = sharded(input_ids=x_0[0, mine], noisy_input_ids=x_t[0, mine], noise_levels=t[0, mine],
-                                 labels=x_0[0, mine], attention_mask=mask[0, mine]).token_loss.sum()
-                torch.distributed.all_reduce(loss_s)
-                loss_r = reference(input_ids=x_0[0], noisy_input_ids=x_t[0], noise_levels=t[0], labels=x_0[0],
-                                   attention_mask=mask[0]).token_loss.sum()
-                record["ema_eval"] = [float(loss_s), float(loss_r)]
+
+            def evaluate() -> list[float]:  # one no-grad forward, both models: FSDP2 keeps the root gathered after it
+                with torch.no_grad():
+                    loss_s = sharded(input_ids=x_0[0, mine], noisy_input_ids=x_t[0, mine], noise_levels=t[0, mine],
+                                     labels=x_0[0, mine], attention_mask=mask[0, mine]).token_loss.sum()
+                    torch.distributed.all_reduce(loss_s)
+                    loss_r = reference(input_ids=x_0[0], noisy_input_ids=x_t[0], noise_levels=t[0], labels=x_0[0],
+                                       attention_mask=mask[0]).token_loss.sum()
+                return [float(loss_s), float(loss_r)]
+
+            sharded.eval()
+            reference.eval()
+            record["online_eval_before"] = evaluate()  # leaves gathered online weights behind
+            with ema_s.applied(sharded), ema_r.applied(reference):
+                record["ema_eval"] = evaluate()
+            # a forward after the swap must see the online weights again, not a gathered copy of the EMA
+            record["online_eval_after"] = evaluate()
+            with ema_s.applied(sharded), ema_r.applied(reference):
                 full = sharding.full_state_dict(sharded)  # save_model's gather, EMA weights in
                 if r == 0:
                     sharded.save_pretrained(out / "saved", state_dict=full)

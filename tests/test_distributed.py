@@ -66,10 +66,9 @@ def test_ddp_sgd_step_equals_one_process_on_the_union(tmp_path):
     reference.train()
     expected_loss = [e["loss"] for e in reference.state.log_history if "loss" in e]
     assert ranks[0]["losses"] == ranks[1]["losses"] == pytest.approx(expected_loss, rel=1e-6)
-    start = random_model(0, always_mask=True, **MODEL)
+    start = random_model(0, always_mask=True, **MODEL).state_dict()
     weights = load_file(str(tmp_path / "ddp" / "online.safetensors"))
-    moved = [n for n, p in start.named_parameters() if not torch.equal(p, dict(model.named_parameters())[n])]
-    assert len(moved) > 20  # the step changed the weights
+    assert sum(not torch.equal(weights[n], start[n]) for n in weights) > 20  # the step changed the weights
     assert_weights_close(weights, dict(model.named_parameters()), rtol=1e-5, atol=1e-6)
 
 
@@ -160,12 +159,17 @@ def test_fully_shard_with_and_without_ema_equals_unsharded(tmp_path):
             assert sharded == pytest.approx(unsharded, rel=1e-5)
         assert_weights_close(load_file(str(out / f"sharded_{tag}.safetensors")),
                              load_file(str(out / f"reference_{tag}.safetensors")), rtol=1e-5, atol=1e-6)
-    start = dict(random_model(0, **MODEL).named_parameters())
+    start = random_model(0, **MODEL).state_dict()
     reference = load_file(str(out / "reference_plain.safetensors"))
     assert max(float((reference[n] - start[n]).abs().max()) for n in reference) > 1e-3  # the steps moved the weights
     record = ranks[0]["ema"]
     assert record["restored_equal"] is True  # the per-rank EMA files load back bit for bit
     assert record["ema_eval"][0] == pytest.approx(record["ema_eval"][1], rel=1e-5)
+    # gathered copies of the online weights before the swap, and of the EMA weights after it, must not be used
+    for key in ("online_eval_before", "online_eval_after"):
+        assert record[key][0] == pytest.approx(record[key][1], rel=1e-5)
+    assert record["online_eval_after"][0] == pytest.approx(record["online_eval_before"][0], rel=1e-6)
+    assert abs(record["online_eval_after"][0] - record["ema_eval"][0]) > 1e-3  # EMA and online weights differ
     saved = BD3LMForMaskedDiffusion.from_pretrained(out / "saved")  # gathered with the EMA weights swapped in
     reference_ema = load_file(str(out / "reference_ema_weights.safetensors"))
     assert_weights_close(dict(saved.named_parameters()), reference_ema, rtol=1e-5, atol=1e-6)
