@@ -10,6 +10,9 @@ One step = `zero_grad` + forward + backward (no optimizer). The passes, all on t
 * `mdlm`: one pass over the L noisy tokens with block_size = L (bidirectional attention), NELBO of the masked ones.
 * `per_block_loop`: for each block b, a pass over [x_0 blocks < b ; x_t block b], summed (what the vectorised pass
   replaces; the official code's naive alternative).
+* `compiled`: the `vectorised` step through `torch.compile(model, fullgraph=True)` (inductor; the forward, loss and
+  noise draw included, one graph), against the eager `vectorised` step in the `compile` group. The warm-up calls
+  compile; compilation time is not in the step time.
 
 The vectorised pass carries 2L tokens, so about 2.0x an AR step is its floor.
 """
@@ -31,7 +34,7 @@ from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
 # The shape of tests/conftest.py's tiny configuration: the smoke test's setting.
 TEST_CONFIG = dict(vocab_size=64, hidden_dim=64, cond_dim=16, n_blocks=2, n_heads=4, model_length=32, dropout=0.0)
 
-PASSES = ("vectorised", "ar", "mdlm", "per_block_loop")
+PASSES = ("vectorised", "ar", "mdlm", "per_block_loop", "compiled")
 
 
 def build_config(preset: str, length: int, block_size: int, attn: str) -> BD3LMConfig:
@@ -81,7 +84,8 @@ def per_block_step(model: BD3LMForMaskedDiffusion, x_0: torch.LongTensor) -> Non
 
 
 def make_step(
-    kind: str, preset: str, length: int, block_size: int, batch: int, attn: str, state: dict, device: torch.device
+    kind: str, preset: str, length: int, block_size: int, batch: int, attn: str, state: dict, device: torch.device,
+    compile_backend: str = "inductor",
 ) -> tuple[Callable[[], None], int]:
     """The step closure of one pass (its model loaded with the shared `state` weights) and its counted FLOPs."""
     pass_block = {"ar": 1, "mdlm": length}.get(kind, block_size)
@@ -94,6 +98,9 @@ def make_step(
     x_0 = tokens[:, :length]
     if kind == "vectorised":
         return (lambda: vectorised_step(model, x_0)), step_flops(config, "vectorised", batch, length)
+    if kind == "compiled":
+        compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+        return (lambda: vectorised_step(compiled, x_0)), step_flops(config, "vectorised", batch, length)
     if kind == "ar":
         return (lambda: ar_step(model, tokens)), step_flops(config, "ar", batch, length)
     if kind == "mdlm":
@@ -116,12 +123,14 @@ def training_plan(mode: str, device: torch.device) -> list[dict]:
     configuration.
     """
     kernels = ["sdpa", "eager"] + (["flex_attention"] if device.type == "cuda" else [])
-    if mode == "smoke":
+    if mode == "smoke":  # the compile group with the aot_eager backend: the code path without inductor's build time
         return [
             dict(name="kernels", preset="test", length=32, block_size=4, batch=2, passes=["vectorised", "ar", "mdlm"],
                  attn=kernels, repeats=1, warmup=0),
             dict(name="per-block loop", preset="test", length=32, block_size=4, batch=2,
                  passes=["per_block_loop", "vectorised"], attn=["sdpa"], repeats=1, warmup=0),
+            dict(name="compile", preset="test", length=32, block_size=4, batch=2, passes=["compiled", "vectorised"],
+                 attn=["sdpa"], repeats=1, warmup=1, compile_backend="aot_eager"),
         ]  # fmt: skip
     if mode == "quick":
         return [
@@ -129,6 +138,8 @@ def training_plan(mode: str, device: torch.device) -> list[dict]:
                  attn=kernels, repeats=3, warmup=1),
             dict(name="per-block loop", preset="tiny", length=64, block_size=4, batch=2,
                  passes=["per_block_loop", "vectorised"], attn=["sdpa"], repeats=3, warmup=1),
+            dict(name="compile", preset="tiny", length=128, block_size=4, batch=2, passes=["compiled", "vectorised"],
+                 attn=["sdpa"], repeats=3, warmup=2),
         ]  # fmt: skip
     base = dict(preset="tiny", length=256, block_size=4, batch=2, attn=["sdpa"], repeats=5, warmup=1)
     plan = [dict(base, name="kernels", passes=["vectorised", "ar", "mdlm"], attn=kernels, repeats=7)]
@@ -141,6 +152,8 @@ def training_plan(mode: str, device: torch.device) -> list[dict]:
         plan.append(dict(base, name="batch", batch=batch, passes=["vectorised", "ar"]))
     plan.append(dict(base, name="small preset", preset="small", batch=1, passes=["vectorised", "ar"], repeats=3))
     plan.append(dict(base, name="per-block loop", length=128, passes=["per_block_loop", "vectorised"], repeats=3))
+    # warm-up 2: the first call compiles the forward, the first backward the backward graph
+    plan.append(dict(base, name="compile", passes=["compiled", "vectorised"], warmup=2))
     return plan
 
 
@@ -155,7 +168,8 @@ def run_group(group: dict, device: torch.device, states: dict) -> list[dict]:
         for kind in group["passes"]:
             key = f"{kind}/{attn}"
             steps[key], flops[key] = make_step(
-                kind, preset, group["length"], group["block_size"], group["batch"], attn, states[preset], device
+                kind, preset, group["length"], group["block_size"], group["batch"], attn, states[preset], device,
+                group.get("compile_backend", "inductor"),
             )
     times, _ = interleaved_times(steps, group["repeats"], group["warmup"], device)
     rows = []

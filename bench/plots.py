@@ -25,7 +25,8 @@ def plot_training(plt, section: dict, path: Path) -> Path | None:
     rows = [r for r in section["rows"] if r["preset"] in ("tiny", "test") and r["attn"] == "sdpa"]
     by_length: dict[str, dict[int, float]] = {}
     for r in rows:
-        if r["block_size"] == 4 and r["batch"] == 2 and r["pass"] != "per_block_loop":
+        in_sweep = r["pass"] in ("vectorised", "ar", "mdlm") and r["group"] != "compile"
+        if r["block_size"] == 4 and r["batch"] == 2 and in_sweep:
             by_length.setdefault(r["pass"], {})[r["L"]] = r["seconds"] * 1e3
     ratios = [r for r in section["rows"] if r["pass"] == "vectorised" and "over_ar" in r]
     if not by_length and not ratios:

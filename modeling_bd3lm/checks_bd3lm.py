@@ -4,6 +4,10 @@
 Each check raises a `TypeError` (wrong kind of object) or a `ValueError` (wrong shape or value) that names the argument
 and the fix, so that a mistake surfaces at the call instead of as an index error, a shape mismatch or a NaN deep
 inside torch.
+
+Checks of tensor *values* (ids in range, a mask of 0 and 1, noise levels in [0, 1]) read the tensor's contents: a
+device sync, and under `torch.compile` / `torch.export` a data-dependent branch that breaks the graph. They run in eager
+mode only (`checking_values()`); types and shapes are checked in every mode.
 """
 
 from __future__ import annotations
@@ -25,13 +29,26 @@ IGNORED_KWARGS = ("token_type_ids", "num_items_in_batch")
 UNSUPPORTED_KWARGS = {
     "inputs_embeds": "pass `input_ids`",
     "position_ids": "positions follow from the window (0..past_len + seq_len - 1)",
-    "output_attentions": "the attention kernels do not return attention weights",
     "head_mask": "heads cannot be masked",
 }
 
 
 def _shape(value: torch.Tensor) -> tuple[int, ...]:
     return tuple(value.shape)
+
+
+def checking_values() -> bool:
+    """Whether checks that read tensor values run: in eager mode, not while `torch.compile` or `torch.export` trace."""
+    return not torch.compiler.is_compiling()
+
+
+def padded_keys(attention_mask: torch.Tensor | None) -> torch.BoolTensor | None:
+    """The key-padding mask to apply, or None when nothing is padded. In eager mode an all-ones mask is dropped (the
+    kernels then take the shared unpadded mask); a traced graph always applies it, which removes nothing from an
+    all-ones mask, so as not to branch on the mask's values."""
+    if attention_mask is None or (checking_values() and bool(attention_mask.all())):
+        return None
+    return attention_mask.bool()
 
 
 def check_tensor(name: str, value: Any) -> torch.Tensor:
@@ -53,6 +70,8 @@ def check_token_ids(name: str, ids: Any, vocab_size: int, allow_ignore_index: bo
         raise ValueError(f"`{name}` must have shape (batch, seq_len), got {_shape(ids)}; add a batch dimension.")
     if ids.numel() == 0:
         raise ValueError(f"`{name}` is empty (shape {_shape(ids)}); pass at least one sequence of at least one token.")
+    if not checking_values():
+        return
     valid = (ids >= 0) & (ids < vocab_size)
     if allow_ignore_index:
         valid |= ids == IGNORE_INDEX
@@ -72,7 +91,7 @@ def check_attention_mask(name: str, mask: Any, expected_shape: tuple[int, int], 
         raise TypeError(f"`{name}` must hold 0 and 1 (bool, integer or float), got dtype {mask.dtype}.")
     if _shape(mask) != tuple(expected_shape):
         raise ValueError(f"`{name}` must have shape {tuple(expected_shape)} ({what}), got {_shape(mask)}.")
-    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+    if mask.dtype != torch.bool and checking_values() and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(f"`{name}` must hold only 0 (padding) and 1 (tokens).")
 
 
@@ -99,7 +118,7 @@ def check_noise_levels(noise_levels: Any, expected_shape: tuple[int, int]) -> No
             f"`noise_levels` must have shape (batch, seq_len // block_size) = {tuple(expected_shape)}, got "
             f"{_shape(noise_levels)}."
         )
-    if not bool(((noise_levels >= 0) & (noise_levels <= 1)).all()):  # NaN fails both comparisons
+    if checking_values() and not bool(((noise_levels >= 0) & (noise_levels <= 1)).all()):  # NaN fails both tests
         raise ValueError("`noise_levels` must be floats in [0, 1] (no NaN).")
 
 
@@ -256,6 +275,8 @@ __all__ = [
     "check_token_ids",
     "check_tokenizer_fits",
     "check_vectorised_length",
+    "checking_values",
     "explain_load_error",
+    "padded_keys",
     "tokenizer_size",
 ]

@@ -37,7 +37,9 @@ class BD3LMConfig(PretrainedConfig):
 
     Field names follow the official `kuleshov-group/bd3lms` `config.json`, so every released checkpoint loads
     unchanged; the Hugging Face names (`hidden_size`, `num_hidden_layers`, `num_attention_heads`,
-    `max_position_embeddings`) are aliases of `hidden_dim`, `n_blocks`, `n_heads` and `model_length`.
+    `max_position_embeddings`) are aliases of `hidden_dim`, `n_blocks`, `n_heads` and `model_length`, for reading,
+    setting and as constructor arguments, and are validated like them. Overrides passed to `from_pretrained` are
+    validated too.
 
     Args:
         block_size (`int`, *optional*, defaults to 4):
@@ -70,7 +72,10 @@ class BD3LMConfig(PretrainedConfig):
             learned constant.
         attn_backend (`str`, *optional*, defaults to `"sdpa"`):
             Official name of the attention kernel (`"sdpa"`, `"flex"` or `"eager"`). It sets the default
-            `attn_implementation`; passing `attn_implementation` to `from_pretrained` overrides it.
+            `attn_implementation`; passing `attn_implementation` to `from_pretrained` overrides it. `"sdpa"` is
+            transformers' default and leaves `attn_implementation` unset until the model is built, so that
+            `output_attentions=True` (config or `from_pretrained` kwarg) selects the eager kernel, which alone
+            computes attention weights.
         var_min (`bool`, *optional*, defaults to `True`):
             Register the `sampling_eps_min` / `sampling_eps_max` buffers that hold the clipped noise interval found by
             the data-driven schedule search. Checkpoints carry the searched values in these buffers.
@@ -173,15 +178,47 @@ class BD3LMConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.rope_theta = rope_theta
         self.initializer_range = initializer_range
+        self._take_hf_names(kwargs)
         if attn_backend not in _ATTN_BACKENDS:
             raise ValueError(
                 f"`attn_backend`={attn_backend!r} is not supported; use one of {sorted(_ATTN_BACKENDS)}."
             )
         if kwargs.get("attn_implementation") is None:
-            kwargs["attn_implementation"] = _ATTN_BACKENDS[attn_backend]
+            if kwargs.get("output_attentions"):
+                # Attention weights exist only in the eager kernel: asking for them picks it, as for HF's own models.
+                kwargs["attn_implementation"] = "eager"
+            elif _ATTN_BACKENDS[attn_backend] != "sdpa":
+                kwargs["attn_implementation"] = _ATTN_BACKENDS[attn_backend]
+            # "sdpa" is transformers' own default: left unset, the model picks it when built, and setting
+            # `config.output_attentions = True` later can still select eager (as for Llama).
         kwargs.setdefault("tie_word_embeddings", False)  # the official output head is not tied
         self.validate_bd3lm()  # before the base class, which may already derive values (head_dim) from the fields
         super().__init__(**kwargs)
+
+    def _take_hf_names(self, kwargs: dict[str, Any]) -> None:
+        """Move values given under the HF names (`hidden_size`, ...) from `kwargs` into the official fields, so that
+        they are validated with the rest; the base class would otherwise set them after validation. Both names with
+        different values (the official one not at its default) are a mistake."""
+        defaults = _init_defaults()
+        for hf_name, field in self.attribute_map.items():
+            if hf_name not in kwargs:
+                continue
+            value = kwargs.pop(hf_name)
+            current = getattr(self, field)
+            if current != defaults[field] and current != value:
+                raise ValueError(
+                    f"`{hf_name}`={value!r} and `{field}`={current!r} name the same setting; pass only one of them."
+                )
+            setattr(self, field, value)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """`PretrainedConfig.from_dict`, then the checks of `validate_bd3lm`: overrides passed to `from_pretrained`
+        (`BD3LMConfig.from_pretrained(path, n_heads=5)`) are set after construction and would not be checked."""
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        config.validate_bd3lm()
+        return result
 
     def validate_bd3lm(self) -> None:
         """Raise a `ValueError` naming the field and the fix for any inconsistent combination."""
@@ -246,6 +283,14 @@ class BD3LMConfig(PretrainedConfig):
     def num_sequence_blocks(self) -> int:
         """B = L / L', the number of blocks in a full training window."""
         return self.model_length // self.block_size
+
+
+def _init_defaults() -> dict[str, Any]:
+    """The default of every named `BD3LMConfig.__init__` argument (read from the function: the bundle imports no
+    `inspect`)."""
+    code, defaults = BD3LMConfig.__init__.__code__, BD3LMConfig.__init__.__defaults__
+    names = code.co_varnames[1 : code.co_argcount]  # after `self`
+    return dict(zip(names[len(names) - len(defaults) :], defaults))
 
 
 __all__ = ["BD3LMConfig"]

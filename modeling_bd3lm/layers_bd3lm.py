@@ -14,11 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer  # 4.57 and 5.x
+
+try:  # the checkpoint key renaming of transformers 5 (4.x uses the `_fix_state_dict_key_on_*` hooks)
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+except ImportError:
+    register_checkpoint_conversion_mapping = None
 
 from .configuration_bd3lm import BD3LMConfig
 
 # Width of the sinusoidal noise-level features fed to `sigma_map` (fixed by the released checkpoints).
 TIMESTEP_FREQUENCY_DIM = 256
+# Name of the token-embedding table in the official checkpoints (`backbone.vocab_embed.embedding`); in memory the table
+# is `nn.Embedding.weight`.
+OFFICIAL_EMBEDDING_NAME = "embedding"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -84,15 +94,58 @@ class BD3LMTimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
-class BD3LMEmbedding(nn.Module):
-    """Token embedding stored as a bare parameter named `embedding` (the official key)."""
+class BD3LMEmbedding(nn.Embedding):
+    """Token embedding (`EmbeddingLayer` upstream). An `nn.Embedding`, so that `resize_token_embeddings`, PEFT's LoRA
+    and `get_input_embeddings` work as for any HF model; its tensor is `weight` in memory, while checkpoints store it
+    under the official key `vocab_embed.embedding` (renamed on load and save by `BD3LMPreTrainedModel`)."""
 
     def __init__(self, vocab_size: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        # An uninitialised table, as the official layer: `_init_weights` fills it (kaiming-uniform, as upstream).
+        # nn.Embedding's own N(0, 1) draw would shift the RNG stream, so a seeded model would change.
+        super().__init__(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
 
-    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        return self.embedding[input_ids]
+    @property
+    def embedding(self) -> nn.Parameter:
+        """The official attribute name of the table (read-only alias of `weight`)."""
+        return self.weight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # torch's `load_state_dict` (the Trainer's resume and best-model reload use it) sees the saved key.
+        if prefix + OFFICIAL_EMBEDDING_NAME in state_dict and prefix + "weight" not in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + OFFICIAL_EMBEDDING_NAME)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# The token embedding is an `nn.Embedding` (key `vocab_embed.weight` in memory) while the official checkpoints, and the
+# ones this package saves, store it as `vocab_embed.embedding`. The key is renamed on load and back on save:
+# transformers 5 through its checkpoint conversion mapping (registered for BD3LMModel, which every BD3-LM class holds
+# or is; scoped to it, so other models' keys are untouched), transformers 4.57 through the `_fix_state_dict_key_on_*`
+# hooks of BD3LMPreTrainedModel, and torch's `load_state_dict` through `BD3LMEmbedding._load_from_state_dict`.
+_SAVED_EMBEDDING_KEY = f"vocab_embed.{OFFICIAL_EMBEDDING_NAME}"
+_MEMORY_EMBEDDING_KEY = "vocab_embed.weight"
+
+
+def parameter_name(checkpoint_key: str) -> str:
+    """The in-memory name of a tensor stored under `checkpoint_key` (the official embedding key is renamed)."""
+    if checkpoint_key.endswith(_SAVED_EMBEDDING_KEY):
+        return checkpoint_key[: -len(_SAVED_EMBEDDING_KEY)] + _MEMORY_EMBEDDING_KEY
+    return checkpoint_key
+
+
+def checkpoint_key(name: str) -> str:
+    """The key under which `save_pretrained` stores the tensor named `name` in memory."""
+    if name.endswith(_MEMORY_EMBEDDING_KEY):
+        return name[: -len(_MEMORY_EMBEDDING_KEY)] + _SAVED_EMBEDDING_KEY
+    return name
+
+
+if register_checkpoint_conversion_mapping is not None:
+    # overwrite=True: the copy of this file bundled with a checkpoint registers again when loaded as remote code.
+    register_checkpoint_conversion_mapping(
+        "BD3LMModel",
+        [WeightRenaming(source_patterns=_SAVED_EMBEDDING_KEY, target_patterns=_MEMORY_EMBEDDING_KEY)],
+        overwrite=True,
+    )
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -101,32 +154,34 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention kernels: all take (batch, heads, seq, head_dim) tensors and a boolean mask broadcastable to
-# (batch, heads, q_len, kv_len), or a FlexAttention BlockMask.
+# (batch, heads, q_len, kv_len), or a FlexAttention BlockMask, and return `(output, weights)`; only the eager kernel
+# computes the weights (softmax probabilities, `(batch, heads, q_len, kv_len)`), and only when asked.
 
 
-def eager_attention_forward(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
+def eager_attention_forward(query, key, value, attention_mask, scaling: float, output_attentions: bool = False):
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    return torch.matmul(probs, value)
+    return torch.matmul(probs, value), (probs if output_attentions else None)
 
 
-def sdpa_attention_forward(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+def sdpa_attention_forward(query, key, value, attention_mask, scaling: float, output_attentions: bool = False):
+    # The fused kernel never materialises the weights; BD3LMModel switches to eager when they are asked for.
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling), None
 
 
 _COMPILED_FLEX: dict[str, Callable] = {}
 
 
-def flex_attention_forward(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
+def flex_attention_forward(query, key, value, attention_mask, scaling: float, output_attentions: bool = False):
     from torch.nn.attention.flex_attention import flex_attention
 
     if query.device.type != "cpu":
         # Uncompiled flex materialises the full score matrix; the fused kernel needs torch.compile.
         if "fn" not in _COMPILED_FLEX:
             _COMPILED_FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-        return _COMPILED_FLEX["fn"](query, key, value, block_mask=attention_mask, scale=scaling)
-    return flex_attention(query, key, value, block_mask=attention_mask, scale=scaling)
+        return _COMPILED_FLEX["fn"](query, key, value, block_mask=attention_mask, scale=scaling), None
+    return flex_attention(query, key, value, block_mask=attention_mask, scale=scaling), None
 
 
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
@@ -136,8 +191,15 @@ ATTENTION_FUNCTIONS: dict[str, Callable] = {
 }
 
 
-class BD3LMBlock(nn.Module):
-    """Pre-LN DiT block with adaLN modulation (`DDiTBlock` upstream)."""
+class BD3LMBlock(GradientCheckpointingLayer):
+    """Pre-LN DiT block with adaLN modulation (`DDiTBlock` upstream).
+
+    A `GradientCheckpointingLayer`, so that `activation_checkpointing_enable(...)` (its kwargs and `every_n_layers`)
+    checkpoints it as any HF decoder layer. Under checkpointing transformers forces `use_cache=False`, so the layer
+    then only reads `cache`: the backward's replay of the forward reads the same keys (`_can_checkpoint_with_cache`).
+    """
+
+    _can_checkpoint_with_cache = True
 
     def __init__(self, config: BD3LMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -162,9 +224,12 @@ class BD3LMBlock(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor],
         attention_mask,
         attention_fn: Callable,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(x, attention weights or None)`. `x` (and `c`) are positional: the checkpoint function needs the tensors
+        that carry gradients as positional arguments."""
         batch, seq_len, _ = x.shape
         if self.adaLN_modulation is not None:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(
@@ -177,17 +242,19 @@ class BD3LMBlock(nn.Module):
         # (batch, seq, 3·hidden) laid out as [3][heads][head_dim], as in the checkpoints.
         qkv = self.attn_qkv(h).view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)  # each (batch, heads, seq, head_dim), key still pre-rotary
-        if past_key_values is not None:
-            past = read_cache_layer(past_key_values, self.layer_idx)
+        if cache is not None:
+            past = read_cache_layer(cache, self.layer_idx)
             if use_cache:
-                past_key_values.update(key, value, self.layer_idx)
+                cache.update(key, value, self.layer_idx)
             if past is not None:
                 key = torch.cat((past[0], key), dim=2)
                 value = torch.cat((past[1], value), dim=2)
         cos, sin = rotary  # positions of every key; the queries are the last `seq_len` of them
         query = apply_rotary(query, cos[-seq_len:], sin[-seq_len:])
         key = apply_rotary(key, cos, sin)
-        attn = attention_fn(query, key, value, attention_mask, 1.0 / math.sqrt(self.head_dim))
+        attn, weights = attention_fn(
+            query, key, value, attention_mask, 1.0 / math.sqrt(self.head_dim), output_attentions=output_attentions
+        )
         attn = attn.transpose(1, 2).reshape(batch, seq_len, -1)
 
         if self.adaLN_modulation is not None:
@@ -196,7 +263,7 @@ class BD3LMBlock(nn.Module):
         else:
             x = x + self.dropout(self.attn_out(attn))
             x = x + self.dropout(self.mlp(self.norm2(x)))
-        return x
+        return x, weights
 
 
 class BD3LMFinalLayer(nn.Module):
@@ -265,6 +332,7 @@ def trim_cache_right(cache: Cache, num_tokens: int) -> None:
 
 __all__ = [
     "ATTENTION_FUNCTIONS",
+    "OFFICIAL_EMBEDDING_NAME",
     "BD3LMBlock",
     "BD3LMEmbedding",
     "BD3LMFinalLayer",
@@ -272,6 +340,8 @@ __all__ = [
     "BD3LMRotaryEmbedding",
     "BD3LMTimestepEmbedder",
     "apply_rotary",
+    "checkpoint_key",
+    "parameter_name",
     "read_cache_layer",
     "trim_cache_left",
     "trim_cache_right",

@@ -27,7 +27,8 @@ def block_diffusion_mask_mod(seq_len: int, block_size: int) -> Callable:
         kv_clean = kv_idx >= seq_len
         q_block = torch.where(q_clean, q_idx - seq_len, q_idx) // block_size
         kv_block = torch.where(kv_clean, kv_idx - seq_len, kv_idx) // block_size
-        block_diagonal = (q_block == kv_block) & (q_clean == kv_clean)
+        # same half as `~(q ^ k)`: torch.compile's inductor (torch 2.13) fails on `==` between two boolean tensors
+        block_diagonal = (q_block == kv_block) & ~(q_clean ^ kv_clean)
         offset_block_causal = (q_block > kv_block) & kv_clean & ~q_clean
         block_causal = (q_block >= kv_block) & kv_clean & q_clean
         return block_diagonal | offset_block_causal | block_causal

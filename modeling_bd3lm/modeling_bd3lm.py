@@ -31,6 +31,8 @@ from .layers_bd3lm import (
     BD3LMRotaryEmbedding,
     BD3LMTimestepEmbedder,
     _resolve_cache_kwarg,
+    checkpoint_key,
+    parameter_name,
     read_cache_layer,
     trim_cache_left,
 )
@@ -45,7 +47,9 @@ from .checks_bd3lm import (
     check_timesteps,
     check_token_ids,
     check_vectorised_length,
+    checking_values,
     explain_load_error,
+    padded_keys,
 )
 from .noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, BD3LMNoiseSchedule, add_noise, sample_noise_levels
 from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
@@ -68,6 +72,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_bd3lm.BD3LMConfig",
     "AutoModel": "modeling_bd3lm.BD3LMForMaskedDiffusion",
     "AutoModelForMaskedLM": "modeling_bd3lm.BD3LMForMaskedDiffusion",
+    "AutoModelForCausalLM": "modeling_bd3lm.BD3LMForMaskedDiffusion",  # what pipeline("text-generation") loads
 }
 
 
@@ -88,6 +93,18 @@ class BD3LMPreTrainedModel(PreTrainedModel):
     # The model computes its own token-mean loss: a plain `Trainer` must not pass `num_items_in_batch` (BD3LMTrainer
     # normalises the token terms itself).
     accepts_loss_kwargs = False
+
+    @staticmethod
+    def _fix_state_dict_key_on_load(key: str) -> tuple[str, bool]:
+        """transformers 4.57's load-time key hook: the official embedding key to the `nn.Embedding` one."""
+        if parameter_name(key) != key:
+            return parameter_name(key), True
+        return PreTrainedModel._fix_state_dict_key_on_load(key)  # only 4.x calls this hook, and defines the base
+
+    @staticmethod
+    def _fix_state_dict_key_on_save(key: str) -> tuple[str, bool]:
+        """transformers 4.57's save-time key hook: checkpoints keep the official embedding key."""
+        return checkpoint_key(key), checkpoint_key(key) != key
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -141,7 +158,7 @@ class BD3LMPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, BD3LMEmbedding):
-            nn.init.kaiming_uniform_(module.embedding, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))  # the official EmbeddingLayer init
         elif isinstance(module, BD3LMLayerNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, BD3LMRotaryEmbedding):
@@ -175,7 +192,6 @@ class BD3LMModel(BD3LMPreTrainedModel):
         self.rotary_emb = BD3LMRotaryEmbedding(config.head_dim, config.rope_theta)
         self.blocks = nn.ModuleList([BD3LMBlock(config, i) for i in range(config.n_blocks)])
         self.output_layer = BD3LMFinalLayer(config)
-        self.gradient_checkpointing = False
         self._mask_cache: dict[tuple, object] = {}  # built lazily per (kind, length, device); never saved
         self.post_init()
 
@@ -184,6 +200,13 @@ class BD3LMModel(BD3LMPreTrainedModel):
 
     def set_input_embeddings(self, value: BD3LMEmbedding) -> None:
         self.vocab_embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The (untied) output projection: the denoiser itself returns logits, so resizing the vocabulary resizes it."""
+        return self.output_layer.linear
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.output_layer.linear = value
 
     @property
     def attn_implementation(self) -> str:
@@ -194,32 +217,41 @@ class BD3LMModel(BD3LMPreTrainedModel):
             )
         return impl
 
-    def _training_mask(self, seq_len: int, key_padding: torch.BoolTensor | None, device: torch.device):
-        """The `x_t ⊕ x_0` mask for the selected kernel, with padded keys removed."""
+    def _training_mask(self, seq_len: int, key_padding: torch.BoolTensor | None, device: torch.device, impl: str):
+        """The `x_t ⊕ x_0` mask for the kernel `impl`, with padded keys removed."""
         bs = self.config.block_size
-        if self.attn_implementation == "flex_attention":
+        if impl == "flex_attention":
             from torch.nn.attention.flex_attention import create_block_mask
 
             mask_mod = block_diffusion_mask_mod(seq_len, bs)
             if key_padding is None:
-                key = ("flex", seq_len, bs, str(device))
-                if key not in self._mask_cache:
-                    self._mask_cache[key] = create_block_mask(mask_mod, None, None, 2 * seq_len, 2 * seq_len, device)
-                return self._mask_cache[key]
+                return self._cached_mask(
+                    ("flex", seq_len, bs, str(device)),
+                    lambda: create_block_mask(mask_mod, None, None, 2 * seq_len, 2 * seq_len, device),
+                )
             padding = key_padding
 
             def padded_mask_mod(b, h, q_idx, kv_idx):
                 return (mask_mod(b, h, q_idx, kv_idx) & padding[b, kv_idx]) | (q_idx == kv_idx)
 
             return create_block_mask(padded_mask_mod, padding.shape[0], None, 2 * seq_len, 2 * seq_len, device)
-        key = ("dense", seq_len, bs, str(device))
-        if key not in self._mask_cache:
-            self._mask_cache[key] = block_diffusion_mask(seq_len, bs, device)
-        return self._apply_padding(self._mask_cache[key], key_padding)
+        mask = self._cached_mask(("dense", seq_len, bs, str(device)), lambda: block_diffusion_mask(seq_len, bs, device))
+        return self._apply_padding(mask, key_padding)
 
-    def _sampling_mask(self, q_len: int, past_len: int, key_padding: torch.BoolTensor | None, device: torch.device):
+    def _cached_mask(self, key: tuple, build):
+        """`build()`, kept per `key` in eager mode. A traced graph (torch.compile, torch.export) builds the mask in the
+        graph instead: a symbolic length cannot be a dict key, and the graph must not write Python state."""
+        if torch.compiler.is_compiling():
+            return build()
+        if key not in self._mask_cache:
+            self._mask_cache[key] = build()
+        return self._mask_cache[key]
+
+    def _sampling_mask(
+        self, q_len: int, past_len: int, key_padding: torch.BoolTensor | None, device: torch.device, impl: str
+    ):
         mask = block_causal_mask(q_len, self.config.block_size, past_len, device)
-        if self.attn_implementation == "flex_attention":
+        if impl == "flex_attention":
             from torch.nn.attention.flex_attention import create_block_mask
 
             def mask_mod(b, h, q_idx, kv_idx):
@@ -251,6 +283,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BD3LMOutput | tuple:
@@ -270,12 +303,19 @@ class BD3LMModel(BD3LMPreTrainedModel):
             use_cache (`bool`, *optional*):
                 Commit this call's keys and values to `past_key_values` (creating a cache if none is given). Only
                 clean blocks should be committed.
+            output_attentions (`bool`, *optional*):
+                Return every layer's attention weights, `(batch, heads, queries, keys)`: in the vectorised pass the
+                queries of the `x_t` half over the keys of both halves (`2·seq_len`), in the sampling pass the window
+                over the cached and new keys. The fused kernels (sdpa, flex) never form the weights, so such a call
+                runs with the eager kernel (same outputs up to float rounding).
         """
         config = self.config
         past_key_values = _resolve_cache_kwarg(past_key_values, kwargs)
         check_extra_kwargs(kwargs, f"{type(self).__name__}.forward()")
         return_dict = config.return_dict if return_dict is None else return_dict
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = bool(config.output_attentions if output_attentions is None else output_attentions)
+        impl = "eager" if output_attentions else self.attn_implementation
         check_token_ids("input_ids", input_ids, config.vocab_size)
         input_ids = input_ids.long()  # int16/uint8 ids would index the embedding wrongly (uint8 as a boolean mask)
         batch, seq_len = input_ids.shape
@@ -299,12 +339,12 @@ class BD3LMModel(BD3LMPreTrainedModel):
             check_vectorised_length(seq_len, config)
             if attention_mask is not None:
                 check_attention_mask("attention_mask", attention_mask, (batch, seq_len), "one column per token")
-            key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+            key_padding = padded_keys(attention_mask)
             tokens = torch.cat((noisy_input_ids, input_ids), dim=1)
             positions = torch.arange(seq_len, device=device).repeat(2)
             if key_padding is not None:
                 key_padding = key_padding.repeat(1, 2)
-            mask = self._training_mask(seq_len, key_padding, device)
+            mask = self._training_mask(seq_len, key_padding, device, impl)
         else:
             # 1. sampling pass: block-causal over the window, after the committed tokens
             if use_cache and past_key_values is None:
@@ -324,8 +364,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
                     (batch, past_len + seq_len),
                     f"one column per token of the window: {past_len} cached + {seq_len} new",
                 )
-            key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-            mask = self._sampling_mask(seq_len, past_len, key_padding, device)
+            mask = self._sampling_mask(seq_len, past_len, padded_keys(attention_mask), device, impl)
 
         # 2. noise-level conditioning (a learned constant when time conditioning is off, as in the paper)
         c = None
@@ -335,35 +374,36 @@ class BD3LMModel(BD3LMPreTrainedModel):
                 sigma = torch.zeros(batch, device=device)
             c = F.silu(self.sigma_map(sigma))
 
-        # 3. transformer
+        # 3. transformer (each block is a GradientCheckpointingLayer: activation checkpointing happens in its call)
         x = self.vocab_embed(tokens)
         rotary = self.rotary_emb(positions)
-        attention_fn = ATTENTION_FUNCTIONS[self.attn_implementation]
+        attention_fn = ATTENTION_FUNCTIONS[impl]
         all_hidden = [x] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                ckpt = getattr(self, "_gradient_checkpointing_func", None)
-                if ckpt is None:
-                    from torch.utils.checkpoint import checkpoint
-
-                    def ckpt(fn, *args):
-                        return checkpoint(fn, *args, use_reentrant=False)
-
-                x = ckpt(block.__call__, x, c, rotary, mask, attention_fn, past_key_values, bool(use_cache))
-            else:
-                x = block(x, c, rotary, mask, attention_fn, past_key_values, bool(use_cache))
+            x, weights = block(
+                x, c, rotary, mask, attention_fn, cache=past_key_values, use_cache=bool(use_cache),
+                output_attentions=output_attentions,
+            )
             if all_hidden is not None:
                 all_hidden.append(x)
+            if all_attentions is not None:
+                all_attentions.append(weights)
         if noisy_input_ids is not None:
             # The x_0 half only provides keys and values: skip its (vocabulary-sized) output projection.
             x = x[:, :seq_len]
             if all_hidden is not None:
                 all_hidden = [h[:, :seq_len] for h in all_hidden]
+            if all_attentions is not None:
+                all_attentions = [w[:, :, :seq_len] for w in all_attentions]
         logits = self.output_layer(x, c)
         hidden_states = tuple(all_hidden) if all_hidden is not None else None
+        attentions = tuple(all_attentions) if all_attentions is not None else None
         if not return_dict:
-            return tuple(v for v in (logits, hidden_states, past_key_values) if v is not None)
-        return BD3LMOutput(logits=logits, hidden_states=hidden_states, **{CACHE_FIELD: past_key_values})
+            return tuple(v for v in (logits, hidden_states, attentions, past_key_values) if v is not None)
+        return BD3LMOutput(
+            logits=logits, hidden_states=hidden_states, attentions=attentions, **{CACHE_FIELD: past_key_values}
+        )
 
 
 class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
@@ -400,6 +440,9 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.backbone.output_layer.linear
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.backbone.output_layer.linear = value
 
     @property
     def mask_token_id(self) -> int:
@@ -440,16 +483,24 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             if config.always_mask:
                 noise_levels = torch.ones(batch, num_blocks, device=x_0.device)
             else:
-                lo, hi = self.training_noise_interval() if self.training else EVAL_NOISE_INTERVAL
+                if self.training and config.var_min:
+                    # The buffers as tensors: reading them as floats is a device sync, and a graph break under
+                    # torch.compile (sample_noise_levels gives the same draws for tensors as for their floats).
+                    lo, hi = self.sampling_eps_min, self.sampling_eps_max
+                else:
+                    lo, hi = self.training_noise_interval() if self.training else EVAL_NOISE_INTERVAL
                 noise_levels = sample_noise_levels(
                     batch, num_blocks, lo, hi, config.antithetic_sampling, generator, x_0.device
                 )
-                # A bound at the default end of the range is not enforced (as upstream). Compared in float32, the
-                # buffers' dtype: 1e-3 reads back from them as 0.0010000000475 and would otherwise count as clipped.
-                lo32, hi32 = _float32(lo), _float32(hi)
-                floor, ceiling = (_float32(bound) for bound in EVAL_NOISE_INTERVAL)
-                if self.training and config.resample and (lo32, hi32) != (floor, ceiling):
-                    resample_interval = (lo if lo32 > floor else 0.0, hi)
+                if self.training and config.resample:
+                    # A bound at the default end of the range is not enforced (as upstream). Compared in float32, the
+                    # buffers' dtype: 1e-3 reads back from them as 0.0010000000475 and would otherwise count as
+                    # clipped. (Rejection resampling is data-dependent: it does not compile into one graph.)
+                    lo, hi = float(lo), float(hi)
+                    lo32, hi32 = _float32(lo), _float32(hi)
+                    floor, ceiling = (_float32(bound) for bound in EVAL_NOISE_INTERVAL)
+                    if (lo32, hi32) != (floor, ceiling):
+                        resample_interval = (lo if lo32 > floor else 0.0, hi)
         maskable = torch.ones_like(x_0, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
         if config.ignore_bos:
             maskable[:, 0] = False
@@ -488,7 +539,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             valid = valid & attention_mask.bool()
         if config.ignore_bos:
             valid[:, 0] = False
-        if bool(((labels == config.mask_token_id) & valid).any()):
+        if checking_values() and bool(((labels == config.mask_token_id) & valid).any()):
             raise ValueError(
                 f"`labels` contain the mask token id {config.mask_token_id}, which the model can never predict (SUBS "
                 "gives it probability 0, so the loss is infinite); the data must not contain the mask token: check "
@@ -505,7 +556,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         # Zero the weight, not only the term, off the masked positions: an infinite weight there (t = 0) would turn
         # the zero gradient of an unused term into NaN.
         weight = torch.where(is_masked, weight, torch.zeros_like(weight))
-        if not bool((weight <= _MAX_LOSS_WEIGHT).all()):  # also catches inf and NaN
+        if checking_values() and not bool((weight <= _MAX_LOSS_WEIGHT).all()):  # also catches inf and NaN
             raise ValueError(
                 "`noisy_input_ids` has mask tokens in a block whose `noise_levels` entry is (nearly) 0, where the NELBO "
                 f"weight overflows (t = 0 masks nothing); use t > {1 / _MAX_LOSS_WEIGHT:g} for blocks with masked tokens."
@@ -525,6 +576,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         generator: torch.Generator | None = None,
         **kwargs,
@@ -547,6 +599,8 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 The official σ input; ignored unless `config.time_conditioning`.
             past_key_values (`Cache`, *optional*), use_cache (`bool`, *optional*):
                 KV cache of committed blocks in the sampling pass (see [`BD3LMModel.forward`]).
+            output_hidden_states (`bool`, *optional*), output_attentions (`bool`, *optional*):
+                Return every layer's hidden states / attention weights (see [`BD3LMModel.forward`]).
             generator (`torch.Generator`, *optional*):
                 Randomness of the noise draw.
         """
@@ -587,6 +641,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         loss = token_loss = None
@@ -594,13 +649,15 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             loss, token_loss = self.block_nelbo(outputs.logits, labels, noisy_input_ids, noise_levels, attention_mask)
 
         if not return_dict:
-            return tuple(
-                v for v in (loss, outputs.logits, outputs.hidden_states, getattr(outputs, CACHE_FIELD)) if v is not None
-            )
+            return BD3LMOutput(
+                loss=loss, logits=outputs.logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            ).to_tuple()
         return BD3LMOutput(
             loss=loss,
             logits=outputs.logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             noisy_input_ids=noisy_input_ids if vectorised else None,
             noise_levels=noise_levels if vectorised else None,
@@ -614,6 +671,8 @@ BD3LMForMaskedDiffusion.register_for_auto_class("AutoModelForMaskedLM")
 
 __all__ = [
     "AUTO_MAP",
+    "checkpoint_key",
+    "parameter_name",
     "BD3LMForMaskedDiffusion",
     "BD3LMModel",
     "BD3LMPreTrainedModel",

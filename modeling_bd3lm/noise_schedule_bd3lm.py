@@ -69,8 +69,8 @@ class BD3LMNoiseSchedule:
 def sample_noise_levels(
     batch_size: int,
     num_blocks: int,
-    eps_min: float,
-    eps_max: float,
+    eps_min: float | torch.Tensor,
+    eps_max: float | torch.Tensor,
     antithetic: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -78,7 +78,8 @@ def sample_noise_levels(
     """Draw one noise level per (sequence, block), t ∼ U[eps_min, eps_max].
 
     With `antithetic`, the N = batch·blocks draws are stratified jointly: cell j gets t_j = (u_j + j) / N, one draw per
-    stratum of [0, 1) (the low-discrepancy sampler of the official code), then rescaled to the interval.
+    stratum of [0, 1) (the low-discrepancy sampler of the official code), then rescaled to the interval. The bounds may
+    be Python floats or 0-d float32 tensors (the model's buffers); both give the same draws.
 
     Returns:
         `torch.FloatTensor` of shape `(batch_size, num_blocks)`.
@@ -87,6 +88,11 @@ def sample_noise_levels(
     u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
     if antithetic:
         u = (u / n + torch.arange(n, device=u.device, dtype=torch.float32) / n) % 1.0
+    if isinstance(eps_min, torch.Tensor) or isinstance(eps_max, torch.Tensor):
+        # As for floats: the width is the float64 difference rounded once to float32, the bounds' own dtype.
+        lo, hi = torch.as_tensor(eps_min, device=u.device), torch.as_tensor(eps_max, device=u.device)
+        width = (hi.double() - lo.double()).float()
+        return (lo.float() + width * u).view(batch_size, num_blocks)
     return (eps_min + (eps_max - eps_min) * u).view(batch_size, num_blocks)
 
 

@@ -257,6 +257,8 @@ def test_ema_applied_swaps_and_restores_exactly(tmp_path):
 def test_trainer_evaluates_and_saves_the_ema_weights(tmp_path):
     from safetensors.torch import load_file
 
+    from modeling_bd3lm.modeling_bd3lm import checkpoint_key
+
     model = tiny_model()
     args = make_args(tmp_path, use_ema=True, ema_decay=0.9, max_steps=3, schedule_search=False, learning_rate=1e-2)
     trainer = BD3LMTrainer(model, args, train_dataset=random_dataset(16), eval_dataset=random_dataset(8, seed=2))
@@ -280,7 +282,7 @@ def test_trainer_evaluates_and_saves_the_ema_weights(tmp_path):
     trainer.save_model(str(tmp_path / "saved"))
     saved = load_file(str(tmp_path / "saved" / "model.safetensors"))
     for name, shadow in ema.shadow.items():
-        torch.testing.assert_close(saved[name], shadow, rtol=0, atol=0)
+        torch.testing.assert_close(saved[checkpoint_key(name)], shadow, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from modeling_bd3lm import BD3LMConfig
+from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
 
 OFFICIAL_OWT_CONFIG = {  # config.json of kuleshov-group/bd3lm-owt-block_size4 (reference §e)
     "architectures": ["BD3LM"],
@@ -39,7 +39,9 @@ def test_official_config_json_loads_with_hf_aliases(tmp_path):
     assert config.max_position_embeddings == 1024 and config.vocab_size == 50258
     assert config.mask_token_id == 50257  # GPT-2's 50257 tokens + the mask
     assert config.head_dim == 64 and config.num_sequence_blocks == 256
-    assert config._attn_implementation == "sdpa"
+    assert config._attn_implementation is None  # "sdpa" is transformers' default: the model picks it when built
+    small = BD3LMConfig(vocab_size=64, hidden_dim=64, cond_dim=16, n_blocks=1, n_heads=4, model_length=32)
+    assert BD3LMForMaskedDiffusion(small).config._attn_implementation == "sdpa"
 
 
 def test_fixed_upstream_defaults():

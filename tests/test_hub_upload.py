@@ -154,7 +154,7 @@ def test_plan_is_exactly_the_allow_list_and_says_what_stayed_behind(trainer_outp
         assert "secrets" in left[".env"] and "pickle" in left["training_args.bin"]
         assert "--checkpoint checkpoint-10" in left["checkpoint-10/"]
         config = json.loads((plan.staging / "config.json").read_text())
-        assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
+        assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM"}
         staging = plan.staging
         # The staged model is the trained one, searched interval included.
         reloaded = BD3LMForMaskedDiffusion.from_pretrained(staging)
@@ -211,13 +211,60 @@ def test_card_metadata_and_body(trainer_output):
     for needle in ("trust_remote_code=True", "revision=revision", "model.generate(", "Block size L' | 4",
                    "[0.45, 0.95]", "at step 20 over 2 candidate intervals, 3 validation batches each",
                    "Network calls per token", "Limitations", "@inproceedings{arriola2025block", "steps: 20",
-                   "learning rate: 0.0003", "AutoTokenizer.from_pretrained(repo"):
+                   "learning rate: 0.0003", "AutoTokenizer.from_pretrained(repo", 'pipeline("text-generation"'):
         assert needle in text, needle
     calls = plan.card_info.network_calls
     if calls is not None:  # generate() exists in this build: the card states the measured figure and how
         assert calls["tokens"] == 8 and calls["calls"] >= 8
         assert f"{calls['calls_per_token']:.3f} network calls per generated token" in text
         assert "counted every backbone forward pass" in text
+
+
+def _section(text: str, heading: str) -> str:
+    return text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+
+
+def test_card_states_the_recorded_training_data(trainer_output):
+    """`training_data.json` (as `bd3lm train` writes it) becomes the card's data lines: name, licence, tokens."""
+    folder, _ = trainer_output
+    corpus = {"name": "bd3lm-corpus", "description": "King James Bible + Shakespeare", "license": "public domain"}
+    (folder / "training_data.json").write_text(json.dumps({
+        "train": {**corpus, "split": "train", "chunks": 62117, "tokens": 1987744},
+        "evaluation": {"name": "valid.jsonl", "description": "a local file", "license": None, "chunks": 4,
+                       "tokens": 128}}))
+    with hub_upload.plan_upload(folder, "fake-user/tiny", nfe_tokens=0) as plan:
+        text = plan.card.text
+        assert "training_data.json" not in {f.path for f in plan.files}  # read into the card, not published
+    assert _section(text, "Training").split("\n- steps")[0].strip().splitlines() == [
+        "- Training data: `bd3lm-corpus`, train split (King James Bible + Shakespeare); licence: public domain; "
+        "1,987,744 tokens of this model's tokenizer.",
+        "- Validation data: `valid.jsonl` (a local file); licence: not recorded; 128 tokens of this model's tokenizer.",
+    ]
+
+
+def test_card_lists_only_sampler_settings_that_differ_from_the_defaults(tmp_path):
+    model = random_model()
+    model.generation_config.update(bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model.save_pretrained(tmp_path / "plain")
+    with hub_upload.plan_upload(tmp_path / "plain", "fake-user/tiny", nfe_tokens=0) as plan:
+        table = _section(plan.card.text, "Sampler defaults (`generation_config.json`)").strip().splitlines()
+    assert table == ["| setting | value |", "|---|---|",
+                     "| `sampler` | `first_hitting` (none stored: the built-in default) |",
+                     "| `bos_token_id` | `0` |", "| `eos_token_id` | `0` |", "| `pad_token_id` | `1` |", "",
+                     "Every other setting is the built-in default of `BD3LMGenerationConfig`."]
+    model.generation_config.update(confidence_threshold=0.8, nucleus_p=0.9)
+    model.save_pretrained(tmp_path / "threshold")
+    with hub_upload.plan_upload(tmp_path / "threshold", "fake-user/tiny", nfe_tokens=0) as plan:
+        table = _section(plan.card.text, "Sampler defaults (`generation_config.json`)").strip().splitlines()
+    assert table[2:6] == ["| `sampler` | `confidence_threshold` (none stored: chosen because `confidence_threshold` "
+                          "is set) |", "| `bos_token_id` | `0` |", "| `confidence_threshold` | `0.8` |",
+                          "| `eos_token_id` | `0` |"]
+    assert table[6:8] == ["| `nucleus_p` | `0.9` |", "| `pad_token_id` | `1` |"]
+    model.generation_config.update(confidence_threshold=None, sampler="ddpm", num_steps=8)
+    model.save_pretrained(tmp_path / "ddpm")
+    with hub_upload.plan_upload(tmp_path / "ddpm", "fake-user/tiny", nfe_tokens=0) as plan:
+        table = _section(plan.card.text, "Sampler defaults (`generation_config.json`)").strip().splitlines()
+    assert table[2:4] == ["| `sampler` | `ddpm` |", "| `bos_token_id` | `0` |"] and "| `num_steps` | `8` |" in table
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -299,6 +346,12 @@ for name, job in jobs.items():
         report[name] = {"generate": "ok", "shape": list(out.shape), "ids": out.tolist()}
     except NotImplementedError as error:
         report[name] = {"generate": "not implemented", "error": str(error)}
+# the card's pipeline_tag: the Hub repository (at its revision) runs in a text-generation pipeline
+from transformers import pipeline
+job = jobs["trained"]
+pipe = pipeline("text-generation", model=job["repo_id"], revision=job["revision"], trust_remote_code=True)
+report["trained"]["pipeline"] = pipe(
+    "w5 w9 w17", max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
 save_file(logits, "child_logits.safetensors")
 json.dump(report, open("child_report.json", "w"))
 """
@@ -385,6 +438,17 @@ def test_uploaded_repository_generates_in_a_fresh_process(published):
         assert report["shape"] == [1, 12], name
         new = torch.tensor(report["ids"])[0, 4:]
         assert ((new >= 0) & (new < 63)).all(), f"{name}: generated the mask id or out-of-range ids: {new}"
+
+
+def test_uploaded_repository_runs_in_a_text_generation_pipeline(published):
+    from transformers import AutoTokenizer
+
+    arrived = Path(published["jobs"]["trained"]["folder"])
+    model = BD3LMForMaskedDiffusion.from_pretrained(arrived).eval()
+    tokenizer = AutoTokenizer.from_pretrained(arrived)
+    ids = tokenizer("w5 w9 w17", return_tensors="pt", add_special_tokens=False).input_ids
+    new = model.generate(ids, max_new_tokens=8)[0, ids.shape[1] :]
+    assert published["report"]["trained"]["pipeline"] == tokenizer.decode(new, skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

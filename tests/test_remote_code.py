@@ -25,11 +25,11 @@ sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "_
 assert importlib.util.find_spec("modeling_bd3lm") is None, "the project is importable in the child"
 import torch, transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 inputs = load_file(FOLDER + "/inputs.safetensors")
 out = {}
 assert AutoConfig.from_pretrained(FOLDER, trust_remote_code=True).model_type == "bd3lm"
-for auto in (AutoModel, AutoModelForMaskedLM):
+for auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
     model = auto.from_pretrained(FOLDER, trust_remote_code=True).eval()
     assert type(model).__name__ == "BD3LMForMaskedDiffusion", type(model)
     assert model.can_generate()
@@ -37,6 +37,7 @@ for auto in (AutoModel, AutoModelForMaskedLM):
         out[auto.__name__ + ".train"] = model(inputs["x_0"], noisy_input_ids=inputs["x_t"], return_dict=True).logits
         out[auto.__name__ + ".sample"] = model(inputs["x_t"], return_dict=True).logits
 save_file(out, FOLDER + "/child_logits.safetensors")
+model.save_pretrained(FOLDER + "/resaved")  # this release's save path must keep the official embedding key
 print(transformers.__version__)
 """
 
@@ -68,7 +69,7 @@ def test_saved_model_loads_in_a_fresh_process_without_this_project(python, tmp_p
     model.set_noise_interval(0.3, 0.8)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM"}
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
     # Every module of the package travels with the weights (save_pretrained follows the relative imports).
     modules = sorted(p.name for p in (REPO_ROOT / "modeling_bd3lm").glob("*_bd3lm.py"))
@@ -99,3 +100,8 @@ def test_saved_model_loads_in_a_fresh_process_without_this_project(python, tmp_p
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     reloaded = BD3LMForMaskedDiffusion.from_pretrained(tmp_path)
     assert reloaded.training_noise_interval() == pytest.approx((0.3, 0.8))
+    # the token table is stored under the official key (`backbone.vocab_embed.embedding`) by both releases
+    ours, theirs = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "resaved" / "model.safetensors")
+    assert "backbone.vocab_embed.embedding" in ours and set(theirs) == set(ours)
+    for key, value in ours.items():
+        torch.testing.assert_close(theirs[key], value, rtol=0, atol=0, msg=key)

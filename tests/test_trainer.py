@@ -256,15 +256,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(method):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable is deprecated in 5.x
         getattr(model, method)()
-    assert model.backbone.gradient_checkpointing
+    assert all(block.gradient_checkpointing for block in model.backbone.blocks)
     calls = []
-    inner = model.backbone._gradient_checkpointing_func
+    inner = model.backbone.blocks[0]._gradient_checkpointing_func
 
     def counting(*args, **kwargs):
         calls.append(1)
         return inner(*args, **kwargs)
 
-    model.backbone._gradient_checkpointing_func = counting
+    for block in model.backbone.blocks:
+        block._gradient_checkpointing_func = counting
     loss_ckpt, grads_ckpt = _loss_and_grads(model, x_0, x_t, t)
     assert len(calls) == model.config.n_blocks  # really checkpointed, once per layer
     torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
@@ -278,7 +279,7 @@ def test_trainer_with_activation_checkpointing(tmp_path):
     flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     trainer = BD3LMTrainer(model, make_args(tmp_path, max_steps=2, **{flag: True}), train_dataset=random_dataset(8))
     result = trainer.train()
-    assert model.backbone.gradient_checkpointing and math.isfinite(result.training_loss)
+    assert model.is_gradient_checkpointing and math.isfinite(result.training_loss)
 
 
 def test_bf16_autocast_on_cpu(tmp_path):
