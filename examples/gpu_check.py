@@ -80,7 +80,7 @@ class LayoutProbe(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         sharding.reshard_fsdp2(model)
         params = dict(model.named_parameters())
-        embedding = next(p for n, p in params.items() if n.endswith("vocab_embed.embedding"))
+        embedding = model.get_input_embeddings().weight
         self.found = {
             "layout": sharding.describe(params.values()),
             "embedding_local_numel": sharding.local_shard(embedding).numel(),

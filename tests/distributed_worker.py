@@ -91,7 +91,7 @@ class LayoutProbe(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         sharding.reshard_fsdp2(model)
         params = dict(model.named_parameters())
-        embedding = next(p for n, p in params.items() if n.endswith("vocab_embed.embedding"))
+        embedding = model.get_input_embeddings().weight
         self.layout = {
             "layout": sharding.describe(params.values()),
             "embedding_local_numel": sharding.local_shard(embedding).numel(),
@@ -188,7 +188,7 @@ def fully_shard_loop(out: Path) -> None:
         for block in sharded.backbone.blocks:
             fully_shard(block)
         fully_shard(sharded)
-        embedding = sharded.backbone.vocab_embed.embedding
+        embedding = sharded.get_input_embeddings().weight
         assert isinstance(embedding, DTensor) and embedding.to_local().shape[0] == (31 if r == 0 else 30)
         # plain SGD: the update is the gradient itself, so a gradient off by the process count cannot hide
         optimizers = [torch.optim.SGD(m.parameters(), lr=0.02) for m in (sharded, reference)]
