@@ -522,11 +522,11 @@ class BD3LMTrainer(Trainer):
                     + (f"the newest complete one is {latest}." if latest else "no complete checkpoint is beside it.")
                 )
         ema = self.ema_callback
-        if ema is not None and resume_from_checkpoint:
+        if ema is not None:
             # Loaded when training begins, after the engine restored the model (DeepSpeed never calls
             # `_load_from_checkpoint`); unsharded, that also puts the online weights back over the EMA ones that the
             # checkpoint's model file holds.
-            ema.resume_from = os.fspath(resume_from_checkpoint)
+            ema.resume_from = os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _load_best_model(self) -> None:
