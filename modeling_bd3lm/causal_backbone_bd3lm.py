@@ -279,7 +279,8 @@ def check_backbone_attention(backbone: torch.nn.Module) -> None:
     if _differs(out[0, 1], out[1, 1]) or not _differs(out[0, 0], out[2, 0]):
         raise ValueError(
             f"The attention of {type(backbone).__name__} (attn_implementation={implementation!r}) ignores a custom "
-            "4-D attention mask, which block diffusion needs; load it with attn_implementation='sdpa' or 'eager'."
+            f"4-D attention mask, which block diffusion needs; load it with attn_implementation="
+            f"{'eager' if implementation == 'sdpa' else 'sdpa'!r}."
         )
 
 

@@ -147,6 +147,16 @@ def default_model_length(backbone_config: Any, block_size: int) -> int:
     return max(block_size, length // block_size * block_size)
 
 
+def _check_divides(block_size: int, model_length: Any) -> None:
+    if not isinstance(model_length, int) or isinstance(model_length, bool) or model_length < 1:
+        raise ValueError(f"`model_length` must be a positive integer, got {model_length!r}.")
+    if model_length % block_size != 0:
+        raise ValueError(
+            f"`block_size`={block_size} does not divide `model_length`={model_length}; pick a block size that divides "
+            "it (or pass model_length=...)."
+        )
+
+
 def from_causal_lm(cls: type, source: Any, block_size: int, tokenizer: Any = None, **kwargs: Any) -> Any:
     """Implementation of `BD3LMForMaskedDiffusion.from_causal_lm` (see its docstring)."""
     config_class = cls.config_class
@@ -158,16 +168,15 @@ def from_causal_lm(cls: type, source: Any, block_size: int, tokenizer: Any = Non
     if getattr(getattr(source, "config", None), "model_type", None) == config_class.model_type:
         raise ValueError("The source is already a BD3-LM; load it with BD3LMForMaskedDiffusion.from_pretrained.")
     tokenizer_source = tokenizer
+    model_length = overrides.pop("model_length", None)
+    if model_length is not None:  # before loading anything
+        _check_divides(block_size, model_length)
     model = load_source(source, dict(pretrained_kwargs))
     check_causal_lm(model)
     tokenizer = load_tokenizer(source, tokenizer_source, pretrained_kwargs)
-    model_length = overrides.pop("model_length", None) or default_model_length(model.config, block_size)
+    model_length = model_length or default_model_length(model.config, block_size)
+    _check_divides(block_size, model_length)
     max_positions = getattr(model.config, "max_position_embeddings", None)
-    if model_length % block_size != 0:
-        raise ValueError(
-            f"`block_size`={block_size} does not divide `model_length`={model_length}; pick a block size that divides "
-            "it (or pass model_length=...)."
-        )
     if isinstance(max_positions, int) and model_length > max_positions:
         raise ValueError(
             f"`model_length`={model_length} exceeds the source's max_position_embeddings={max_positions}; pass "
