@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from .checks_bd3lm import check_attention_mask, check_cache, check_token_ids
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
+from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
 
 # Set by `conversion_bd3lm.prebuilt_backbone`: the loaded causal LM the next model adopts as its backbone (converting
 # must not build a second, random copy of the weights).
@@ -234,6 +236,52 @@ def sampling_forward(
     return out.logits, past_key_values, hidden
 
 
+def causal_backbone_forward(
+    model: Any,
+    input_ids: torch.LongTensor,
+    noisy_input_ids: torch.LongTensor | None,
+    attention_mask: torch.Tensor | None,
+    past_key_values: Cache | None,
+    use_cache: bool | None,
+    output_hidden_states: bool | None,
+) -> BD3LMOutput:
+    """Both passes of `BD3LMForMaskedDiffusion.forward` through its causal-LM backbone, after checking once per
+    attention kernel (on the first forward) that the backbone honours a custom 4-D mask."""
+    config, backbone = model.config, model.backbone
+    implementation = getattr(backbone.config, "_attn_implementation", None)
+    if model._probed_attention != implementation and not torch.compiler.is_compiling():
+        check_backbone_attention(backbone)
+        model._probed_attention = implementation
+    output_hidden_states = bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states)
+    if past_key_values is not None:
+        check_cache(past_key_values, input_ids.shape[0])
+    if noisy_input_ids is None:
+        if attention_mask is not None:
+            past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
+            check_attention_mask(
+                "attention_mask",
+                attention_mask,
+                (input_ids.shape[0], past_len + input_ids.shape[1]),
+                f"one column per token of the window: {past_len} cached + {input_ids.shape[1]} new",
+            )
+        logits, cache, hidden = sampling_forward(
+            backbone, config, input_ids, attention_mask, past_key_values, use_cache, output_hidden_states
+        )
+        return BD3LMOutput(logits=logits, hidden_states=hidden, **{CACHE_FIELD: cache})
+    if past_key_values is not None or use_cache:
+        raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
+    check_token_ids("noisy_input_ids", noisy_input_ids, config.vocab_size)
+    if noisy_input_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"`noisy_input_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
+            f"{tuple(noisy_input_ids.shape)}."
+        )
+    logits, hidden = vectorised_forward(
+        backbone, config, input_ids, noisy_input_ids.long(), attention_mask, output_hidden_states
+    )
+    return BD3LMOutput(logits=logits, hidden_states=hidden, **{CACHE_FIELD: None})
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Checks by probing the network (not by a list of families)
 
@@ -321,6 +369,7 @@ def check_causal_lm(model: torch.nn.Module) -> None:
 
 __all__ = [
     "build_causal_backbone",
+    "causal_backbone_forward",
     "check_backbone_attention",
     "check_causal_lm",
     "sampling_forward",

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
-from .causal_backbone_bd3lm import build_causal_backbone, check_backbone_attention, sampling_forward, vectorised_forward
+from .causal_backbone_bd3lm import build_causal_backbone, causal_backbone_forward
 from .configuration_bd3lm import BD3LMConfig
 from .conversion_bd3lm import from_causal_lm
 from .generation_bd3lm import BD3LMGenerationMixin
@@ -622,8 +622,8 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 noisy_input_ids, noise_levels = self.draw_noise(input_ids, attention_mask, noise_levels, generator)
 
         if self.is_causal_backbone:
-            outputs = self._causal_backbone_forward(
-                input_ids, noisy_input_ids, attention_mask, past_key_values, use_cache, output_hidden_states
+            outputs = causal_backbone_forward(
+                self, input_ids, noisy_input_ids, attention_mask, past_key_values, use_cache, output_hidden_states
             )
         else:
             outputs = self.backbone(
@@ -658,53 +658,6 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             noise_levels=noise_levels if vectorised else None,
             token_loss=token_loss,
         )
-
-
-    def _causal_backbone_forward(
-        self,
-        input_ids: torch.LongTensor,
-        noisy_input_ids: torch.LongTensor | None,
-        attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
-        use_cache: bool | None,
-        output_hidden_states: bool | None,
-    ) -> BD3LMOutput:
-        """Both passes through a causal-LM backbone (causal_backbone_bd3lm.py), after checking once per attention
-        kernel that the backbone honours a custom 4-D mask."""
-        config = self.config
-        implementation = getattr(self.backbone.config, "_attn_implementation", None)
-        if self._probed_attention != implementation and not torch.compiler.is_compiling():
-            check_backbone_attention(self.backbone)
-            self._probed_attention = implementation
-        output_hidden_states = bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states)
-        if attention_mask is not None and noisy_input_ids is None:
-            past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
-            check_attention_mask(
-                "attention_mask",
-                attention_mask,
-                (input_ids.shape[0], past_len + input_ids.shape[1]),
-                f"one column per token of the window: {past_len} cached + {input_ids.shape[1]} new",
-            )
-        if past_key_values is not None:
-            check_cache(past_key_values, input_ids.shape[0])
-        if noisy_input_ids is not None:
-            if past_key_values is not None or use_cache:
-                raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
-            check_token_ids("noisy_input_ids", noisy_input_ids, config.vocab_size)
-            if noisy_input_ids.shape != input_ids.shape:
-                raise ValueError(
-                    f"`noisy_input_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
-                    f"{tuple(noisy_input_ids.shape)}."
-                )
-            logits, hidden = vectorised_forward(
-                self.backbone, config, input_ids, noisy_input_ids.long(), attention_mask, output_hidden_states
-            )
-            cache = None
-        else:
-            logits, cache, hidden = sampling_forward(
-                self.backbone, config, input_ids, attention_mask, past_key_values, use_cache, output_hidden_states
-            )
-        return BD3LMOutput(logits=logits, hidden_states=hidden, **{CACHE_FIELD: cache})
 
 
 # Saving copies the code files next to the weights (trust_remote_code loading).

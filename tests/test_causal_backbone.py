@@ -356,6 +356,14 @@ def test_from_a_folder_the_tokenizer_gets_a_mask_token_and_is_saved(tmp_path):
     x = _tokens(2, LENGTH)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+    # the paper's recipe (fine-tune at another block size) applies to converted checkpoints too
+    from bd3lm_trainer import load_for_finetuning
+
+    moved = load_for_finetuning(tmp_path / "bd3lm", block_size=8).eval()
+    assert moved.config.block_size == 8 and moved.config.backbone_config.model_type == "qwen3"
+    with torch.no_grad():
+        short = x[:, :4]  # one block under both block sizes: the same attention
+        torch.testing.assert_close(moved(input_ids=short).logits, model(input_ids=short).logits, rtol=0, atol=1e-6)
 
 
 def test_a_vocabulary_padded_past_the_tokenizer_keeps_its_size(tmp_path):
