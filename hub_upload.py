@@ -34,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "chat_template.*")
 # JSON reports the trainer writes; read into the card, not published.
 REPORT_FILES = ("eval_results.json", "all_results.json", "train_results.json", "trainer_state.json",
-                "schedule_search.json", "training_args.json")
+                "schedule_search.json", "training_args.json", "training_data.json")
 # Files that a re-save regenerates (weights, config, code, generation config) or the card replaces.
 REGENERATED = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
                "model.safetensors.index.json", "*_bd3lm.py", "__init__.py")
@@ -91,10 +91,12 @@ class CardInfo:
     architecture: dict[str, Any] = field(default_factory=dict)  # block_size, model_length, vocab_size, ...
     noise_interval: tuple[float, float] | None = None
     schedule_search: dict[str, Any] | None = None
-    sampler_defaults: dict[str, Any] = field(default_factory=dict)
+    sampler: str | None = None  # the sampler `generate` runs with the stored generation config
+    sampler_defaults: dict[str, Any] = field(default_factory=dict)  # stored settings that differ from the built-ins
     network_calls: dict[str, Any] | None = None  # calls, tokens, calls_per_token, method
     evaluation: dict[str, Any] | None = None  # ppl, source
     training: dict[str, Any] = field(default_factory=dict)
+    training_data: dict[str, Any] = field(default_factory=dict)  # `training_data.json`: {"train": {...}, ...}
     adapter: dict[str, Any] | None = None  # peft_type, r, lora_alpha, target_modules
     has_tokenizer: bool = False
 
@@ -301,7 +303,11 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
     info.architecture["parameters"] = sum(p.numel() for p in model.parameters())
     info.noise_interval = model.training_noise_interval()
     generation = _read_json(staging / "generation_config.json", "The generation config")
-    info.sampler_defaults = {k: v for k, v in generation.items() if k not in ("transformers_version", "_from_model_config")}
+    # Only what differs from a fresh generation config: a null field is the built-in default and says nothing.
+    builtin = type(model.generation_config)().to_dict()
+    info.sampler_defaults = {k: v for k, v in generation.items()
+                             if k not in ("transformers_version", "_from_model_config") and v != builtin.get(k)}
+    info.sampler = model.generation_config.resolved_sampler
     info.network_calls = _measure_network_calls(model, nfe_tokens) if nfe_tokens > 0 else None
 
 
@@ -537,6 +543,7 @@ def _read_reports(info: CardInfo, dirs: list[Path]) -> None:
     if info.evaluation is not None:
         info.evaluation["dataset"] = report("eval_results.json").get("eval_dataset") or (info.datasets or [None])[0]
     info.schedule_search = report("schedule_search.json") or None
+    info.training_data = report("training_data.json")
     args = report("training_args.json")
     training = {"steps": state.get("global_step"), "epochs": state.get("epoch"),
                 "train_batch_size": state.get("train_batch_size")}
@@ -659,9 +666,16 @@ def _card_details(info: CardInfo) -> str:
 
 
 def _card_sampler(info: CardInfo) -> str:
-    defaults = "".join(f"| `{k}` | {'built-in default' if v is None else f'`{json.dumps(v)}`'} |\n"
-                       for k, v in sorted(info.sampler_defaults.items()))
-    table = f"| setting | default |\n|---|---|\n{defaults}" if defaults else "No sampler settings are stored.\n"
+    settings = dict(info.sampler_defaults)
+    stored = settings.pop("sampler", None)
+    rows = [(k, f"`{json.dumps(v)}`") for k, v in sorted(settings.items())]
+    if info.sampler is not None:  # the one the measurement below and a plain `generate()` use
+        how = "" if stored else " (none stored: chosen because `confidence_threshold` is set)" \
+            if info.sampler == "confidence_threshold" else " (none stored: the built-in default)"
+        rows.insert(0, ("sampler", f"`{info.sampler}`{how}"))
+    table = "".join(f"| `{k}` | {v} |\n" for k, v in rows)
+    table = (f"| setting | value |\n|---|---|\n{table}\nEvery other setting is the built-in default of "
+             "`BD3LMGenerationConfig`.\n" if rows else "No sampler settings are stored.\n")
     calls = info.network_calls
     if calls is not None:
         nfe = (f"**{calls['calls_per_token']:.3f} network calls per generated token** ({calls['calls']} forward "
@@ -679,12 +693,12 @@ def _card_adapter(info: CardInfo) -> str:
 
 
 def _card_training(info: CardInfo) -> str:
-    lines = []
+    lines = [_card_data_line(role, entry) for role, entry in info.training_data.items() if isinstance(entry, dict)]
     if info.datasets:
         lines.append("- Data: " + ", ".join(f"[`{d}`](https://huggingface.co/datasets/{d})" for d in info.datasets))
     elif info.converted_from_official:
         lines.append("- Data and recipe: trained by the BD3-LM authors; see the paper and the original repository.")
-    else:
+    elif not lines:
         lines.append("- Data: not recorded.")
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in info.training.items()]
     text = "## Training\n\n" + "\n".join(lines) + "\n"
@@ -694,6 +708,16 @@ def _card_training(info: CardInfo) -> str:
                  f"{ev.get('dataset') or 'the held-out split'} ({ev['source']}): exp of the block NELBO per token with "
                  "t ~ U[1e-3, 1], an upper bound on the model's perplexity.\n")
     return text
+
+
+def _card_data_line(role: str, entry: dict[str, Any]) -> str:
+    """One dataset of `training_data.json` (written by `bd3lm train`) as a card line: name, licence, size in tokens."""
+    name = f"`{entry.get('name', 'unnamed')}`" + (f", {entry['split']} split" if entry.get("split") else "")
+    about = f" ({entry['description']})" if entry.get("description") else ""
+    size = f"{entry['tokens']:,} tokens of this model's tokenizer" if isinstance(entry.get("tokens"), int) else \
+        "size not recorded"
+    label = {"train": "Training data", "evaluation": "Validation data"}.get(role, f"Data ({role})")
+    return f"- {label}: {name}{about}; licence: {entry.get('license') or 'not recorded'}; {size}."
 
 
 def _card_limitations(info: CardInfo) -> str:

@@ -178,9 +178,7 @@ class BD3LMGenerationMixin:
         self._check_hooks(logits_processor, stopping_criteria, streamer, tokenizer)
         do_sample = bool(self._value(config, "do_sample"))
         use_cache = config.use_cache is not False
-        sampler_name = config.sampler or (
-            "confidence_threshold" if config.confidence_threshold is not None else "first_hitting"
-        )
+        sampler_name = config.resolved_sampler
         threshold = config.confidence_threshold if config.confidence_threshold is not None else 0.9
         schedule = getattr(self, "noise_schedule", None)
         sampler = SAMPLERS[sampler_name](

@@ -171,6 +171,12 @@ class BD3LMGenerationConfig(GenerationConfig):
         config._original_object_hash = hash(config)  # lets `save_pretrained` tell whether it was modified
         return config
 
+    @property
+    def resolved_sampler(self) -> str:
+        """The sampler `generate` runs with this config: `sampler`, else `"confidence_threshold"` when a threshold is
+        set, else `"first_hitting"`."""
+        return self.sampler or ("confidence_threshold" if self.confidence_threshold is not None else "first_hitting")
+
     def validate(self, strict: bool = False, **kwargs: Any) -> None:
         super().validate(strict=strict, **kwargs)
         self.validate_bd3lm()

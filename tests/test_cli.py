@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bd3lm_trainer.cli import build_parser, main
-from bd3lm_trainer.corpus import load_corpus
+from bd3lm_trainer import build_lm_dataset
+from bd3lm_trainer.cli import _data_record, build_parser, main
+from bd3lm_trainer.corpus import load_corpus, load_tokenizer
 
 SUBCOMMANDS = ("demo", "train", "generate", "eval")
 FAST_TRAIN = [
@@ -141,6 +142,26 @@ def test_train_writes_a_loadable_model(trained: Path) -> None:
     assert (trained / "checkpoint-3").is_dir()
 
 
+def test_train_records_its_data(trained: Path, text_files: tuple[Path, Path]) -> None:
+    """`training_data.json`: each dataset's name (a local file by its file name only), licence and size in tokens."""
+    text = (trained / "training_data.json").read_text()
+    assert str(text_files[0].parent) not in text  # no directory of the user's machine
+    chunks = len(build_lm_dataset(str(text_files[0]), load_tokenizer(), 32))
+    assert json.loads(text) == {
+        "train": {"name": "train.jsonl", "description": "a local file", "license": None, "chunks": chunks,
+                  "tokens": 32 * chunks},
+        "evaluation": {"name": "validation.jsonl", "description": "a local file", "license": None, "chunks": 2,
+                       "tokens": 64},  # --eval-batches 1 x --batch-size 2
+    }
+
+
+def test_embedded_corpus_record() -> None:
+    assert _data_record(None, "train", range(5), 32) == {
+        "name": "bd3lm-corpus", "description": "King James Bible + Shakespeare, the embedded English corpus of the "
+        "bd3lm package", "license": "public domain", "split": "train", "chunks": 5, "tokens": 160,
+    }
+
+
 def test_train_resume_continues_from_the_checkpoint(trained: Path, text_files: tuple[Path, Path], capsys) -> None:
     train, validation = text_files
     argv = ["train", "--dataset", str(train), "--eval-dataset", str(validation), "--output-dir", str(trained)]
@@ -218,3 +239,7 @@ def test_demo_end_to_end(tmp_path: Path, text_files: tuple[Path, Path], capsys: 
     assert not (hub / "training_args.bin").exists() and not list(hub.glob("optimizer*"))
     assert json.loads((hub / "config.json").read_text())["auto_map"]["AutoModelForMaskedLM"].startswith("modeling_bd3lm.")
     assert (output / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (hub / "README.md").read_text()
+    assert "- Training data: `train.jsonl` (a local file); licence: not recorded;" in card
+    assert "Data: not recorded" not in card and "| built-in default |" not in card  # only settings that differ
+    assert "| `sampler` | `first_hitting` (none stored: the built-in default) |" in card

@@ -9,13 +9,14 @@ import math
 
 import pytest
 import torch
-from bd3lm_trainer.corpus import load_tokenizer
+from bd3lm_trainer.corpus import load_corpus, load_tokenizer
 from bd3lm_trainer.evaluation import (
     add_eval_arguments,
     dataset_perplexity,
     evaluate_from_args,
     nelbo,
     plan_windows,
+    resolve_device,
     run_eval,
     score_continuations,
     stratified_noise_levels,
@@ -313,5 +314,40 @@ def test_run_eval_prints_a_table_and_writes_json(tmp_path, corpus_model, capsys)
     table = capsys.readouterr().out
     assert "gen_ppl" in table and "perplexity" in table
     assert run_eval(args) == 0  # the command's exit status
-    with pytest.raises(ValueError, match="Nothing to evaluate"):
-        run_eval(parser.parse_args([str(tmp_path / "model")]))
+
+
+def test_run_eval_defaults_to_the_embedded_corpus_validation_split(tmp_path, corpus_model, capsys):
+    """`bd3lm eval MODEL` with nothing to evaluate named: the bound on the validation split of the embedded corpus (the
+    data `bd3lm train` uses by default), and it says so."""
+    load_tokenizer().save_pretrained(tmp_path / "model")
+    corpus_model.save_pretrained(tmp_path / "model")
+    args = add_eval_arguments(argparse.ArgumentParser()).parse_args(
+        [str(tmp_path / "model"), "--max-documents", "1", "--device", "cpu", "--no-progress"]
+    )
+    results = evaluate_from_args(args)
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line == (
+        "bd3lm eval: no --dataset, --judge or --tasks given: the perplexity bound on `bd3lm-corpus` (King James Bible "
+        "+ Shakespeare, the embedded English corpus of the bd3lm package), validation split"
+    )
+    [(name, result)] = results["perplexity"].items()
+    first = load_corpus("validation")[0]["text"]  # Proverbs
+    expected = dataset_perplexity(corpus_model, [first], load_tokenizer(), progress=False)
+    assert name == "bd3lm-corpus" and result == expected.to_dict()
+    assert result["num_tokens"] == len(load_tokenizer()(first, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+
+
+def test_resolve_device(monkeypatch):
+    """An absent accelerator: a one-line error naming `--device cpu`, or (lm-eval's default) the CPU after a warning."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device 'cuda:0' is not available .*; pass `--device cpu`\.$"):
+        resolve_device("cuda:0")
+    assert resolve_device("cuda:0", fallback=True) == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a torch device"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device(None) == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="has 1 cuda device"):
+        resolve_device("cuda:1", fallback=True)  # a wrong index is a choice, not lm-eval's default

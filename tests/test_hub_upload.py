@@ -220,6 +220,53 @@ def test_card_metadata_and_body(trainer_output):
         assert "counted every backbone forward pass" in text
 
 
+def _section(text: str, heading: str) -> str:
+    return text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+
+
+def test_card_states_the_recorded_training_data(trainer_output):
+    """`training_data.json` (as `bd3lm train` writes it) becomes the card's data lines: name, licence, tokens."""
+    folder, _ = trainer_output
+    corpus = {"name": "bd3lm-corpus", "description": "King James Bible + Shakespeare", "license": "public domain"}
+    (folder / "training_data.json").write_text(json.dumps({
+        "train": {**corpus, "split": "train", "chunks": 62117, "tokens": 1987744},
+        "evaluation": {"name": "valid.jsonl", "description": "a local file", "license": None, "chunks": 4,
+                       "tokens": 128}}))
+    with hub_upload.plan_upload(folder, "fake-user/tiny", nfe_tokens=0) as plan:
+        text = plan.card.text
+        assert "training_data.json" not in {f.path for f in plan.files}  # read into the card, not published
+    assert _section(text, "Training").split("\n- steps")[0].strip().splitlines() == [
+        "- Training data: `bd3lm-corpus`, train split (King James Bible + Shakespeare); licence: public domain; "
+        "1,987,744 tokens of this model's tokenizer.",
+        "- Validation data: `valid.jsonl` (a local file); licence: not recorded; 128 tokens of this model's tokenizer.",
+    ]
+
+
+def test_card_lists_only_sampler_settings_that_differ_from_the_defaults(tmp_path):
+    model = random_model()
+    model.generation_config.update(bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model.save_pretrained(tmp_path / "plain")
+    with hub_upload.plan_upload(tmp_path / "plain", "fake-user/tiny", nfe_tokens=0) as plan:
+        table = _section(plan.card.text, "Sampler defaults (`generation_config.json`)").strip().splitlines()
+    assert table == ["| setting | value |", "|---|---|",
+                     "| `sampler` | `first_hitting` (none stored: the built-in default) |",
+                     "| `bos_token_id` | `0` |", "| `eos_token_id` | `0` |", "| `pad_token_id` | `1` |", "",
+                     "Every other setting is the built-in default of `BD3LMGenerationConfig`."]
+    model.generation_config.update(confidence_threshold=0.8, nucleus_p=0.9)
+    model.save_pretrained(tmp_path / "threshold")
+    with hub_upload.plan_upload(tmp_path / "threshold", "fake-user/tiny", nfe_tokens=0) as plan:
+        table = _section(plan.card.text, "Sampler defaults (`generation_config.json`)").strip().splitlines()
+    assert table[2:6] == ["| `sampler` | `confidence_threshold` (none stored: chosen because `confidence_threshold` "
+                          "is set) |", "| `bos_token_id` | `0` |", "| `confidence_threshold` | `0.8` |",
+                          "| `eos_token_id` | `0` |"]
+    assert table[6:8] == ["| `nucleus_p` | `0.9` |", "| `pad_token_id` | `1` |"]
+    model.generation_config.update(confidence_threshold=None, sampler="ddpm", num_steps=8)
+    model.save_pretrained(tmp_path / "ddpm")
+    with hub_upload.plan_upload(tmp_path / "ddpm", "fake-user/tiny", nfe_tokens=0) as plan:
+        table = _section(plan.card.text, "Sampler defaults (`generation_config.json`)").strip().splitlines()
+    assert table[2:4] == ["| `sampler` | `ddpm` |", "| `bos_token_id` | `0` |"] and "| `num_steps` | `8` |" in table
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Uploading to the fake Hub
 

@@ -14,11 +14,14 @@ User mistakes (a missing folder, a bad option value) print one readable line and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any, Sequence
 
 EXIT_USAGE = 2
+#: Written by `bd3lm train` next to the model: what it was trained and evaluated on; `hub_upload` puts it in the card.
+TRAINING_DATA_FILE = "training_data.json"
 # `modeling_bd3lm.SAMPLERS`, spelled out so that `--help` does not import torch (a test keeps them equal).
 SAMPLER_NAMES = ("first_hitting", "ddpm", "topk_confidence", "confidence_threshold", "margin", "entropy")
 
@@ -98,6 +101,27 @@ def _load_tokenizer(name: str | None) -> Any:
     if not os.path.isdir(name) and "/" not in name and not name.replace("-", "_").isidentifier():
         raise CLIError(f"--tokenizer {name!r} is neither a folder nor a Hub id")
     return add_mask_token(AutoTokenizer.from_pretrained(name))
+
+
+def _data_record(source: str | None, split: str | None, dataset: Any, model_length: int) -> dict[str, Any]:
+    """One entry of `training_data.json`: name, description, licence, split and size in tokens of a built dataset.
+
+    `source` is `--dataset`/`--eval-dataset`, `None` for the embedded corpus. Every chunk holds exactly `model_length`
+    tokens (the CLI wraps documents), so the size is chunks x `model_length`, counted with the training tokenizer.
+    """
+    from bd3lm_trainer.corpus import CORPUS_DESCRIPTION, CORPUS_LICENSE, CORPUS_NAME
+
+    if source is None:
+        record = {"name": CORPUS_NAME, "description": CORPUS_DESCRIPTION, "license": CORPUS_LICENSE, "split": split}
+    else:
+        info = getattr(dataset, "info", None)
+        record = {"license": getattr(info, "license", None) or None}  # a Hub dataset's card may state it
+        if os.path.exists(source):
+            # The file or folder name only: a published card must not reveal the user's directories.
+            record.update(name=os.path.basename(os.path.normpath(source)), description="a local file")
+        else:
+            record.update(name=source, description="a Hugging Face Hub dataset", split=split)
+    return {**record, "chunks": len(dataset), "tokens": len(dataset) * model_length}
 
 
 def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float]]:
@@ -218,6 +242,16 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
     trainer.save_model(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     trainer.save_metrics("eval", metrics)
+    if trainer.args.should_save:
+        eval_name = args.eval_dataset if args.eval_dataset is not None else args.dataset
+        record = {
+            "train": _data_record(args.dataset, "train", train_dataset, config.model_length),
+            "evaluation": _data_record(
+                eval_name, "validation" if eval_name is None else eval_split, eval_dataset, config.model_length
+            ),
+        }
+        with open(os.path.join(args.output_dir, TRAINING_DATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
     return trainer, tokenizer, metrics
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ from .likelihood import (
     score_continuations,
     stratified_noise_levels,
 )
+
+logger = logging.getLogger(__name__)
 
 #: Folder of the `evaluate` metric module of the per-token NELBO: `evaluate.load(NELBO_METRIC_PATH)` (works offline).
 NELBO_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "bd3lm_nelbo")
@@ -214,7 +217,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--output", help="Write all results to this JSON file.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
     g = parser.add_argument_group("likelihood (perplexity bound)")
-    g.add_argument("--dataset", action="append", help="Repeatable: a local file/folder, a Hub name or `bd3lm-corpus`.")
+    g.add_argument("--dataset", action="append", help="Repeatable: a local file/folder, a Hub name or `bd3lm-corpus` "
+                   "(the default when no --dataset, --judge or --tasks is given: its validation split).")
     g.add_argument("--split", help="Dataset split (default: test, then validation, then train).")
     g.add_argument("--dataset-config", help="Hub dataset configuration name.")
     g.add_argument("--text-column", default="text", help="Column holding the documents (default: text).")
@@ -264,14 +268,49 @@ def load_tokenizer(name: str) -> Any:
         hf_logging.set_verbosity(verbosity)
 
 
+def resolve_device(device: str | torch.device | None, fallback: bool = False) -> torch.device:
+    """The device to evaluate on: `device`, or CUDA when available and else the CPU when it is `None`.
+
+    An accelerator this machine lacks (`cuda` on a CPU-only machine or torch build, `mps` off a Mac) raises a one-line
+    `ValueError` that names `--device cpu`; with `fallback=True` the CPU is used instead, after one warning line. The
+    lm-eval adapter falls back because lm-eval's command line passes `device="cuda:0"` when the user chose none, so it
+    cannot tell its default from a choice (lm-eval's own `hf` model falls back too). A device index past the ones
+    present is an error either way: that is a choice, not a default.
+    """
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`device`={device!r} is not a torch device ({err}); use e.g. `cpu` or `cuda:0`.") from None
+    kind = resolved.type
+    if kind in ("cpu", "meta"):
+        return resolved
+    check = "backends.mps" if kind == "mps" else kind  # torch.cuda, torch.xpu, ... have `is_available()`
+    is_available = getattr(torch.backends.mps if kind == "mps" else getattr(torch, kind, None), "is_available", None)
+    if not (callable(is_available) and is_available()):
+        why = f"device {str(device)!r} is not available on this machine (torch.{check}.is_available() is False)"
+        if not fallback:
+            raise ValueError(f"{why}; pass `--device cpu`.")
+        logger.warning("bd3lm: %s; evaluating on the CPU instead (pass --device cpu to choose it).", why)
+        return torch.device("cpu")
+    count = getattr(torch, kind).device_count() if hasattr(getattr(torch, kind, None), "device_count") else 1
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"`device`={str(device)!r}: this machine has {count} {kind} device(s), "
+                         f"{kind}:0 to {kind}:{count - 1}.")
+    return resolved
+
+
 def load_model_and_tokenizer(model: str, tokenizer: str | None = None, device: str | None = None,
-                             dtype: str | None = None):
-    """Load a BD3-LM checkpoint with this package's code (no remote code) and its tokenizer."""
+                             dtype: str | None = None, device_fallback: bool = False):
+    """Load a BD3-LM checkpoint with this package's code (no remote code) and its tokenizer, on
+    `resolve_device(device, device_fallback)`."""
     from modeling_bd3lm import BD3LMForMaskedDiffusion
 
+    target = resolve_device(device, device_fallback)  # before the weights load: a bad device fails fast
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     net = BD3LMForMaskedDiffusion.from_pretrained(model, **kwargs)
-    net.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    net.to(target).eval()
     try:
         return net, load_tokenizer(tokenizer or model)
     except (OSError, ValueError) as err:
@@ -310,15 +349,22 @@ def run_eval(args: argparse.Namespace) -> int:
 def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Perplexity bounds, generative perplexity and lm-eval tasks as `add_eval_arguments` describes them; prints a
     table, writes `--output` as JSON and returns the results."""
-    if not (args.dataset or args.judge or args.tasks):
-        raise ValueError("Nothing to evaluate: pass `--dataset` (perplexity), `--judge` (gen-PPL) or `--tasks`.")
     if not os.path.isdir(args.model) and (args.model.count("/") != 1 or args.model.startswith((".", "/"))):
         raise ValueError(f"model {args.model!r} does not exist and is not a Hub id (owner/name)")
     if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
         raise ValueError(f"{args.model} has no config.json; is it a trained model folder?")
+    datasets = list(args.dataset or [])
+    if not (datasets or args.judge or args.tasks):
+        # What a user most likely wants first, and what `bd3lm train` trains on by default: the held-out split of the
+        # embedded corpus (offline, no option needed).
+        from .corpus import CORPUS_DESCRIPTION, CORPUS_NAME
+
+        datasets = [CORPUS_NAME]
+        print(f"bd3lm eval: no --dataset, --judge or --tasks given: the perplexity bound on `{CORPUS_NAME}` "
+              f"({CORPUS_DESCRIPTION}), {args.split or 'validation'} split", flush=True)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
     results: dict[str, Any] = {"model": args.model, "block_size": model.config.block_size}
-    for name in args.dataset or []:
+    for name in datasets:
         result = dataset_perplexity(
             model, name, tokenizer, args.batch_size, args.num_samples, args.seed, args.ignore_bos, args.split,
             args.text_column, args.dataset_config, not args.no_wrap, args.max_documents, not args.no_progress,
@@ -388,6 +434,7 @@ __all__ = [
     "nelbo",
     "network_calls_per_token",
     "plan_windows",
+    "resolve_device",
     "run_eval",
     "score_continuations",
     "stratified_noise_levels",

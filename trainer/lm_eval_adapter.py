@@ -42,7 +42,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from tqdm.auto import tqdm
 
-from .evaluation import load_model_and_tokenizer, load_tokenizer
+from .evaluation import load_model_and_tokenizer, load_tokenizer, resolve_device
 from .likelihood import _is_deterministic, score_continuations
 
 # Sampling fields of lm-eval `gen_kwargs` that `generate` understands; `until` and `max_gen_toks` are handled here.
@@ -85,10 +85,12 @@ class BD3LMEvalHarness(LM):
         **generate_kwargs: Any,
     ) -> None:
         super().__init__()
+        # lm-eval's command line passes device="cuda:0" unless told otherwise: without CUDA, fall back to the CPU
+        # with one warning line rather than crash (see `resolve_device`).
         if isinstance(pretrained, str):
-            model, tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device, dtype)
+            model, tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device, dtype, device_fallback=True)
         else:
-            model = pretrained.to(device) if device else pretrained
+            model = pretrained.to(resolve_device(device, fallback=True)) if device else pretrained
             if tokenizer is None:
                 raise ValueError("Pass `tokenizer` together with a loaded model.")
             if isinstance(tokenizer, str):

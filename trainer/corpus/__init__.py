@@ -21,13 +21,19 @@ if TYPE_CHECKING:  # heavy imports stay lazy: importing this package costs nothi
     import datasets
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-__all__ = ["MASK_TOKEN", "SPLITS", "add_mask_token", "corpus_files", "load_corpus", "load_gpt2_tokenizer", "load_tokenizer",
-           "tokenizer_path"]
+__all__ = ["CORPUS_DESCRIPTION", "CORPUS_LICENSE", "CORPUS_NAME", "MASK_TOKEN", "SPLITS", "add_mask_token",
+           "corpus_files", "load_corpus", "load_gpt2_tokenizer", "load_tokenizer", "tokenizer_path"]
 
 _HERE = Path(__file__).resolve().parent
 
 #: The mask token this package appends to a tokenizer that has none (the embedded tokenizer's own is the same string).
 MASK_TOKEN = "<|mask|>"
+
+#: The name that `--dataset`, `load_eval_dataset` and the training-data record use for this corpus.
+CORPUS_NAME = "bd3lm-corpus"
+#: What it is, in a few words, and its licence (README.md next to this file gives provenance and the reasoning).
+CORPUS_DESCRIPTION = "King James Bible + Shakespeare, the embedded English corpus of the bd3lm package"
+CORPUS_LICENSE = "public domain"
 
 #: The split names, in the order :func:`corpus_files` lists them.
 SPLITS: tuple[str, ...] = ("train", "validation")
