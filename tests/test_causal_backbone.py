@@ -594,3 +594,14 @@ def test_flex_attention_agrees_with_sdpa():
             b = flex(input_ids=x_0, noisy_input_ids=x_t, attention_mask=mask).logits
     valid = mask.bool()
     torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=1e-5)
+
+
+def test_hub_upload_dry_run_accepts_a_converted_model_with_tied_weights(source_folder, tmp_path, capsys):
+    import hub_upload
+
+    model = BD3LMForMaskedDiffusion.from_causal_lm(source_folder, block_size=4, model_length=LENGTH)
+    model.save_pretrained(tmp_path / "bd3lm")  # the tied head is not written
+    assert hub_upload.main([str(tmp_path / "bd3lm"), "someone/tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "| Denoiser | LlamaForCausalLM (token shift: position i-1 predicts token i) |" in out
+    assert "Dry run: nothing was sent." in out
