@@ -73,6 +73,10 @@ def load_source(source: Any, pretrained_kwargs: dict[str, Any]) -> torch.nn.Modu
             f"`source` must be a causal LM object, a folder or a Hub id, got {type(source).__name__}."
         )
     source = os.fspath(source)
+    if pretrained_kwargs.get("gguf_file"):
+        # GGUF files hold decoder-only LMs, and reading their config alone takes as long as a small model's load
+        # (the file is parsed): `check_causal_lm` checks the loaded model instead.
+        return AutoModelForCausalLM.from_pretrained(source, **pretrained_kwargs)
     config_kwargs = {k: pretrained_kwargs[k] for k in _TOKENIZER_KWARGS if k in pretrained_kwargs}
     config = AutoConfig.from_pretrained(source, **config_kwargs)
     if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
