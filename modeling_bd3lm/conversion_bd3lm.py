@@ -16,8 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import causal_backbone_bd3lm
-from .causal_backbone_bd3lm import check_backbone_attention, check_causal_lm
+from .causal_backbone_bd3lm import PREBUILT_BACKBONE, check_backbone_attention, check_causal_lm
 
 MASK_TOKEN = "<|mask|>"
 # `from_pretrained` arguments that also decide how the tokenizer is found.
@@ -33,11 +32,11 @@ def prebuilt_backbone(backbone: torch.nn.Module) -> Iterator[None]:
         module._is_hf_initialized = True
     for tensor in list(backbone.parameters()) + list(backbone.buffers()):
         tensor._is_hf_initialized = True
-    token = causal_backbone_bd3lm.PREBUILT_BACKBONE.set(backbone)
+    token = PREBUILT_BACKBONE.set(backbone)
     try:
         yield
     finally:
-        causal_backbone_bd3lm.PREBUILT_BACKBONE.reset(token)
+        PREBUILT_BACKBONE.reset(token)
 
 
 def split_kwargs(config_class: type, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
