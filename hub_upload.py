@@ -641,7 +641,12 @@ def _card_load(info: CardInfo) -> str:
         "with torch.no_grad():\n    output = model.generate(**inputs, max_new_tokens=64)\n"
         "print(tokenizer.decode(output[0], skip_special_tokens=True))\n```\n\n"
         f"Tokens are drawn in whole blocks of {arch['block_size']}; the output stops at `max_new_tokens` (or EOS). "
-        "Sampler settings are the defaults below unless passed to `generate`.\n"
+        "Sampler settings are the defaults below unless passed to `generate`.\n\n"
+        "The `text-generation` pipeline works too (greedy output and seeded samples do not depend on the batch):\n\n"
+        "```python\nfrom transformers import pipeline\n\n"
+        'pipe = pipeline("text-generation", model=repo, tokenizer=tokenizer, trust_remote_code=True, '
+        "revision=revision)\n"
+        'print(pipe("The block diffusion model", max_new_tokens=64, do_sample=False)[0]["generated_text"])\n```\n'
     )
 
 

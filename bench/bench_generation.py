@@ -3,7 +3,7 @@ autoregressive decode of the same backbone.
 
     python -m bench --only generation [--model runs/bench-tiny] [--quick]
 
-Three measurements:
+Four measurements:
 
 * `cache`: the tiny preset with random weights and a long window (L = 1024), 1024 new tokens from BOS, batch 1:
   `use_cache=False` (the whole window at every call) against the KV cache (default), both first-hitting (one token per
@@ -11,10 +11,15 @@ Three measurements:
 * `samplers`: `--model` (a trained checkpoint; else the tiny preset with random weights, L = 128), for L' = 4, 8, 16 and
   batch 1 and 8: uncached, cached, `confidence_threshold` 0.9 / 0.7 / 0.5, `topk_confidence` with 2 tokens per call,
   and the AR decode, side by side. A trained checkpoint is run at other block sizes by changing L' only.
+* `rng`: the cost of per-row random streams (`seed=[0, ..., 7]`, batch-invariant) against one stream shared by the
+  batch (`generator=`), at batch 8, L = 128, L' = 4, for `first_hitting` and `ddpm` sampling and greedy `first_hitting`
+  (`--model` or the tiny preset). `python -c "from bench.bench_generation import run_rng; run_rng('full', 'cpu')"`
+  runs it alone.
 * `memory`: in a fresh process per run, the peak memory of one cached generation of 1x, 4x and 10x `model_length`
   tokens, and the KV cache's bytes per cached token.
 
-Every run samples (`do_sample=True`, generate's defaults otherwise, `seed=0`), so repeats make the same tokens. EOS is
+Every run samples (`do_sample=True`, generate's defaults otherwise, row r seeded with r), so repeats make the same
+tokens. EOS is
 disabled (set to the mask id, which is never sampled) so that every row makes exactly the requested tokens. The AR
 decode uses the same weights with block_size = 1 and a KV cache: one call per token holding [previous token, mask],
 committing the former (the mask's keys are dropped); top-k 50 sampling like generate's default.
@@ -27,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from transformers import DynamicCache
 from bench.bench_training import build_config
 from bench.common import interleaved_times, median_ratio
 from modeling_bd3lm import CACHE_FIELD, BD3LMConfig, BD3LMForMaskedDiffusion, trim_cache_left
+from modeling_bd3lm.sampling_bd3lm import RowGenerators, uniform
 
 MODES: dict[str, dict] = {
     "uncached": dict(use_cache=False, sampler="first_hitting"),
@@ -46,6 +53,17 @@ MODES: dict[str, dict] = {
     "topk_confidence k=2": dict(sampler="topk_confidence", tokens_per_step=2),
 }
 AR_MODE = "AR (KV cache)"
+# The cost of per-row random streams (`seed=` a list: one CPU generator per row, batch-invariant samples) against one
+# stream shared by the batch (`generator=`, the only seeded path before), for the samplers that draw the most: both
+# draw one uniform per position per step for the tokens, and another per position for the positions revealed.
+RNG_MODES: dict[str, dict] = {
+    "first_hitting, shared stream": dict(sampler="first_hitting", rng="shared"),
+    "first_hitting, per-row streams": dict(sampler="first_hitting"),
+    "ddpm, shared stream": dict(sampler="ddpm", rng="shared"),
+    "ddpm, per-row streams": dict(sampler="ddpm"),
+    "greedy first_hitting, shared stream": dict(sampler="first_hitting", do_sample=False, rng="shared"),
+    "greedy first_hitting, per-row streams": dict(sampler="first_hitting", do_sample=False),
+}
 
 
 def load_model(
@@ -72,18 +90,22 @@ def bos_prompt(model: BD3LMForMaskedDiffusion, batch: int) -> torch.LongTensor:
     return torch.full((batch, 1), bos, dtype=torch.long, device=model.device)
 
 
-def generate_run(model: BD3LMForMaskedDiffusion, batch: int, new_tokens: int, **kwargs) -> Callable[[], dict]:
-    """A closure that runs one generation and returns its call counts."""
+def generate_run(
+    model: BD3LMForMaskedDiffusion, batch: int, new_tokens: int, rng: str = "per-row", do_sample: bool = True, **kwargs
+) -> Callable[[], dict]:
+    """A closure that runs one generation and returns its call counts. `rng="per-row"` seeds row r with r (the rows
+    differ, and each equals its prompt generated alone); `"shared"` draws from one generator seeded with 0."""
     prompt = bos_prompt(model, batch)
 
     def run() -> dict:
+        source = {"seed": list(range(batch))} if rng == "per-row" else {"generator": torch.Generator().manual_seed(0)}
         out = model.generate(
             prompt,
             max_new_tokens=new_tokens,
-            do_sample=True,
-            seed=0,
+            do_sample=do_sample,
             eos_token_id=model.config.mask_token_id,
             return_dict_in_generate=True,
+            **source,
             **kwargs,
         )
         if out.sequences.shape != (batch, 1 + new_tokens):
@@ -130,17 +152,20 @@ def time_modes(
     repeats: int,
     device: torch.device,
     warmup_tokens: int = 32,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """Time `modes` side by side (AR on `models['ar']`, the rest on `models['bd3lm']`); one row per mode."""
 
     def candidate(mode: str, tokens: int) -> Callable[[], dict]:
         if mode == AR_MODE:
             return ar_run(models["ar"], batch, tokens)
-        return generate_run(models["bd3lm"], batch, tokens, **MODES[mode])
+        return generate_run(models["bd3lm"], batch, tokens, **{**MODES, **RNG_MODES}[mode])
 
     candidates = {mode: candidate(mode, new_tokens) for mode in modes}
     warmups = {mode: candidate(mode, min(warmup_tokens, new_tokens)) for mode in modes}
-    times, results = interleaved_times(candidates, repeats, warmup=1, device=device, warmup_candidates=warmups)
+    times, results = interleaved_times(
+        candidates, repeats, warmup=1, device=device, warmup_candidates=warmups, clock=clock
+    )
     config = models["bd3lm"].config
     rows = []
     for mode in modes:
@@ -168,6 +193,50 @@ def time_modes(
                 row[key] = median_ratio(times[reference], times[mode])  # time ratio = tokens/s ratio
         rows.append(row)
     return rows
+
+
+def time_rng(
+    model: BD3LMForMaskedDiffusion, batch: int, new_tokens: int, repeats: int, device: torch.device
+) -> list[dict]:
+    """`RNG_MODES` side by side; each per-row row gets `per_row_over_shared`, the median per-repeat time ratio to
+    its shared-stream twin (> 1: per-row streams are slower). On the CPU the times are the process's CPU time: the
+    difference is a few percent at most, below the wall-clock noise of a shared machine."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    rows = time_modes({"bd3lm": model}, list(RNG_MODES), batch, new_tokens, repeats, device, clock=clock)
+    by_mode = {row["mode"]: row for row in rows}
+    for row in rows:
+        if row["mode"].endswith("per-row streams"):
+            shared = by_mode[row["mode"].replace("per-row streams", "shared stream")]
+            row["per_row_over_shared"] = median_ratio(row["times"], shared["times"])
+        row["clock"] = clock.__name__
+    return rows
+
+
+def rng_draw_cost(batch: int, block_size: int, repeats: int = 5, steps: int = 2000) -> dict:
+    """CPU microseconds per denoising step spent drawing random numbers, with per-row streams and with one shared
+    stream, side by side (process time, `repeats` medians of `steps` steps): the two (batch, block_size) draws of a
+    sampling step (`first_hitting` and `ddpm` draw one uniform per position for the tokens, one for the positions)."""
+    active = torch.ones(batch, dtype=torch.bool)
+
+    def shared() -> None:
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            uniform((batch * block_size, 1), generator, torch.device("cpu"))
+            uniform((batch, block_size), generator, torch.device("cpu"))
+
+    def per_row() -> None:
+        generators = RowGenerators.from_seeds(range(batch))
+        for _ in range(steps):
+            uniform((batch, block_size), generators, torch.device("cpu"), active)
+            uniform((batch, block_size), generators, torch.device("cpu"), active)
+
+    times, _ = interleaved_times({"shared": shared, "per_row": per_row}, repeats, clock=time.process_time)
+    return {
+        "batch": batch,
+        "block_size": block_size,
+        "shared_us_per_step": statistics.median(times["shared"]) / steps * 1e6,
+        "per_row_us_per_step": statistics.median(times["per_row"]) / steps * 1e6,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -279,15 +348,18 @@ def generation_plan(mode: str, model_path: str | None) -> dict:
         return dict(preset="test", cache=dict(model_length=32, new_tokens=16, block_sizes=[4], repeats=1),
                     samplers=dict(model_length=32, new_tokens=8, block_sizes=[4], batches=[2], modes=every,
                                   repeats=1),
+                    rng=dict(model_length=32, block_size=4, batch=2, new_tokens=8, repeats=1),
                     memory=dict(model_length=16, block_size=4, multiples=[1, 4, 10], subprocess=False))  # fmt: skip
     if mode == "quick":
         return dict(preset="tiny", cache=dict(model_length=256, new_tokens=256, block_sizes=[4], repeats=2),
                     samplers=dict(model_length=128, new_tokens=128, block_sizes=[4], batches=[1, 8], modes=every,
                                   repeats=2),
+                    rng=dict(model_length=128, block_size=4, batch=8, new_tokens=64, repeats=2),
                     memory=dict(model_length=128, block_size=4, multiples=[1, 4, 10], subprocess=True))  # fmt: skip
     return dict(preset="tiny", cache=dict(model_length=1024, new_tokens=1024, block_sizes=[4], repeats=3),
                 samplers=dict(model_length=128, new_tokens=256, block_sizes=[4, 8, 16], batches=[1, 8], modes=every,
                               repeats=3),
+                rng=dict(model_length=128, block_size=4, batch=8, new_tokens=256, repeats=5),
                 memory=dict(model_length=1024, block_size=4, multiples=[1, 4, 10], subprocess=True))  # fmt: skip
 
 
@@ -317,6 +389,7 @@ def run_generation(
                 for row in time_modes(models, grid["modes"], batch, grid["new_tokens"], grid["repeats"], device):
                     rows.append({"group": "samplers", "model": model_name, "trained": model_path is not None, **row})
                     log_row(log, rows[-1])
+        rows += run_rng(plan, device, model_path, log)
         memory = []
         spec = plan["memory"]
         for multiple in spec["multiples"]:
@@ -335,17 +408,43 @@ def run_generation(
             "memory": memory}  # fmt: skip
 
 
+def run_rng(plan: dict | str, device: torch.device | str, model_path: str | None = None,
+            log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+    """The `rng` rows of `plan` (or of the plan named `full`, `quick`, `smoke`), one torch thread."""
+    plan = generation_plan(plan, model_path) if isinstance(plan, str) else plan
+    device = torch.device(device)
+    spec, threads = plan["rng"], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_model(model_path, spec["block_size"], spec["model_length"], plan["preset"], device)
+        name = model_path or f"{plan['preset']} (random weights)"
+        rows = []
+        draws = rng_draw_cost(spec["batch"], spec["block_size"], repeats=spec["repeats"])
+        log(f"  random draws per step at batch {spec['batch']}: {draws['per_row_us_per_step']:.1f} us with per-row "
+            f"streams, {draws['shared_us_per_step']:.1f} us with one shared stream (CPU time)")  # fmt: skip
+        for row in time_rng(model, spec["batch"], spec["new_tokens"], spec["repeats"], device):
+            if "per_row_over_shared" in row:
+                row["draw_cost"] = draws
+            rows.append({"group": "rng", "model": name, **row})
+            log_row(log, rows[-1])
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def log_row(log: Callable[[str], None], row: dict) -> None:
     log(
         f"  {row['group']:>8} L'={row['block_size']:<2} B={row['batch']} {row['mode']:<20} "
         f"{row['tokens_per_s']:8.1f} tok/s  {row['tokens_per_call']:.2f} tok/call"
         + (f"  {row['speedup_vs_ar']:.2f}x AR" if "speedup_vs_ar" in row else "")
+        + (f"  {row['per_row_over_shared']:.3f}x the shared stream's time" if "per_row_over_shared" in row else "")
     )
 
 
 __all__ = [
     "AR_MODE",
     "MODES",
+    "RNG_MODES",
     "ar_run",
     "cache_bytes",
     "generate_run",
@@ -353,7 +452,10 @@ __all__ = [
     "load_model",
     "measure_memory",
     "run_generation",
+    "rng_draw_cost",
+    "run_rng",
     "time_modes",
+    "time_rng",
 ]
 
 

@@ -26,13 +26,15 @@ def synchronize(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device | str | None = None) -> tuple[float, object]:
-    """(wall seconds, result) of one call; waits for the device before and after."""
+def timed(
+    fn: Callable[[], object], device: torch.device | str | None = None, clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, object]:
+    """(seconds, result) of one call by `clock` (wall time by default); waits for the device before and after."""
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     result = fn()
     synchronize(device)
-    return time.perf_counter() - start, result
+    return clock() - start, result
 
 
 def median_time(
@@ -50,9 +52,12 @@ def interleaved_times(
     warmup: int = 1,
     device: torch.device | str | None = None,
     warmup_candidates: dict[str, Callable[[], object]] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, list[float]], dict[str, object]]:
     """Time every candidate once per repeat, in turn, and return `{name: [seconds per repeat]}` and the last result
-    of each. `warmup_candidates` (same names) replace the candidates during warm-up, e.g. a shorter generation."""
+    of each. `warmup_candidates` (same names) replace the candidates during warm-up, e.g. a shorter generation.
+    `clock=time.process_time` counts the CPU time of this process only (on a CPU run with one thread, the work done,
+    whatever else the machine runs)."""
     if repeats < 1:
         raise ValueError(f"`repeats` must be >= 1, got {repeats}.")
     names = list(candidates)
@@ -63,7 +68,7 @@ def interleaved_times(
     results: dict[str, object] = {}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            seconds, results[name] = timed(candidates[name], device)
+            seconds, results[name] = timed(candidates[name], device, clock)
             times[name].append(seconds)
     return times, results
 

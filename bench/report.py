@@ -141,7 +141,7 @@ def markdown(results: dict) -> str:
             (
                 "Tokens/s count every row of the batch. Calls/token: denoising network calls a row needs per token "
                 "(the paper's NFE); tokens/call is its inverse. `cache` rows use random weights and a long window; "
-                f"`samplers` rows use {section['model']}."
+                f"`samplers` and `rng` rows use {section['model']}."
             ),
             "",
             "| group | L | L' | batch | mode | new tokens | tokens/s | calls/token | tokens/call | x uncached | x AR |",
@@ -153,6 +153,17 @@ def markdown(results: dict) -> str:
                 f"{r['new_tokens']} | {r['tokens_per_s']:.1f} | {r['calls_per_token']:.3f} | "
                 f"{r['tokens_per_call']:.2f} | {_ratio(r, 'speedup_vs_uncached')} | {_ratio(r, 'speedup_vs_ar')} |"
             )
+        rng = [r for r in section["rows"] if "per_row_over_shared" in r]
+        if rng:
+            lines += ["", "| `rng`: sampler | batch | L' | time with per-row streams / with one shared stream | "
+                      "random draws per step, per-row / shared (us) |", "|---|---|---|---|---|"]  # fmt: skip
+            for r in rng:
+                sampler = r["mode"].replace(", per-row streams", "")
+                draws = r.get("draw_cost") or {}
+                cost = f"{draws['per_row_us_per_step']:.1f} / {draws['shared_us_per_step']:.1f}" if draws else "-"
+                lines.append(
+                    f"| {sampler} | {r['batch']} | {r['block_size']} | {r['per_row_over_shared']:.3f} | {cost} |"
+                )
         if section.get("memory"):
             lines += [
                 "",

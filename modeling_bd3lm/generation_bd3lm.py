@@ -4,9 +4,10 @@
 `generate()` outline (the numbered steps in the code follow it; keep both in sync):
 
 1. Resolve a `BD3LMGenerationConfig` from the model's config, the one passed in and the keyword arguments.
-2. Prepare the prompt: left padding, and blocks aligned to the END of the prompt (extra left padding so that the
-   prompt ends at a block boundary). A row then sees the same block boundaries, relative positions and keys whatever
-   the batch it is in. Without a prompt, generation starts from BOS (a 1-token prompt).
+2. Prepare the prompt: left padding (a right-padded row is rotated to the left first), and blocks aligned to the END
+   of the prompt (extra left padding so that the prompt ends at a block boundary). A row then sees the same block
+   boundaries, relative positions and keys whatever the batch it is in. Without a prompt, generation starts from BOS
+   (a 1-token prompt).
 3. The prompt is the first committed window. With the cache it is written by the first block's first call: that call
    runs `prompt ⊕ block` with `use_cache=True` (the block-causal x_0 stream of training, so the cache is exact) and
    drops the block's own keys and values again.
@@ -17,10 +18,29 @@
    rides along in the next block's first call like the prompt did, so committing costs no call of its own (beyond
    `model_length` it gets its own call before the window slides, so that its keys see the window the official
    sampler gives them). Rows that stop leave the batch, so they cost no further calls.
-5. Assemble the output: the prompt as given (left padding kept) followed by the new tokens, padding after a stop.
+5. Assemble the output: the prompt as given (its padding kept where it was) followed by the new tokens, padding after
+   a stop.
 
 With `use_cache=False` every step runs the whole window instead (nothing is committed to a cache); inside
 `model_length` this gives the same logits up to float rounding and, for a fixed seed, the same tokens.
+
+Randomness (the RNG contract; `_resolve_generator`):
+
+* `seed=s` or `seed=[s_0, ..., s_{B-1}]` (one per prompt): every row draws from its own CPU `torch.Generator`
+  (`RowGenerators`) seeded with its prompt's seed; the j-th of `num_return_sequences` (j > 0) with
+  `derive_seed(s, j)`. A row draws only while its block still has masked positions, so the numbers it consumes depend
+  on its own trajectory only: its tokens equal those of the same prompt generated alone with the same seed, in any
+  batch, cached or not (batch invariance, as the per-request seeds of serving engines). Equal prompts with equal seeds
+  give equal rows.
+* `generator=g`: one stream shared by the batch: reproducible for the same batch, but a row's draws depend on the rows
+  around it.
+* neither, `do_sample=True`: torch's global RNG, one stream shared by the batch (reproducible with `torch.manual_seed`).
+* neither, `do_sample=False`: the tokens are the argmax, but `first_hitting` and `ddpm` still draw which positions to
+  reveal; they draw from per-row streams seeded with `GREEDY_SEED`, so greedy output depends neither on the global RNG
+  nor on the batch. Keeping the samplers' own draws (a uniformly random position; each masked position revealed with
+  probability (α_s - α_t) / (1 - α_t)) with a fixed seed keeps their distribution over reveal orders; a deterministic
+  rule instead (say left to right) would turn `first_hitting` into autoregressive decoding inside the block. The
+  confidence samplers draw nothing when greedy.
 """
 
 from __future__ import annotations
@@ -41,11 +61,23 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from .checks_bd3lm import check_attention_mask, check_special_token_ids, check_token_ids, check_tokenizer_fits
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .outputs_bd3lm import CACHE_FIELD, BD3LMGenerateOutput
-from .sampling_bd3lm import SAMPLERS, build_logits_warpers, build_stopping_criteria, denoise_block, first_stops
+from .sampling_bd3lm import (
+    SAMPLERS,
+    RandomSource,
+    RowGenerators,
+    build_logits_warpers,
+    build_stopping_criteria,
+    denoise_block,
+    derive_seed,
+    first_stops,
+)
 from .window_bd3lm import CommittedWindow
 
 # HF defaults applied when a field is None (transformers 5 leaves them unset in the config).
 _HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# Seed of every row's stream under greedy decoding without a `seed`: which positions `first_hitting` and `ddpm` reveal
+# is random even when the tokens are the argmax, and must depend neither on torch's global RNG nor on the batch.
+GREEDY_SEED = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -110,6 +142,30 @@ class BD3LMGenerationMixin:
             except OSError:  # no generation_config.json: keep the one built from the model config
                 pass
 
+    def _prepare_generation_config(
+        self, generation_config: GenerationConfig | None = None, use_model_defaults: bool | None = None, **kwargs: Any
+    ) -> tuple[BD3LMGenerationConfig, dict[str, Any]]:
+        """Called by transformers 4.57 pipelines to build their generation config: `generation_config` (the pipeline's
+        defaults, e.g. `max_new_tokens=256, do_sample=True, temperature=0.7` for text generation) under the fields the
+        model's own generation config sets to non-default values, then `kwargs`. Returns the config and the kwargs it
+        does not use. transformers 5 pipelines merge the same way themselves, so a pipeline call gives the same
+        tokens on both."""
+        model_config = self.generation_config or BD3LMGenerationConfig.from_model_config(self.config)
+        if generation_config is None:
+            config = copy.deepcopy(model_config)
+        else:
+            config = BD3LMGenerationConfig.from_dict(generation_config.to_dict())
+            if use_model_defaults is not False:
+                defaults = BD3LMGenerationConfig()
+                for key, value in model_config.to_dict().items():
+                    if key.startswith("_") or key == "transformers_version":
+                        continue
+                    default = getattr(defaults, key, None)
+                    if getattr(config, key, None) == default and value != default:
+                        setattr(config, key, value)
+        unused = config.update(**kwargs)
+        return config, unused
+
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
         """Identity; present because `peft.PeftModelForCausalLM` reads it (generation does not use it)."""
         return {"input_ids": input_ids, **kwargs}
@@ -134,9 +190,10 @@ class BD3LMGenerationMixin:
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, prompt_len)`, *optional*):
-                Left-padded prompts. Without them generation starts from `bos_token_id`.
+                Padded prompts, one run of tokens per row (left padding; right padding is accepted too). Without them
+                generation starts from `bos_token_id`.
             attention_mask (`torch.Tensor` of shape `(batch, prompt_len)`, *optional*):
-                1 for prompt tokens, 0 for (left) padding. Inferred from `pad_token_id` when omitted.
+                1 for prompt tokens, 0 for padding. Inferred from `pad_token_id` when omitted.
             generation_config (`GenerationConfig`, *optional*):
                 Overrides `model.generation_config`; keyword arguments override both (`max_new_tokens`, `do_sample`,
                 `temperature`, `sampler`, `num_steps`, `confidence_threshold`, `use_cache`, `seed`, ...; see
@@ -149,7 +206,9 @@ class BD3LMGenerationMixin:
             streamer (`BaseStreamer`, *optional*):
                 Receives the prompt, then each committed block (`put`), then `end()`.
             generator (`torch.Generator`, *optional*):
-                Source of all randomness (or pass `seed`); otherwise torch's global RNG.
+                One stream for all the randomness of the batch (rows then depend on each other's draws); pass `seed`
+                instead for per-row streams (batch-invariant). Without either, sampling uses torch's global RNG and
+                greedy decoding per-row streams seeded with 0 (module docstring, "Randomness").
             tokenizer (`PreTrainedTokenizerBase`, *optional*):
                 Needed for `stop_strings`.
 
@@ -187,13 +246,15 @@ class BD3LMGenerationMixin:
             confidence_threshold=threshold,
             mask_probability=schedule.mask_probability if schedule is not None else None,
         )
-        generator = self._resolve_generator(generator, config.seed)
 
         # 2. prompt: validate, expand, align the blocks to its end
-        prompt, prompt_mask = self._prepare_prompt(input_ids, attention_mask, bos_id, pad_id, eos_ids, device)
+        given, prompt_mask = self._prepare_prompt(input_ids, attention_mask, bos_id, pad_id, eos_ids, device)
+        prompt, prompt_mask = self._left_align(given, prompt_mask)  # `given` is what the output starts with
         repeats = config.num_return_sequences or 1
+        generator = self._resolve_generator(generator, config.seed, do_sample, prompt.shape[0], repeats)
         if repeats > 1:
             prompt, prompt_mask = prompt.repeat_interleave(repeats, 0), prompt_mask.repeat_interleave(repeats, 0)
+            given = given.repeat_interleave(repeats, 0)
         batch, prompt_len = prompt.shape
         if config.max_new_tokens is not None:
             max_new_tokens = config.max_new_tokens
@@ -238,7 +299,7 @@ class BD3LMGenerationMixin:
             stopping_criteria, tokenizer, stop_strings, config.entropy_stop, config.entropy_stop_window, prompt_len
         )
         if streamer is not None:
-            streamer.put(prompt.cpu())
+            streamer.put(given.cpu())
 
         num_forwards = 0
         # 4. block loop
@@ -306,7 +367,7 @@ class BD3LMGenerationMixin:
             streamer.end()
 
         # 5. output
-        sequences = torch.cat((prompt, new_tokens[:, : int(new_lengths.max())]), dim=1)
+        sequences = torch.cat((given, new_tokens[:, : int(new_lengths.max())]), dim=1)
         if not config.return_dict_in_generate:
             return sequences
         return BD3LMGenerateOutput(
@@ -383,14 +444,28 @@ class BD3LMGenerationMixin:
         check_tokenizer_fits(getattr(streamer, "tokenizer", None), vocab_size, "streamer's tokenizer")
 
     @staticmethod
-    def _resolve_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
+    def _resolve_generator(
+        generator: torch.Generator | None, seed: int | list[int] | None, do_sample: bool, prompts: int, repeats: int
+    ) -> RandomSource:
+        """The source of the sampler's randomness (module docstring, "Randomness"): the caller's `generator` (one
+        stream for the batch), per-row generators from `seed` (or from 0 when greedy), or None (torch's global RNG)."""
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
-        if seed is not None:
-            if generator is not None:
-                raise ValueError("Pass either `seed` or `generator`, not both.")
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-        return generator
+        if seed is not None and generator is not None:
+            raise ValueError("Pass either `seed` or `generator`, not both.")
+        if generator is not None:
+            return generator
+        if seed is None:
+            if do_sample:
+                return None
+            seed = GREEDY_SEED
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * prompts
+        if len(seeds) != prompts:
+            raise ValueError(
+                f"`seed` has {len(seeds)} entries for {prompts} prompts; pass one seed per row of `input_ids` (or an "
+                "int for all)."
+            )
+        return RowGenerators.from_seeds([derive_seed(s, j) for s in seeds for j in range(repeats)])
 
     def _prepare_prompt(
         self,
@@ -401,7 +476,8 @@ class BD3LMGenerationMixin:
         eos_ids: list[int],
         device: torch.device,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Validate a left-padded prompt batch (or build the BOS prompt) and return `(ids, mask)` on `device`."""
+        """Validate a padded prompt batch (or build the BOS prompt) and return `(ids, mask)` on `device`: each row must
+        be one run of tokens, left-padded or right-padded (`_left_align` moves the padding to the left)."""
         if input_ids is None:
             if attention_mask is not None:
                 raise ValueError("`attention_mask` was given without `input_ids`.")
@@ -422,14 +498,26 @@ class BD3LMGenerationMixin:
             "attention_mask", attention_mask, tuple(input_ids.shape), "the shape of `input_ids`: the tokenizer's mask"
         )
         attention_mask = attention_mask.to(device).bool()
-        if bool((attention_mask[:, 1:].int() < attention_mask[:, :-1].int()).any()):
-            raise ValueError(
-                "`attention_mask` has padding after tokens; BD3-LM generation needs left padding "
-                "(tokenizer.padding_side = 'left')."
-            )
-        if not bool(attention_mask[:, -1].all()):
+        if not bool(attention_mask.any(dim=1).all()):
             raise ValueError("A row of `attention_mask` is all padding; every prompt needs at least one token.")
+        runs = attention_mask[:, 0].int() + (attention_mask[:, 1:].int() > attention_mask[:, :-1].int()).sum(dim=1)
+        if bool((runs > 1).any()):
+            raise ValueError(
+                "`attention_mask` has padding between tokens; each prompt must be one run of tokens, padded on the "
+                "left (tokenizer.padding_side = 'left') or on the right."
+            )
         return input_ids, attention_mask
+
+    @staticmethod
+    def _left_align(ids: torch.LongTensor, mask: torch.BoolTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Rotate every right-padded row so that its tokens end the row (padding first); left-padded rows are
+        unchanged. transformers 4.x pipelines pad on the tokenizer's side, which is the right for most tokenizers."""
+        width = ids.shape[1]
+        shift = mask.int().flip(1).argmax(dim=1, keepdim=True)  # padding columns after each row's last token
+        if not bool(shift.any()):
+            return ids, mask
+        source = (torch.arange(width, device=ids.device)[None, :] - shift) % width
+        return ids.gather(1, source), mask.gather(1, source)
 
 
 __all__ = ["CACHE_FIELD", "BD3LMGenerateOutput", "BD3LMGenerationConfig", "BD3LMGenerationMixin"]

@@ -70,7 +70,10 @@ _FIELD_RULES = {
     "entropy_stop": (_POSITIVE[0], "must be a positive number of nats"),
     "entropy_stop_window": _POSITIVE_INT,
     "mask_token_id": _TOKEN_ID,
-    "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "must be an integer in [-2**63, 2**64)"),
+    "seed": (
+        lambda v: all(_is_int(s) and -(2**63) <= s < 2**64 for s in (v if isinstance(v, (list, tuple)) and v else [v])),
+        "must be an integer in [-2**63, 2**64) or a non-empty list of them (one per prompt)",
+    ),
     **dict.fromkeys(("max_new_tokens", "max_length", "num_return_sequences"), _POSITIVE_INT),
     **dict.fromkeys(("temperature", "repetition_penalty"), _POSITIVE_FINITE),
     "max_time": (_POSITIVE[0], "must be a positive number of seconds"),
@@ -120,8 +123,12 @@ class BD3LMGenerationConfig(GenerationConfig):
             Window of the low-entropy rule.
         mask_token_id (`int`, *optional*):
             Override of the model config's mask token.
-        seed (`int`, *optional*):
-            Seed of a CPU `torch.Generator` that drives all sampling randomness (same draws on every device).
+        seed (`int` or `list[int]`, *optional*):
+            Seeds of per-row CPU `torch.Generator`s that drive all sampling randomness (same draws on every device):
+            an int seeds every prompt alike, a list gives one seed per prompt. Each row draws from its own stream, so
+            a row's tokens equal the same prompt generated alone with the same seed (batch invariance); the j-th of
+            `num_return_sequences` (j > 0) uses a seed derived from the prompt's seed and j. Without a seed,
+            sampling uses torch's global RNG, and greedy decoding (`do_sample=False`) seeds every row with 0.
 
     HF fields used: `max_new_tokens` / `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
     `repetition_penalty`, `eos_token_id` (int or list), `pad_token_id`, `bos_token_id`, `use_cache`, `stop_strings`,

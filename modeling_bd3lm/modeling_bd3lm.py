@@ -70,6 +70,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_bd3lm.BD3LMConfig",
     "AutoModel": "modeling_bd3lm.BD3LMForMaskedDiffusion",
     "AutoModelForMaskedLM": "modeling_bd3lm.BD3LMForMaskedDiffusion",
+    "AutoModelForCausalLM": "modeling_bd3lm.BD3LMForMaskedDiffusion",  # what pipeline("text-generation") loads
 }
 
 

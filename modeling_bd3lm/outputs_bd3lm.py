@@ -86,7 +86,7 @@ class BD3LMGenerateOutput(with_cache_field(_BD3LMGenerateOutputBase)):
 
     Args:
         sequences (`torch.LongTensor` of shape `(batch * num_return_sequences, prompt_len + new_len)`):
-            The prompt as given (left padding kept) followed by the new tokens; after a stop (EOS, stopping criteria)
+            The prompt as given (padding kept) followed by the new tokens; after a stop (EOS, stopping criteria)
             a row holds `pad_token_id`. `new_len` is at most `max_new_tokens`.
         nfe (`torch.LongTensor` of shape `(batch,)`):
             Denoising network calls each row needed (the paper's NFE): calls made while the row had masked tokens

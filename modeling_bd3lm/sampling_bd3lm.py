@@ -18,11 +18,15 @@ Samplers (the official ones of Arriola et al., 2025, plus confidence-based paral
 * `topk_confidence`, `margin`, `entropy`: the k masked positions with the highest confidence (probability of the
   candidate token), the largest top-1 minus top-2 margin, or the lowest entropy.
 * `confidence_threshold`: every masked position whose candidate has probability >= the threshold, and at least one.
+
+Random numbers (`uniform`) come from a `RandomSource`: one `torch.Generator` shared by the batch, torch's global RNG,
+or `RowGenerators` (one generator per row: a row's draws, and so its tokens, do not depend on the other rows). The
+contract `generate()` offers on top of them is in `generation_bd3lm.py` ("Randomness").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,24 +48,96 @@ from .window_bd3lm import CommittedWindow
 # ----------------------------------------------------------------------------------------------------------------------
 # Randomness and categorical draws
 
+_MASK64 = (1 << 64) - 1
 
-def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.DoubleTensor:
+
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of the `index`-th stream derived from `seed`: `seed` itself for index 0, else the SplitMix64 output
+    (Steele, Lea and Flood, 2014) for state `seed + index · γ`, a well-mixed 64-bit value, so that nearby seeds and
+    indices give unrelated streams (e.g. the repeats of `num_return_sequences`)."""
+    if index == 0:
+        return seed
+    z = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class RowGenerators:
+    """One CPU `torch.Generator` per batch row, so that a row's random draws come from its own stream: they depend
+    neither on the other rows of the batch nor on torch's global RNG (the per-request seeds of serving engines).
+
+    A row draws only while it still has masked positions in its block (`active`), so the number of draws it consumes
+    is a function of its own trajectory; a row generated in a batch then sees the same numbers as alone.
+
+    Args:
+        generators (`Sequence[torch.Generator]`): one per row, in batch order.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        self.generators = list(generators)
+
+    @classmethod
+    def from_seeds(cls, seeds: Sequence[int]) -> RowGenerators:
+        return cls([torch.Generator(device="cpu").manual_seed(seed) for seed in seeds])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def select(self, rows: torch.LongTensor) -> RowGenerators:
+        """The generators of the batch rows `rows` (the rows still generating), sharing their state."""
+        return RowGenerators([self.generators[row] for row in rows.tolist()])
+
+    def uniform(self, shape: tuple[int, ...], active: torch.BoolTensor | None = None) -> torch.DoubleTensor:
+        """`(rows, *shape[1:])` U[0, 1) draws on the CPU, row r from its own generator; inactive rows draw nothing
+        (zeros)."""
+        if shape[0] != len(self.generators):
+            raise RuntimeError(f"{len(self.generators)} row generators for a draw over {shape[0]} rows.")
+        flags = [True] * shape[0] if active is None else active.tolist()
+        return torch.stack(
+            [
+                torch.rand(shape[1:], generator=g, dtype=torch.float64)
+                if flag
+                else torch.zeros(shape[1:], dtype=torch.float64)
+                for g, flag in zip(self.generators, flags, strict=True)
+            ]
+        )
+
+
+# Where the sampler's uniforms come from: one generator shared by the batch, one per row, or torch's global RNG.
+RandomSource = torch.Generator | RowGenerators | None
+
+
+def uniform(
+    shape: tuple[int, ...], generator: RandomSource, device: torch.device, active: torch.BoolTensor | None = None
+) -> torch.DoubleTensor:
     """U[0, 1) draws in float64 from `generator` (or torch's global RNG), made on the generator's device and moved to
-    `device`, so that a CPU generator drives generation on any accelerator and a fixed seed reproduces the batch."""
+    `device`, so that a CPU generator drives generation on any accelerator and a fixed seed reproduces the batch.
+
+    With [`RowGenerators`] the first dimension is the batch row, and rows not `active` draw nothing (zeros); a shared
+    stream draws for every row whatever `active` says (as it always has, so that a seed keeps its samples)."""
+    if isinstance(generator, RowGenerators):
+        return generator.uniform(shape, active).to(device)
     source = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=source, dtype=torch.float64).to(device)
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.LongTensor:
+def sample_categorical(
+    probs: torch.Tensor, generator: RandomSource, active: torch.BoolTensor | None = None
+) -> torch.LongTensor:
     """One exact draw per row of `probs` (`(..., vocab)`, float64, rows may be unnormalised) by inverting the CDF.
 
     One uniform per row keeps the draw cheap for large vocabularies; zero-probability tokens are never returned
-    because `searchsorted(..., right=True)` skips the flat parts of the CDF.
+    because `searchsorted(..., right=True)` skips the flat parts of the CDF. With [`RowGenerators`], `probs` is
+    `(batch, ..., vocab)` and `active` (`(batch,)`) says which batch rows draw.
     """
     flat = probs.reshape(-1, probs.shape[-1])
     cdf = flat.cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = uniform((flat.shape[0], 1), generator, flat.device)
+    if isinstance(generator, RowGenerators):
+        u = uniform(tuple(probs.shape[:-1]), generator, flat.device, active).reshape(-1, 1)
+    else:
+        u = uniform((flat.shape[0], 1), generator, flat.device)
     # u * total < total strictly, except for float rounding at u -> 1, which the clamp guards.
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     index = torch.searchsorted(cdf, target, right=True).clamp_max(flat.shape[-1] - 1)
@@ -216,7 +292,7 @@ class BD3LMSampler:
         probs: torch.Tensor,
         tokens: torch.LongTensor,
         step: int,
-        generator: torch.Generator | None,
+        generator: RandomSource,
     ) -> torch.BoolTensor:
         """Positions (a subset of `masked`, shape `(batch, block_size)`) that take `tokens` at this step.
 
@@ -226,7 +302,8 @@ class BD3LMSampler:
                 excluded.
             tokens (`torch.LongTensor` of shape `(batch, block_size)`): the candidate token of every position.
             step (`int`): index of this step inside the block, from 0.
-            generator (`torch.Generator`, *optional*): source of randomness.
+            generator (`torch.Generator` or [`RowGenerators`], *optional*): source of randomness (torch's global RNG
+                when None). With `RowGenerators` a row that has no masked position left draws nothing.
         """
         counts = self.min_counts(masked, step).clamp_min(self.tokens_per_step)
         return select_top(self.scores(probs, tokens), masked, counts)
@@ -255,7 +332,8 @@ class DDPMSampler(BD3LMSampler):
         s = torch.tensor(1.0 - (step + 1) / num_steps, dtype=torch.float64)
         mask_probability = self.mask_probability or (lambda x: x)
         reveal = float(1.0 - mask_probability(s) / mask_probability(t))
-        return masked & (uniform(tuple(masked.shape), generator, masked.device) < reveal)
+        active = masked.any(dim=-1)
+        return masked & (uniform(tuple(masked.shape), generator, masked.device, active) < reveal)
 
 
 class FirstHittingSampler(BD3LMSampler):
@@ -267,8 +345,9 @@ class FirstHittingSampler(BD3LMSampler):
         return block_size
 
     def select(self, masked, probs, tokens, step, generator):
-        u = uniform(tuple(masked.shape), generator, masked.device)
-        return select_top(u, masked, masked.any(dim=-1).long())
+        active = masked.any(dim=-1)
+        u = uniform(tuple(masked.shape), generator, masked.device, active)
+        return select_top(u, masked, active.long())
 
 
 class TopKConfidenceSampler(BD3LMSampler):
@@ -417,7 +496,7 @@ def denoise_block(
     do_sample: bool,
     logits_processor: LogitsProcessorList,
     warpers: LogitsProcessorList,
-    generator: torch.Generator | None,
+    generator: RandomSource,
     nfe: torch.LongTensor,
     all_logits: list[torch.Tensor] | None,
     batch_size: int,
@@ -429,10 +508,14 @@ def denoise_block(
 
     `nfe[window.rows]` counts, per row, the calls the row needed (it still had masks and its block had changed);
     `all_logits` (when not None) receives each call's logits laid out over the whole batch (NaN for absent rows).
+    `generator` is a stream shared by the rows present, or [`RowGenerators`] over the whole batch (one per row, of
+    which the rows in `window.rows` draw).
 
     Returns:
         The clean block and the number of network calls made.
     """
+    if isinstance(generator, RowGenerators):  # the streams of the rows still generating
+        generator = generator.select(window.rows)
     block_size = block.shape[1]
     probs = None
     changed = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
@@ -450,7 +533,7 @@ def denoise_block(
                 full[window.rows] = logits
                 all_logits.append(full)
             probs = block_probabilities(logits, block, mask_token_id, logits_processor, warpers, history)
-        tokens = sample_categorical(probs, generator) if do_sample else probs.argmax(dim=-1)
+        tokens = sample_categorical(probs, generator, masked.any(dim=1)) if do_sample else probs.argmax(dim=-1)
         reveal = sampler.select(masked, probs, tokens, step, generator)
         block = torch.where(reveal, tokens, block)
         changed = reveal.any(dim=1) if sampler.reuses_probabilities else torch.ones_like(changed)
@@ -468,12 +551,15 @@ __all__ = [
     "EntropySampler",
     "FirstHittingSampler",
     "MarginSampler",
+    "RandomSource",
+    "RowGenerators",
     "TopKConfidenceSampler",
     "UnigramEntropyStoppingCriteria",
     "block_probabilities",
     "build_logits_warpers",
     "build_stopping_criteria",
     "denoise_block",
+    "derive_seed",
     "entropy",
     "first_stops",
     "sample_categorical",

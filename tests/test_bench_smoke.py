@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.__main__ import main, parse_args
-from bench.bench_generation import AR_MODE, MODES
+from bench.bench_generation import AR_MODE, MODES, RNG_MODES
 from bench.bench_training import build_config, make_step
 from bench.common import interleaved_times, median_ratio
 from modeling_bd3lm import BD3LMForMaskedDiffusion
@@ -36,6 +36,8 @@ def test_suite_writes_valid_json(tmp_path):
     assert {r["mode"] for r in generation["rows"] if r["group"] == "samplers"} == {*MODES, AR_MODE}
     for row in generation["rows"]:
         assert row["tokens_per_s"] > 0 and row["calls_per_token"] > 0
+    assert {r["mode"] for r in generation["rows"] if r["group"] == "rng"} == set(RNG_MODES)
+    assert sum(r.get("per_row_over_shared", 0) > 0 for r in generation["rows"]) == len(RNG_MODES) // 2
     topk = next(r for r in generation["rows"] if r["mode"].startswith("topk_confidence"))
     assert topk["tokens_per_call"] == pytest.approx(2.0)  # k = 2 tokens per call, exactly
     assert [m["multiple"] for m in generation["memory"]] == [1, 4, 10]

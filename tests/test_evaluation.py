@@ -351,3 +351,22 @@ def test_resolve_device(monkeypatch):
     assert resolve_device(None) == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="has 1 cuda device"):
         resolve_device("cuda:1", fallback=True)  # a wrong index is a choice, not lm-eval's default
+
+
+def test_generated_samples_depend_on_their_index_not_on_the_batch_size():
+    """`bd3lm eval` samples for generative perplexity from BOS with one seed per sample: every row of a batch differs,
+    and --gen-batch-size changes nothing."""
+    from types import SimpleNamespace
+
+    from bd3lm_trainer.evaluation import _generate_samples
+
+    model = random_model()
+    tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2)
+
+    def samples(batch_size: int) -> list:
+        args = argparse.Namespace(gen_kwargs="{}", gen_length=8, num_gen_samples=4, gen_batch_size=batch_size, seed=3,
+                                  no_progress=True)  # fmt: skip
+        return _generate_samples(model, tokenizer, args)[0]
+
+    four = samples(4)
+    assert four == samples(3) and len({tuple(s) for s in four}) == 4

@@ -35,7 +35,9 @@ from modeling_bd3lm.sampling_bd3lm import (
     FirstHittingSampler,
     MarginSampler,
     TopKConfidenceSampler,
+    RowGenerators,
     UnigramEntropyStoppingCriteria,
+    derive_seed,
     sample_categorical,
     select_top,
 )
@@ -168,7 +170,9 @@ def test_greedy_batch_equals_alone_beyond_model_length():
         assert torch.equal(batch[row, -45:], alone[0, -45:]), f"row {row}"
 
 
-def test_same_seed_reproduces_the_batch_and_generator_equals_seed():
+def test_same_seed_reproduces_the_batch_and_the_shared_streams_are_unchanged():
+    """A seed reproduces the batch; alone, a seed draws what a generator with that seed draws; without a seed the
+    global RNG is one stream shared by the batch, exactly as a `generator=` (the path before per-row seeds)."""
     model = make_model()
     ids, mask = prompts([4, 7])
     kwargs = {
@@ -186,7 +190,172 @@ def test_same_seed_reproduces_the_batch_and_generator_equals_seed():
     d = model.generate(ids, attention_mask=mask, **kwargs)
     torch.manual_seed(7)
     e = model.generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(d, e)
+    assert torch.equal(a, b) and torch.equal(d, e)
+    assert torch.equal(c, d)  # the global RNG path and a shared generator: the same stream, the same tokens
+    assert not torch.equal(a, c)  # per-row streams differ from one stream shared by the rows
+    for sampler in ("ddpm", "first_hitting"):
+        one = {**kwargs, "sampler": sampler}
+        alone = model.generate(ids[1:, -7:], seed=7, **one)
+        shared = model.generate(ids[1:, -7:], generator=torch.Generator().manual_seed(7), **one)
+        assert torch.equal(alone, shared), sampler
+
+
+# Settings that make every sampler do something of its own (several tokens per call for the parallel ones).
+SAMPLER_KWARGS = {
+    "ddpm": {"num_steps": 3},
+    "first_hitting": {},
+    "topk_confidence": {"tokens_per_step": 2},
+    "margin": {"tokens_per_step": 2},
+    "entropy": {"tokens_per_step": 2},
+    "confidence_threshold": {"confidence_threshold": 0.3},
+}
+
+
+def test_sampler_kwargs_cover_every_sampler():
+    assert set(SAMPLER_KWARGS) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_greedy_depends_neither_on_the_global_rng_nor_on_the_batch(sampler, use_cache):
+    """do_sample=False: the same prompt gives the same tokens alone and in a left-padded batch at any position, for
+    every sampler, cached or not, before and beyond model_length (45 new tokens after prompts of up to 11 tokens: the
+    window of 32 slides), whatever torch's global RNG holds; and greedy generation leaves the global RNG alone."""
+    model = make_model(seed=2)
+    lengths = [1, 6, 11, 6]
+    ids, mask = prompts(lengths, seed=6)
+    kwargs = {"max_new_tokens": 45, "sampler": sampler, "use_cache": use_cache, **SAMPLER_KWARGS[sampler]}
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    order = [2, 0, 3, 1]
+    torch.manual_seed(2)
+    shuffled = model.generate(ids[order], attention_mask=mask[order], **kwargs)
+    for row, n in enumerate(lengths):
+        torch.manual_seed(3 + row)
+        alone = model.generate(ids[row : row + 1, -n:], **kwargs)
+        assert torch.equal(batch[row, -45:], alone[0, -45:]), f"row {row}"
+        assert torch.equal(shuffled[order.index(row), -45:], alone[0, -45:]), f"row {row} moved"
+    assert len({tuple(r) for r in batch[:, -45:].tolist()}) == len(lengths)  # the rows really differ
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_seeded_sampling_is_batch_invariant(sampler, use_cache):
+    """With `seed=` (an int for all rows, or one per row) a row's samples equal the same prompt sampled alone with its
+    seed, for every sampler, cached or not, beyond model_length, also when other rows stop early at EOS and leave the
+    batch (each row keeps its own stream)."""
+    model = make_model(seed=2)
+    lengths = [1, 6, 11, 6]
+    seeds = [5, 6, 7, 8]
+    ids, mask = prompts(lengths, seed=6)
+    kwargs = {"max_new_tokens": 45, "do_sample": True, "temperature": 1.5, "top_k": 0, "sampler": sampler,
+              "use_cache": use_cache, **SAMPLER_KWARGS[sampler]}  # fmt: skip
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    same_seed = model.generate(ids, attention_mask=mask, seed=11, **kwargs)
+    per_row = model.generate(ids, attention_mask=mask, seed=seeds, **kwargs)
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded generation never touches the global RNG
+    for row, n in enumerate(lengths):
+        torch.manual_seed(3 + row)
+        alone = ids[row : row + 1, -n:]
+        assert torch.equal(same_seed[row, -45:], model.generate(alone, seed=11, **kwargs)[0, -45:])
+        assert torch.equal(per_row[row, -45:], model.generate(alone, seed=seeds[row], **kwargs)[0, -45:])
+    assert not torch.equal(per_row[1, -45:], same_seed[1, -45:])
+    # rows stopping at EOS: take a token row 1 samples in its third block as EOS (it appears in other rows too)
+    eos = int(per_row[1, ids.shape[1] + 9])
+    stopped = model.generate(ids, attention_mask=mask, seed=seeds, eos_token_id=eos, **kwargs)
+    new = stopped[:, ids.shape[1] :]
+    kept = [int((row == eos).int().argmax()) + 1 if bool((row == eos).any()) else 45 for row in new]
+    assert kept[1] <= 10 and max(kept) > kept[1]  # row 1 left the batch while another row went on
+    for row, n in enumerate(lengths):
+        alone = model.generate(ids[row : row + 1, -n:], seed=seeds[row], eos_token_id=eos, **kwargs)[0, n:]
+        assert torch.equal(new[row, : len(alone)], alone), f"row {row}"
+        assert bool((new[row, len(alone) :] == PAD).all())
+
+
+def test_num_return_sequences_draw_derived_seeds():
+    """Repeat 0 of a prompt uses the prompt's seed (as alone), repeat j > 0 `derive_seed(seed, j)`."""
+    model = make_model()
+    ids, mask = prompts([3, 5])
+    kwargs = {"max_new_tokens": 8, "do_sample": True, "sampler": "first_hitting"}
+    out = model.generate(ids, attention_mask=mask, seed=[4, 9], num_return_sequences=3, **kwargs)
+    assert out.shape[0] == 6
+    for k in range(6):
+        prompt, repeat = divmod(k, 3)
+        n = [3, 5][prompt]
+        alone = model.generate(ids[prompt : prompt + 1, -n:], seed=derive_seed([4, 9][prompt], repeat), **kwargs)
+        assert torch.equal(out[k, -8:], alone[0, -8:]), k
+    assert len({tuple(r) for r in out[:3, -8:].tolist()}) == 3  # the repeats differ
+
+
+def test_derive_seed_and_row_generators():
+    assert derive_seed(5, 0) == 5 and derive_seed(-3, 0) == -3
+    derived = [derive_seed(s, j) for s in range(4) for j in range(1, 4)]
+    assert len(set(derived)) == len(derived) and all(0 <= d < 2**64 for d in derived)
+    rows = RowGenerators.from_seeds([1, 2, 3])
+    draws = rows.uniform((3, 4), torch.tensor([True, False, True]))
+    assert torch.equal(draws[1], torch.zeros(4, dtype=torch.float64))  # an inactive row draws nothing...
+    assert torch.equal(draws[0], torch.rand(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    again = rows.select(torch.tensor([1])).uniform((1, 4))  # ...so its stream starts where it was
+    assert torch.equal(again[0], torch.rand(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="3 row generators"):
+        rows.uniform((2, 4))
+
+
+def test_seed_list_must_match_the_prompts():
+    model = make_model()
+    ids, mask = prompts([3, 5])
+    with pytest.raises(ValueError, match="`seed` has 3 entries for 2 prompts"):
+        model.generate(ids, attention_mask=mask, seed=[1, 2, 3], max_new_tokens=4)
+    config = BD3LMGenerationConfig(seed=[1, 2])
+    assert config.seed == [1, 2]
+
+
+def test_right_padded_prompts_generate_as_left_padded():
+    """transformers 4.x pipelines pad on the tokenizer's side (usually the right): such rows are left-aligned inside
+    generate, and the output keeps the prompt as given."""
+    model = make_model()
+    ids, mask = prompts([2, 5, 3], seed=2)
+    width = ids.shape[1]
+    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for row in range(3):
+        n = int(mask[row].sum())
+        right_ids[row, :n], right_mask[row, :n] = ids[row, width - n :], 1
+    left = model.generate(ids, attention_mask=mask, max_new_tokens=9, sampler="ddpm")
+    right = model.generate(right_ids, attention_mask=right_mask, max_new_tokens=9, sampler="ddpm")
+    assert torch.equal(right[:, :width], right_ids) and torch.equal(right[:, width:], left[:, width:])
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 4), st.integers(1, 5), st.integers(0, 4)), min_size=1, max_size=4))
+def test_left_align_moves_every_rows_padding_to_the_left(rows):
+    """Rows padded on the left, the right or both (one run of tokens each) end with their tokens, in order."""
+    width = max(left + n + right for left, n, right in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, (left, n, _) in enumerate(rows):
+        ids[r, left : left + n] = torch.arange(3, 3 + n) + r
+        mask[r, left : left + n] = True
+    aligned, aligned_mask = BD3LMForMaskedDiffusion._left_align(ids, mask)
+    for r, (_, n, _) in enumerate(rows):
+        assert aligned_mask[r].tolist() == [False] * (width - n) + [True] * n
+        assert torch.equal(aligned[r, width - n :], ids[r][mask[r]])
+
+
+def test_prepare_generation_config_for_transformers_457_pipelines():
+    """4.57 pipelines build their config with `_prepare_generation_config(pipeline defaults, **kwargs)`: the model's
+    own settings override the pipeline's defaults, kwargs override both, and unknown kwargs come back."""
+    model = make_model()
+    model.generation_config.sampler = "topk_confidence"
+    model.generation_config.tokens_per_step = 2
+    defaults = GenerationConfig(max_new_tokens=256, do_sample=True, temperature=0.7)
+    config, unused = model._prepare_generation_config(defaults, use_model_defaults=True, top_k=5, batch_size=2)
+    assert isinstance(config, BD3LMGenerationConfig) and unused == {"batch_size": 2}
+    assert (config.sampler, config.tokens_per_step, config.max_new_tokens) == ("topk_confidence", 2, 256)
+    assert (config.do_sample, config.temperature, config.top_k, config.bos_token_id) == (True, 0.7, 5, BOS)
+    assert model.generation_config.top_k != 5  # the model's own config is untouched
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -503,6 +672,10 @@ CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567"  # ids 3.
 
 @pytest.fixture(scope="module")
 def toy_tokenizer():
+    return make_toy_tokenizer()
+
+
+def make_toy_tokenizer():
     """One character per token (ids 3..62), decoded by concatenation: enough for streamers and stop strings."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -762,6 +935,9 @@ def test_plain_generation_config_is_upgraded():
         ("entropy_stop_window", 0),
         ("mask_token_id", -1),
         ("seed", 1.5),
+        ("seed", []),
+        ("seed", [1, 2.0]),
+        ("seed", 2**64),
         ("max_new_tokens", 0),
         ("max_new_tokens", -3),
         ("temperature", 0.0),
@@ -814,9 +990,10 @@ def test_generate_rejects_bad_inputs():
     ids, mask = prompts([3, 5])
     with pytest.raises(ValueError, match="attention_mask"):
         model.generate(ids, attention_mask=mask[:, 1:], max_new_tokens=4)
-    right_padded = torch.flip(mask, dims=[1])
-    with pytest.raises(ValueError, match="left padding"):
-        model.generate(ids, attention_mask=right_padded, max_new_tokens=4)
+    holes = mask.clone()
+    holes[1, -2] = 0  # padding between tokens
+    with pytest.raises(ValueError, match="padding between tokens"):
+        model.generate(ids, attention_mask=holes, max_new_tokens=4)
     with pytest.raises(ValueError, match="model_length"):
         model.generate(torch.full((1, 29), 5), max_new_tokens=4)  # 29 -> 32 aligned, no room for a block
     assert model.generate(torch.full((1, 28), 5), max_new_tokens=4).shape == (1, 32)  # 28 + one block fits

@@ -154,7 +154,7 @@ def test_plan_is_exactly_the_allow_list_and_says_what_stayed_behind(trainer_outp
         assert "secrets" in left[".env"] and "pickle" in left["training_args.bin"]
         assert "--checkpoint checkpoint-10" in left["checkpoint-10/"]
         config = json.loads((plan.staging / "config.json").read_text())
-        assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
+        assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM"}
         staging = plan.staging
         # The staged model is the trained one, searched interval included.
         reloaded = BD3LMForMaskedDiffusion.from_pretrained(staging)
@@ -211,7 +211,7 @@ def test_card_metadata_and_body(trainer_output):
     for needle in ("trust_remote_code=True", "revision=revision", "model.generate(", "Block size L' | 4",
                    "[0.45, 0.95]", "at step 20 over 2 candidate intervals, 3 validation batches each",
                    "Network calls per token", "Limitations", "@inproceedings{arriola2025block", "steps: 20",
-                   "learning rate: 0.0003", "AutoTokenizer.from_pretrained(repo"):
+                   "learning rate: 0.0003", "AutoTokenizer.from_pretrained(repo", 'pipeline("text-generation"'):
         assert needle in text, needle
     calls = plan.card_info.network_calls
     if calls is not None:  # generate() exists in this build: the card states the measured figure and how
@@ -346,6 +346,12 @@ for name, job in jobs.items():
         report[name] = {"generate": "ok", "shape": list(out.shape), "ids": out.tolist()}
     except NotImplementedError as error:
         report[name] = {"generate": "not implemented", "error": str(error)}
+# the card's pipeline_tag: the Hub repository (at its revision) runs in a text-generation pipeline
+from transformers import pipeline
+job = jobs["trained"]
+pipe = pipeline("text-generation", model=job["repo_id"], revision=job["revision"], trust_remote_code=True)
+report["trained"]["pipeline"] = pipe(
+    "w5 w9 w17", max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
 save_file(logits, "child_logits.safetensors")
 json.dump(report, open("child_report.json", "w"))
 """
@@ -432,6 +438,17 @@ def test_uploaded_repository_generates_in_a_fresh_process(published):
         assert report["shape"] == [1, 12], name
         new = torch.tensor(report["ids"])[0, 4:]
         assert ((new >= 0) & (new < 63)).all(), f"{name}: generated the mask id or out-of-range ids: {new}"
+
+
+def test_uploaded_repository_runs_in_a_text_generation_pipeline(published):
+    from transformers import AutoTokenizer
+
+    arrived = Path(published["jobs"]["trained"]["folder"])
+    model = BD3LMForMaskedDiffusion.from_pretrained(arrived).eval()
+    tokenizer = AutoTokenizer.from_pretrained(arrived)
+    ids = tokenizer("w5 w9 w17", return_tensors="pt", add_special_tokens=False).input_ids
+    new = model.generate(ids, max_new_tokens=8)[0, ids.shape[1] :]
+    assert published["report"]["trained"]["pipeline"] == tokenizer.decode(new, skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -211,3 +211,17 @@ def test_generate_until_uses_generate_and_stops_at_the_stop_strings(tmp_path):
     results = lm_eval.simple_evaluate(model=harness, tasks=["bd3lm_tiny_gen"],
                                       task_manager=TaskManager(include_path=include, include_defaults=False))["results"]
     assert results["bd3lm_tiny_gen"]["exact_match,none"] in (0.0, 1.0)
+
+
+def test_sampled_generate_until_depends_neither_on_batch_size_nor_on_order():
+    """Sampling tasks: each request draws from its own seed (the harness seed, its prompt, and which repeat of that
+    prompt it is), so its text is the same whatever batch it lands in, and repeats of one prompt differ."""
+    model, tokenizer = _tiny(4), load_tokenizer()
+    gen = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": True}
+    contexts = ["In the beginning", "To be", "And God said", "To be"]
+    requests = _requests("generate_until", [(c, gen) for c in contexts])
+    one = BD3LMEvalHarness(model, tokenizer, batch_size=1, progress=False).generate_until(requests)
+    three = BD3LMEvalHarness(model, tokenizer, batch_size=3, progress=False).generate_until(requests[::-1])[::-1]
+    assert (one[0], one[2]) == (three[0], three[2])
+    assert sorted([one[1], one[3]]) == sorted([three[1], three[3]])  # reversed, the repeats swap places
+    assert one[1] != one[3]  # two repeats of "To be" are two samples

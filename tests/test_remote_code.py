@@ -25,11 +25,11 @@ sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "_
 assert importlib.util.find_spec("modeling_bd3lm") is None, "the project is importable in the child"
 import torch, transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 inputs = load_file(FOLDER + "/inputs.safetensors")
 out = {}
 assert AutoConfig.from_pretrained(FOLDER, trust_remote_code=True).model_type == "bd3lm"
-for auto in (AutoModel, AutoModelForMaskedLM):
+for auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
     model = auto.from_pretrained(FOLDER, trust_remote_code=True).eval()
     assert type(model).__name__ == "BD3LMForMaskedDiffusion", type(model)
     assert model.can_generate()
@@ -68,7 +68,7 @@ def test_saved_model_loads_in_a_fresh_process_without_this_project(python, tmp_p
     model.set_noise_interval(0.3, 0.8)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM"}
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
     # Every module of the package travels with the weights (save_pretrained follows the relative imports).
     modules = sorted(p.name for p in (REPO_ROOT / "modeling_bd3lm").glob("*_bd3lm.py"))

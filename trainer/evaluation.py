@@ -333,7 +333,9 @@ def _generate_samples(model, tokenizer, args) -> tuple[list[list[int]], list[Any
     for start in tqdm(range(0, args.num_gen_samples, args.gen_batch_size), disable=args.no_progress, desc="sampling"):
         rows = min(args.gen_batch_size, args.num_gen_samples - start)
         prompt = torch.full((rows, 1), bos, dtype=torch.long, device=model.device)
-        kwargs = {"do_sample": True, "seed": args.seed + start, **gen_kwargs}
+        # one seed per sample (its index): the samples do not depend on --gen-batch-size, and the rows of a batch,
+        # which all start from BOS, differ (an int seed would give every row the same stream)
+        kwargs = {"do_sample": True, "seed": [args.seed + start + r for r in range(rows)], **gen_kwargs}
         out = model.generate(input_ids=prompt, max_new_tokens=length, return_dict_in_generate=True, **kwargs)
         samples.extend(out.sequences.tolist())
         outputs.append(out)

@@ -43,7 +43,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from tqdm.auto import tqdm
 
 from .evaluation import load_model_and_tokenizer, load_tokenizer, resolve_device
-from .likelihood import _is_deterministic, score_continuations
+from .likelihood import _is_deterministic, _row_seed, score_continuations
 
 # Sampling fields of lm-eval `gen_kwargs` that `generate` understands; `until` and `max_gen_toks` are handled here.
 _GENERATE_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
@@ -190,6 +190,7 @@ class BD3LMEvalHarness(LM):
                 kwargs["do_sample"] = False
             kwargs = {**kwargs, **self.generate_kwargs}
             room = config.model_length - config.block_size  # the prompt window must leave a block for generation
+            occurrences: dict[tuple[int, ...], int] = {}
             for start in tqdm(range(0, len(indices), self.batch_size), disable=not self.progress, desc="generating"):
                 chunk = indices[start : start + self.batch_size]
                 prompts = [(self._encode(requests[i].args[0]) or [self.prefix_token_id])[-room:] for i in chunk]
@@ -197,12 +198,18 @@ class BD3LMEvalHarness(LM):
                 pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prefix_token_id
                 ids = torch.full((len(prompts), width), pad, dtype=torch.long)
                 mask = torch.zeros_like(ids)
+                seeds = []
                 for r, p in enumerate(prompts):
                     ids[r, width - len(p) :], mask[r, width - len(p) :] = torch.tensor(p), 1
+                    # sampling: a per-request seed from `seed`, the prompt and how often it came before (lm-eval's
+                    # repeats), so a request's text depends neither on the batch size nor on the order of the
+                    # requests; greedy decoding is batch-invariant without one
+                    occurrences[tuple(p)] = occurrences.get(tuple(p), -1) + 1
+                    seeds.append(_row_seed(self.seed, p, [occurrences[tuple(p)]]))
                 out = self.model.generate(
                     input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
                     max_new_tokens=max_new, return_dict_in_generate=True, eos_token_id=self.tokenizer.eos_token_id,
-                    pad_token_id=pad, seed=self.seed + start, **kwargs,
+                    pad_token_id=pad, seed=seeds if kwargs.get("do_sample") else None, **kwargs,
                 )
                 for r, i in enumerate(chunk):
                     text = self.tokenizer.decode(out.sequences[r, width:].tolist(), skip_special_tokens=True)
