@@ -274,11 +274,14 @@ def _load_model(model_dir: Path):
     except (ValueError, TypeError, OSError) as error:
         raise ValueError(f"{model_dir}/config.json is not a valid BD3-LM config: {error}") from error
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in BD3LMForMaskedDiffusion(config).state_dict().items()}
+        skeleton = BD3LMForMaskedDiffusion(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    # Tied copies (a causal-LM backbone's head tied to its embedding) are not written by save_pretrained.
+    tied = set(getattr(skeleton, "all_tied_weights_keys", None) or ())
     # checkpoints store the token table under the official key; compare under the in-memory names
     found = {parameter_name(key): shape for key, shape in _checkpoint_shapes(_weight_files(model_dir)).items()}
     ignorable = BD3LMForMaskedDiffusion._keys_to_ignore_on_load_unexpected or []
-    missing = sorted(set(expected) - set(found))
+    missing = sorted(set(expected) - set(found) - tied)
     unexpected = sorted(k for k in set(found) - set(expected) if not any(re.search(p, k) for p in ignorable))
     wrong = sorted(f"{k} {found[k]} vs {expected[k]}" for k in set(found) & set(expected) if found[k] != expected[k])
     if missing or unexpected or wrong:
@@ -303,6 +306,9 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
         "block_size", "model_length", "vocab_size", "mask_token_id", "hidden_dim", "n_blocks", "n_heads",
         "noise_schedule")}
     info.architecture["parameters"] = sum(p.numel() for p in model.parameters())
+    if getattr(config, "backbone_config", None) is not None:  # a converted causal LM (from_causal_lm)
+        shift = "token shift: position i-1 predicts token i" if config.token_shift else "no token shift"
+        info.architecture["denoiser"] = f"{type(model.backbone).__name__} ({shift})"
     info.noise_interval = model.training_noise_interval()
     generation = _read_json(staging / "generation_config.json", "The generation config")
     # Only what differs from a fresh generation config: a null field is the built-in default and says nothing.
@@ -652,6 +658,8 @@ def _card_details(info: CardInfo) -> str:
             ("Vocabulary size", arch["vocab_size"]), ("Mask token id", arch["mask_token_id"]),
             ("Layers / heads / hidden size", f"{arch['n_blocks']} / {arch['n_heads']} / {arch['hidden_dim']}"),
             ("Parameters", f"{arch['parameters']:,}"), ("Noise schedule", arch["noise_schedule"])]
+    if arch.get("denoiser"):
+        rows.insert(0, ("Denoiser", arch["denoiser"]))
     if lo is not None:
         rows.append(("Training noise interval [β, ω]", f"[{lo:.4g}, {hi:.4g}]"))
     table = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)

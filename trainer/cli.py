@@ -6,6 +6,7 @@
     bd3lm generate runs/tiny --prompt "And God said" --max-new-tokens 64
     bd3lm eval runs/tiny
     bd3lm upload runs/tiny user/my-bd3lm --dry-run
+    bd3lm convert HuggingFaceTB/SmolLM2-135M smollm2-bd3lm --block-size 4   # a causal LM as the denoiser
 
 User mistakes (a missing folder, a bad option value) print one readable line and exit with status 2.
 """
@@ -45,8 +46,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model-length", type=int, help="L, the training context (default: the preset's)")
     model.add_argument(
         "--init-from",
-        help="fine-tune from this checkpoint (local folder or Hub id; our format or the official BD3-LM/MDLM one) "
-        "instead of a fresh model; --block-size then sets the new L'",
+        help="fine-tune from this checkpoint (local folder or Hub id; our format or the official BD3-LM/MDLM one, or "
+        "a causal LM such as Llama/Qwen/GPT-2, converted on the fly with its own tokenizer) instead of a fresh model; "
+        "--block-size then sets the new L' (default 4 for a causal LM)",
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -151,8 +153,13 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
     from modeling_bd3lm import BD3LMForMaskedDiffusion
 
     set_seed(args.seed)
-    tokenizer = _load_tokenizer(args.tokenizer)
-    if args.init_from:
+    from .convert import init_from_causal_lm
+
+    converted = init_from_causal_lm(args) if args.init_from else None  # a causal LM brings its own tokenizer
+    tokenizer = converted[1] if converted else _load_tokenizer(args.tokenizer)
+    if converted:
+        model = converted[0]
+    elif args.init_from:
         model = load_for_finetuning(args.init_from, block_size=args.block_size)
     else:
         overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
@@ -358,7 +365,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bd3lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,upload}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,upload,convert}")
     from .demo import add_demo_arguments, run_demo
 
     demo = sub.add_parser(
@@ -383,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate = sub.add_parser("eval", help="NELBO perplexity bound, generative perplexity, lm-eval tasks")
         add_eval_arguments(evaluate)
         evaluate.set_defaults(func=run_eval)
+    from .convert import add_convert_arguments, run_convert
+
+    convert = sub.add_parser("convert", help="turn a pretrained causal LM into a BD3-LM folder (see `bd3lm convert -h`)")
+    add_convert_arguments(convert)
+    convert.set_defaults(func=run_convert)
     upload = sub.add_parser(
         "upload", help="publish a model folder to the Hugging Face Hub (see `bd3lm upload --help`)", add_help=False
     )
