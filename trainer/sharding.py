@@ -167,6 +167,20 @@ def saved_as_original_class(model: torch.nn.Module) -> Iterator[None]:
         model.__class__ = generated
 
 
+def keep_present_layer_classes(model: torch.nn.Module) -> None:
+    """Keep in `model._no_split_modules` only the layer classes the model contains. accelerate's FSDP auto-wrap (and
+    `fsdp_transformer_layer_cls_to_wrap`'s default) takes its layer classes from there and raises for a name it cannot
+    find; a BD3-LM on a causal-LM backbone lists the DiT's `BD3LMBlock` (class attribute) beside the backbone's decoder
+    layer (`LlamaDecoderLayer`, ...)."""
+    listed = getattr(model, "_no_split_modules", None)
+    if not listed:
+        return
+    present = {type(module).__name__ for module in model.modules()}
+    kept = [name for name in listed if name in present]
+    if kept and len(kept) < len(listed):
+        model._no_split_modules = set(kept) if isinstance(listed, set) else kept
+
+
 def describe(params: Iterable[torch.Tensor]) -> str:
     """`"fsdp2"`, `"zero3"` or `"full"` for a set of parameters (the first sharded one decides). Call `reshard_fsdp2`
     first: gathered FSDP2 parameters look whole."""
@@ -182,6 +196,7 @@ __all__ = [
     "check_supported",
     "describe",
     "full_state_dict",
+    "keep_present_layer_classes",
     "local_master",
     "local_shard",
     "parameter_layout",

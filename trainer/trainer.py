@@ -252,6 +252,7 @@ class BD3LMTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         bd3lm = unwrap_bd3lm(model)
+        sharding.keep_present_layer_classes(bd3lm)
         config = bd3lm.config
         check_tokenizer_fits(processing_class, config.vocab_size, "`processing_class` (tokenizer)")
         if data_collator is None:

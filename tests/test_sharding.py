@@ -1,6 +1,7 @@
-"""Single-process checks of what sharded runs leave on disk: FSDP and DeepSpeed checkpoint folders and per-rank EMA
-files are recognised as complete or torn, and an EMA saved in shards is refused, with a clear message, by a run that
-does not shard the same way. (The sharded runs themselves are in test_distributed.py.)"""
+"""Single-process checks around sharded training: FSDP and DeepSpeed checkpoint folders and per-rank EMA files are
+recognised as complete or torn, an EMA saved in shards is refused, with a clear message, by a run that does not shard
+the same way, and accelerate's FSDP auto-wrap finds the layers of a BD3-LM on a causal-LM backbone. (The sharded runs
+themselves are in test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from bd3lm_trainer.sharding import canonical_name, describe
 from safetensors.torch import save_file
 
 from tests.conftest import random_token_dataset, tiny_train_model, tiny_training_args
+from tests.test_causal_backbone import _convert
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +115,23 @@ def test_parameter_names_drop_wrapper_segments_and_plain_parameters_are_whole():
         "backbone.vocab_embed.embedding"
     )
     assert describe(tiny_train_model().parameters()) == "full"
+
+
+@pytest.mark.parametrize("family", ["dit", "llama"])
+def test_fsdp_auto_wrap_finds_the_layers(family, tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    model = tiny_train_model() if family == "dit" else _convert("llama", 4)[1]
+    layer = "BD3LMBlock" if family == "dit" else "LlamaDecoderLayer"
+    # what accelerate reads from `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` without a layer class
+    plugin = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=None)
+    if family == "llama":  # the class attribute names the DiT block, which this model does not have
+        with pytest.raises(ValueError, match="Could not find the transformer layer class BD3LMBlock"):
+            fsdp2_prepare_auto_wrap_policy(plugin, model)
+    trainer = BD3LMTrainer(model, tiny_training_args(tmp_path))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, trainer.model)
+    wrapped = [type(m).__name__ for m in trainer.model.modules() if policy(m)]
+    assert wrapped == [layer] * 2
