@@ -2,7 +2,7 @@
 
 The import graph is read from the syntax trees of every module (all `import` statements count, also those inside
 functions and under `TYPE_CHECKING`: each is a dependency a reader has to follow). A module is a node; `from a.b import
-c` is an edge to `a.b.c` when that is a module, else to `a.b`. A circle is a strongly connected component of two or
+c` is an edge to `a.b.c` when that is a module, else to `a.b` (the deepest module the name denotes). A circle is a strongly connected component of two or
 more modules (Tarjan's algorithm). Run this file as a script to print the graph's circles:
 
     python tests/test_architecture.py
@@ -48,37 +48,44 @@ def module_files() -> dict[str, Path]:
     return files
 
 
-def _imported_names(tree: ast.AST, module: str, is_package: bool) -> Iterable[str]:
-    """Absolute dotted names of every import in `tree` (relative imports resolved against `module`)."""
+def _imported_names(tree: ast.AST, module: str, is_package: bool) -> Iterable[tuple[str, list[str]]]:
+    """`(absolute dotted name, names imported from it)` of every import in `tree` (relative ones resolved against
+    `module`); a plain `import a.b` imports no names."""
     base = module.split(".") if is_package else module.split(".")[:-1]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
+            yield from ((alias.name, []) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 anchor = base[: len(base) - (node.level - 1)]
                 target = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            yield target
-            yield from (f"{target}.{alias.name}" for alias in node.names)
+            yield target, [alias.name for alias in node.names]
 
 
 def import_graph() -> dict[str, set[str]]:
-    """`{module: {project modules it imports}}` over the whole project."""
+    """`{module: {project modules it imports}}` over the whole project. `from pkg import sub` depends on the module
+    `pkg.sub` only (the package itself is imported anyway, as a parent of the importer or of `sub`)."""
     files = module_files()
+
+    def deepest(name: str) -> str | None:  # the deepest project module a dotted name denotes (`pkg.mod.f` -> `pkg.mod`)
+        parts = name.split(".")
+        while parts and ".".join(parts) not in files:
+            parts.pop()
+        return ".".join(parts) if parts else None
+
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         targets = set()
-        for imported in _imported_names(tree, name, path.name == "__init__.py"):
-            # the deepest project module the name denotes (`pkg.mod.func` -> `pkg.mod`)
-            parts = imported.split(".")
-            while parts and ".".join(parts) not in files:
-                parts.pop()
-            if parts and ".".join(parts) != name:
-                targets.add(".".join(parts))
-        graph[name] = targets
+        for imported, names in _imported_names(tree, name, path.name == "__init__.py"):
+            submodules = [f"{imported}.{n}" for n in names if f"{imported}.{n}" in files]
+            attributes = len(submodules) < len(names) or not names
+            targets.update(submodules)
+            if attributes:
+                targets.add(deepest(imported))
+        graph[name] = {t for t in targets if t is not None and t != name}
     return graph
 
 

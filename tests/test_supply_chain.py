@@ -35,7 +35,10 @@ OUR_CODE = [REPO_ROOT / "hub_upload.py", *(
     for path in sorted((REPO_ROOT / folder).rglob("*.py"))
 )]
 # The standard-library modules the bundle may import; anything else (pickle, subprocess, socket, ...) needs review.
-BUNDLE_STDLIB = {"__future__", "collections", "copy", "dataclasses", "functools", "math", "os", "re", "time", "typing"}
+BUNDLE_STDLIB = {
+    "__future__", "collections", "contextlib", "contextvars", "copy", "dataclasses", "functools", "inspect", "math", "os",
+    "re", "time", "typing",
+}
 BUNDLE_THIRD_PARTY = {"torch", "transformers"}
 
 

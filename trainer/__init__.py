@@ -1,13 +1,13 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """Training, fine-tuning and evaluation of BD3-LM with `transformers.Trainer` (import name `bd3lm_trainer`).
 
-Training sits at the top (`training_args`, `trainer`, `callbacks`, `faults`, `data`, `peft_presets`, `utils`); the
+Training sits at the top (`training_args`, `trainer`, `callbacks`, `ema`, `faults`, `sharding`, `data`, `peft_presets`,
+`utils`, and `model_card` for publishing); the
 other jobs have their own subpackages: `evaluation/` (likelihood bounds, perplexity, generative perplexity, lm-eval),
 `cli/` (the `bd3lm` command) and `corpus/` (the embedded corpus and tokenizer).
 """
 
 from .callbacks import (
-    EMACallback,
     GradientVarianceCallback,
     NoiseScheduleSearchCallback,
     TrainerBoundCallback,
@@ -16,6 +16,7 @@ from .callbacks import (
     plot_schedule_search,
 )
 from .data import BD3LMDataCollator, build_lm_dataset, load_text_dataset
+from .ema import EMACallback
 from .faults import NonFiniteLossError, checkpoint_problem, last_complete_checkpoint
 from .peft_presets import LORA_TARGET_MODULES, lora_target_modules
 from .trainer import BD3LMTrainer, load_for_finetuning

@@ -1,19 +1,20 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""Trainer callbacks of BD3-LM: the data-driven clipped noise schedule, EMA of the weights, and the
-gradient-variance diagnostic (Arriola et al., 2025, Sec. 4 "Data-driven noise schedules for low-variance training").
+"""Trainer callbacks of BD3-LM: the data-driven clipped noise schedule, EMA of the weights (`ema.py`, re-exported
+here), and the gradient-variance diagnostic (Arriola et al., 2025, Sec. 4 "Data-driven noise schedules for
+low-variance training").
 
-All three are correct under accelerate/DDP: every process runs the same number of forward passes and collectives,
-per-block values are gathered with `gather_for_metrics`, and the chosen interval is broadcast from the main process.
+All three are correct under accelerate/DDP, FSDP2 and DeepSpeed ZeRO-3 (the gradient-variance diagnostic needs
+unsharded parameters): every process runs the same number of forward passes and collectives, per-block values are
+gathered with `gather_for_metrics`, and the chosen interval is broadcast from the main process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from transformers import TrainerCallback
 
 from modeling_bd3lm.noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, nelbo_valid_mask
 
+from . import sharding
+from .ema import EMA_STATE_NAME, EMACallback  # noqa: F401  (the EMA lives in ema.py; re-exported here)
 from .utils import (
     diagnostic_generator,
     gather_block_values,
@@ -37,7 +40,6 @@ logger = logging.getLogger(__name__)
 # The upstream grid (`algo.clip_search_widths`, `clip_search_delta`).
 DEFAULT_SEARCH_WIDTHS = (0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_SEARCH_STEP = 0.05
-EMA_STATE_NAME = "ema_state.safetensors"
 SCHEDULE_SEARCH_JSON = "schedule_search.json"
 SCHEDULE_SEARCH_PNG = "schedule_search.png"
 
@@ -226,123 +228,6 @@ def plot_schedule_search(
     return True
 
 
-class EMACallback(TrainerCallback):
-    """Exponential moving average of the trainable weights: θ_ema ← d·θ_ema + (1 - d)·θ after every optimizer step,
-    with the warm-up d_n = min(decay, (1 + n) / (10 + n)) of the official `models/ema.py` (n counts updates).
-
-    `BD3LMTrainer` evaluates and saves with the EMA weights swapped in ([`EMACallback.applied`]) and stores the EMA
-    state (`ema_state.safetensors`: shadow and online weights, update count) in every checkpoint, so that
-    `resume_from_checkpoint` continues exactly.
-
-    Args:
-        decay (`float`, defaults to 0.9999): the asymptotic decay.
-        warmup (`bool`, defaults to `True`): use the (1 + n) / (10 + n) warm-up.
-    """
-
-    def __init__(self, decay: float = 0.9999, warmup: bool = True) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"`decay` must be in [0, 1), got {decay}.")
-        self.decay = decay
-        self.warmup = warmup
-        self.num_updates = 0
-        self.shadow: dict[str, torch.Tensor] | None = None
-        self._depth = 0
-        self._backup: dict[str, torch.Tensor] = {}
-
-    @staticmethod
-    def _tracked(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in model.named_parameters() if p.requires_grad and p.is_floating_point()}
-
-    def current_decay(self) -> float:
-        """The decay of the next update."""
-        n = self.num_updates + 1
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def reset(self, model: torch.nn.Module) -> None:
-        self.shadow = {name: p.detach().float().clone() for name, p in self._tracked(model).items()}
-        self.num_updates = 0
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.shadow is None and model is not None:
-            self.reset(model)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        if self.shadow is None:
-            self.reset(model)
-        decay = self.current_decay()
-        self.num_updates += 1
-        for name, param in self._tracked(model).items():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            self.update(model)
-
-    @contextlib.contextmanager
-    def applied(self, model: torch.nn.Module) -> Iterator[None]:
-        """Swap the EMA weights in for the duration of the block (re-entrant); the online weights come back after."""
-        if self.shadow is None or self._depth > 0:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
-        tracked = self._tracked(model)
-        with torch.no_grad():
-            self._backup = {name: p.detach().clone() for name, p in tracked.items()}
-            for name, param in tracked.items():
-                param.copy_(self.shadow[name])
-        self._depth = 1
-        try:
-            yield
-        finally:
-            self._depth = 0
-            with torch.no_grad():
-                for name, param in tracked.items():
-                    param.copy_(self._backup[name])
-            self._backup = {}
-
-    def save_state(self, folder: str, model: torch.nn.Module) -> None:
-        """Write `ema_state.safetensors` (shadow and online weights, update count) into a checkpoint folder."""
-        from safetensors.torch import save_file
-
-        if self.shadow is None:
-            return
-        tensors = {f"shadow.{n}": t.contiguous() for n, t in self.shadow.items()}
-        tensors.update({f"online.{n}": p.detach().contiguous().clone() for n, p in self._tracked(model).items()})
-        metadata = {"num_updates": str(self.num_updates), "decay": repr(self.decay), "warmup": str(self.warmup)}
-        save_file(tensors, os.path.join(folder, EMA_STATE_NAME), metadata=metadata)
-
-    @torch.no_grad()
-    def load_state(self, folder: str, model: torch.nn.Module) -> bool:
-        """Restore the shadow, the update count and the online weights (the checkpoint's model file holds the EMA
-        weights). Returns False when the folder has no EMA state."""
-        from safetensors import safe_open
-
-        path = os.path.join(folder, EMA_STATE_NAME)
-        if not os.path.isfile(path):
-            logger.warning(f"{folder} has no {EMA_STATE_NAME}; the EMA restarts from the loaded weights.")
-            self.reset(model)
-            return False
-        tracked = self._tracked(model)
-        with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-            missing = [n for n in tracked if f"shadow.{n}" not in keys or f"online.{n}" not in keys]
-            if missing:
-                raise ValueError(
-                    f"{path} does not match the model: no EMA entry for {missing[:3]}... "
-                    "(was the checkpoint made with other trainable parameters?)"
-                )
-            self.shadow = {n: f.get_tensor(f"shadow.{n}").to(p.device, torch.float32) for n, p in tracked.items()}
-            for name, param in tracked.items():
-                param.copy_(f.get_tensor(f"online.{name}"))
-            self.num_updates = int(f.metadata()["num_updates"])
-        return True
-
-
 def estimate_gradient_variance(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -410,6 +295,18 @@ class GradientVarianceCallback(TrainerBoundCallback):
             raise ValueError(f"`num_minibatches` must be >= 1, got {num_minibatches}.")
         self.num_minibatches = num_minibatches
         self.last_value: float | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        sharding.reshard_fsdp2(model)
+        layout = sharding.describe(model.parameters())
+        if layout != sharding.LAYOUT_FULL:
+            # Each rank holds a shard of every gradient, but the estimator needs whole per-minibatch gradients.
+            raise ValueError(
+                f"`grad_variance_minibatches` needs unsharded parameters, but this run shards them ({layout}); set it "
+                "to 0, or measure the gradient variance in a DDP or single-process run."
+            )
 
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         if model is None or eval_dataloader is None:

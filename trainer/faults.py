@@ -55,6 +55,15 @@ class _NonFiniteGuard(TrainerCallback):
         self.steps = steps
         self._trainer = weakref.ref(trainer)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None and args.nan_loss_policy == "skip" and trainer.is_deepspeed_enabled:
+            # DeepSpeed reduces gradients into its own buffers, so clearing `param.grad` would not drop the update.
+            raise ValueError(
+                "nan_loss_policy='skip' cannot drop an update under DeepSpeed (its gradients live in its own buffers); "
+                "use nan_loss_policy='stop', or FSDP2 / DDP."
+            )
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer()
         reason, self.steps.pending = self.steps.pending, None
@@ -78,9 +87,9 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """Why a Trainer checkpoint folder cannot be resumed from, or None when it is complete.
 
     Complete means: `trainer_state.json` (which the Trainer writes last) parses and names this step, the weights
-    (`model.safetensors`, its shards, or a PEFT `adapter_model.safetensors`) are whole safetensors files, and every
-    torch-serialised state file present (optimizer, scheduler, ...) is a whole zip archive. A run killed while saving
-    leaves a folder that fails one of these.
+    (`model.safetensors`, its shards, or a PEFT `adapter_model.safetensors`; or, for FSDP and DeepSpeed, the engine's
+    own model state) and EMA files are whole, and every torch-serialised state file present (optimizer, scheduler,
+    ...) is a whole zip archive. A run killed while saving leaves a folder that fails one of these.
     """
     import zipfile
 
@@ -107,8 +116,20 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
             return f"model.safetensors.index.json is unreadable ({error})"
     else:
         weights = [n for n in ("model.safetensors", "adapter_model.safetensors") if os.path.isfile(os.path.join(folder, n))]
-        if not weights:
-            return "no model.safetensors"
+    engine_state, engine_problem = _engine_checkpoint(folder)
+    if engine_problem is not None:
+        return engine_problem
+    if not weights and not engine_state:
+        return "no model.safetensors"
+    from .ema import EMA_SHARD_TEMPLATE, ema_shard_files
+
+    shards = ema_shard_files(folder)
+    if len(shards) > 1:
+        return f"EMA shards of several process counts ({sorted(shards)})"
+    for world, ranks in shards.items():
+        if ranks != list(range(world)):
+            return f"EMA shard files are missing (ranks {sorted(set(range(world)) - set(ranks))} of {world})"
+        weights += [EMA_SHARD_TEMPLATE.format(rank=rank, world=world) for rank in ranks]
     for name in weights:
         try:
             with safe_open(os.path.join(folder, name), framework="pt"):
@@ -119,6 +140,45 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         if (name in _TORCH_ZIP_FILES or name.startswith("rng_state")) and not zipfile.is_zipfile(os.path.join(folder, name)):
             return f"{name} is truncated"
     return None
+
+
+def _engine_checkpoint(folder: str) -> tuple[bool, str | None]:
+    """Whether the folder holds the model state a sharding engine writes instead of (or beside) `model.safetensors`,
+    and what is wrong with it (None when it is whole).
+
+    FSDP with sharded state dicts: `pytorch_model_fsdp_0/` and `optimizer_0/` (torch.distributed.checkpoint writes
+    their `.metadata` last),
+    or `pytorch_model_fsdp.bin` with full state dicts. DeepSpeed: `latest` names the `global_step*` folder of
+    per-rank `*.pt` files.
+    """
+    import zipfile
+
+    found = False
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if re.fullmatch(r"(pytorch_model_fsdp|optimizer)_\d+", name) and os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, ".metadata")):
+                return True, f"{name}/ has no .metadata (the sharded save was interrupted)"
+            found = found or name.startswith("pytorch_model_fsdp")
+        elif re.fullmatch(r"pytorch_model_fsdp(_\d+)?\.bin", name):
+            if not zipfile.is_zipfile(path):
+                return True, f"{name} is truncated"
+            found = True
+    latest = os.path.join(folder, "latest")
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+        tag_folder = os.path.join(folder, tag)
+        if not tag or not os.path.isdir(tag_folder):
+            return True, f"`latest` names {tag!r}, which is not a folder of the checkpoint"
+        states = [n for n in sorted(os.listdir(tag_folder)) if n.endswith(".pt")]
+        if not states:
+            return True, f"{tag}/ holds no DeepSpeed state files"
+        for name in states:
+            if not zipfile.is_zipfile(os.path.join(tag_folder, name)):
+                return True, f"{tag}/{name} is truncated"
+        found = True
+    return found, None
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

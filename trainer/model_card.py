@@ -131,6 +131,8 @@ def _card_context(info: CardInfo) -> dict[str, Any]:
                 ("Vocabulary size", arch["vocab_size"]), ("Mask token id", arch["mask_token_id"]),
                 ("Layers / heads / hidden size", f"{arch['n_blocks']} / {arch['n_heads']} / {arch['hidden_dim']}"),
                 ("Parameters", f"{arch['parameters']:,}"), ("Noise schedule", arch["noise_schedule"])]
+        if arch.get("denoiser"):  # a converted causal LM: its class and whether the head keeps the token shift
+            rows.insert(0, ("Denoiser", arch["denoiser"]))
         if lo is not None:
             rows.append(("Training noise interval [β, ω]", f"[{lo:.4g}, {hi:.4g}]"))
         settings = dict(info.sampler_defaults)

@@ -24,6 +24,7 @@ from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
 from modeling_bd3lm.checks_bd3lm import check_tokenizer_fits
 from modeling_bd3lm.noise_schedule_bd3lm import nelbo_valid_mask
 
+from . import sharding
 from .callbacks import (
     EMACallback,
     GradientVarianceCallback,
@@ -132,6 +133,7 @@ class BD3LMTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         bd3lm = unwrap_bd3lm(model)
+        sharding.keep_present_layer_classes(bd3lm)
         config = bd3lm.config
         check_tokenizer_fits(processing_class, config.vocab_size, "`processing_class` (tokenizer)")
         if data_collator is None:
@@ -160,6 +162,7 @@ class BD3LMTrainer(Trainer):
         self._train_metrics: defaultdict[str, list[float]] = defaultdict(list)  # averaged into each training log
         self._eval_stats: _EvalStats | None = None
         self._eval_generator: torch.Generator | None = None
+        self._saving_checkpoint = False  # `save_model` called by `_save_checkpoint` (sharded runs then save shards)
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TrainerBoundCallback):
                 callback.bind(self)
@@ -349,19 +352,44 @@ class BD3LMTrainer(Trainer):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """[`Trainer.save_model`] with the EMA weights (when on). Under FSDP2 with sharded state dicts the parent writes
+        no weights at all; a folder that `from_pretrained` loads is what a user saving a model expects, so the full
+        state dict is gathered (on CPU, on rank 0) and saved as safetensors. Checkpoints stay sharded."""
         with self.ema_weights():
-            super().save_model(output_dir, _internal_call)
+            if self._gathers_full_state_dict():
+                state_dict = sharding.full_state_dict(self.model)  # a collective: every rank takes part
+                self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+                if self.args.push_to_hub and not _internal_call:
+                    self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            else:
+                super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        with sharding.saved_as_original_class(self.model):  # FSDP2's generated class would break the saved code
+            super()._save(output_dir, state_dict)
+
+    def _gathers_full_state_dict(self) -> bool:
+        if self._saving_checkpoint or not self.is_fsdp_enabled:
+            return False
+        plugin = self.accelerator.state.fsdp_plugin
+        return getattr(plugin, "fsdp_version", 1) == 2 and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         # The EMA state goes in first: the parent writes trainer_state.json last, so a folder that has it is complete
-        # (`last_complete_checkpoint` relies on that when a run was killed while saving).
+        # (`last_complete_checkpoint` relies on that when a run was killed while saving). Sharded EMAs are written by
+        # every rank, before the collectives of the parent's save, so every shard is on disk before trainer_state.json.
         ema = self.ema_callback
-        if ema is not None and self.args.should_save:
+        if ema is not None:
             checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            os.makedirs(folder, exist_ok=True)
-            ema.save_state(folder, self.model)
-        super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+            ema.save_state(folder, self.model, write_replicated=self.args.should_save)
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
         """[`Trainer.train`], resuming only from a complete checkpoint: `resume_from_checkpoint=True` takes the newest
@@ -381,13 +409,13 @@ class BD3LMTrainer(Trainer):
                     f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not a complete checkpoint ({problem}); "
                     + (f"the newest complete one is {latest}." if latest else "no complete checkpoint is beside it.")
                 )
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
         ema = self.ema_callback
-        if ema is not None:  # the model file holds the EMA weights; put the online ones back
-            ema.load_state(resume_from_checkpoint, self.model)
+        if ema is not None:
+            # Loaded when training begins, after the engine restored the model (DeepSpeed never calls
+            # `_load_from_checkpoint`); unsharded, that also puts the online weights back over the EMA ones that the
+            # checkpoint's model file holds.
+            ema.resume_from = os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()

@@ -1,11 +1,12 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""The `bd3lm` command line: demo, train, generate, eval, upload.
+"""The `bd3lm` command line: demo, train, generate, eval, upload, convert.
 
     bd3lm demo                                                # train, generate, save Hub-ready, reload (<8 min)
     bd3lm train --preset tiny --output-dir runs/tiny          # the embedded corpus and tokenizer by default
     bd3lm generate runs/tiny --prompt "And God said" --max-new-tokens 64
     bd3lm eval runs/tiny
     bd3lm upload runs/tiny user/my-bd3lm --dry-run
+    bd3lm convert HuggingFaceTB/SmolLM2-135M smollm2-bd3lm --block-size 4   # a causal LM as the denoiser
 
 User mistakes (a missing folder, a bad option value) print one readable line and exit with status 2.
 """
@@ -17,6 +18,7 @@ import sys
 from typing import Sequence
 
 from .common import EXIT_USAGE, CLIError
+from .convert import add_convert_arguments, run_convert
 from .demo import add_demo_arguments, run_demo
 from .eval import add_eval_arguments, run_eval
 from .generate import add_generate_arguments, run_generate
@@ -27,7 +29,7 @@ from .train import add_train_arguments, run_train
 def build_parser() -> argparse.ArgumentParser:
     """The `bd3lm` parser: one subparser per command, each module adding its own options."""
     parser = argparse.ArgumentParser(prog="bd3lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,upload}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,upload,convert}")
     demo = sub.add_parser(
         "demo",
         help="train the tiny preset on the embedded corpus, generate, save a Hub-ready folder, reload it",
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="NELBO perplexity bound, generative perplexity, lm-eval tasks")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)
+    convert = sub.add_parser("convert", help="turn a pretrained causal LM into a BD3-LM folder (see `bd3lm convert -h`)")
+    add_convert_arguments(convert)
+    convert.set_defaults(func=run_convert)
     upload = sub.add_parser(
         "upload", help="publish a model folder to the Hugging Face Hub (see `bd3lm upload --help`)", add_help=False
     )

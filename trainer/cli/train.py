@@ -26,8 +26,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model-length", type=int, help="L, the training context (default: the preset's)")
     model.add_argument(
         "--init-from",
-        help="fine-tune from this checkpoint (local folder or Hub id; our format or the official BD3-LM/MDLM one) "
-        "instead of a fresh model; --block-size then sets the new L'",
+        help="fine-tune from this checkpoint (local folder or Hub id; our format or the official BD3-LM/MDLM one, or "
+        "a causal LM such as Llama/Qwen/GPT-2, converted on the fly with its own tokenizer) instead of a fresh model; "
+        "--block-size then sets the new L' (default 4 for a causal LM)",
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -46,6 +47,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--output-dir", default="runs/bd3lm", help="where checkpoints and the final model go")
     run.add_argument("--max-steps", type=int, default=600, help="optimizer steps (default: 600, about 5 minutes for tiny on 2 CPU cores)")
     run.add_argument("--batch-size", type=int, default=16, help="sequences per step and device (default: 16)")
+    run.add_argument(
+        "--gradient-accumulation-steps", type=int, default=1, help="batches accumulated per optimizer step (default: 1)"
+    )
     run.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     run.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: 100)")
     run.add_argument("--eval-steps", type=int, default=300, help="evaluate (and search the schedule) every N steps")
@@ -58,7 +62,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--noise-interval", nargs=2, type=float, metavar=("BETA", "OMEGA"), help="fixed training noise interval"
     )
-    run.add_argument("--ema", action="store_true", help="evaluate and save an EMA of the weights (decay 0.9999)")
+    run.add_argument("--ema", action="store_true", help="evaluate and save an EMA of the weights (see --ema-decay)")
+    run.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default: 0.9999, the paper's)")
+    run.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs with bf16, or CPU autocast)")
     run.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     run.add_argument("--report-to", default="none", help="experiment trackers for the Trainer (default: none)")
@@ -92,7 +98,8 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
         `(trainer, tokenizer, metrics)`: the finished `BD3LMTrainer`, the tokenizer, and the last evaluation's
         `eval_*` metrics (an evaluation of the final weights is run when the last periodic one is older).
     """
-    for name in ("max_steps", "batch_size", "learning_rate", "eval_steps", "eval_batches", "save_steps"):
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "eval_steps", "eval_batches",
+                 "save_steps"):
         check_positive(name.replace("_", "-"), getattr(args, name))
     check_positive("block-size", args.block_size)
     check_positive("model-length", args.model_length)
@@ -113,9 +120,14 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
     from ..training_args import BD3LMTrainingArguments
 
     set_seed(args.seed)
-    # One without a mask token gets <|mask|> appended (GPT-2 -> id 50257, as the official checkpoints).
-    tokenizer = resolve_tokenizer(args.tokenizer, add_mask=True)
-    if args.init_from:
+    from .convert import init_from_causal_lm
+
+    converted = init_from_causal_lm(args) if args.init_from else None  # a causal LM brings its own tokenizer
+    # Otherwise one without a mask token gets <|mask|> appended (GPT-2 -> id 50257, as the official checkpoints).
+    tokenizer = converted[1] if converted else resolve_tokenizer(args.tokenizer, add_mask=True)
+    if converted:
+        model = converted[0]
+    elif args.init_from:
         model = load_for_finetuning(args.init_from, block_size=args.block_size)
     else:
         overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
@@ -162,6 +174,8 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        bf16=args.bf16,
         learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps,
         max_grad_norm=1.0,
@@ -175,6 +189,7 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
         schedule_search_batches=args.search_batches,
         noise_interval=args.noise_interval,
         use_ema=args.ema,
+        ema_decay=args.ema_decay,
         seed=args.seed,
         report_to=[] if args.report_to == "none" else [args.report_to],
         use_cpu=not torch.cuda.is_available(),
@@ -201,8 +216,9 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
         trainer.evaluate()
         evaluations = [log for log in trainer.state.log_history if "eval_loss" in log]
     metrics = {k: v for k, v in evaluations[-1].items() if k.startswith("eval_")}
-    trainer.save_model(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
+    trainer.save_model(args.output_dir)  # every process: a sharded run gathers the weights
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(args.output_dir)
     trainer.save_metrics("eval", metrics)
     if trainer.args.should_save:
         eval_name = args.eval_dataset if args.eval_dataset is not None else args.dataset
