@@ -2,9 +2,9 @@
 """Training, fine-tuning and evaluation of BD3-LM with `transformers.Trainer` (import name `bd3lm_trainer`).
 
 Training sits at the top (`training_args`, `trainer`, `callbacks`, `ema`, `faults`, `sharding`, `data`, `peft_presets`,
-`utils`, and `model_card` for publishing); the
-other jobs have their own subpackages: `evaluation/` (likelihood bounds, perplexity, generative perplexity, lm-eval),
-`cli/` (the `bd3lm` command) and `corpus/` (the embedded corpus and tokenizer).
+`utils`, and `model_card` for publishing); the other jobs have their own subpackages: `evaluation/` (likelihood bounds,
+perplexity, generative perplexity, lm-eval), `cli/` (the `bd3lm` command) and `corpus/` (the embedded corpus and
+tokenizer).
 """
 
 from .callbacks import (
