@@ -72,7 +72,7 @@ def per_block_step(model: BD3LMForMaskedDiffusion, x_0: torch.LongTensor) -> Non
 
 
 def make_step(
-    kind: str, preset: str, length: int, block_size: int, batch: int, attn: str, state: dict, device: torch.device,
+    kind: str, preset: str, length: int, block_size: int, batch: int, attn: str, *, state: dict, device: torch.device,
     compile_backend: str = "inductor",
 ) -> tuple[Callable[[], None], int]:
     """The step closure of one pass (its model loaded with the shared `state` weights) and its counted FLOPs."""
@@ -156,8 +156,8 @@ def run_group(group: dict, device: torch.device, states: dict) -> list[dict]:
         for kind in group["passes"]:
             key = f"{kind}/{attn}"
             steps[key], flops[key] = make_step(
-                kind, preset, group["length"], group["block_size"], group["batch"], attn, states[preset], device,
-                group.get("compile_backend", "inductor"),
+                kind, preset, group["length"], group["block_size"], group["batch"], attn, state=states[preset],
+                device=device, compile_backend=group.get("compile_backend", "inductor"),
             )
     times, _ = interleaved_times(steps, group["repeats"], group["warmup"], device)
     rows = []

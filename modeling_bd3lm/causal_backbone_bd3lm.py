@@ -18,7 +18,7 @@ in block b, and the `x_0`-half output at i - 1 (the last clean token of block b 
 of the sequence has no predictor (uniform logits, never in the loss). With `block_size=1` and t ≡ 1 every token is
 then predicted from the clean tokens before it by the unchanged network: the NELBO is the AR loss of the source model.
 In the sampling pass the logits are returned as the backbone gives them (position j predicts j + 1); the committed
-window (`window_bd3lm.CommittedWindow`) pairs them with the positions of the block. Without the shift (SDAR-style)
+window (`cache_bd3lm.CommittedWindow`) pairs them with the positions of the block. Without the shift (SDAR-style)
 position i predicts token i and both passes return aligned logits.
 
 Keys are cached after the rotary embedding (or with absolute positions baked in), so a window cannot slide by
@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from .checks_bd3lm import check_attention_mask, check_cache, check_token_ids
+from .cache_bd3lm import CACHE_FIELD, check_cache
+from .checks_bd3lm import check_attention_mask, check_token_ids
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
-from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
+from .outputs_bd3lm import BD3LMOutput
 
 # Set by `conversion_bd3lm.prebuilt_backbone`: the loaded causal LM the next model adopts as its backbone (converting
 # must not build a second, random copy of the weights).

@@ -17,7 +17,6 @@ import re
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
 
 # Integer dtypes accepted for token ids (uint8 only holds vocabularies of <= 256 ids, but is not wrong).
 ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -120,24 +119,6 @@ def check_noise_levels(noise_levels: Any, expected_shape: tuple[int, int]) -> No
         )
     if checking_values() and not bool(((noise_levels >= 0) & (noise_levels <= 1)).all()):  # NaN fails both tests
         raise ValueError("`noise_levels` must be floats in [0, 1] (no NaN).")
-
-
-def check_cache(past_key_values: Any, batch: int) -> None:
-    """A transformers `Cache` whose committed rows match the batch."""
-    if not isinstance(past_key_values, Cache):
-        raise TypeError(
-            f"`past_key_values` must be a transformers Cache (e.g. DynamicCache()), got {type(past_key_values).__name__}"
-            "; legacy tuples of tensors are not supported."
-        )
-    for layer in getattr(past_key_values, "layers", []):
-        keys = getattr(layer, "keys", None)
-        if keys is not None and keys.numel() > 0:
-            if keys.shape[0] != batch:
-                raise ValueError(
-                    f"`past_key_values` holds {keys.shape[0]} rows but `input_ids` has batch {batch}; pass the cache "
-                    "built for these sequences (or a fresh DynamicCache())."
-                )
-            return
 
 
 def check_timesteps(timesteps: Any, batch: int) -> None:
@@ -264,7 +245,6 @@ def check_loading_info(
 
 __all__ = [
     "check_attention_mask",
-    "check_cache",
     "check_extra_kwargs",
     "check_generator",
     "check_loading_info",

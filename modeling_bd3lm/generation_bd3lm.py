@@ -12,12 +12,13 @@
    runs `prompt ⊕ block` with `use_cache=True` (the block-causal x_0 stream of training, so the cache is exact) and
    drops the block's own keys and values again.
 4. For each new block: slide the window if `committed + block_size > model_length` (drop the oldest blocks; the
-   cache holds pre-rotary keys, so positions are re-based), start from `block_size` mask tokens, and denoise with the
-   sampler (`sampling_bd3lm.py`), calling the network on the block only (`use_cache=False`: attend to the committed
-   tokens without committing). A clean block is checked for EOS and stopping criteria, streamed, and committed: it
-   rides along in the next block's first call like the prompt did, so committing costs no call of its own (beyond
-   `model_length` it gets its own call before the window slides, so that its keys see the window the official
-   sampler gives them). Rows that stop leave the batch, so they cost no further calls.
+   cache holds pre-rotary keys, so positions are re-based), start from `block_size` mask tokens, and denoise
+   (`BlockDenoiser`, with a sampler of `sampling_bd3lm.py`), calling the network on the block only through the
+   window of `cache_bd3lm.py` (`use_cache=False`: attend to the committed tokens without committing). A clean block
+   is checked for EOS and stopping criteria, streamed, and committed: it rides along in the next block's first call
+   like the prompt did, so committing costs no call of its own (beyond `model_length` it gets its own call before the
+   window slides, so that its keys see the window the official sampler gives them). Rows that stop leave the batch,
+   so they cost no further calls.
 5. Assemble the output: the prompt as given (its padding kept where it was) followed by the new tokens, padding after
    a stop.
 
@@ -47,6 +48,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,18 +63,20 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from .checks_bd3lm import check_attention_mask, check_special_token_ids, check_token_ids, check_tokenizer_fits
 from .generation_config_bd3lm import BD3LMGenerationConfig
-from .outputs_bd3lm import CACHE_FIELD, BD3LMGenerateOutput
+from .cache_bd3lm import CACHE_FIELD, CommittedWindow
+from .outputs_bd3lm import BD3LMGenerateOutput
 from .sampling_bd3lm import (
     SAMPLERS,
+    BD3LMSampler,
     RandomSource,
     RowGenerators,
+    block_probabilities,
     build_logits_warpers,
     build_stopping_criteria,
-    denoise_block,
     derive_seed,
     first_stops,
+    sample_categorical,
 )
-from .window_bd3lm import CommittedWindow
 
 # HF defaults applied when a field is None (transformers 5 leaves them unset in the config).
 _HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -82,6 +87,79 @@ GREEDY_SEED = 0
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation
+
+
+@dataclass(kw_only=True)
+class BlockDenoiser:
+    """How every block of one `generate` call is denoised (step 4): the sampler, the logits processors and sampling
+    warpers, the randomness, and the counters the output reports. `denoise` is the loop all samplers share.
+
+    Args:
+        sampler ([`BD3LMSampler`]): which masked positions take their candidate token at each step.
+        mask_token_id (`int`): the absorbing token m.
+        do_sample (`bool`): draw each candidate from the processed probabilities, else take the argmax.
+        logits_processor / warpers (`LogitsProcessorList`): applied to every position's float64 scores, in this order.
+        generator: a stream shared by the rows present, or [`RowGenerators`] over the whole batch (one per row, of
+            which the rows still generating draw).
+        nfe (`torch.LongTensor` of shape `(batch,)`): per row, the calls it needed (it still had masks and its block had
+            changed): the paper's NFE, updated in place.
+        all_logits (`list`, *optional*): receives each call's logits laid out over the whole batch (NaN for rows that
+            left it), with `output_logits=True`.
+    """
+
+    sampler: BD3LMSampler
+    mask_token_id: int
+    do_sample: bool
+    logits_processor: LogitsProcessorList
+    warpers: LogitsProcessorList
+    generator: RandomSource
+    nfe: torch.LongTensor
+    all_logits: list[torch.Tensor] | None = None
+
+    def denoise(
+        self, model: Any, block: torch.LongTensor, window: CommittedWindow, history: Callable[[], torch.LongTensor]
+    ) -> tuple[torch.LongTensor, int]:
+        """Denoise one block until no mask is left: a network call (only when the block changed) through the window,
+        SUBS-processed float64 probabilities, one candidate token per position (argmax, or a categorical draw), and the
+        sampler's choice of the positions that take their candidate. `history()` gives the rows so far, for logits
+        processors.
+
+        Returns:
+            The clean block and the number of network calls made.
+        """
+        generator = self.generator
+        if isinstance(generator, RowGenerators):  # the streams of the rows still generating
+            generator = generator.select(window.rows)
+        sampler, mask_token_id = self.sampler, self.mask_token_id
+        block_size = block.shape[1]
+        probs = None
+        changed = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
+        calls = 0
+        for step in range(sampler.max_steps(block_size)):
+            masked = block == mask_token_id
+            if not bool(masked.any()):
+                break
+            if probs is None or bool(changed.any()):
+                logits = window.block_logits(model, block)
+                calls += 1
+                self.nfe[window.rows] += (changed & masked.any(dim=1)).long()
+                if self.all_logits is not None:
+                    full = logits.new_full((self.nfe.shape[0], *logits.shape[1:]), float("nan"))
+                    full[window.rows] = logits
+                    self.all_logits.append(full)
+                probs = block_probabilities(logits, block, mask_token_id, self.logits_processor, self.warpers, history)
+            if self.do_sample:
+                tokens = sample_categorical(probs, generator, masked.any(dim=1))
+            else:
+                tokens = probs.argmax(dim=-1)
+            reveal = sampler.select(masked, probs, tokens, step, generator)
+            block = torch.where(reveal, tokens, block)
+            changed = reveal.any(dim=1) if sampler.reuses_probabilities else torch.ones_like(changed)
+        if bool((block == mask_token_id).any()):
+            raise RuntimeError(
+                f"Sampler {sampler.name!r} left masked tokens after {sampler.max_steps(block_size)} steps."
+            )
+        return block, calls
 
 
 class BD3LMGenerationMixin:
@@ -237,15 +315,7 @@ class BD3LMGenerationMixin:
         self._check_hooks(logits_processor, stopping_criteria, streamer, tokenizer)
         do_sample = bool(self._value(config, "do_sample"))
         use_cache = config.use_cache is not False
-        sampler_name = config.resolved_sampler
-        threshold = config.confidence_threshold if config.confidence_threshold is not None else 0.9
-        schedule = getattr(self, "noise_schedule", None)
-        sampler = SAMPLERS[sampler_name](
-            num_steps=config.num_steps,
-            tokens_per_step=config.tokens_per_step,
-            confidence_threshold=threshold,
-            mask_probability=schedule.mask_probability if schedule is not None else None,
-        )
+        sampler = self._prepare_sampler(config)
 
         # 2. prompt: validate, expand, align the blocks to its end
         given, prompt_mask = self._prepare_prompt(input_ids, attention_mask, bos_id, pad_id, eos_ids, device)
@@ -281,17 +351,7 @@ class BD3LMGenerationMixin:
             reprefill=causal,
         )
 
-        logits_processor = LogitsProcessorList(logits_processor or [])
-        if self._value(config, "repetition_penalty", 1.0) not in (None, 1.0):
-            logits_processor.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
-        warpers = LogitsProcessorList()
-        if do_sample:
-            warpers = build_logits_warpers(
-                self._value(config, "temperature"),
-                self._value(config, "top_k"),
-                self._value(config, "top_p"),
-                config.nucleus_p,
-            )
+        logits_processor, warpers = self._prepare_processors(config, logits_processor, do_sample)
         stop_strings = getattr(config, "stop_strings", None)
         if stop_strings and tokenizer is None:
             raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to generate().")
@@ -306,8 +366,16 @@ class BD3LMGenerationMixin:
         num_blocks = -(-max_new_tokens // block_size)
         new_tokens = torch.full((batch, num_blocks * block_size), out_pad, dtype=torch.long, device=device)
         new_lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        nfe = torch.zeros(batch, dtype=torch.long, device=device)
-        all_logits: list[torch.Tensor] | None = [] if config.output_logits else None
+        denoiser = BlockDenoiser(
+            sampler=sampler,
+            mask_token_id=mask_id,
+            do_sample=do_sample,
+            logits_processor=logits_processor,
+            warpers=warpers,
+            generator=generator,
+            nfe=torch.zeros(batch, dtype=torch.long, device=device),
+            all_logits=[] if config.output_logits else None,
+        )
         eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
         max_time = getattr(config, "max_time", None)
         start_time = time.time()
@@ -317,19 +385,8 @@ class BD3LMGenerationMixin:
             num_forwards += window.slide(block_size, model_length, self)
             # a. denoise the block from all-mask
             block = torch.full((len(window.rows), block_size), mask_id, dtype=torch.long, device=device)
-            block, calls = denoise_block(
-                self,
-                block,
-                window,
-                sampler,
-                mask_id,
-                do_sample,
-                logits_processor,
-                warpers,
-                generator,
-                nfe,
-                all_logits,
-                batch,
+            block, calls = denoiser.denoise(
+                self, block, window,
                 lambda begin=begin: torch.cat((prompt[window.rows], new_tokens[window.rows, :begin]), 1),
             )
             num_forwards += calls
@@ -372,15 +429,44 @@ class BD3LMGenerationMixin:
             return sequences
         return BD3LMGenerateOutput(
             sequences=sequences,
-            nfe=nfe,
+            nfe=denoiser.nfe,
             num_forwards=num_forwards,
-            tokens_per_forward=new_lengths.double() / nfe.clamp_min(1).double(),
-            logits=tuple(all_logits) if all_logits is not None else None,
+            tokens_per_forward=new_lengths.double() / denoiser.nfe.clamp_min(1).double(),
+            logits=tuple(denoiser.all_logits) if denoiser.all_logits is not None else None,
             cache_rows=cache_rows,
             **{CACHE_FIELD: window.cache},
         )
 
     # ---- input preparation helpers ----
+
+    def _prepare_sampler(self, config: BD3LMGenerationConfig) -> BD3LMSampler:
+        """The sampler `config` names (`resolved_sampler`), with its settings and the model's noise schedule."""
+        threshold = config.confidence_threshold if config.confidence_threshold is not None else 0.9
+        schedule = getattr(self, "noise_schedule", None)
+        return SAMPLERS[config.resolved_sampler](
+            num_steps=config.num_steps,
+            tokens_per_step=config.tokens_per_step,
+            confidence_threshold=threshold,
+            mask_probability=schedule.mask_probability if schedule is not None else None,
+        )
+
+    def _prepare_processors(
+        self, config: BD3LMGenerationConfig, logits_processor: LogitsProcessorList | None, do_sample: bool
+    ) -> tuple[LogitsProcessorList, LogitsProcessorList]:
+        """`(logits processors, sampling warpers)`: the caller's processors plus the repetition penalty, and the
+        temperature / top-k / top-p / nucleus warpers when sampling."""
+        processors = LogitsProcessorList(logits_processor or [])
+        if self._value(config, "repetition_penalty", 1.0) not in (None, 1.0):
+            processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+        warpers = LogitsProcessorList()
+        if do_sample:
+            warpers = build_logits_warpers(
+                self._value(config, "temperature"),
+                self._value(config, "top_k"),
+                self._value(config, "top_p"),
+                config.nucleus_p,
+            )
+        return processors, warpers
 
     def _resolve_generation_config(
         self, generation_config: GenerationConfig | None, kwargs: dict
@@ -520,4 +606,4 @@ class BD3LMGenerationMixin:
         return ids.gather(1, source), mask.gather(1, source)
 
 
-__all__ = ["CACHE_FIELD", "BD3LMGenerateOutput", "BD3LMGenerationConfig", "BD3LMGenerationMixin"]
+__all__ = ["CACHE_FIELD", "BD3LMGenerateOutput", "BD3LMGenerationConfig", "BD3LMGenerationMixin", "BlockDenoiser"]

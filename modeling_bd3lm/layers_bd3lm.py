@@ -1,5 +1,5 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""Layers of the BD3-LM denoiser (a DiT with adaLN and rotary attention) and KV-cache helpers.
+"""Layers of the BD3-LM denoiser (a DiT with adaLN and rotary attention); the KV cache they read is `cache_bd3lm.py`.
 
 Class and parameter names reproduce the official checkpoints key for key (`norm1`, `attn_qkv`, `attn_out`, `mlp.0`,
 `mlp.2`, `adaLN_modulation`, ...).
@@ -22,6 +22,7 @@ try:  # the checkpoint key renaming of transformers 5 (4.x uses the `_fix_state_
 except ImportError:
     register_checkpoint_conversion_mapping = None
 
+from .cache_bd3lm import read_cache_layer
 from .configuration_bd3lm import BD3LMConfig
 
 # Width of the sinusoidal noise-level features fed to `sigma_map` (fixed by the released checkpoints).
@@ -282,54 +283,6 @@ class BD3LMFinalLayer(nn.Module):
         return self.linear(self.norm_final(x))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# KV cache helpers (HF `Cache` objects holding pre-rotary keys and values of committed blocks)
-
-
-def _resolve_cache_kwarg(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
-    """Accept transformers 5.24's `cache=` spelling beside `past_key_values=`."""
-    cache = kwargs.pop("cache", None)
-    if cache is not None and past_key_values is not None:
-        raise ValueError("Pass the KV cache as `past_key_values` or as `cache`, not both.")
-    return past_key_values if cache is None else cache
-
-
-def read_cache_layer(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The cached `(keys, values)` of one layer, or None when nothing is committed yet."""
-    if layer_idx >= len(cache.layers):
-        return None
-    layer = cache.layers[layer_idx]
-    keys = getattr(layer, "keys", None)
-    if keys is None or keys.numel() == 0:
-        return None
-    return keys, layer.values
-
-
-def _slice_cache_tokens(cache: Cache, tokens: slice) -> None:
-    """Keep the token positions `tokens` of every non-empty layer (keys and values alike)."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            layer.keys = layer.keys[:, :, tokens]
-            layer.values = layer.values[:, :, tokens]
-
-
-def trim_cache_left(cache: Cache, num_tokens: int) -> None:
-    """Drop the oldest `num_tokens` committed tokens of every layer (sliding window beyond `model_length`).
-
-    Keys are stored before the rotary embedding, so the remaining ones are re-based to positions 0.. on the next call,
-    exactly as the official sliding-window cache does.
-    """
-    if num_tokens > 0:
-        _slice_cache_tokens(cache, slice(num_tokens, None))
-
-
-def trim_cache_right(cache: Cache, num_tokens: int) -> None:
-    """Drop the newest `num_tokens` tokens of every layer: those of a noisy block that was run with `use_cache=True`
-    only to write the committed tokens before it in the same call (see `CommittedWindow.block_logits`)."""
-    if num_tokens > 0:
-        _slice_cache_tokens(cache, slice(None, -num_tokens))
-
-
 __all__ = [
     "ATTENTION_FUNCTIONS",
     "OFFICIAL_EMBEDDING_NAME",
@@ -342,7 +295,4 @@ __all__ = [
     "apply_rotary",
     "checkpoint_key",
     "parameter_name",
-    "read_cache_layer",
-    "trim_cache_left",
-    "trim_cache_right",
 ]

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
+from .cache_bd3lm import CACHE_FIELD, check_cache, read_cache_layer, resolve_cache_kwarg, trim_cache_left
 from .causal_backbone_bd3lm import build_causal_backbone, causal_backbone_forward
 from .configuration_bd3lm import BD3LMConfig
 from .conversion_bd3lm import from_causal_lm
@@ -32,16 +33,12 @@ from .layers_bd3lm import (
     BD3LMLayerNorm,
     BD3LMRotaryEmbedding,
     BD3LMTimestepEmbedder,
-    _resolve_cache_kwarg,
     checkpoint_key,
     parameter_name,
-    read_cache_layer,
-    trim_cache_left,
 )
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .checks_bd3lm import (
     check_attention_mask,
-    check_cache,
     check_extra_kwargs,
     check_generator,
     check_loading_info,
@@ -60,12 +57,11 @@ from .noise_schedule_bd3lm import (
     maskable_positions,
     nelbo_valid_mask,
 )
-from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
+from .outputs_bd3lm import BD3LMOutput
 
 # Imported here although only generation uses it: transformers 4.57 copies just the direct relative imports of this file
 # when it loads a checkpoint from a local folder with trust_remote_code, so every bundled module is imported here.
 from .sampling_bd3lm import SAMPLERS  # noqa: F401
-from .window_bd3lm import CommittedWindow  # noqa: F401
 
 
 # Largest NELBO weight (≈ 1/t) accepted: beyond it weight × cross-entropy may overflow float32.
@@ -316,7 +312,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
                 runs with the eager kernel (same outputs up to float rounding).
         """
         config = self.config
-        past_key_values = _resolve_cache_kwarg(past_key_values, kwargs)
+        past_key_values = resolve_cache_kwarg(past_key_values, kwargs)
         check_extra_kwargs(kwargs, f"{type(self).__name__}.forward()")
         return_dict = config.return_dict if return_dict is None else return_dict
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -623,7 +619,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 Randomness of the noise draw.
         """
         config = self.config
-        past_key_values = _resolve_cache_kwarg(past_key_values, kwargs)
+        past_key_values = resolve_cache_kwarg(past_key_values, kwargs)
         check_extra_kwargs(kwargs, f"{type(self).__name__}.forward()")
         check_generator(generator)
         return_dict = config.return_dict if return_dict is None else return_dict

@@ -1,9 +1,6 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""Output classes of BD3-LM, and the one place that knows what the cache field of an output is called.
-
-transformers 5.24 renamed the `ModelOutput` field `past_key_values` to `cache` (keeping a deprecated property); 4.x
-only knows the old name. `CACHE_FIELD` is the name the installed release expects: build outputs with
-`**{CACHE_FIELD: cache}` and read them with `getattr(output, CACHE_FIELD)`.
+"""Output classes of BD3-LM. Their cache field is named by `cache_bd3lm.CACHE_FIELD` (`cache` on transformers >= 5.24,
+`past_key_values` before): build outputs with `**{CACHE_FIELD: cache}` and read them with `getattr(output, CACHE_FIELD)`.
 """
 
 from __future__ import annotations
@@ -11,25 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
-CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "past_key_values", None), property) else "past_key_values"
-
-
-def with_cache_field(base: type[ModelOutput]) -> type[ModelOutput]:
-    """`base` plus a last field `Cache | None = None` named `CACHE_FIELD`, as a dataclass (the field must be declared,
-    not only set: `ModelOutput` keys and tuple conversion follow the declared fields)."""
-    name = f"{base.__name__}WithCache"
-    namespace = {
-        "__module__": __name__,
-        "__qualname__": name,
-        "__annotations__": {CACHE_FIELD: Cache | None},
-        CACHE_FIELD: None,
-    }
-    return dataclass(type(name, (base,), namespace))
-
+from .cache_bd3lm import CACHE_FIELD, with_cache_field
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model output
@@ -108,4 +90,4 @@ class BD3LMGenerateOutput(with_cache_field(_BD3LMGenerateOutputBase)):
     """
 
 
-__all__ = ["CACHE_FIELD", "BD3LMGenerateOutput", "BD3LMOutput", "with_cache_field"]
+__all__ = ["CACHE_FIELD", "BD3LMGenerateOutput", "BD3LMOutput"]

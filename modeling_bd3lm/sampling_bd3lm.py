@@ -1,8 +1,9 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""What happens inside and around one block of BD3-LM generation: the samplers (which masked positions to reveal at a
-step, and with which token), the loop they share, logits processing, stop detection and the committed window.
+"""What happens inside one block of BD3-LM generation: the samplers (which masked positions to reveal at a step, and
+with which token), logits processing, random draws and stop detection. A leaf of the package, like a diffusers
+scheduler: the network and the committed window stay in `generation_bd3lm.py`, which runs the loop.
 
-All samplers share one loop (`denoise_block`): the network gives p_θ(x_0 | x_t^b, x^{<b}) for
+All samplers share one loop (`generation_bd3lm.BlockDenoiser.denoise`): the network gives p_θ(x_0 | x_t^b, x^{<b}) for
 every position of the current block; the loop draws one candidate token per position (argmax, or a categorical draw
 from the processed probabilities) and asks the sampler which masked positions take their candidate now. Unmasked
 tokens are always carried over (SUBS), so a sampler only ever selects among masked positions.
@@ -42,8 +43,6 @@ from transformers.generation.stopping_criteria import (
     StoppingCriteriaList,
     StopStringCriteria,
 )
-
-from .window_bd3lm import CommittedWindow
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Randomness and categorical draws
@@ -483,65 +482,6 @@ def first_stops(
 # The committed window
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The loop shared by all samplers
-
-
-def denoise_block(
-    model: Any,
-    block: torch.LongTensor,
-    window: CommittedWindow,
-    sampler: BD3LMSampler,
-    mask_token_id: int,
-    do_sample: bool,
-    logits_processor: LogitsProcessorList,
-    warpers: LogitsProcessorList,
-    generator: RandomSource,
-    nfe: torch.LongTensor,
-    all_logits: list[torch.Tensor] | None,
-    batch_size: int,
-    history: Callable[[], torch.LongTensor],
-) -> tuple[torch.LongTensor, int]:
-    """Denoise one block until no mask is left: a network call (only when the block changed), SUBS-processed float64
-    probabilities, one candidate token per position (argmax, or a categorical draw), and the sampler's choice of the
-    positions that take their candidate.
-
-    `nfe[window.rows]` counts, per row, the calls the row needed (it still had masks and its block had changed);
-    `all_logits` (when not None) receives each call's logits laid out over the whole batch (NaN for absent rows).
-    `generator` is a stream shared by the rows present, or [`RowGenerators`] over the whole batch (one per row, of
-    which the rows in `window.rows` draw).
-
-    Returns:
-        The clean block and the number of network calls made.
-    """
-    if isinstance(generator, RowGenerators):  # the streams of the rows still generating
-        generator = generator.select(window.rows)
-    block_size = block.shape[1]
-    probs = None
-    changed = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
-    calls = 0
-    for step in range(sampler.max_steps(block_size)):
-        masked = block == mask_token_id
-        if not bool(masked.any()):
-            break
-        if probs is None or bool(changed.any()):
-            logits = window.block_logits(model, block)
-            calls += 1
-            nfe[window.rows] += (changed & masked.any(dim=1)).long()
-            if all_logits is not None:
-                full = logits.new_full((batch_size, *logits.shape[1:]), float("nan"))
-                full[window.rows] = logits
-                all_logits.append(full)
-            probs = block_probabilities(logits, block, mask_token_id, logits_processor, warpers, history)
-        tokens = sample_categorical(probs, generator, masked.any(dim=1)) if do_sample else probs.argmax(dim=-1)
-        reveal = sampler.select(masked, probs, tokens, step, generator)
-        block = torch.where(reveal, tokens, block)
-        changed = reveal.any(dim=1) if sampler.reuses_probabilities else torch.ones_like(changed)
-    if bool((block == mask_token_id).any()):
-        raise RuntimeError(f"Sampler {sampler.name!r} left masked tokens after {sampler.max_steps(block_size)} steps.")
-    return block, calls
-
-
 __all__ = [
     "SAMPLERS",
     "BD3LMNucleusLogitsWarper",
@@ -558,7 +498,6 @@ __all__ = [
     "block_probabilities",
     "build_logits_warpers",
     "build_stopping_criteria",
-    "denoise_block",
     "derive_seed",
     "entropy",
     "first_stops",

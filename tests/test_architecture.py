@@ -195,7 +195,7 @@ LONG_MODULES = {
     "modeling_bd3lm/modeling_bd3lm.py": "the three model layers and both forward passes (vectorised training pass and "
     "block-causal sampling pass) with their checks; generation, the cache and the noise live in their own files",
 }
-MAX_LINES = 600
+MAX_LINES = 620  # "about 600": a docstring paragraph of slack before a module has to be split or explained
 
 
 def test_no_module_is_longer_than_about_600_lines_without_a_reason() -> None:
@@ -203,6 +203,39 @@ def test_no_module_is_longer_than_about_600_lines_without_a_reason() -> None:
             for path in module_files().values()}
     over = {path: n for path, n in long.items() if n > MAX_LINES and path not in LONG_MODULES}
     assert over == {}
+
+
+# "About six": a function that needs more arguments than this takes a small object or keyword-only ones instead.
+MAX_REQUIRED_POSITIONAL = 7
+
+
+def test_no_function_needs_more_than_about_six_positional_arguments() -> None:
+    """Arguments without a default that can be passed by position (self and cls aside). `generate`'s block loop used to
+    call `denoise_block` with 13 of them; it is now `BlockDenoiser.denoise(model, block, window, history)`."""
+    crowded = []
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                positional = [a for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                required = len(positional) - len(node.args.defaults)
+                if required > MAX_REQUIRED_POSITIONAL:
+                    crowded.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({required})")
+    assert crowded == []
+
+
+def test_generation_reads_outward_from_the_mixin() -> None:
+    """The samplers and the cache are leaves (like a diffusers scheduler): they import nothing of the package, and
+    generation imports them, never the reverse. Every shipped file is a direct relative import of modeling_bd3lm.py,
+    because transformers 4.57 copies only those into a checkpoint loaded with trust_remote_code."""
+    graph = import_graph()
+    assert graph["modeling_bd3lm.sampling_bd3lm"] == set() and graph["modeling_bd3lm.cache_bd3lm"] == set()
+    generation = graph["modeling_bd3lm.generation_bd3lm"]
+    assert {"modeling_bd3lm.sampling_bd3lm", "modeling_bd3lm.cache_bd3lm"} <= generation
+    shipped = {f"modeling_bd3lm.{path.stem}" for path in (ROOT / "modeling_bd3lm").glob("*_bd3lm.py")}
+    modeling = ROOT / "modeling_bd3lm" / "modeling_bd3lm.py"
+    direct = {f"modeling_bd3lm.{node.module}" for node in ast.walk(ast.parse(modeling.read_text(encoding="utf-8")))
+              if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    assert shipped - {"modeling_bd3lm.modeling_bd3lm"} == direct
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))

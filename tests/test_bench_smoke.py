@@ -57,7 +57,7 @@ def test_suite_writes_valid_json(tmp_path):
 def test_flop_count_matches_flop_counter(kind):
     """With eager attention every product is a visible mm/addmm/bmm: the counter sees exactly what we count."""
     state = BD3LMForMaskedDiffusion(build_config("test", 32, 4, "eager")).state_dict()
-    step, counted = make_step(kind, "test", 16, 4, 3, "eager", state, torch.device("cpu"))
+    step, counted = make_step(kind, "test", 16, 4, 3, "eager", state=state, device=torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
         step()
     assert counted == counter.get_total_flops()

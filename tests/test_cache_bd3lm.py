@@ -1,6 +1,6 @@
-"""Tests of the KV cache and the committed window of generation (`window_bd3lm.py`, the cache helpers of
-`layers_bd3lm.py`): cached == uncached, the sliding window beyond `model_length` replays the official call order, and
-the cache holds exactly the committed tokens."""
+"""Tests of `cache_bd3lm.py`, the KV cache and the committed window of generation: the cache helpers on a cache built by
+hand, cached == uncached, the sliding window beyond `model_length` replays the official call order, and the cache holds
+exactly the committed tokens."""
 
 from __future__ import annotations
 
@@ -8,9 +8,55 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from modeling_bd3lm.generation_bd3lm import CACHE_FIELD, BD3LMGenerateOutput
-from modeling_bd3lm.layers_bd3lm import trim_cache_left
+from modeling_bd3lm.cache_bd3lm import (
+    CACHE_FIELD,
+    check_cache,
+    read_cache_layer,
+    resolve_cache_kwarg,
+    select_cache_rows,
+    trim_cache_left,
+    trim_cache_right,
+)
+from modeling_bd3lm.generation_bd3lm import BD3LMGenerateOutput
 from tests.test_generation_bd3lm import BOS, PAD, CallRecorder, make_model, output_cache, prompts
+
+
+def _filled_cache(layers: int = 2, rows: int = 3, tokens: int = 5) -> DynamicCache:
+    """A cache whose key at (layer, row, token) is 100·layer + 10·row + token (values: its negative)."""
+    cache = DynamicCache()
+    for layer in range(layers):
+        keys = (100 * layer + 10 * torch.arange(rows)[:, None] + torch.arange(tokens)[None]).float()
+        keys = keys[:, None, :, None].expand(rows, 1, tokens, 2).contiguous()
+        cache.update(keys, -keys, layer)
+    return cache
+
+
+def test_trim_and_select_keep_exactly_the_named_tokens_and_rows():
+    cache = _filled_cache()
+    trim_cache_left(cache, 2)  # the oldest two tokens go (sliding window)
+    trim_cache_right(cache, 1)  # the newest one goes (a noisy block written only to commit the tokens before it)
+    select_cache_rows(cache, torch.tensor([2, 0]))
+    for layer in range(2):
+        keys, values = read_cache_layer(cache, layer)
+        expected = 100 * layer + 10 * torch.tensor([2, 0])[:, None] + torch.tensor([2, 3])[None]
+        assert torch.equal(keys[..., 0].squeeze(1), expected.float()) and torch.equal(values, -keys)
+    trim_cache_left(cache, 0)
+    trim_cache_right(cache, 0)  # zero tokens: nothing changes (a slice [:-0] would empty it)
+    assert read_cache_layer(cache, 0)[0].shape[2] == 2 and read_cache_layer(cache, 5) is None
+    assert read_cache_layer(DynamicCache(), 0) is None
+
+
+def test_the_cache_argument_is_checked_and_takes_either_name():
+    cache = _filled_cache(rows=3)
+    assert resolve_cache_kwarg(None, {"cache": cache}) is cache and resolve_cache_kwarg(cache, {}) is cache
+    with pytest.raises(ValueError, match="not both"):
+        resolve_cache_kwarg(cache, {"cache": DynamicCache()})
+    check_cache(cache, 3)
+    check_cache(DynamicCache(), 7)  # an empty cache fits any batch
+    with pytest.raises(ValueError, match="holds 3 rows but `input_ids` has batch 2"):
+        check_cache(cache, 2)
+    with pytest.raises(TypeError, match="legacy tuples"):
+        check_cache(((torch.zeros(1), torch.zeros(1)),), 1)
 
 
 @pytest.mark.parametrize("sampler", ["first_hitting", "ddpm", "confidence_threshold", "topk_confidence"])
@@ -149,7 +195,7 @@ def test_the_output_classes_share_one_cache_field_switch():
     import modeling_bd3lm
     from modeling_bd3lm import generation_bd3lm, outputs_bd3lm
 
-    assert CACHE_FIELD == outputs_bd3lm.CACHE_FIELD == modeling_bd3lm.CACHE_FIELD
+    assert CACHE_FIELD == outputs_bd3lm.CACHE_FIELD == modeling_bd3lm.CACHE_FIELD == generation_bd3lm.CACHE_FIELD
     for cls in (BD3LMGenerateOutput, modeling_bd3lm.BD3LMOutput):
         names = [field.name for field in dataclasses.fields(cls)]
         assert names.count(CACHE_FIELD) == 1 and ({"cache", "past_key_values"} - {CACHE_FIELD}).isdisjoint(names)

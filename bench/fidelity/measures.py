@@ -26,8 +26,9 @@ from transformers import LogitsProcessorList
 
 from bd3lm_trainer.utils import noised_nelbo
 from bd3lm_trainer.evaluation import generative_perplexity, nelbo, wrap_documents
-from modeling_bd3lm.sampling_bd3lm import SAMPLERS, build_logits_warpers, denoise_block, sample_categorical
-from modeling_bd3lm.window_bd3lm import CommittedWindow
+from modeling_bd3lm.cache_bd3lm import CommittedWindow
+from modeling_bd3lm.generation_bd3lm import BlockDenoiser
+from modeling_bd3lm.sampling_bd3lm import SAMPLERS, build_logits_warpers, sample_categorical
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Validation data and the perplexity bound
@@ -288,29 +289,18 @@ def _single_block_samples(
     window = CommittedWindow(
         rows=torch.arange(num), mask=torch.zeros(num, 0, dtype=torch.bool), ids=torch.zeros(num, 0, dtype=torch.long)
     )
-    nfe = torch.zeros(num, dtype=torch.long)
-    warpers = build_logits_warpers(1.0, 0, 1.0, nucleus_p)
-    block, _ = denoise_block(
-        model,
-        block,
-        window,
-        sampler,
-        mask_id,
-        True,
-        LogitsProcessorList(),
-        warpers,
-        generator,
-        nfe,
-        None,
-        num,
-        lambda: torch.zeros(num, 0, dtype=torch.long),
+    denoiser = BlockDenoiser(
+        sampler=sampler, mask_token_id=mask_id, do_sample=True, logits_processor=LogitsProcessorList(),
+        warpers=build_logits_warpers(1.0, 0, 1.0, nucleus_p), generator=generator,
+        nfe=torch.zeros(num, dtype=torch.long),
     )
-    return block, int(nfe.sum())
+    block, _ = denoiser.denoise(model, block, window, lambda: torch.zeros(num, 0, dtype=torch.long))
+    return block, int(denoiser.nfe.sum())
 
 
 @torch.no_grad()
 def generate_samples(
-    model, num: int, length: int, bos: int, setting: GenSetting, nucleus_p: float | None, seed: int, batch_size: int
+    model, num: int, length: int, bos: int, setting: GenSetting, *, nucleus_p: float | None, seed: int, batch_size: int
 ) -> dict:
     """`num` samples of `length` new tokens from BOS (nucleus sampling unless `nucleus_p` is None); `nfe` counts the
     denoising calls (the network calls per token of Table 7), `seconds` the wall time of sampling."""

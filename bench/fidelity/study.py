@@ -394,7 +394,8 @@ def generation_sweep(row: Row, model, cfg: StudyConfig, tokenizer, judge) -> lis
             (
                 s.name,
                 measures.generate_samples(
-                    model, cfg.gen_samples, cfg.gen_length, bos, s, cfg.nucleus_p, cfg.seed + 7, cfg.gen_batch_size
+                    model, cfg.gen_samples, cfg.gen_length, bos, s, nucleus_p=cfg.nucleus_p, seed=cfg.seed + 7,
+                    batch_size=cfg.gen_batch_size,
                 ),
             )
             for s in settings

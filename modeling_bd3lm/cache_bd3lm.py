@@ -1,7 +1,18 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""The committed window of block-by-block generation: the tokens every new block attends to, as a KV cache of
-pre-rotary keys and values (cached generation) or as ids (uncached), with the rows still generating. Commits are
-lazy in the cached case (see `CommittedWindow`), and the window slides beyond `model_length` as the official cache.
+"""The KV cache of BD3-LM in one place: HF `Cache` objects holding the keys and values of committed blocks (the DiT
+stores them before the rotary embedding), what an output calls its cache field, and the committed window of
+block-by-block generation.
+
+* `CACHE_FIELD` / [`with_cache_field`]: transformers 5.24 renamed the `ModelOutput` field `past_key_values` to `cache`
+  (keeping a deprecated property); 4.x only knows the old name. Build outputs with `**{CACHE_FIELD: cache}` and read
+  them with `getattr(output, CACHE_FIELD)`.
+* [`resolve_cache_kwarg`], [`check_cache`], [`read_cache_layer`]: the cache a forward receives and what a layer reads.
+* [`trim_cache_left`] / [`trim_cache_right`] / [`select_cache_rows`]: drop the oldest or newest tokens, or rows.
+* [`CommittedWindow`]: the tokens every new block attends to, as the cache (cached generation) or as ids (uncached),
+  with the rows still generating. Commits are lazy in the cached case, and the window slides beyond `model_length` as
+  the official cache does.
+
+A leaf of the package: it imports only torch and transformers.
 """
 
 from __future__ import annotations
@@ -11,9 +22,94 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
 
-from .layers_bd3lm import trim_cache_left, trim_cache_right
+# ----------------------------------------------------------------------------------------------------------------------
+# The cache field of outputs
 
+CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "past_key_values", None), property) else "past_key_values"
+
+
+def with_cache_field(base: type[ModelOutput]) -> type[ModelOutput]:
+    """`base` plus a last field `Cache | None = None` named `CACHE_FIELD`, as a dataclass (the field must be declared,
+    not only set: `ModelOutput` keys and tuple conversion follow the declared fields)."""
+    name = f"{base.__name__}WithCache"
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__annotations__": {CACHE_FIELD: Cache | None},
+        CACHE_FIELD: None,
+    }
+    return dataclass(type(name, (base,), namespace))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cache a forward receives, and what a layer reads
+
+def resolve_cache_kwarg(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """Accept transformers 5.24's `cache=` spelling beside `past_key_values=`."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the KV cache as `past_key_values` or as `cache`, not both.")
+    return past_key_values if cache is None else cache
+
+
+def read_cache_layer(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached `(keys, values)` of one layer, or None when nothing is committed yet."""
+    if layer_idx >= len(cache.layers):
+        return None
+    layer = cache.layers[layer_idx]
+    keys = getattr(layer, "keys", None)
+    if keys is None or keys.numel() == 0:
+        return None
+    return keys, layer.values
+
+
+def _slice_cache_tokens(cache: Cache, tokens: slice) -> None:
+    """Keep the token positions `tokens` of every non-empty layer (keys and values alike)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            layer.keys = layer.keys[:, :, tokens]
+            layer.values = layer.values[:, :, tokens]
+
+
+def trim_cache_left(cache: Cache, num_tokens: int) -> None:
+    """Drop the oldest `num_tokens` committed tokens of every layer (sliding window beyond `model_length`).
+
+    Keys are stored before the rotary embedding, so the remaining ones are re-based to positions 0.. on the next call,
+    exactly as the official sliding-window cache does.
+    """
+    if num_tokens > 0:
+        _slice_cache_tokens(cache, slice(num_tokens, None))
+
+
+def trim_cache_right(cache: Cache, num_tokens: int) -> None:
+    """Drop the newest `num_tokens` tokens of every layer: those of a noisy block that was run with `use_cache=True`
+    only to write the committed tokens before it in the same call (see `CommittedWindow.block_logits`)."""
+    if num_tokens > 0:
+        _slice_cache_tokens(cache, slice(None, -num_tokens))
+
+
+def check_cache(past_key_values: Any, batch: int) -> None:
+    """A transformers `Cache` whose committed rows match the batch."""
+    if not isinstance(past_key_values, Cache):
+        raise TypeError(
+            f"`past_key_values` must be a transformers Cache (e.g. DynamicCache()), got {type(past_key_values).__name__}"
+            "; legacy tuples of tensors are not supported."
+        )
+    for layer in getattr(past_key_values, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel() > 0:
+            if keys.shape[0] != batch:
+                raise ValueError(
+                    f"`past_key_values` holds {keys.shape[0]} rows but `input_ids` has batch {batch}; pass the cache "
+                    "built for these sequences (or a fresh DynamicCache())."
+                )
+            return
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The committed window of generation
 
 def select_cache_rows(cache: Cache, index: torch.LongTensor) -> None:
     """Keep only the batch rows `index` of every layer of a dynamic cache."""
@@ -192,4 +288,14 @@ class CommittedWindow:
         return logits[:, -width:]
 
 
-__all__ = ["CommittedWindow", "select_cache_rows"]
+__all__ = [
+    "CACHE_FIELD",
+    "CommittedWindow",
+    "check_cache",
+    "read_cache_layer",
+    "resolve_cache_kwarg",
+    "select_cache_rows",
+    "trim_cache_left",
+    "trim_cache_right",
+    "with_cache_field",
+]
