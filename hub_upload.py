@@ -5,9 +5,10 @@
     bd3lm upload ...                                                   # the same command, through the CLI
 
 Three small steps, as TRL's `_save_checkpoint` does: (1) assemble exactly the repository to publish in a staging
-folder, by re-saving the validated model (code files, `config.json` with `auto_map`, `generation_config.json`,
-safetensors shards) and copying allow-listed tokenizer files; (2) write the model card from the model and the
-trainer's JSON reports; (3) create the repository and commit the staging folder in one commit. Anything else in the
+folder, by re-saving the model `from_pretrained` validated (code files, `config.json` with `auto_map`,
+`generation_config.json`, safetensors shards) and copying allow-listed tokenizer files; (2) write the model card from
+the model and the trainer's JSON reports (`bd3lm_trainer.model_card`, one template); (3) create the repository and
+commit the staging folder in one commit. Anything else in the
 folder (optimizer, scheduler and RNG states, `training_args.bin`, `.env` files, unknown files) stays behind unless
 `--include` names it, and the plan says what was left out and why.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import math
 import os
 import re
 import shutil
@@ -29,6 +29,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bd3lm_trainer.model_card import CardInfo, build_model_card, read_reports
+from bd3lm_trainer.utils import check_repo_id, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "chat_template.*")
@@ -47,15 +50,6 @@ LEFT_OUT_REASONS = (
     ("README.md", "replaced by the generated model card"),
     ("ema_state.safetensors", "EMA training state (the saved weights already are the EMA)"),
 )
-PAPER_CITATION = """@inproceedings{arriola2025block,
-  title     = {Block Diffusion: Interpolating Between Autoregressive and Diffusion Language Models},
-  author    = {Marianne Arriola and Aaron Gokaslan and Justin T. Chiu and Zhihan Yang and Zhixuan Qi and
-               Jiaqi Han and Subham Sekhar Sahoo and Volodymyr Kuleshov},
-  booktitle = {The Thirteenth International Conference on Learning Representations},
-  year      = {2025},
-  url       = {https://arxiv.org/abs/2503.09573}
-}"""
-TAGS = ["block-diffusion", "bd3lm", "diffusion-language-model"]
 
 __all__ = ["CardInfo", "LeftOut", "PlannedFile", "UploadPlan", "UploadResult", "build_model_card", "check_repo_id",
            "main", "plan_upload", "resolve_token", "upload"]
@@ -76,29 +70,6 @@ class PlannedFile:
 class LeftOut:
     path: str  # relative to the folder given, a trailing "/" for a whole folder
     reason: str
-
-
-@dataclass
-class CardInfo:
-    """Everything the model card says, gathered from the folder (see `plan_upload`) or given by hand."""
-
-    repo_id: str
-    kind: str = "model"  # "model" or "adapter"
-    license: str = "unknown"
-    datasets: list[str] = field(default_factory=list)
-    base_model: str | None = None
-    converted_from_official: bool = False
-    architecture: dict[str, Any] = field(default_factory=dict)  # block_size, model_length, vocab_size, ...
-    noise_interval: tuple[float, float] | None = None
-    schedule_search: dict[str, Any] | None = None
-    sampler: str | None = None  # the sampler `generate` runs with the stored generation config
-    sampler_defaults: dict[str, Any] = field(default_factory=dict)  # stored settings that differ from the built-ins
-    network_calls: dict[str, Any] | None = None  # calls, tokens, calls_per_token, method
-    evaluation: dict[str, Any] | None = None  # ppl, source
-    training: dict[str, Any] = field(default_factory=dict)
-    training_data: dict[str, Any] = field(default_factory=dict)  # `training_data.json`: {"train": {...}, ...}
-    adapter: dict[str, Any] | None = None  # peft_type, r, lora_alpha, target_modules
-    has_tokenizer: bool = False
 
 
 @dataclass
@@ -159,27 +130,6 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{what} {path} is not readable JSON ({error}); was the save interrupted?") from error
-
-
-def check_repo_id(repo_id: str, *, name: str = "repo_id", namespace: bool = True) -> str:
-    """Raise a ValueError naming the fix unless `repo_id` is a valid Hub id ('namespace/name')."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-        if not repo_id or (namespace and "/" not in repo_id):
-            raise HFValidationError("it needs a namespace.")
-    except HFValidationError as error:
-        raise ValueError(f"{name}={repo_id!r} is not a valid Hub repository id: {error} Use 'namespace/name' "
-                         "(letters, digits, '-', '_', '.').") from None
-    return repo_id
-
-
 def check_shard_size(size: str | int) -> str | int:
     """`size` as `save_pretrained`'s `max_shard_size` takes it ('5GB', '500MB', bytes), or a ValueError naming it."""
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
@@ -232,73 +182,38 @@ def _step(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(_read_json(index, "The shard index").get("weight_map", {}).values()))
-        missing = [name for name in shards if not (model_dir / name).exists()]
-        if not shards or missing:
-            raise ValueError(f"{index} lists shards that are missing ({', '.join(missing) or 'none listed'}): "
-                             "the save is incomplete.")
-        return [model_dir / name for name in shards]
-    if (model_dir / "model.safetensors").exists():
-        return [model_dir / "model.safetensors"]
-    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
-        raise ValueError(f"{model_dir} holds only pickle weights (.bin/.pt), which this tool refuses to load or "
-                         "publish: re-save the model with safetensors (`save_pretrained` does by default).")
-    raise ValueError(f"{model_dir} has a config.json but no model.safetensors: the save is incomplete.")
-
-
-def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import SafetensorError, safe_open
 
-    shapes = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path} is not a readable safetensors file ({error}): half-written?") from error
-    return shapes
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}): half-written?") from error
 
 
 def _load_model(model_dir: Path):
-    """Load with the bundled code after checking, key by key, that the weights fit the config."""
-    import torch
+    """The model, loaded with the bundled code: `from_pretrained` refuses weights that do not fit the config (missing,
+    unexpected or resized tensors) and unreadable safetensors, with a message that says so."""
+    from transformers.utils import logging as hf_logging
 
-    from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
-    from modeling_bd3lm.modeling_bd3lm import parameter_name
+    from modeling_bd3lm import BD3LMForMaskedDiffusion
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the refusal below says what is wrong; transformers' load report would repeat it
     try:
-        config = BD3LMConfig.from_pretrained(model_dir)
-    except (ValueError, TypeError, OSError) as error:
-        raise ValueError(f"{model_dir}/config.json is not a valid BD3-LM config: {error}") from error
-    with torch.device("meta"):
-        skeleton = BD3LMForMaskedDiffusion(config)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    # Tied copies (a causal-LM backbone's head tied to its embedding) are not written by save_pretrained.
-    tied = set(getattr(skeleton, "all_tied_weights_keys", None) or ())
-    # checkpoints store the token table under the official key; compare under the in-memory names
-    found = {parameter_name(key): shape for key, shape in _checkpoint_shapes(_weight_files(model_dir)).items()}
-    ignorable = BD3LMForMaskedDiffusion._keys_to_ignore_on_load_unexpected or []
-    missing = sorted(set(expected) - set(found) - tied)
-    unexpected = sorted(k for k in set(found) - set(expected) if not any(re.search(p, k) for p in ignorable))
-    wrong = sorted(f"{k} {found[k]} vs {expected[k]}" for k in set(found) & set(expected) if found[k] != expected[k])
-    if missing or unexpected or wrong:
-        problems = [f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                    if keys]
-        raise ValueError(f"The weights in {model_dir} do not match its config.json ({'; '.join(problems)}): check "
-                         "that config.json belongs to these weights.")
-    model = BD3LMForMaskedDiffusion.from_pretrained(model_dir, dtype="auto")
-    return model.eval()
+        return BD3LMForMaskedDiffusion.from_pretrained(model_dir, dtype="auto").eval()
+    except OSError as error:  # no weights, a missing shard, a config.json that is not JSON
+        raise ValueError(f"{model_dir} is not a complete BD3-LM save: {error}") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardInfo, nfe_tokens: int) -> None:
     """Re-save the validated model into `staging` (code files, auto_map, generation config, shards); fill `info`."""
     model = _load_model(model_dir)
     model.save_pretrained(staging, max_shard_size=max_shard_size)
-    raw, config = _read_json(model_dir / "config.json", "The config"), model.config
+    raw, config = read_json(model_dir / "config.json", "The config"), model.config
     # The official release names its class `BD3LM`; this package's saves name `BD3LMForMaskedDiffusion`.
     info.converted_from_official = raw.get("architectures") == ["BD3LM"] or str(
         raw.get("auto_map", {}).get("AutoModelForMaskedLM")).endswith(".BD3LM")
@@ -310,7 +225,7 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
         shift = "token shift: position i-1 predicts token i" if config.token_shift else "no token shift"
         info.architecture["denoiser"] = f"{type(model.backbone).__name__} ({shift})"
     info.noise_interval = model.training_noise_interval()
-    generation = _read_json(staging / "generation_config.json", "The generation config")
+    generation = read_json(staging / "generation_config.json", "The generation config")
     # Only what differs from a fresh generation config: a null field is the built-in default and says nothing.
     builtin = type(model.generation_config)().to_dict()
     info.sampler_defaults = {k: v for k, v in generation.items()
@@ -320,7 +235,7 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
 
 
 def _assemble_adapter(model_dir: Path, staging: Path, base_model: str | None) -> dict:
-    config = _read_json(model_dir / "adapter_config.json", "The adapter config")
+    config = read_json(model_dir / "adapter_config.json", "The adapter config")
     weights = model_dir / "adapter_model.safetensors"
     if not weights.exists():
         bad = "adapter_model.bin is a pickle, re-save with safetensors" if (model_dir / "adapter_model.bin").exists() \
@@ -333,7 +248,7 @@ def _assemble_adapter(model_dir: Path, staging: Path, base_model: str | None) ->
     check_repo_id(base, name="base_model", namespace=False)
     rank = config.get("r")
     if rank is not None and not config.get("rank_pattern"):
-        for key, shape in _checkpoint_shapes([weights]).items():
+        for key, shape in _tensor_shapes(weights).items():
             if (key.endswith("lora_A.weight") and shape[0] != rank) or (key.endswith("lora_B.weight") and shape[1] != rank):
                 raise ValueError(f"The adapter weights do not match adapter_config.json: {key} has shape {shape} but "
                                  f"r={rank}; check that the config belongs to these weights.")
@@ -365,41 +280,34 @@ def _copy_tokenizer(tokenizer_dirs: list[Path], staging: Path, vocab_size: int |
 
 
 def _measure_network_calls(model, num_tokens: int) -> dict | None:
-    """Network calls per generated token: every backbone forward over the tokens generated (the prompt and the
-    committed blocks are written to the cache inside these calls)."""
+    """Network calls per generated token, as `generate` counts them (`nfe`, see
+    `bd3lm_trainer.evaluation.network_calls_per_token`), for `num_tokens` tokens after a one-token prompt."""
     import torch
+
+    from bd3lm_trainer.evaluation import network_calls_per_token
 
     config = model.config
     num_tokens = min(num_tokens, config.model_length - config.block_size) // config.block_size * config.block_size
     if num_tokens <= 0:
         return None
-    calls = 0
-
-    def count(*_):
-        nonlocal calls
-        calls += 1
-
     candidates = [getattr(source, name, None) for source in (model.generation_config, config)
                   for name in ("bos_token_id", "eos_token_id")]
     prompt_id = next((i for i in candidates if isinstance(i, int)), 0)
-    handle = model.backbone.register_forward_pre_hook(count)
     try:
-        torch.manual_seed(0)
         with torch.no_grad():
-            output = model.generate(torch.tensor([[prompt_id]]), max_new_tokens=num_tokens)
+            output = model.generate(torch.tensor([[prompt_id]]), max_new_tokens=num_tokens, seed=0,
+                                    return_dict_in_generate=True)
     except NotImplementedError:
         return None
     except Exception as error:
         raise ValueError(f"generate() failed while counting network calls ({type(error).__name__}: {error}); "
                          "pass --nfe-tokens 0 to skip the measurement.") from error
-    finally:
-        handle.remove()
-    sequences = getattr(output, "sequences", output)
-    generated = int(sequences.shape[-1]) - 1
-    return {"calls": calls, "tokens": generated, "calls_per_token": calls / max(generated, 1),
-            "method": f"counted every backbone forward pass (prefill and cache commits ride inside them) while "
+    calls_per_token, _ = network_calls_per_token(output)
+    generated = int(output.sequences.shape[-1]) - 1
+    return {"calls": int(output.nfe.sum()), "tokens": generated, "calls_per_token": calls_per_token,
+            "method": f"generate()'s count of network calls (prefill and cache commits ride inside them) while "
                       f"generating {generated} tokens after a one-token prompt, batch 1, default generation config, "
-                      "torch.manual_seed(0), on CPU"}
+                      "seed 0, on CPU"}
 
 
 def _left_out(folder: Path, model_dir: Path, used: set[Path]) -> list[LeftOut]:
@@ -517,7 +425,7 @@ def plan_upload(
                 shutil.copy2(path, staging / rel)
                 used.add(path)
                 origins[rel] = "included on request (--include)"
-        _read_reports(info, [model_dir, folder])
+        read_reports(info, [model_dir, folder])
         card = build_model_card(info)
         card.save(staging / "README.md")
     except BaseException:
@@ -528,224 +436,6 @@ def plan_upload(
     files = [PlannedFile(rel, path.stat().st_size, origins.get(rel, default))
              for path in sorted(staging.rglob("*")) if path.is_file() and (rel := path.relative_to(staging).as_posix())]
     return UploadPlan(info.kind, model_dir, staging, files, _left_out(folder, model_dir, used), card, info, notes)
-
-
-def _read_reports(info: CardInfo, dirs: list[Path]) -> None:
-    """Card facts from the trainer's JSON reports: the first folder that has a file wins."""
-
-    def report(name: str) -> dict:
-        path = next((d / name for d in dirs if (d / name).exists()), None)
-        return _read_json(path, "The report") if path is not None else {}
-
-    state = report("trainer_state.json")
-    evaluated = [entry for entry in state.get("log_history", []) if "eval_ppl" in entry or "eval_loss" in entry]
-    sources = [(name, report(name)) for name in ("eval_results.json", "all_results.json")]
-    sources += [("the last evaluation in trainer_state.json", evaluated[-1])] if evaluated else []
-    for name, results in sources:
-        if "eval_ppl" in results:
-            info.evaluation = {"ppl": float(results["eval_ppl"]), "source": f"`eval_ppl` in {name}"}
-            break
-        if "eval_loss" in results:
-            info.evaluation = {"ppl": math.exp(float(results["eval_loss"])), "source": f"exp(`eval_loss`) in {name}"}
-            break
-    if info.evaluation is not None:
-        info.evaluation["dataset"] = report("eval_results.json").get("eval_dataset") or (info.datasets or [None])[0]
-    info.schedule_search = report("schedule_search.json") or None
-    info.training_data = report("training_data.json")
-    args = report("training_args.json")
-    training = {"steps": state.get("global_step"), "epochs": state.get("epoch"),
-                "train_batch_size": state.get("train_batch_size")}
-    keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "warmup_steps",
-            "lr_scheduler_type", "weight_decay", "max_steps", "num_train_epochs", "seed", "bf16", "fp16")
-    training.update({k: args[k] for k in keys if k in args})
-    info.training = {k: v for k, v in training.items() if v is not None}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Step 2: the model card
-
-
-def build_model_card(info: CardInfo):
-    """A `huggingface_hub.ModelCard`: YAML metadata from `ModelCardData` and a body that says how to load, generate,
-    what was measured and how, the training recipe, limitations and the paper's citation."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    adapter = info.kind == "adapter"
-    eval_results = None
-    if info.evaluation is not None:
-        dataset = info.evaluation.get("dataset") or "custom"
-        eval_results = [EvalResult(
-            task_type="text-generation", task_name="Language modelling", dataset_type=dataset, dataset_name=dataset,
-            dataset_split="validation", metric_type="perplexity", metric_value=round(info.evaluation["ppl"], 4),
-            metric_name="Perplexity upper bound (block NELBO)",
-        )]
-    relation = {"base_model_relation": "adapter" if adapter else "finetune"} if info.base_model else {}
-    data = ModelCardData(
-        library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
-        tags=TAGS + (["lora", "peft"] if adapter and "LORA" in str(info.adapter.get("peft_type")).upper() else
-                     ["peft"] if adapter else []),
-        license=info.license, datasets=info.datasets or None, base_model=info.base_model,
-        model_name=info.repo_id.split("/")[-1], eval_results=eval_results, **relation,
-    )
-    sections = [_card_intro(info), _card_load(info)]
-    sections += [_card_adapter(info)] if adapter else [_card_details(info), _card_sampler(info)]
-    sections += [_card_training(info), _card_limitations(info), f"## Citation\n\n```bibtex\n{PAPER_CITATION}\n```\n"]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections))
-
-
-def _card_intro(info: CardInfo) -> str:
-    name = info.repo_id.split("/")[-1]
-    paper = "[Block Diffusion](https://arxiv.org/abs/2503.09573) (BD3-LM, Arriola et al., ICLR 2025)"
-    if info.kind == "adapter":
-        text = f"A {info.adapter.get('peft_type') or 'PEFT'} adapter for the {paper} model `{info.base_model}`."
-    else:
-        arch = info.architecture
-        text = (f"A {paper} language model with {arch['parameters']:,} parameters and block size "
-                f"L' = {arch['block_size']}: it writes text block by block, left to right, and fills each block of "
-                f"{arch['block_size']} tokens by iterative unmasking (discrete diffusion) conditioned on the blocks "
-                "before it, with a KV cache over committed blocks.")
-        if info.converted_from_official:
-            text += (" The weights are an official BD3-LM release, unchanged; the code is this package's "
-                     "re-implementation, whose logits match the official code's.")
-        if info.base_model:
-            text += f" Fine-tuned from [`{info.base_model}`](https://huggingface.co/{info.base_model})."
-    return f"# {name}\n\n{text}\n"
-
-
-def _card_load(info: CardInfo) -> str:
-    pin = ('revision = "main"  # pin a commit hash of this repository: remote code runs on your machine,\n'
-           "                   # so load a revision you have read, and the same one every time\n")
-    if info.kind == "adapter":
-        base_pin = 'base_revision = "main"  # pin this one too\n'
-        return ("## How to load\n\nThe base model ships its own modelling code, so it loads with "
-                "`trust_remote_code=True`; the adapter then loads with PEFT.\n\n```python\n"
-                "from peft import PeftModel\nfrom transformers import AutoModelForMaskedLM\n\n" + pin + base_pin +
-                f'base = AutoModelForMaskedLM.from_pretrained("{info.base_model}", trust_remote_code=True, '
-                "revision=base_revision)\n"
-                f'model = PeftModel.from_pretrained(base, "{info.repo_id}", revision=revision)\n'
-                "model = model.merge_and_unload()  # optional: plain BD3-LM weights, same generate()\n```\n")
-    arch = info.architecture
-    if info.has_tokenizer:
-        tok = 'tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)\n'
-    elif info.converted_from_official and arch.get("vocab_size") == 50258:
-        tok = 'tokenizer = AutoTokenizer.from_pretrained("gpt2")  # GPT-2 ids; the mask is the extra id 50257\n'
-    else:
-        tok = (f"tokenizer = ...  # not included: the tokenizer the model was trained with "
-               f"(mask id {arch.get('mask_token_id')})\n")
-    return (
-        "## How to load\n\nThe modelling code ships in this repository (`*_bd3lm.py`, `auto_map` in config.json), so "
-        "no package is needed beyond `transformers` and `torch`; `trust_remote_code=True` lets it run. Pin a "
-        "revision.\n\n```python\nfrom transformers import AutoModelForMaskedLM, AutoTokenizer\n\n"
-        f'repo = "{info.repo_id}"\n' + pin + tok +
-        "model = AutoModelForMaskedLM.from_pretrained(repo, trust_remote_code=True, revision=revision).eval()\n```\n\n"
-        "## Generate\n\n```python\nimport torch\n\n"
-        'inputs = tokenizer("The block diffusion model", return_tensors="pt")\n'
-        "with torch.no_grad():\n    output = model.generate(**inputs, max_new_tokens=64)\n"
-        "print(tokenizer.decode(output[0], skip_special_tokens=True))\n```\n\n"
-        f"Tokens are drawn in whole blocks of {arch['block_size']}; the output stops at `max_new_tokens` (or EOS). "
-        "Sampler settings are the defaults below unless passed to `generate`.\n\n"
-        "The `text-generation` pipeline works too (greedy output and seeded samples do not depend on the batch):\n\n"
-        "```python\nfrom transformers import pipeline\n\n"
-        'pipe = pipeline("text-generation", model=repo, tokenizer=tokenizer, trust_remote_code=True, '
-        "revision=revision)\n"
-        'print(pipe("The block diffusion model", max_new_tokens=64, do_sample=False)[0]["generated_text"])\n```\n'
-    )
-
-
-def _card_details(info: CardInfo) -> str:
-    arch, (lo, hi) = info.architecture, info.noise_interval or (None, None)
-    rows = [("Block size L'", arch["block_size"]), ("Context window (model_length)", arch["model_length"]),
-            ("Vocabulary size", arch["vocab_size"]), ("Mask token id", arch["mask_token_id"]),
-            ("Layers / heads / hidden size", f"{arch['n_blocks']} / {arch['n_heads']} / {arch['hidden_dim']}"),
-            ("Parameters", f"{arch['parameters']:,}"), ("Noise schedule", arch["noise_schedule"])]
-    if arch.get("denoiser"):
-        rows.insert(0, ("Denoiser", arch["denoiser"]))
-    if lo is not None:
-        rows.append(("Training noise interval [β, ω]", f"[{lo:.4g}, {hi:.4g}]"))
-    table = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-    search = info.schedule_search
-    if search:
-        # The trainer's NoiseScheduleSearchCallback writes {step, num_batches, best, applied, table}.
-        where = f" at step {search['step']}" if "step" in search else ""
-        size = f" over {len(search['table'])} candidate intervals" if isinstance(search.get("table"), list) else ""
-        batches = f", {search['num_batches']} validation batches each" if "num_batches" in search else ""
-        noise = (f"The interval was chosen by the data-driven search{where}{size}{batches}: the candidate whose "
-                 "per-block NELBO values have the least variance (Arriola et al. 2025, Sec. 4; `schedule_search.json`)"
-                 + (f", best {search['best']}" if "best" in search else "") + ".")
-    elif lo is not None and (lo, hi) != (1e-3, 1.0) and abs(lo - 1e-3) + abs(hi - 0.999) > 1e-6:
-        noise = "The interval is stored in the weights (`sampling_eps_min/max`); no search report came with them."
-    else:
-        noise = "The interval is the unclipped default; no schedule search was recorded."
-    return (f"## Model details\n\n{table}\nTraining draws one noise level per block, t ~ U[β, ω]; evaluation uses "
-            f"t ~ U[1e-3, 1]. {noise}\n")
-
-
-def _card_sampler(info: CardInfo) -> str:
-    settings = dict(info.sampler_defaults)
-    stored = settings.pop("sampler", None)
-    rows = [(k, f"`{json.dumps(v)}`") for k, v in sorted(settings.items())]
-    if info.sampler is not None:  # the one the measurement below and a plain `generate()` use
-        how = "" if stored else " (none stored: chosen because `confidence_threshold` is set)" \
-            if info.sampler == "confidence_threshold" else " (none stored: the built-in default)"
-        rows.insert(0, ("sampler", f"`{info.sampler}`{how}"))
-    table = "".join(f"| `{k}` | {v} |\n" for k, v in rows)
-    table = (f"| setting | value |\n|---|---|\n{table}\nEvery other setting is the built-in default of "
-             "`BD3LMGenerationConfig`.\n" if rows else "No sampler settings are stored.\n")
-    calls = info.network_calls
-    if calls is not None:
-        nfe = (f"**{calls['calls_per_token']:.3f} network calls per generated token** ({calls['calls']} forward "
-               f"passes for {calls['tokens']} tokens). How: {calls['method']}.")
-    else:
-        nfe = ("Not measured for this upload (the `generate` of the code that wrote this card was not available). "
-               "With one token unmasked per call plus one cache-commit pass per block, expect about "
-               f"1 + 1/{info.architecture['block_size']} calls per token; parallel unmasking rules need fewer.")
-    return f"## Sampler defaults (`generation_config.json`)\n\n{table}\n### Network calls per token\n\n{nfe}\n"
-
-
-def _card_adapter(info: CardInfo) -> str:
-    rows = "".join(f"| {k} | `{v}` |\n" for k, v in info.adapter.items() if v is not None)
-    return f"## Adapter\n\n| | |\n|---|---|\n| base model | `{info.base_model}` |\n{rows}"
-
-
-def _card_training(info: CardInfo) -> str:
-    lines = [_card_data_line(role, entry) for role, entry in info.training_data.items() if isinstance(entry, dict)]
-    if info.datasets:
-        lines.append("- Data: " + ", ".join(f"[`{d}`](https://huggingface.co/datasets/{d})" for d in info.datasets))
-    elif info.converted_from_official:
-        lines.append("- Data and recipe: trained by the BD3-LM authors; see the paper and the original repository.")
-    elif not lines:
-        lines.append("- Data: not recorded.")
-    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in info.training.items()]
-    text = "## Training\n\n" + "\n".join(lines) + "\n"
-    if info.evaluation is not None:
-        ev = info.evaluation
-        text += (f"\n## Evaluation\n\nValidation perplexity ≤ **{ev['ppl']:.4g}** on "
-                 f"{ev.get('dataset') or 'the held-out split'} ({ev['source']}): exp of the block NELBO per token with "
-                 "t ~ U[1e-3, 1], an upper bound on the model's perplexity.\n")
-    return text
-
-
-def _card_data_line(role: str, entry: dict[str, Any]) -> str:
-    """One dataset of `training_data.json` (written by `bd3lm train`) as a card line: name, licence, size in tokens."""
-    name = f"`{entry.get('name', 'unnamed')}`" + (f", {entry['split']} split" if entry.get("split") else "")
-    about = f" ({entry['description']})" if entry.get("description") else ""
-    size = f"{entry['tokens']:,} tokens of this model's tokenizer" if isinstance(entry.get("tokens"), int) else \
-        "size not recorded"
-    label = {"train": "Training data", "evaluation": "Validation data"}.get(role, f"Data ({role})")
-    return f"- {label}: {name}{about}; licence: {entry.get('license') or 'not recorded'}; {size}."
-
-
-def _card_limitations(info: CardInfo) -> str:
-    items = ["A research model: no instruction tuning or safety filtering; outputs can be false, biased or offensive.",
-             "Perplexities are NELBO upper bounds, not exact likelihoods; compare with care.",
-             "`trust_remote_code=True` runs this repository's Python code: review it and pin the revision."]
-    if info.kind != "adapter":
-        arch = info.architecture
-        items.insert(1, f"Block size {arch['block_size']} is fixed by training; the model attends to at most "
-                        f"{arch['model_length']} tokens (longer generations slide the window).")
-    if not info.has_tokenizer:
-        items.append("No tokenizer files are published here; use the tokenizer the model was trained with.")
-    return "## Limitations\n\n" + "".join(f"- {item}\n" for item in items)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

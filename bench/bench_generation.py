@@ -39,8 +39,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from bench.bench_training import build_config
-from bench.common import interleaved_times, median_ratio
+from bench.common import build_config, interleaved_times, median_ratio
 from modeling_bd3lm import CACHE_FIELD, BD3LMConfig, BD3LMForMaskedDiffusion, trim_cache_left
 from modeling_bd3lm.sampling_bd3lm import RowGenerators, uniform
 
@@ -458,10 +457,3 @@ __all__ = [
     "time_rng",
 ]
 
-
-if __name__ == "__main__":  # `python -m bench.bench_generation` = `python -m bench --only generation`
-    import sys
-
-    from bench.__main__ import main
-
-    main(["--only", "generation", *sys.argv[1:]])

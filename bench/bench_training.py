@@ -25,24 +25,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from bd3lm_configuration import load_preset
 
-from bench.common import interleaved_times, median_ratio
+from bench.common import build_config, interleaved_times, median_ratio
 from bench.flops import matmul_peak, per_block_loop_flops, step_flops
-from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
-
-# The shape of tests/conftest.py's tiny configuration: the smoke test's setting.
-TEST_CONFIG = dict(vocab_size=64, hidden_dim=64, cond_dim=16, n_blocks=2, n_heads=4, model_length=32, dropout=0.0)
+from modeling_bd3lm import BD3LMForMaskedDiffusion
 
 PASSES = ("vectorised", "ar", "mdlm", "per_block_loop", "compiled")
-
-
-def build_config(preset: str, length: int, block_size: int, attn: str) -> BD3LMConfig:
-    """`preset` ("test", "tiny", "small", ...) at context `length`, block size `block_size`, no dropout."""
-    kwargs = dict(model_length=length, block_size=block_size, dropout=0.0, attn_implementation=attn)
-    if preset == "test":
-        return BD3LMConfig(**{**TEST_CONFIG, **kwargs})
-    return load_preset(preset, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -223,9 +211,7 @@ def run_training(mode: str, device: torch.device, log: Callable[[str], None] = p
 
 __all__ = [
     "PASSES",
-    "TEST_CONFIG",
     "ar_step",
-    "build_config",
     "make_step",
     "mdlm_step",
     "per_block_step",
@@ -235,10 +221,3 @@ __all__ = [
     "vectorised_step",
 ]
 
-
-if __name__ == "__main__":  # `python -m bench.bench_training` = `python -m bench --only training`
-    import sys
-
-    from bench.__main__ import main
-
-    main(["--only", "training", *sys.argv[1:]])

@@ -17,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bd3lm_configuration import load_preset
+
+from modeling_bd3lm import BD3LMConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -122,8 +125,22 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
+# The shape of tests/conftest.py's tiny configuration: the smoke test's setting.
+TEST_CONFIG = dict(vocab_size=64, hidden_dim=64, cond_dim=16, n_blocks=2, n_heads=4, model_length=32, dropout=0.0)
+
+
+def build_config(preset: str, length: int, block_size: int, attn: str) -> BD3LMConfig:
+    """`preset` ("test", "tiny", "small", ...) at context `length`, block size `block_size`, no dropout."""
+    kwargs = dict(model_length=length, block_size=block_size, dropout=0.0, attn_implementation=attn)
+    if preset == "test":
+        return BD3LMConfig(**{**TEST_CONFIG, **kwargs})
+    return load_preset(preset, **kwargs)
+
+
 __all__ = [
     "RESULTS_DIR",
+    "TEST_CONFIG",
+    "build_config",
     "cpu_model",
     "interleaved_times",
     "machine",

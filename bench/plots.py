@@ -7,17 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('bench: matplotlib is not installed, so no plots were written (pip install "bd3lm[plot]").')
-        return None
-    return plt
+from bd3lm_trainer.utils import pyplot, save_figure
 
 
 def plot_training(plt, section: dict, path: Path) -> Path | None:
@@ -45,10 +35,7 @@ def plot_training(plt, section: dict, path: Path) -> Path | None:
     right.set_yticks(range(len(ratios)), labels, fontsize=7)
     right.set(xlabel="vectorised step / AR step", title="vectorised / AR (same run)")
     right.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_generation(plt, section: dict, path: Path) -> Path | None:
@@ -72,10 +59,7 @@ def plot_generation(plt, section: dict, path: Path) -> Path | None:
         ax.set(ylabel="tokens/s relative to AR decode", title=f"generation, batch {batch}, {section['device']}")
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{section['model']} (ratios measured side by side)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_memory(plt, section: dict, path: Path) -> Path | None:
@@ -94,16 +78,14 @@ def plot_memory(plt, section: dict, path: Path) -> Path | None:
     right.legend()
     fig.suptitle(f"cached generation, L={memory[0]['model_length']}, L'={memory[0]['block_size']}, "
                  f"{section['device']}", fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_plots(results: dict, stem: Path) -> list[Path]:
     """Write `<stem>-training-<device>.png`, `-generation-<device>.png` and `-memory-<device>.png`; return the paths."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
+        print('bench: matplotlib is not installed, so no plots were written (pip install "bd3lm[plot]").')
         return []
     written = []
     for section in results.get("training", []):

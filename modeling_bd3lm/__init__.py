@@ -13,7 +13,7 @@ from .modeling_bd3lm import (
     read_cache_layer,
     trim_cache_left,
 )
-from .noise_schedule_bd3lm import BD3LMNoiseSchedule, add_noise, sample_noise_levels
+from .noise_schedule_bd3lm import BD3LMNoiseSchedule, add_noise, draw_noise, nelbo_valid_mask, sample_noise_levels
 
 __all__ = [
     "CACHE_FIELD",
@@ -27,6 +27,8 @@ __all__ = [
     "BD3LMPreTrainedModel",
     "BD3LMNoiseSchedule",
     "add_noise",
+    "draw_noise",
+    "nelbo_valid_mask",
     "sample_noise_levels",
     "block_causal_mask",
     "block_diffusion_mask",

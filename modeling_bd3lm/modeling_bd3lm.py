@@ -53,7 +53,13 @@ from .checks_bd3lm import (
     explain_load_error,
     padded_keys,
 )
-from .noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, BD3LMNoiseSchedule, add_noise, sample_noise_levels
+from .noise_schedule_bd3lm import (
+    EVAL_NOISE_INTERVAL,
+    BD3LMNoiseSchedule,
+    draw_noise,
+    maskable_positions,
+    nelbo_valid_mask,
+)
 from .outputs_bd3lm import CACHE_FIELD, BD3LMOutput
 
 # Imported here although only generation uses it: transformers 4.57 copies just the direct relative imports of this file
@@ -76,11 +82,6 @@ AUTO_MAP = {
     "AutoModelForMaskedLM": "modeling_bd3lm.BD3LMForMaskedDiffusion",
     "AutoModelForCausalLM": "modeling_bd3lm.BD3LMForMaskedDiffusion",  # what pipeline("text-generation") loads
 }
-
-
-def _float32(value: float) -> float:
-    """`value` rounded to float32, the dtype of the noise-interval buffers."""
-    return float(torch.tensor(value, dtype=torch.float32))
 
 
 class BD3LMPreTrainedModel(PreTrainedModel):
@@ -534,48 +535,24 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         attention_mask: torch.Tensor | None = None,
         noise_levels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        interval: tuple[float, float] | None = None,
     ) -> tuple[torch.LongTensor, torch.Tensor]:
-        """Sample `(x_t, noise_levels)` for the block NELBO (Sec. 3.2 and Sec. 4 of the paper).
+        """Sample `(x_t, noise_levels)` for the block NELBO (Sec. 3.2 and Sec. 4 of the paper) with
+        [`noise_schedule_bd3lm.draw_noise`], the one function every estimator of this package draws its noise with.
 
         One t per (sequence, block), antithetic across the batch; training mode draws from the clipped interval (with
-        rejection resampling when `config.resample`), eval mode from U[1e-3, 1]; `always_mask` gives t ≡ 1.
+        rejection resampling when `config.resample`), eval mode from U[1e-3, 1]; `always_mask` gives t ≡ 1. An
+        explicit `interval` draws what training would draw with that interval in the buffers, whatever the mode (the
+        schedule search and the gradient-variance diagnostic measure the training estimator this way).
         """
-        config = self.config
-        batch, seq_len = x_0.shape
-        num_blocks = seq_len // config.block_size
-        resample_interval = None
-        if noise_levels is None:
-            if config.always_mask:
-                noise_levels = torch.ones(batch, num_blocks, device=x_0.device)
-            else:
-                if self.training and config.var_min:
-                    # The buffers as tensors: reading them as floats is a device sync, and a graph break under
-                    # torch.compile (sample_noise_levels gives the same draws for tensors as for their floats).
-                    lo, hi = self.sampling_eps_min, self.sampling_eps_max
-                else:
-                    lo, hi = self.training_noise_interval() if self.training else EVAL_NOISE_INTERVAL
-                noise_levels = sample_noise_levels(
-                    batch, num_blocks, lo, hi, config.antithetic_sampling, generator, x_0.device
-                )
-                if self.training and config.resample:
-                    # A bound at the default end of the range is not enforced (as upstream). Compared in float32, the
-                    # buffers' dtype: 1e-3 reads back from them as 0.0010000000475 and would otherwise count as
-                    # clipped. (Rejection resampling is data-dependent: it does not compile into one graph.)
-                    lo, hi = float(lo), float(hi)
-                    lo32, hi32 = _float32(lo), _float32(hi)
-                    floor, ceiling = (_float32(bound) for bound in EVAL_NOISE_INTERVAL)
-                    if (lo32, hi32) != (floor, ceiling):
-                        resample_interval = (lo if lo32 > floor else 0.0, hi)
-        maskable = torch.ones_like(x_0, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
-        if config.ignore_bos:
-            maskable[:, 0] = False
-        mask_probability = torch.ones_like(noise_levels) if config.always_mask else self.noise_schedule.mask_probability(
-            noise_levels
-        )
-        x_t = add_noise(
-            x_0, mask_probability, config.mask_token_id, config.block_size, resample_interval, maskable, generator
-        )
-        return x_t, noise_levels
+        if interval is None and self.training and self.config.var_min:
+            # The buffers as tensors: reading them as floats is a device sync, and a graph break under torch.compile
+            # (`sample_noise_levels` gives the same draws for the tensors as for their float32 values).
+            interval = (self.sampling_eps_min, self.sampling_eps_max)
+        elif interval is None:
+            interval = self.training_noise_interval() if self.training else EVAL_NOISE_INTERVAL
+        maskable = maskable_positions(x_0, attention_mask, self.config.ignore_bos)
+        return draw_noise(x_0, self.config, interval, maskable, noise_levels, generator, self.noise_schedule)
 
     def block_nelbo(
         self,
@@ -599,11 +576,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         suppress = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
         suppress[config.mask_token_id] = float("-inf")
         log_probs = torch.log_softmax(logits.float() + suppress, dim=-1)
-        valid = labels != -100
-        if attention_mask is not None:
-            valid = valid & attention_mask.bool()
-        if config.ignore_bos:
-            valid[:, 0] = False
+        valid = nelbo_valid_mask(labels, attention_mask, config.ignore_bos)
         if checking_values() and bool(((labels == config.mask_token_id) & valid).any()):
             raise ValueError(
                 f"`labels` contain the mask token id {config.mask_token_id}, which the model can never predict (SUBS "

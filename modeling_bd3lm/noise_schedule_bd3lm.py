@@ -8,6 +8,7 @@ token is still clean, and each block b of L' tokens has its own t_b.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -150,4 +151,114 @@ def add_noise(
     return torch.where(move, torch.full_like(x_0, mask_token_id), x_0)
 
 
-__all__ = ["BD3LMNoiseSchedule", "sample_noise_levels", "add_noise", "EVAL_NOISE_INTERVAL"]
+# ----------------------------------------------------------------------------------------------------------------------
+# The block NELBO's noise: the one place that draws it (training loss, schedule search, gradient variance, likelihood)
+
+
+def _float32(value: float) -> float:
+    """`value` rounded to float32, the dtype of the noise-interval buffers."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def resampling_bounds(interval: tuple[float, float], resample: bool) -> tuple[float, float] | None:
+    """The bounds that rejection resampling enforces on each block's masked fraction for `t ∼ U[interval]`, or None.
+
+    None without `resample`, and for the unclipped interval [1e-3, 1]; a bound at the default end of the range is not
+    enforced (0.0 instead of 1e-3, as upstream). Compared in float32, the buffers' dtype: 1e-3 reads back from them as
+    0.0010000000475 and would otherwise count as clipped (every block would then need a masked token).
+    """
+    lo, hi = _float32(interval[0]), _float32(interval[1])
+    floor, ceiling = (_float32(bound) for bound in EVAL_NOISE_INTERVAL)
+    if not resample or (lo, hi) == (floor, ceiling):
+        return None
+    return (lo if lo > floor else 0.0, hi)
+
+
+def nelbo_valid_mask(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None = None, ignore_bos: bool = False
+) -> torch.BoolTensor:
+    """The positions the block NELBO counts: labelled (not -100), not padding, and not position 0 with `ignore_bos`.
+
+    Shape `(batch, seq_len)`. The loss is the mean of the token terms over these positions.
+    """
+    valid = labels != -100
+    if attention_mask is not None:
+        valid = valid & attention_mask.bool()
+    if ignore_bos:
+        valid = valid.clone()
+        valid[:, 0] = False
+    return valid
+
+
+def maskable_positions(
+    x_0: torch.Tensor, attention_mask: torch.Tensor | None = None, ignore_bos: bool = False
+) -> torch.BoolTensor:
+    """The positions the forward process may mask: not padding, and not position 0 with `ignore_bos`."""
+    maskable = torch.ones_like(x_0, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
+    if ignore_bos:
+        maskable[:, 0] = False
+    return maskable
+
+
+def draw_noise(
+    x_0: torch.LongTensor,
+    config: Any,
+    interval: tuple[float | torch.Tensor, float | torch.Tensor] = EVAL_NOISE_INTERVAL,
+    maskable: torch.BoolTensor | None = None,
+    noise_levels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    schedule: BD3LMNoiseSchedule | None = None,
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Sample `(x_t, noise_levels)` for the block NELBO (Sec. 3.2 and Sec. 4 of Arriola et al., 2025).
+
+    One t per (sequence, block), t ∼ U[β, ω] with [β, ω] = `interval` held in float32 (as the model's buffers hold
+    the training interval), antithetic across the batch with `config.antithetic_sampling`; then x_t ∼ q(x_t | x_0)
+    with rejection resampling into [β, ω] when `config.resample` and the interval is clipped ([`resampling_bounds`]).
+    `config.always_mask` gives t ≡ 1 (every maskable token masked). Given `noise_levels` are used as they are, without
+    resampling.
+
+    Args:
+        x_0 (`torch.LongTensor` of shape `(batch, seq_len)`): clean tokens; `seq_len` a multiple of `block_size`.
+        config: a `BD3LMConfig` (`block_size`, `mask_token_id`, `antithetic_sampling`, `resample`, `always_mask`).
+        interval (`tuple[float, float]`, defaults to `EVAL_NOISE_INTERVAL`): [β, ω]; in training, the training
+            interval (floats, or the model's 0-d float32 buffers).
+        maskable (`torch.BoolTensor` of shape `(batch, seq_len)`, *optional*): positions that may be masked
+            ([`maskable_positions`]); all by default.
+        noise_levels (`torch.Tensor` of shape `(batch, seq_len // block_size)`, *optional*): t, if already drawn.
+        generator (`torch.Generator`, *optional*): the randomness, drawn on `x_0`'s device.
+        schedule ([`BD3LMNoiseSchedule`], *optional*): defaults to `config.noise_schedule`'s.
+    """
+    batch, seq_len = x_0.shape
+    num_blocks = seq_len // config.block_size
+    bounds = None
+    if noise_levels is None:
+        if config.always_mask:
+            noise_levels = torch.ones(batch, num_blocks, device=x_0.device)
+        else:
+            # Bounds held in float32, as the buffers hold the training interval; the buffers themselves may come as
+            # 0-d tensors (no device sync, no graph break under torch.compile), which draw the same t.
+            lo, hi = (bound if isinstance(bound, torch.Tensor) else _float32(bound) for bound in interval)
+            noise_levels = sample_noise_levels(
+                batch, num_blocks, lo, hi, config.antithetic_sampling, generator, x_0.device
+            )
+            if config.resample:  # rejection resampling is data-dependent: it never compiles into one graph anyway
+                bounds = resampling_bounds((float(lo), float(hi)), True)
+    if config.always_mask:
+        mask_probability = torch.ones_like(noise_levels)
+    else:
+        schedule = schedule if schedule is not None else BD3LMNoiseSchedule(config.noise_schedule)
+        mask_probability = schedule.mask_probability(noise_levels)
+    x_t = add_noise(x_0, mask_probability, config.mask_token_id, config.block_size, bounds, maskable, generator)
+    return x_t, noise_levels
+
+
+__all__ = [
+    "BD3LMNoiseSchedule",
+    "EVAL_NOISE_INTERVAL",
+    "add_noise",
+    "draw_noise",
+    "maskable_positions",
+    "nelbo_valid_mask",
+    "resampling_bounds",
+    "sample_noise_levels",
+]

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,8 +22,11 @@ from bd3lm_trainer import (
     noised_nelbo,
     per_block_nelbo,
 )
-from bd3lm_trainer import callbacks as callbacks_module
-from bd3lm_trainer.callbacks import _search_generator, _take, nelbo_valid_mask
+from bd3lm_trainer import utils as utils_module
+from bd3lm_trainer.utils import diagnostic_generator, take_batches
+
+from bd3lm_configuration import BLOCK_PRESETS, SIZE_PRESETS, load_preset
+from modeling_bd3lm import BD3LMForMaskedDiffusion, nelbo_valid_mask
 
 from tests.conftest import random_token_dataset, tiny_train_model, tiny_training_args
 
@@ -96,12 +101,94 @@ def test_per_block_nelbo_is_the_block_mean():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The diagnostics measure the training estimator: one noise draw for all (same interval rule, same resampling)
+
+PRESETS = [(size, block) for size in SIZE_PRESETS for block in (None, *BLOCK_PRESETS)]
+
+
+def preset_model(size: str, block: str | None) -> BD3LMForMaskedDiffusion:
+    """The preset's noise settings (block size, interval, resampling, t ≡ 1, schedule, antithetic draws) on a network
+    small enough for a test (vocabulary 64, L = 32; the MDLM preset's one block is then 32 tokens)."""
+    torch.manual_seed(0)
+    config = load_preset(size, block=block, vocab_size=64, mask_token_id=63, hidden_dim=32, cond_dim=16, n_blocks=1,
+                         n_heads=2, model_length=32, dropout=0.0)
+    return BD3LMForMaskedDiffusion(config)
+
+
+class NoiseRecorder:
+    """Records `(x_t, t)` of every vectorised forward of a model (its output carries both)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.draws: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.handle = model.register_forward_hook(self)
+
+    def __call__(self, module, args, output) -> None:
+        self.draws.append((output.noisy_input_ids.clone(), output.noise_levels.clone()))
+
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        draws, self.draws = self.draws, []
+        return draws
+
+
+def training_draws(model, batches, generator, interval=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What the training loss draws for `batches` (training mode, `interval` written into the buffers first)."""
+    if interval is not None and model.config.var_min:
+        model.set_noise_interval(*interval)
+    recorder = NoiseRecorder(model)
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch["input_ids"], labels=batch["input_ids"], generator=generator)
+    recorder.handle.remove()
+    return recorder.take()
+
+
+def assert_same_draws(got, expected) -> None:
+    assert len(got) == len(expected) > 0
+    for (x_got, t_got), (x_expected, t_expected) in zip(got, expected):
+        assert torch.equal(x_got, x_expected)
+        assert torch.equal(t_got, t_expected)
+
+
+@pytest.mark.parametrize(("size", "block"), PRESETS, ids=[f"{s}-{b}" for s, b in PRESETS])
+def test_gradient_variance_draws_exactly_the_training_noise(size, block):
+    model = preset_model(size, block)
+    batches = _batches(3)
+    recorder = NoiseRecorder(model)
+    estimate_gradient_variance(model, batches, generator=torch.Generator().manual_seed(7))
+    measured = recorder.take()
+    recorder.handle.remove()
+    assert_same_draws(measured, training_draws(model, batches, torch.Generator().manual_seed(7)))
+
+
+@pytest.mark.parametrize(("size", "block"), PRESETS, ids=[f"{s}-{b}" for s, b in PRESETS])
+def test_schedule_search_draws_exactly_the_training_noise_of_every_candidate(size, block):
+    model = preset_model(size, block)
+    batches = _batches(2)
+    search = NoiseScheduleSearchCallback(widths=(0.5, 0.6), step=0.1, num_batches=2, fixed=True)
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, autocast=contextlib.nullcontext)
+    search.bind(SimpleNamespace(accelerator=accelerator, log=lambda logs: None, is_world_process_zero=lambda: False))
+    args, state = SimpleNamespace(seed=3, output_dir=None), SimpleNamespace(global_step=5)
+    recorder = NoiseRecorder(model)
+    search.search(model, batches, args, state)
+    measured = recorder.take()
+    recorder.handle.remove()
+    candidates = search.candidates(model.config)
+    assert len(measured) == len(batches) * len(candidates)
+
+    generator = diagnostic_generator(torch.device("cpu"), args.seed, state.global_step, 0)
+    expected = [draw for batch in batches for interval in candidates
+                for draw in training_draws(model, [batch], generator, interval)]
+    assert_same_draws(measured, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Schedule search
 
 
 def _manual_search_sums(model, trainer, grid, num_batches):
     """Recompute the per-interval sums of per-batch variances with the callback's seeding."""
-    generator = _search_generator(torch.device("cpu"), trainer.args.seed, trainer.state.global_step, 0)
+    generator = diagnostic_generator(torch.device("cpu"), trainer.args.seed, trainer.state.global_step, 0)
     sums = [0.0] * len(grid)
     model.eval()
     with torch.no_grad():
@@ -149,7 +236,7 @@ def test_fixed_interval_is_reported_but_not_replaced(tmp_path):
 
 def test_search_without_matplotlib_writes_json_and_warns_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    monkeypatch.setattr(callbacks_module, "_warned_no_matplotlib", False)
+    monkeypatch.setattr(utils_module, "_warned_without_matplotlib", set())
     args = make_args(tmp_path, schedule_search_widths=[0.5], schedule_search_step=0.5, schedule_search_batches=1)
     trainer = BD3LMTrainer(tiny_model(), args, eval_dataset=random_dataset(4))
     with caplog.at_level(logging.WARNING, logger="bd3lm_trainer.callbacks"):
@@ -187,7 +274,7 @@ def test_take_unregisters_an_accelerate_loader_stopped_early():
 
     accelerator = Accelerator(cpu=True)
     loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(10)), batch_size=2))
-    assert len(list(_take(loader, 2))) == 2
+    assert len(list(take_batches(loader, 2))) == 2
     assert accelerator.gradient_state.active_dataloader is None
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bd3lm_trainer import build_lm_dataset
-from bd3lm_trainer.cli import _data_record, build_parser, main
+from bd3lm_trainer.cli import build_parser, main
+from bd3lm_trainer.cli.train import _data_record
 from bd3lm_trainer.corpus import load_corpus, load_tokenizer
 
 SUBCOMMANDS = ("demo", "train", "generate", "eval")

@@ -1,5 +1,7 @@
-"""Tests of BD3-LM generation: exactness first (cached == uncached, a row in a batch == the row alone), then samplers
-on hand-built probabilities, stopping, streaming, the generation config, PEFT and bad input."""
+"""Tests of BD3-LM generation (`generate` of `generation_bd3lm.py`): exactness first (a row in a batch == the row
+alone, seeds), then the samplers inside the loop, stopping, streaming, PEFT and bad input. The cache and window, the
+samplers on hand-built probabilities and the generation config have their own files (`test_cache_bd3lm.py`,
+`test_sampling_bd3lm.py`, `test_generation_config_bd3lm.py`)."""
 
 from __future__ import annotations
 
@@ -7,40 +9,13 @@ import threading
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    StoppingCriteria,
-    TextIteratorStreamer,
-    TextStreamer,
-)
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, TextIteratorStreamer, TextStreamer
 
 from modeling_bd3lm import BD3LMForMaskedDiffusion
-from modeling_bd3lm.layers_bd3lm import trim_cache_left
-from modeling_bd3lm.generation_bd3lm import (
-    CACHE_FIELD,
-    BD3LMGenerateOutput,
-    BD3LMGenerationConfig,
-)
-from modeling_bd3lm.sampling_bd3lm import (
-    SAMPLERS,
-    BD3LMNucleusLogitsWarper,
-    ConfidenceThresholdSampler,
-    DDPMSampler,
-    EntropySampler,
-    FirstHittingSampler,
-    MarginSampler,
-    TopKConfidenceSampler,
-    RowGenerators,
-    UnigramEntropyStoppingCriteria,
-    derive_seed,
-    sample_categorical,
-    select_top,
-)
+from modeling_bd3lm.generation_bd3lm import CACHE_FIELD, BD3LMGenerateOutput, BD3LMGenerationConfig
+from modeling_bd3lm.sampling_bd3lm import SAMPLERS, RowGenerators, UnigramEntropyStoppingCriteria, derive_seed
 from tests.conftest import random_model
 
 MASK = 63
@@ -91,31 +66,6 @@ def output_cache(out: BD3LMGenerateOutput):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Exactness
-
-
-@pytest.mark.parametrize("sampler", ["first_hitting", "ddpm", "confidence_threshold", "topk_confidence"])
-def test_cached_equals_uncached(sampler):
-    model = make_model()
-    ids, mask = prompts([3, 6, 9])
-    kwargs = {
-        "max_new_tokens": 14,
-        "do_sample": True,
-        "sampler": sampler,
-        "seed": 123,
-        "return_dict_in_generate": True,
-        "output_logits": True,
-        "num_steps": 6 if sampler == "ddpm" else None,
-    }
-    cached = model.generate(ids, attention_mask=mask, use_cache=True, **kwargs)
-    uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    assert torch.equal(cached.nfe, uncached.nfe)
-    assert len(cached.logits) == len(uncached.logits) > 0
-    for a, b in zip(cached.logits, uncached.logits, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, equal_nan=True)
-    # the prompt and each committed block ride along in the next block's first call: no call of their own
-    assert cached.num_forwards == len(cached.logits)
-    assert uncached.num_forwards == len(uncached.logits)
 
 
 @pytest.mark.parametrize("sampler", ["topk_confidence", "confidence_threshold", "margin", "entropy"])
@@ -358,101 +308,6 @@ def test_prepare_generation_config_for_transformers_457_pipelines():
     assert model.generation_config.top_k != 5  # the model's own config is untouched
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_beyond_model_length_sliding_window(use_cache):
-    model = make_model()
-    length = model.config.model_length
-    recorder = CallRecorder(model)
-    out = model.generate(
-        max_new_tokens=4 * length + 3,
-        sampler="topk_confidence",
-        tokens_per_step=2,
-        use_cache=use_cache,
-        return_dict_in_generate=True,
-    )
-    recorder.remove()
-    assert out.sequences.shape == (1, 1 + 4 * length + 3)
-    assert out.sequences[0, 0] == BOS
-    # every call's window (cached + new tokens) stays within model_length: memory is bounded by the window
-    assert max(q + past for _, q, past in recorder.calls) <= length
-    if use_cache:
-        assert output_cache(out).get_seq_length() <= length - model.config.block_size
-        assert max(past for _, _, past in recorder.calls) == length - model.config.block_size
-
-
-def test_lazy_commits_leave_the_cache_of_one_call_over_the_committed_tokens():
-    """The prompt and each clean block are written to the cache by the next block's first call (`pending ⊕ block`,
-    the block's own keys dropped again). The cache after generation equals the one a single block-causal call over
-    the aligned prompt and every committed block writes."""
-    model = make_model()
-    ids, mask = prompts([3, 6])
-    out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=14, sampler="topk_confidence", return_dict_in_generate=True
-    )
-    cache = output_cache(out)
-    committed = out.sequences[:, ids.shape[1] : ids.shape[1] + 12]  # 4 blocks; the last is never committed
-    aligned_ids = torch.cat((torch.full((2, 2), PAD), ids.masked_fill(mask == 0, PAD), committed), dim=1)
-    aligned_mask = torch.cat((torch.zeros(2, 2, dtype=torch.long), mask, torch.ones(2, 12, dtype=torch.long)), dim=1)
-    reference = DynamicCache()
-    with torch.no_grad():
-        model(input_ids=aligned_ids, attention_mask=aligned_mask, past_key_values=reference, use_cache=True)
-    assert cache.get_seq_length() == reference.get_seq_length() == 8 + 12
-    for ours, theirs in zip(cache.layers, reference.layers, strict=True):
-        torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-5)
-        torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=1e-5)
-
-
-def test_beyond_model_length_the_cache_replays_the_official_call_order():
-    """Beyond `model_length`, the official sampler commits a block (one call, attending to the whole window) and then
-    slides. A replay of that order over the generated tokens (prefill; before each block trim the window; commit every
-    block but the last) leaves the same cache as `generate`, whose commits otherwise ride inside denoising calls."""
-    model = make_model()
-    length, bs = model.config.model_length, model.config.block_size
-    ids, mask = prompts([5, 8])  # aligned width 8; 10 blocks of 4 slide the 32-token window from the 6th block on
-    recorder = CallRecorder(model)
-    out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=40, sampler="topk_confidence", return_dict_in_generate=True
-    )
-    recorder.remove()
-    new = out.sequences[:, ids.shape[1] :]
-    assert new.shape[1] == 40
-    reference = DynamicCache()
-    window_mask = mask.bool()
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=reference, use_cache=True)
-        for k in range(10):
-            overflow = window_mask.shape[1] + bs - length
-            if overflow > 0:
-                trim_cache_left(reference, overflow)
-                window_mask = window_mask[:, overflow:]
-            if k == 9:
-                break
-            window_mask = torch.cat((window_mask, torch.ones(2, bs, dtype=torch.bool)), dim=1)
-            block = new[:, k * bs : (k + 1) * bs]
-            model(input_ids=block, attention_mask=window_mask, past_key_values=reference, use_cache=True)
-    cache = output_cache(out)
-    assert cache.get_seq_length() == reference.get_seq_length() == length - bs
-    for ours, theirs in zip(cache.layers, reference.layers, strict=True):
-        torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-5)
-        torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=1e-5)
-    # 4 denoising calls per block; blocks 5-8 are committed by calls of their own (the window slides before blocks
-    # 6-9), the prompt and blocks 0-4 ride inside the first call of the next block
-    assert out.num_forwards == len(recorder.calls) == 10 * 4 + 4
-    assert sorted(q for _, q, _ in recorder.calls if q > bs) == [2 * bs] * 5 + [8 + bs]
-
-
-def test_sliding_window_keeps_the_latest_blocks():
-    """After sliding, the cache holds exactly the keys of the last committed tokens: recomputing them from the same
-    cached window gives the same logits as the generate-time call."""
-    model = make_model()
-    out = model.generate(max_new_tokens=60, sampler="topk_confidence", return_dict_in_generate=True)
-    cache = output_cache(out)
-    bs = model.config.block_size
-    assert cache.get_seq_length() == model.config.model_length - bs
-    layer = cache.layers[0]
-    assert layer.keys.dtype == model.dtype and layer.keys.shape[0] == 1
-
-
 def test_unconditional_starts_from_bos_and_prompt_conditioned_keeps_prompt():
     model = make_model()
     out = model.generate(max_new_tokens=9)
@@ -470,14 +325,6 @@ def test_unconditional_starts_from_bos_and_prompt_conditioned_keeps_prompt():
         sampler="topk_confidence",
     )
     assert torch.equal(same, out)
-
-
-def test_dtypes_and_cache_dtype():
-    for dtype in (torch.bfloat16, torch.float64):
-        model = make_model().to(dtype)
-        out = model.generate(max_new_tokens=8, do_sample=True, seed=0, return_dict_in_generate=True)
-        assert out.sequences.dtype == torch.long and out.sequences.shape == (1, 9)
-        assert output_cache(out).layers[0].keys.dtype == dtype
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -746,221 +593,6 @@ def test_stop_strings_with_tokenizer(toy_tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Samplers on hand-built probabilities
-
-
-def test_nucleus_rule_is_stricter_than_top_p():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
-    scores = probs.log()
-    ours = BD3LMNucleusLogitsWarper(0.9)(None, scores)
-    hf = TopPLogitsWarper(0.9)(None, scores)
-    assert torch.isfinite(ours).tolist() == [[True, True, False, False]]  # 0.5, 0.8 <= 0.9; 0.95 > 0.9
-    assert torch.isfinite(hf).tolist() == [[True, True, True, False]]  # HF keeps the token that crosses p
-    top1_only = BD3LMNucleusLogitsWarper(0.1)(None, scores)
-    assert torch.isfinite(top1_only).tolist() == [[True, False, False, False]]  # the top-1 always survives
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=12), st.integers(0, 2**31 - 1))
-def test_sample_categorical_never_picks_zero_probability(weights, seed):
-    probs = torch.tensor(weights, dtype=torch.float64)
-    if float(probs.sum()) == 0:
-        probs[0] = 1.0
-    draws = sample_categorical(probs.expand(64, -1), torch.Generator().manual_seed(seed))
-    assert bool((probs[draws] > 0).all())
-
-
-def test_sample_categorical_matches_the_distribution():
-    probs = torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64)
-    draws = sample_categorical(probs.expand(40000, -1), torch.Generator().manual_seed(0))
-    freq = torch.bincount(draws, minlength=4).double() / 40000
-    torch.testing.assert_close(freq, probs, rtol=0, atol=0.01)
-
-
-def _block_probs() -> tuple[torch.BoolTensor, torch.DoubleTensor, torch.LongTensor]:
-    # two rows of four positions over a 3-token vocabulary; row 1 position 0 is already unmasked
-    probs = torch.tensor(
-        [
-            [[0.9, 0.05, 0.05], [0.5, 0.5, 0.0], [0.4, 0.3, 0.3], [0.6, 0.4, 0.0]],
-            [[1.0, 0.0, 0.0], [0.34, 0.33, 0.33], [0.7, 0.2, 0.1], [0.95, 0.05, 0.0]],
-        ],
-        dtype=torch.float64,
-    )
-    masked = torch.tensor([[True, True, True, True], [False, True, True, True]])
-    return masked, probs, probs.argmax(-1)
-
-
-def test_confidence_orderings_on_known_distributions():
-    masked, probs, tokens = _block_probs()
-    top2 = TopKConfidenceSampler(tokens_per_step=2).select(masked, probs, tokens, 0, None)
-    assert top2.tolist() == [[True, False, False, True], [False, False, True, True]]
-    margin = MarginSampler(tokens_per_step=1).select(masked, probs, tokens, 0, None)
-    assert margin.tolist() == [[True, False, False, False], [False, False, False, True]]
-    low_entropy = EntropySampler(tokens_per_step=1).select(masked, probs, tokens, 0, None)
-    assert low_entropy.tolist() == [[True, False, False, False], [False, False, False, True]]
-    # [0.6, 0.4] has a larger margin than [0.5, 0.5] but the same support; entropy ranks it above [.4, .3, .3]
-    assert EntropySampler(tokens_per_step=3).select(masked, probs, tokens, 0, None)[0].tolist() == [
-        True,
-        True,
-        False,
-        True,
-    ]
-
-
-def test_confidence_threshold_selects_all_above_and_at_least_one():
-    masked, probs, tokens = _block_probs()
-    sampler = ConfidenceThresholdSampler(confidence_threshold=0.6)
-    assert sampler.select(masked, probs, tokens, 0, None).tolist() == [
-        [True, False, False, True],
-        [False, False, True, True],
-    ]
-    none_above = ConfidenceThresholdSampler(confidence_threshold=0.99)
-    assert none_above.select(masked, probs, tokens, 0, None).tolist() == [
-        [True, False, False, False],
-        [False, False, False, True],
-    ]
-    # a step budget forces ceil(masked / steps left) tokens
-    budget = ConfidenceThresholdSampler(confidence_threshold=0.99, num_steps=2)
-    assert budget.select(masked, probs, tokens, 0, None).sum(-1).tolist() == [2, 2]
-
-
-def test_first_hitting_and_ddpm_select_masked_positions_only():
-    masked, probs, tokens = _block_probs()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        pick = FirstHittingSampler().select(masked, probs, tokens, 0, g)
-        assert pick.sum(-1).tolist() == [1, 1] and not bool((pick & ~masked).any())
-    ddpm = DDPMSampler(num_steps=5)
-    assert torch.equal(ddpm.select(masked, probs, tokens, 4, g), masked)  # the last step reveals everything
-    # log-linear schedule: reveal probability 1 - s/t = 1/5 at the first step
-    draws = torch.stack(
-        [
-            ddpm.select(
-                torch.ones(200, 4, dtype=torch.bool), probs[:1].expand(200, -1, -1), tokens[:1].expand(200, -1), 0, g
-            )
-            for _ in range(10)
-        ]
-    )
-    assert abs(draws.double().mean().item() - 0.2) < 0.02
-    assert not bool((ddpm.select(masked, probs, tokens, 0, g) & ~masked).any())
-
-
-def test_select_top_respects_counts_and_mask():
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
-    masked = torch.tensor([[True, False, True, True]])
-    assert select_top(scores, masked, torch.tensor([2])).tolist() == [[False, False, True, True]]
-    assert select_top(scores, masked, torch.tensor([9])).tolist() == [[True, False, True, True]]
-    assert set(SAMPLERS) == {"ddpm", "first_hitting", "topk_confidence", "confidence_threshold", "margin", "entropy"}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Generation config
-
-
-def test_generation_config_round_trip(tmp_path):
-    config = BD3LMGenerationConfig(
-        sampler="confidence_threshold",
-        confidence_threshold=0.7,
-        num_steps=8,
-        nucleus_p=0.9,
-        entropy_stop=4.0,
-        max_new_tokens=64,
-        eos_token_id=[2, 5],
-        seed=3,
-    )
-    config.save_pretrained(tmp_path)
-    loaded = BD3LMGenerationConfig.from_pretrained(tmp_path)
-    assert isinstance(loaded, BD3LMGenerationConfig)
-    for name in (
-        "sampler",
-        "confidence_threshold",
-        "num_steps",
-        "nucleus_p",
-        "entropy_stop",
-        "max_new_tokens",
-        "eos_token_id",
-        "seed",
-    ):
-        assert getattr(loaded, name) == getattr(config, name), name
-    # a plain GenerationConfig reads the file too (fields as extra attributes)
-    assert GenerationConfig.from_pretrained(tmp_path).sampler == "confidence_threshold"
-
-
-def test_model_generation_config_class_and_save_load(tmp_path):
-    model = make_model(eos_token_id=EOS)
-    assert BD3LMForMaskedDiffusion.can_generate()
-    assert isinstance(model.generation_config, BD3LMGenerationConfig)
-    assert model.generation_config.bos_token_id == BOS and model.generation_config.eos_token_id == EOS
-    model.generation_config.sampler = "topk_confidence"
-    model.generation_config.tokens_per_step = 2
-    model.save_pretrained(tmp_path)
-    loaded = BD3LMForMaskedDiffusion.from_pretrained(tmp_path)
-    assert isinstance(loaded.generation_config, BD3LMGenerationConfig)
-    assert loaded.generation_config.sampler == "topk_confidence" and loaded.generation_config.tokens_per_step == 2
-    assert loaded.generate(max_new_tokens=8, return_dict_in_generate=True).nfe.tolist() == [4]
-
-
-def test_generation_config_survives_copies():
-    import copy
-    import pickle
-
-    model = make_model()
-    model.generation_config.sampler = "entropy"
-    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert isinstance(clone.generation_config, BD3LMGenerationConfig)
-        assert clone.generation_config.sampler == "entropy"
-        assert clone.generation_config is not model.generation_config
-
-
-def test_plain_generation_config_is_upgraded():
-    """transformers 4.57 assigns plain GenerationConfig objects; the model upgrades them."""
-    model = make_model()
-    model.generation_config = GenerationConfig(max_new_tokens=5, do_sample=True)
-    assert isinstance(model.generation_config, BD3LMGenerationConfig)
-    assert model.generation_config.max_new_tokens == 5
-    out = model.generate(generation_config=GenerationConfig(max_new_tokens=6), seed=0)
-    assert out.shape == (1, 7)
-
-
-@pytest.mark.parametrize(
-    "field, value",
-    [
-        ("sampler", "beam"),
-        ("num_steps", 0),
-        ("tokens_per_step", 0),
-        ("confidence_threshold", 0.0),
-        ("confidence_threshold", 1.5),
-        ("nucleus_p", 0.0),
-        ("entropy_stop", -1.0),
-        ("entropy_stop_window", 0),
-        ("mask_token_id", -1),
-        ("seed", 1.5),
-        ("seed", []),
-        ("seed", [1, 2.0]),
-        ("seed", 2**64),
-        ("max_new_tokens", 0),
-        ("max_new_tokens", -3),
-        ("temperature", 0.0),
-        ("top_k", -1),
-        ("top_p", 1.5),
-        ("eos_token_id", "x"),
-        ("num_beams", 4),
-        ("num_return_sequences", 0),
-    ],
-)
-def test_generation_config_rejects_each_bad_field(field, value):
-    with pytest.raises(ValueError, match=f"`{field}`"):
-        BD3LMGenerationConfig(**{field: value})
-
-
-def test_generation_config_rejects_unknown_and_conflicting_arguments():
-    with pytest.raises(ValueError, match="unknown arguments"):
-        BD3LMGenerationConfig(num_step=3)
-    with pytest.raises(ValueError, match="confidence_threshold"):
-        BD3LMGenerationConfig(sampler="ddpm", confidence_threshold=0.9)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Bad input to generate()
 
 
@@ -1029,48 +661,3 @@ def test_generate_through_peft(task_type):
     assert changed.sequences.shape == expected.shape
 
 
-def test_the_output_classes_share_one_cache_field_switch():
-    import dataclasses
-
-    from transformers import DynamicCache
-
-    import modeling_bd3lm
-    from modeling_bd3lm import generation_bd3lm, outputs_bd3lm
-
-    assert CACHE_FIELD == outputs_bd3lm.CACHE_FIELD == modeling_bd3lm.CACHE_FIELD
-    for cls in (BD3LMGenerateOutput, modeling_bd3lm.BD3LMOutput):
-        names = [field.name for field in dataclasses.fields(cls)]
-        assert names.count(CACHE_FIELD) == 1 and ({"cache", "past_key_values"} - {CACHE_FIELD}).isdisjoint(names)
-    out = BD3LMGenerateOutput(sequences=torch.zeros(1, 2, dtype=torch.long), **{CACHE_FIELD: DynamicCache()})
-    assert isinstance(out[CACHE_FIELD], DynamicCache)
-    # the split modules keep every public name where it was
-    for name in generation_bd3lm.__all__:
-        assert getattr(modeling_bd3lm, name) is getattr(generation_bd3lm, name)
-
-
-def test_block_probabilities_builds_the_history_only_for_logits_processors():
-    """Sampling warpers never read `input_ids`, so the growing history is not built for them; processors get it."""
-    from transformers import LogitsProcessorList
-
-    from modeling_bd3lm.sampling_bd3lm import block_probabilities, build_logits_warpers
-
-    logits = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0))
-    block = torch.full((2, 4), 63)
-    calls = []
-
-    def history():
-        calls.append(1)
-        return torch.zeros(2, 3, dtype=torch.long)
-
-    warpers = build_logits_warpers(temperature=0.7, top_k=10, top_p=0.9, nucleus_p=None)
-    probs = block_probabilities(logits, block, 63, LogitsProcessorList(), warpers, history)
-    assert calls == [] and torch.allclose(probs.sum(-1), torch.ones(2, 4, dtype=torch.float64))
-    seen = []
-
-    def processor(input_ids, scores):
-        seen.append(input_ids.shape)
-        return scores
-
-    again = block_probabilities(logits, block, 63, LogitsProcessorList([processor]), warpers, history)
-    assert calls == [1] and seen == [(8, 7)]  # each of the 2 x 4 positions sees 3 history tokens + the block
-    torch.testing.assert_close(again, probs, rtol=0, atol=0)

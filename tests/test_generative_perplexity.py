@@ -1,4 +1,4 @@
-"""Tests of generative perplexity (`bd3lm_trainer.generative_perplexity`) with a tiny random GPT-2 judge, offline."""
+"""Tests of generative perplexity (`bd3lm_trainer.evaluation.generative_perplexity`) with a tiny random GPT-2 judge, offline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bd3lm_trainer.corpus import load_tokenizer
-from bd3lm_trainer.generative_perplexity import (
+from bd3lm_trainer.evaluation.generative_perplexity import (
     generative_perplexity,
     judge_windows,
     network_calls_per_token,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from bd3lm_trainer import BD3LMTrainer
-from bd3lm_trainer.trainer import (
+from bd3lm_trainer.faults import (
     NonFiniteLossError,
     checkpoint_problem,
     last_complete_checkpoint,
@@ -81,7 +81,8 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    path = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))  # this checkout first
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD.replace("{ARGS}", repr(RUN_ARGS)), str(tmp_path), str(KILL_AT)],
         cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -239,7 +240,7 @@ def test_skip_policy_drops_only_the_bad_update_and_warns(fault, tmp_path, caplog
     trainer, snapshots = _poisoned_trainer(tmp_path, "skip", fault)
     with caplog.at_level("WARNING", logger="bd3lm_trainer.faults"):
         trainer.train()
-    assert trainer.state.global_step == 4 and trainer._skipped_steps == [BAD_STEP]
+    assert trainer.state.global_step == 4 and trainer.skipped_steps == [BAD_STEP]
     assert f"global step {BAD_STEP}: skipping" in caplog.text
     assert _same(snapshots.begin[BAD_STEP], snapshots.end[BAD_STEP])  # the bad step left the weights alone
     for step in (1, 2, 4):  # the good ones did update

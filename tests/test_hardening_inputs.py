@@ -374,7 +374,7 @@ COMMANDS = [
     CommandCase("bd3lm", ("generate", "{truncated}"), "truncated or corrupted"),
     CommandCase("bd3lm", ("generate", "{small-vocab}"), "tokenizer.*8192 tokens.*vocab_size"),
     CommandCase("bd3lm", ("upload", "{root}/missing", "user/name", "--dry-run"), "folder=.*does not exist"),
-    CommandCase("bd3lm", ("eval", "{root}/missing", "--dataset", "{data}"), "missing.*(does not exist|not a folder)"),
+    CommandCase("bd3lm", ("eval", "{root}/missing", "--dataset", "{data}"), "missing.*(does not exist|neither a folder)"),
     CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--checkpoint", "latest"), "checkpoint='latest'"),
     CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--tokenizer", "{root}/missing"), "tokenizer="),
     CommandCase("hub_upload", ("{model}", "user/name", "--dry-run", "--base-model", "bad id!"), "base_model="),

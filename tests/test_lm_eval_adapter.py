@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness adapter (`bd3lm_trainer.lm_eval_adapter`), run offline on tiny local tasks."""
+"""The lm-evaluation-harness adapter (`bd3lm_trainer.evaluation.lm_eval_adapter`), run offline on tiny local tasks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `
 
 from bd3lm_trainer.corpus import load_tokenizer  # noqa: E402
 from bd3lm_trainer.evaluation import score_continuations  # noqa: E402
-from bd3lm_trainer.lm_eval_adapter import BD3LMEvalHarness  # noqa: E402
+from bd3lm_trainer.evaluation.lm_eval_adapter import BD3LMEvalHarness  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
@@ -153,8 +153,8 @@ def test_readme_command_falls_back_to_the_cpu_without_cuda(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     include = _write_tasks(tmp_path)
-    command = [sys.executable, "-m", "bd3lm_trainer.lm_eval_adapter", "run", "--model", "bd3lm", "--model_args",
-               f"pretrained={tmp_path / 'model'}", "--tasks", "bd3lm_tiny_mc",  # the README's command, then:
+    command = [sys.executable, "-m", "bd3lm_trainer.evaluation.lm_eval_adapter", "run", "--model", "bd3lm",
+               "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "bd3lm_tiny_mc",  # the README's, then:
                "--include_path", include, "--output_path", str(tmp_path / "results")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 
 CHILD = """
 import resource, sys
-from bd3lm_trainer.malloc_tuning import reuse_freed_memory
+from bd3lm_trainer.cli.malloc_tuning import reuse_freed_memory
 applied = reuse_freed_memory()
 import torch
 for _ in range(2):

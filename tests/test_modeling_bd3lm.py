@@ -244,16 +244,16 @@ def test_resampling_keeps_every_block_in_the_interval():
 def test_resampling_leaves_the_default_ends_unenforced(monkeypatch, interval, enforced):
     """1e-3 read back from the float32 buffers is 0.0010000000475; it must still count as the unclipped floor (else
     every block would need a masked token even at t ~ 1e-3, and the rejection loop would run out of rounds)."""
-    import modeling_bd3lm.modeling_bd3lm as modeling
+    import modeling_bd3lm.noise_schedule_bd3lm as noising
 
     seen = []
-    real_add_noise = modeling.add_noise
+    real_add_noise = noising.add_noise
 
     def spy(x_0, probability, mask_id, block_size, resample_interval, *args):
         seen.append(resample_interval)
         return real_add_noise(x_0, probability, mask_id, block_size, resample_interval, *args)
 
-    monkeypatch.setattr(modeling, "add_noise", spy)
+    monkeypatch.setattr(noising, "add_noise", spy)
     model = random_model(block_size=4, resample=True)
     model.set_noise_interval(*interval)
     model.train()

@@ -1,62 +1,47 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""Trainer callbacks of BD3-LM: the data-driven clipped noise schedule, EMA of the weights, and the
-gradient-variance diagnostic (Arriola et al., 2025, Sec. 4 "Data-driven noise schedules for low-variance training").
+"""Trainer callbacks of BD3-LM: the data-driven clipped noise schedule, EMA of the weights (`ema.py`, re-exported
+here), and the gradient-variance diagnostic (Arriola et al., 2025, Sec. 4 "Data-driven noise schedules for
+low-variance training").
 
-All three are correct under accelerate/DDP: every process runs the same number of forward passes and collectives,
-per-block values are gathered with `gather_for_metrics`, and the chosen interval is broadcast from the main process.
+All three are correct under accelerate/DDP, FSDP2 and DeepSpeed ZeRO-3 (the gradient-variance diagnostic needs
+unsharded parameters): every process runs the same number of forward passes and collectives, per-block values are
+gathered with `gather_for_metrics`, and the chosen interval is broadcast from the main process.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from modeling_bd3lm import add_noise, sample_noise_levels
-from modeling_bd3lm.noise_schedule_bd3lm import EVAL_NOISE_INTERVAL
+from modeling_bd3lm.noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, nelbo_valid_mask
 
-if TYPE_CHECKING:
-    from .trainer import BD3LMTrainer
+from . import sharding
+from .ema import EMA_STATE_NAME, EMACallback  # noqa: F401  (the EMA lives in ema.py; re-exported here)
+from .utils import (
+    diagnostic_generator,
+    gather_block_values,
+    noised_nelbo,
+    per_block_nelbo,
+    pyplot,
+    save_figure,
+    take_batches,
+    unwrap_bd3lm,
+)
 
 logger = logging.getLogger(__name__)
 
 # The upstream grid (`algo.clip_search_widths`, `clip_search_delta`).
 DEFAULT_SEARCH_WIDTHS = (0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_SEARCH_STEP = 0.05
-EMA_STATE_NAME = "ema_state.safetensors"
 SCHEDULE_SEARCH_JSON = "schedule_search.json"
 SCHEDULE_SEARCH_PNG = "schedule_search.png"
-_warned_no_matplotlib = False
-
-
-def unwrap_bd3lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The `BD3LMForMaskedDiffusion` inside a DDP / compiled / PEFT wrapper (checked by `model_type`, so that a copy
-    loaded with `trust_remote_code` also qualifies)."""
-    current = model
-    for _ in range(8):
-        if hasattr(current, "get_base_model"):  # PEFT (which would also forward the attributes checked below)
-            current = current.get_base_model()
-            continue
-        config = getattr(current, "config", None)
-        if getattr(config, "model_type", None) == "bd3lm" and hasattr(current, "set_noise_interval"):
-            return current
-        if isinstance(getattr(current, "module", None), torch.nn.Module):  # DDP, DataParallel
-            current = current.module
-        elif isinstance(getattr(current, "_orig_mod", None), torch.nn.Module):  # torch.compile
-            current = current._orig_mod
-        else:
-            break
-    raise TypeError(
-        f"Expected a BD3LMForMaskedDiffusion (possibly wrapped by PEFT or DDP), got {type(model).__name__}."
-    )
 
 
 def noise_interval_grid(
@@ -83,113 +68,25 @@ def noise_interval_grid(
     return grid
 
 
-def nelbo_valid_mask(
-    labels: torch.Tensor, attention_mask: torch.Tensor | None = None, ignore_bos: bool = False
-) -> torch.BoolTensor:
-    """Positions that count in the NELBO average: labelled, not padding, and not position 0 with `ignore_bos`."""
-    valid = labels != -100
-    if attention_mask is not None:
-        valid = valid & attention_mask.bool()
-    if ignore_bos:
-        valid = valid.clone()
-        valid[:, 0] = False
-    return valid
+class TrainerBoundCallback(TrainerCallback):
+    """A callback that needs its trainer's accelerator, `log` and `is_world_process_zero` (a `transformers.Trainer`).
 
-
-def noised_nelbo(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    interval: tuple[float, float],
-    generator: torch.Generator | None = None,
-):
-    """The block NELBO of `batch` with t ∼ U[β, ω] per (sequence, block), whatever mode the model is in.
-
-    x_t ∼ q(x_t | x_0) at those levels, with rejection resampling into [β, ω] when `config.resample` (a bound at the
-    default end of the range is not enforced, as upstream). Returns the model output (`loss`, `token_loss`).
+    The trainer does not exist yet when the callbacks are built (they go into `Trainer.__init__`), so it is bound
+    afterwards: `BD3LMTrainer` binds every such callback it holds; with another `Trainer`, call `bind(trainer)`.
     """
-    bd3lm = unwrap_bd3lm(model)
-    config = bd3lm.config
-    x_0 = batch["input_ids"]
-    attention_mask = batch.get("attention_mask")
-    labels = batch.get("labels", x_0)
-    lo, hi = interval
-    num_blocks = x_0.shape[1] // config.block_size
-    resample_interval = None
-    if config.always_mask:  # the "t ≡ 1" objective: every token masked, whatever the interval
-        noise_levels = torch.ones(x_0.shape[0], num_blocks, device=x_0.device)
-        mask_probability = noise_levels
-    else:
-        noise_levels = sample_noise_levels(
-            x_0.shape[0], num_blocks, lo, hi, config.antithetic_sampling, generator, x_0.device
-        )
-        mask_probability = bd3lm.noise_schedule.mask_probability(noise_levels)
-        if config.resample and (lo, hi) != EVAL_NOISE_INTERVAL:
-            resample_interval = (lo if lo > EVAL_NOISE_INTERVAL[0] else 0.0, hi)
-    maskable = torch.ones_like(x_0, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
-    if config.ignore_bos:
-        maskable[:, 0] = False
-    x_t = add_noise(
-        x_0, mask_probability, config.mask_token_id, config.block_size, resample_interval, maskable, generator
-    )
-    return model(
-        input_ids=x_0, noisy_input_ids=x_t, noise_levels=noise_levels, labels=labels, attention_mask=attention_mask,
-        return_dict=True,
-    )
 
+    trainer: Any = None
 
-def per_block_nelbo(token_loss: torch.Tensor, valid: torch.BoolTensor, block_size: int):
-    """Per-block NELBO values, the mean of `token_loss` over the L' positions of each block (upstream's statistic),
-    and a mask of the blocks holding at least one counted token. Shapes `(batch, num_blocks)`."""
-    batch, seq_len = token_loss.shape
-    values = token_loss.float().view(batch, seq_len // block_size, block_size).mean(-1)
-    return values, valid.view(batch, seq_len // block_size, block_size).any(-1)
-
-
-def gather_block_values(accelerator: Any, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """All processes' per-block values of one batch (duplicates of an uneven last batch dropped), flattened."""
-    if accelerator is not None and accelerator.num_processes > 1:
-        # Dynamic padding can give processes different block counts; pad so that the gather lines up.
-        values = accelerator.pad_across_processes(values.contiguous(), dim=1, pad_index=0)
-        valid = accelerator.pad_across_processes(valid.float().contiguous(), dim=1, pad_index=0)
-        values, valid = accelerator.gather_for_metrics((values, valid))
-    return values[valid.bool()]
-
-
-def _take(dataloader: Iterable, num_batches: int) -> Iterator:
-    """The first `num_batches` batches; an accelerate loader stopped early is unregistered from its GradientState
-    (it only does that itself at its end), so that the training loader stays the active one."""
-    iterator = iter(dataloader)
-    try:
-        yield from itertools.islice(iterator, num_batches)
-    finally:
-        if hasattr(iterator, "close"):
-            iterator.close()
-        end = getattr(dataloader, "end", None)
-        if callable(end):
-            end()
-
-
-def _search_generator(device: torch.device, seed: int, step: int, process_index: int) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step * 9_973 + process_index) % (2**63))
-    return generator
-
-
-class _TrainerBoundCallback(TrainerCallback):
-    """A callback that needs the trainer (accelerator, `log`, output folder); `BD3LMTrainer` binds it."""
-
-    trainer: BD3LMTrainer | None = None
-
-    def bind(self, trainer: BD3LMTrainer) -> None:
+    def bind(self, trainer: Any) -> None:
         self.trainer = trainer
 
-    def _require_trainer(self) -> BD3LMTrainer:
+    def _require_trainer(self) -> Any:
         if self.trainer is None:
-            raise RuntimeError(f"{type(self).__name__} must be used with BD3LMTrainer (it binds the callback).")
+            raise RuntimeError(f"{type(self).__name__} needs its trainer: use BD3LMTrainer, or call `.bind(trainer)`.")
         return self.trainer
 
 
-class NoiseScheduleSearchCallback(_TrainerBoundCallback):
+class NoiseScheduleSearchCallback(TrainerBoundCallback):
     """The data-driven clipped schedule: after each evaluation, pick the training interval [β, ω] that minimises the
     variance of the NELBO estimator and write it into the model's `sampling_eps_min/max` buffers (so checkpoints carry
     it).
@@ -225,6 +122,14 @@ class NoiseScheduleSearchCallback(_TrainerBoundCallback):
         self.last_table: list[dict[str, float]] | None = None
         self.history: list[dict[str, Any]] = []
 
+    def candidates(self, config: Any) -> list[tuple[float, float]]:
+        """The grid intervals the model's training could use: with `config.resample` only masked fractions k / L'
+        exist, so an interval holding none of them can never be sampled and is dropped."""
+        if not config.resample:
+            return list(self.grid)
+        fractions = [k / config.block_size for k in range(config.block_size + 1)]
+        return [(lo, hi) for lo, hi in self.grid if any(lo <= f <= hi for f in fractions)]
+
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, metrics=None, **kwargs):
         if self.eval_dataset_name is not None and metrics is not None:
             if f"eval_{self.eval_dataset_name}_loss" not in metrics:
@@ -239,18 +144,15 @@ class NoiseScheduleSearchCallback(_TrainerBoundCallback):
         accelerator = trainer.accelerator
         bd3lm = unwrap_bd3lm(model)
         config = bd3lm.config
-        grid = self.grid
-        if config.resample:  # only fractions k / L' exist; an interval holding none of them can never be sampled
-            fractions = [k / config.block_size for k in range(config.block_size + 1)]
-            grid = [(lo, hi) for lo, hi in grid if any(lo <= f <= hi for f in fractions)]
+        grid = self.candidates(config)
         device = next(bd3lm.parameters()).device
-        generator = _search_generator(device, args.seed, state.global_step, accelerator.process_index)
+        generator = diagnostic_generator(device, args.seed, state.global_step, accelerator.process_index)
         sums = [0.0] * len(grid)
         num_batches = 0
         was_training = model.training
         model.eval()
         try:
-            for batch in _take(dataloader, self.num_batches):
+            for batch in take_batches(dataloader, self.num_batches):
                 batch = {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
                 labels = batch.get("labels", batch["input_ids"])
                 valid = nelbo_valid_mask(labels, batch.get("attention_mask"), config.ignore_bos)
@@ -309,19 +211,11 @@ def plot_schedule_search(
 ) -> bool:
     """Bar chart of the NELBO variance per interval (the chosen one highlighted). Returns False, after one warning,
     when matplotlib is not installed."""
-    global _warned_no_matplotlib
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # headless: never needs a display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if not _warned_no_matplotlib:
-            logger.warning(
-                "matplotlib is not installed, so schedule_search.png is not written (the JSON table is). "
-                "Install it with `pip install matplotlib` or the `bd3lm[plot]` extra."
-            )
-            _warned_no_matplotlib = True
+    plt = pyplot(
+        "matplotlib is not installed, so schedule_search.png is not written (the JSON table is). "
+        "Install it with `pip install matplotlib` or the `bd3lm[plot]` extra."
+    )
+    if plt is None:
         return False
     labels = [f"[{r['eps_min']:.2g},{r['eps_max']:.2g}]" for r in table]
     colors = ["tab:red" if (r["eps_min"], r["eps_max"]) == tuple(chosen) else "tab:blue" for r in table]
@@ -330,127 +224,8 @@ def plot_schedule_search(
     ax.set_xticks(range(len(table)), labels, rotation=90, fontsize=7)
     ax.set_ylabel("variance of per-block NELBO")
     ax.set_title("Clipped noise-schedule search" + (f" (step {step})" if step is not None else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return True
-
-
-class EMACallback(TrainerCallback):
-    """Exponential moving average of the trainable weights: θ_ema ← d·θ_ema + (1 - d)·θ after every optimizer step,
-    with the warm-up d_n = min(decay, (1 + n) / (10 + n)) of the official `models/ema.py` (n counts updates).
-
-    `BD3LMTrainer` evaluates and saves with the EMA weights swapped in ([`EMACallback.applied`]) and stores the EMA
-    state (`ema_state.safetensors`: shadow and online weights, update count) in every checkpoint, so that
-    `resume_from_checkpoint` continues exactly.
-
-    Args:
-        decay (`float`, defaults to 0.9999): the asymptotic decay.
-        warmup (`bool`, defaults to `True`): use the (1 + n) / (10 + n) warm-up.
-    """
-
-    def __init__(self, decay: float = 0.9999, warmup: bool = True) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"`decay` must be in [0, 1), got {decay}.")
-        self.decay = decay
-        self.warmup = warmup
-        self.num_updates = 0
-        self.shadow: dict[str, torch.Tensor] | None = None
-        self._depth = 0
-        self._backup: dict[str, torch.Tensor] = {}
-
-    @staticmethod
-    def _tracked(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in model.named_parameters() if p.requires_grad and p.is_floating_point()}
-
-    def current_decay(self) -> float:
-        """The decay of the next update."""
-        n = self.num_updates + 1
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def reset(self, model: torch.nn.Module) -> None:
-        self.shadow = {name: p.detach().float().clone() for name, p in self._tracked(model).items()}
-        self.num_updates = 0
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.shadow is None and model is not None:
-            self.reset(model)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        if self.shadow is None:
-            self.reset(model)
-        decay = self.current_decay()
-        self.num_updates += 1
-        for name, param in self._tracked(model).items():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            self.update(model)
-
-    @contextlib.contextmanager
-    def applied(self, model: torch.nn.Module) -> Iterator[None]:
-        """Swap the EMA weights in for the duration of the block (re-entrant); the online weights come back after."""
-        if self.shadow is None or self._depth > 0:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
-        tracked = self._tracked(model)
-        with torch.no_grad():
-            self._backup = {name: p.detach().clone() for name, p in tracked.items()}
-            for name, param in tracked.items():
-                param.copy_(self.shadow[name])
-        self._depth = 1
-        try:
-            yield
-        finally:
-            self._depth = 0
-            with torch.no_grad():
-                for name, param in tracked.items():
-                    param.copy_(self._backup[name])
-            self._backup = {}
-
-    def save_state(self, folder: str, model: torch.nn.Module) -> None:
-        """Write `ema_state.safetensors` (shadow and online weights, update count) into a checkpoint folder."""
-        from safetensors.torch import save_file
-
-        if self.shadow is None:
-            return
-        tensors = {f"shadow.{n}": t.contiguous() for n, t in self.shadow.items()}
-        tensors.update({f"online.{n}": p.detach().contiguous().clone() for n, p in self._tracked(model).items()})
-        metadata = {"num_updates": str(self.num_updates), "decay": repr(self.decay), "warmup": str(self.warmup)}
-        save_file(tensors, os.path.join(folder, EMA_STATE_NAME), metadata=metadata)
-
-    @torch.no_grad()
-    def load_state(self, folder: str, model: torch.nn.Module) -> bool:
-        """Restore the shadow, the update count and the online weights (the checkpoint's model file holds the EMA
-        weights). Returns False when the folder has no EMA state."""
-        from safetensors import safe_open
-
-        path = os.path.join(folder, EMA_STATE_NAME)
-        if not os.path.isfile(path):
-            logger.warning(f"{folder} has no {EMA_STATE_NAME}; the EMA restarts from the loaded weights.")
-            self.reset(model)
-            return False
-        tracked = self._tracked(model)
-        with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-            missing = [n for n in tracked if f"shadow.{n}" not in keys or f"online.{n}" not in keys]
-            if missing:
-                raise ValueError(
-                    f"{path} does not match the model: no EMA entry for {missing[:3]}... "
-                    "(was the checkpoint made with other trainable parameters?)"
-                )
-            self.shadow = {n: f.get_tensor(f"shadow.{n}").to(p.device, torch.float32) for n, p in tracked.items()}
-            for name, param in tracked.items():
-                param.copy_(f.get_tensor(f"online.{name}"))
-            self.num_updates = int(f.metadata()["num_updates"])
-        return True
 
 
 def estimate_gradient_variance(
@@ -507,7 +282,7 @@ def estimate_gradient_variance(
     return m2 / (count - 1)
 
 
-class GradientVarianceCallback(_TrainerBoundCallback):
+class GradientVarianceCallback(TrainerBoundCallback):
     """Logs `grad_variance` ([`estimate_gradient_variance`] over `num_minibatches` evaluation batches, noise from the
     training interval) after every evaluation, with the weights being evaluated.
 
@@ -521,15 +296,27 @@ class GradientVarianceCallback(_TrainerBoundCallback):
         self.num_minibatches = num_minibatches
         self.last_value: float | None = None
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        sharding.reshard_fsdp2(model)
+        layout = sharding.describe(model.parameters())
+        if layout != sharding.LAYOUT_FULL:
+            # Each rank holds a shard of every gradient, but the estimator needs whole per-minibatch gradients.
+            raise ValueError(
+                f"`grad_variance_minibatches` needs unsharded parameters, but this run shards them ({layout}); set it "
+                "to 0, or measure the gradient variance in a DDP or single-process run."
+            )
+
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         if model is None or eval_dataloader is None:
             return
         trainer = self._require_trainer()
         device = next(model.parameters()).device
-        generator = _search_generator(device, args.seed + 1, state.global_step, trainer.accelerator.process_index)
+        generator = diagnostic_generator(device, args.seed + 1, state.global_step, trainer.accelerator.process_index)
         batches = (
             {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            for batch in _take(eval_dataloader, self.num_minibatches)
+            for batch in take_batches(eval_dataloader, self.num_minibatches)
         )
         with trainer.accelerator.autocast():
             self.last_value = estimate_gradient_variance(model, batches, None, generator, trainer.accelerator)
@@ -540,10 +327,8 @@ __all__ = [
     "EMACallback",
     "GradientVarianceCallback",
     "NoiseScheduleSearchCallback",
+    "TrainerBoundCallback",
     "estimate_gradient_variance",
     "noise_interval_grid",
-    "noised_nelbo",
-    "per_block_nelbo",
     "plot_schedule_search",
-    "unwrap_bd3lm",
 ]

@@ -9,13 +9,11 @@ import logging
 import os
 import re
 import weakref
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-if TYPE_CHECKING:
-    from .trainer import BD3LMTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -29,20 +27,47 @@ class NonFiniteLossError(FloatingPointError):
     updated with it."""
 
 
-class _NonFiniteGuard(TrainerCallback):
-    """Applies `nan_loss_policy` just before the optimizer step: with "skip", a step whose loss (flagged by
-    `compute_loss`) or gradient norm (flagged by `_clip_grad_norm`) was not finite loses its gradients, so that the
-    optimizer leaves the weights and its state as they were; with "stop", a non-finite gradient norm raises."""
+@dataclass
+class NonFiniteSteps:
+    """What was not finite in the current training step (flagged by the trainer's `compute_loss` and
+    `_clip_grad_norm`), and the global steps that `nan_loss_policy="skip"` dropped."""
 
-    def __init__(self, trainer: BD3LMTrainer) -> None:
-        self._trainer = weakref.ref(trainer)  # no reference cycle: a finished trainer (and its data) is freed at once
+    pending: str | None = None
+    skipped: list[int] = field(default_factory=list)
+
+    def flag(self, reason: str) -> None:
+        """Record `reason` for the current step (the first one flagged is reported)."""
+        self.pending = self.pending or reason
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Applies `nan_loss_policy` just before the optimizer step: with "skip", a step whose loss or gradient norm was
+    flagged in `steps` loses its gradients, so that the optimizer leaves the weights and its state as they were; with
+    "stop", a non-finite gradient norm raises.
+
+    Args:
+        steps ([`NonFiniteSteps`]): the flags the trainer writes.
+        trainer (`transformers.Trainer`): read for its current `model` and `accelerator` (weakly held: a finished
+            trainer, and its data, is freed at once).
+    """
+
+    def __init__(self, steps: NonFiniteSteps, trainer: Any) -> None:
+        self.steps = steps
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None and args.nan_loss_policy == "skip" and trainer.is_deepspeed_enabled:
+            # DeepSpeed reduces gradients into its own buffers, so clearing `param.grad` would not drop the update.
+            raise ValueError(
+                "nan_loss_policy='skip' cannot drop an update under DeepSpeed (its gradients live in its own buffers); "
+                "use nan_loss_policy='stop', or FSDP2 / DDP."
+            )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer()
-        if trainer is None:
-            return
-        reason, trainer._non_finite = trainer._non_finite, None
-        if reason is None:
+        reason, self.steps.pending = self.steps.pending, None
+        if trainer is None or reason is None:
             return
         step = state.global_step + 1
         if args.nan_loss_policy == "stop":
@@ -52,7 +77,7 @@ class _NonFiniteGuard(TrainerCallback):
                 "nan_loss_policy='skip' to drop such steps."
             )
         logger.warning(f"Non-finite {reason} at global step {step}: skipping this update (nan_loss_policy='skip').")
-        trainer._skipped_steps.append(step)
+        self.steps.skipped.append(step)
         if trainer.accelerator.scaler is None:  # a GradScaler already skips steps with non-finite gradients itself
             for param in trainer.model.parameters():
                 param.grad = None  # torch optimizers leave a parameter without gradient (and its state) untouched
@@ -62,9 +87,9 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """Why a Trainer checkpoint folder cannot be resumed from, or None when it is complete.
 
     Complete means: `trainer_state.json` (which the Trainer writes last) parses and names this step, the weights
-    (`model.safetensors`, its shards, or a PEFT `adapter_model.safetensors`) are whole safetensors files, and every
-    torch-serialised state file present (optimizer, scheduler, ...) is a whole zip archive. A run killed while saving
-    leaves a folder that fails one of these.
+    (`model.safetensors`, its shards, or a PEFT `adapter_model.safetensors`; or, for FSDP and DeepSpeed, the engine's
+    own model state) and EMA files are whole, and every torch-serialised state file present (optimizer, scheduler,
+    ...) is a whole zip archive. A run killed while saving leaves a folder that fails one of these.
     """
     import zipfile
 
@@ -91,8 +116,20 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
             return f"model.safetensors.index.json is unreadable ({error})"
     else:
         weights = [n for n in ("model.safetensors", "adapter_model.safetensors") if os.path.isfile(os.path.join(folder, n))]
-        if not weights:
-            return "no model.safetensors"
+    engine_state, engine_problem = _engine_checkpoint(folder)
+    if engine_problem is not None:
+        return engine_problem
+    if not weights and not engine_state:
+        return "no model.safetensors"
+    from .ema import EMA_SHARD_TEMPLATE, ema_shard_files
+
+    shards = ema_shard_files(folder)
+    if len(shards) > 1:
+        return f"EMA shards of several process counts ({sorted(shards)})"
+    for world, ranks in shards.items():
+        if ranks != list(range(world)):
+            return f"EMA shard files are missing (ranks {sorted(set(range(world)) - set(ranks))} of {world})"
+        weights += [EMA_SHARD_TEMPLATE.format(rank=rank, world=world) for rank in ranks]
     for name in weights:
         try:
             with safe_open(os.path.join(folder, name), framework="pt"):
@@ -103,6 +140,45 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         if (name in _TORCH_ZIP_FILES or name.startswith("rng_state")) and not zipfile.is_zipfile(os.path.join(folder, name)):
             return f"{name} is truncated"
     return None
+
+
+def _engine_checkpoint(folder: str) -> tuple[bool, str | None]:
+    """Whether the folder holds the model state a sharding engine writes instead of (or beside) `model.safetensors`,
+    and what is wrong with it (None when it is whole).
+
+    FSDP with sharded state dicts: `pytorch_model_fsdp_0/` and `optimizer_0/` (torch.distributed.checkpoint writes
+    their `.metadata` last),
+    or `pytorch_model_fsdp.bin` with full state dicts. DeepSpeed: `latest` names the `global_step*` folder of
+    per-rank `*.pt` files.
+    """
+    import zipfile
+
+    found = False
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if re.fullmatch(r"(pytorch_model_fsdp|optimizer)_\d+", name) and os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, ".metadata")):
+                return True, f"{name}/ has no .metadata (the sharded save was interrupted)"
+            found = found or name.startswith("pytorch_model_fsdp")
+        elif re.fullmatch(r"pytorch_model_fsdp(_\d+)?\.bin", name):
+            if not zipfile.is_zipfile(path):
+                return True, f"{name} is truncated"
+            found = True
+    latest = os.path.join(folder, "latest")
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+        tag_folder = os.path.join(folder, tag)
+        if not tag or not os.path.isdir(tag_folder):
+            return True, f"`latest` names {tag!r}, which is not a folder of the checkpoint"
+        states = [n for n in sorted(os.listdir(tag_folder)) if n.endswith(".pt")]
+        if not states:
+            return True, f"{tag}/ holds no DeepSpeed state files"
+        for name in states:
+            if not zipfile.is_zipfile(os.path.join(tag_folder, name)):
+                return True, f"{tag}/{name} is truncated"
+        found = True
+    return found, None
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -127,4 +203,4 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
-__all__ = ["NonFiniteLossError", "checkpoint_problem", "last_complete_checkpoint"]
+__all__ = ["NonFiniteLossError", "NonFiniteSteps", "checkpoint_problem", "last_complete_checkpoint"]

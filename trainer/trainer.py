@@ -14,7 +14,6 @@ import logging
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,141 +22,27 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
 from modeling_bd3lm.checks_bd3lm import check_tokenizer_fits
+from modeling_bd3lm.noise_schedule_bd3lm import nelbo_valid_mask
 
+from . import sharding
 from .callbacks import (
-    DEFAULT_SEARCH_STEP,
-    DEFAULT_SEARCH_WIDTHS,
     EMACallback,
     GradientVarianceCallback,
     NoiseScheduleSearchCallback,
-    _TrainerBoundCallback,
-    gather_block_values,
-    nelbo_valid_mask,
-    per_block_nelbo,
-    unwrap_bd3lm,
+    TrainerBoundCallback,
 )
 from .data import BD3LMDataCollator
 from .faults import (
     NonFiniteLossError,
+    NonFiniteSteps,
     _NonFiniteGuard,
     checkpoint_problem,
     last_complete_checkpoint,
 )
+from .training_args import BD3LMTrainingArguments
+from .utils import check_model_reference, gather_block_values, per_block_nelbo, unwrap_bd3lm
 
 logger = logging.getLogger(__name__)
-
-NAN_LOSS_POLICIES = ("stop", "skip")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-# BD3LMTrainingArguments field -> (test, requirement): one ValueError naming the field per bad value.
-_ARGUMENT_RULES = {
-    "schedule_search_widths": (
-        lambda v: bool(v) and all(_is_real(w) and 0.0 < w <= 1.0 for w in v), "must be a non-empty list of widths in (0, 1]"
-    ),
-    "schedule_search_step": (lambda v: _is_real(v) and 0.0 < v < 1.0, "must be a number in (0, 1)"),
-    "schedule_search_batches": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
-    "noise_interval": (
-        lambda v: v is None or (len(v) == 2 and all(_is_real(x) for x in v) and 0.0 <= v[0] <= v[1] <= 1.0),
-        "must be two numbers 0 <= β <= ω <= 1",
-    ),
-    "ema_decay": (lambda v: _is_real(v) and 0.0 <= v < 1.0, "must be a number in [0, 1)"),
-    "grad_variance_minibatches": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
-    "nan_loss_policy": (lambda v: v in NAN_LOSS_POLICIES, f"must be one of {NAN_LOSS_POLICIES}"),
-}
-
-
-
-@dataclass
-class BD3LMTrainingArguments(TrainingArguments):
-    r"""
-    [`TrainingArguments`] plus the BD3-LM method options. Every `TrainingArguments` field keeps its meaning.
-
-    Defaults that differ from `TrainingArguments`: `learning_rate=3e-4` and `lr_scheduler_type="constant_with_warmup"`
-    (the paper's AdamW recipe; the paper also warms up for 2,500 steps, set `warmup_steps` for that), and
-    `ddp_find_unused_parameters=False` (every trainable parameter takes part in the vectorised pass).
-
-    > Parameters of the data-driven noise schedule (paper Sec. 4)
-
-    schedule_search (`bool`, *optional*, defaults to `True`):
-        After every evaluation, grid-search the clipped training interval [β, ω] that minimises the variance of the
-        per-block NELBO and write it into the model's `sampling_eps_min/max` buffers.
-    schedule_search_widths (`list[float]`, *optional*, defaults to `[0.5, 0.6, 0.7, 0.8, 0.9]`):
-        Interval widths of the grid (upstream `clip_search_widths`).
-    schedule_search_step (`float`, *optional*, defaults to 0.05):
-        Offset step of the grid (upstream `clip_search_delta`).
-    schedule_search_batches (`int`, *optional*, defaults to 100):
-        Evaluation batches per interval (N; upstream uses the first 100 validation batches).
-    noise_interval (`list[float]`, *optional*):
-        A fixed training interval `[β, ω]`, written into the buffers when the trainer is built; the search then
-        only reports (upstream `fix_clipping=True`). The paper's optima: `[0.45, 0.95]` for L'=4, `[0.3, 0.8]` for
-        L'=16.
-
-    > Parameters of the weight average and diagnostics
-
-    use_ema (`bool`, *optional*, defaults to `False`):
-        Keep an exponential moving average of the weights; evaluation, `save_model` and checkpoints then use it.
-    ema_decay (`float`, *optional*, defaults to 0.9999):
-        EMA decay, with the (1 + n) / (10 + n) warm-up.
-    grad_variance_minibatches (`int`, *optional*, defaults to 0):
-        If > 0, log the paper's gradient-variance estimate over this many evaluation minibatches after every
-        evaluation.
-
-    > Fault handling
-
-    nan_loss_policy (`str`, *optional*, defaults to `"stop"`):
-        What a non-finite (NaN or ±inf) training loss, or gradient norm, does. `"stop"`: raise
-        [`NonFiniteLossError`] naming the global step, before the optimizer touches the weights (they keep their last
-        finite update; the last checkpoint is intact). `"skip"`: discard that step's gradients so the optimizer leaves
-        the weights and its state unchanged, and log a warning with the step (the learning-rate schedule still
-        advances). Checked on all processes at once, so every rank takes the same decision.
-    """
-
-    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (paper: 3e-4)."})
-    lr_scheduler_type: str = field(
-        default="constant_with_warmup", metadata={"help": "Learning-rate schedule (paper: constant with warm-up)."}
-    )
-    schedule_search: bool = field(
-        default=True, metadata={"help": "Search the clipped noise interval after every evaluation."}
-    )
-    schedule_search_widths: list[float] = field(
-        default_factory=lambda: list(DEFAULT_SEARCH_WIDTHS), metadata={"help": "Interval widths of the search grid."}
-    )
-    schedule_search_step: float = field(default=DEFAULT_SEARCH_STEP, metadata={"help": "Offset step of the grid."})
-    schedule_search_batches: int = field(default=100, metadata={"help": "Evaluation batches per searched interval."})
-    noise_interval: list[float] | None = field(
-        default=None, metadata={"help": "Fixed training noise interval `β ω` (the search then only reports)."}
-    )
-    use_ema: bool = field(default=False, metadata={"help": "Evaluate and save an EMA of the weights."})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (with warm-up)."})
-    grad_variance_minibatches: int = field(
-        default=0, metadata={"help": "Minibatches of the gradient-variance diagnostic (0 = off)."}
-    )
-    nan_loss_policy: str = field(
-        default="stop",
-        metadata={
-            "help": "On a NaN/inf training loss or gradient norm: 'stop' (raise, naming the step; the weights keep "
-            "their last finite update) or 'skip' (drop that update and log a warning)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.ddp_find_unused_parameters is None:
-            # Every trainable parameter takes part in the vectorised pass, so DDP can skip the graph traversal.
-            self.ddp_find_unused_parameters = False
-        super().__post_init__()
-        for name, (test, requirement) in _ARGUMENT_RULES.items():
-            if not test(getattr(self, name)):
-                raise ValueError(f"`{name}` {requirement}, got {getattr(self, name)!r}.")
-        if self.noise_interval is not None:
-            self.noise_interval = [float(v) for v in self.noise_interval]
 
 
 class _PerProcessNoiseCallback(TrainerCallback):
@@ -237,10 +122,7 @@ class BD3LMTrainer(Trainer):
             values["hub_token"] = args.hub_token  # to_dict masks tokens
             args = BD3LMTrainingArguments(**values)
         if isinstance(model, (str, os.PathLike)):
-            model = os.fspath(model)
-            if not os.path.isdir(model) and model.count("/") != 1:
-                raise ValueError(f"`model`={model!r} is neither a model folder nor a Hub id (owner/name).")
-            model = BD3LMForMaskedDiffusion.from_pretrained(model)
+            model = BD3LMForMaskedDiffusion.from_pretrained(check_model_reference(model, "`model`"))
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty; pass at least one example.")
         if peft_config is not None:
@@ -251,6 +133,7 @@ class BD3LMTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         bd3lm = unwrap_bd3lm(model)
+        sharding.keep_present_layer_classes(bd3lm)
         config = bd3lm.config
         check_tokenizer_fits(processing_class, config.vocab_size, "`processing_class` (tokenizer)")
         if data_collator is None:
@@ -275,16 +158,16 @@ class BD3LMTrainer(Trainer):
         # The model says it does not accept `num_items_in_batch` (`accepts_loss_kwargs = False`), but `compute_loss`
         # below does, and for that the Trainer must gather the token count.
         self.model_accepts_loss_kwargs = True
-        self._non_finite: str | None = None  # what was not finite in the current step, for `_NonFiniteGuard`
-        self._skipped_steps: list[int] = []  # global steps dropped under nan_loss_policy="skip"
+        self._non_finite = NonFiniteSteps()  # flags of the current step and the skipped steps, for `_NonFiniteGuard`
         self._train_metrics: defaultdict[str, list[float]] = defaultdict(list)  # averaged into each training log
         self._eval_stats: _EvalStats | None = None
         self._eval_generator: torch.Generator | None = None
+        self._saving_checkpoint = False  # `save_model` called by `_save_checkpoint` (sharded runs then save shards)
         for callback in self.callback_handler.callbacks:
-            if isinstance(callback, _TrainerBoundCallback):
+            if isinstance(callback, TrainerBoundCallback):
                 callback.bind(self)
         self.add_callback(_PerProcessNoiseCallback(self.accelerator.process_index))
-        self.add_callback(_NonFiniteGuard(self))
+        self.add_callback(_NonFiniteGuard(self._non_finite, self))
 
     @staticmethod
     def _callbacks_from_args(args: BD3LMTrainingArguments, config: BD3LMConfig, given: list, eval_dataset: Any) -> list:
@@ -317,11 +200,18 @@ class BD3LMTrainer(Trainer):
     def add_callback(self, callback: Any) -> None:
         super().add_callback(callback)
         for cb in self.callback_handler.callbacks:
-            if isinstance(cb, _TrainerBoundCallback) and cb.trainer is None:
+            if isinstance(cb, TrainerBoundCallback) and cb.trainer is None:
                 cb.bind(self)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Loss and metrics
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Global steps whose update `nan_loss_policy="skip"` dropped (a non-finite loss or gradient norm)."""
+        return self._non_finite.skipped
+
+    _skipped_steps = skipped_steps  # the name of the 0.1 README; kept for one release
 
     @property
     def bd3lm_config(self) -> BD3LMConfig:
@@ -388,14 +278,14 @@ class BD3LMTrainer(Trainer):
                 "process); training stopped before the optimizer step, so the weights keep their last finite update. "
                 "Lower the learning rate, check the data, or set nan_loss_policy='skip' to drop such steps."
             )
-        self._non_finite = self._non_finite or f"training loss ({value})"
+        self._non_finite.flag(f"training loss ({value})")
 
     def _clip_grad_norm(self, model: torch.nn.Module):
         # Called by the transformers 5 training loop when max_grad_norm > 0, right before the optimizer step. With a
         # GradScaler (fp16) infinite gradients are routine and the scaler skips those steps itself.
         grad_norm = super()._clip_grad_norm(model)
         if grad_norm is not None and self.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
-            self._non_finite = self._non_finite or f"gradient norm ({float(grad_norm)})"
+            self._non_finite.flag(f"gradient norm ({float(grad_norm)})")
         return grad_norm
 
     def _record_eval_batch(self, token_loss: torch.Tensor, valid: torch.Tensor, block_size: int) -> None:
@@ -462,19 +352,44 @@ class BD3LMTrainer(Trainer):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """[`Trainer.save_model`] with the EMA weights (when on). Under FSDP2 with sharded state dicts the parent writes
+        no weights at all; a folder that `from_pretrained` loads is what a user saving a model expects, so the full
+        state dict is gathered (on CPU, on rank 0) and saved as safetensors. Checkpoints stay sharded."""
         with self.ema_weights():
-            super().save_model(output_dir, _internal_call)
+            if self._gathers_full_state_dict():
+                state_dict = sharding.full_state_dict(self.model)  # a collective: every rank takes part
+                self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+                if self.args.push_to_hub and not _internal_call:
+                    self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            else:
+                super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        with sharding.saved_as_original_class(self.model):  # FSDP2's generated class would break the saved code
+            super()._save(output_dir, state_dict)
+
+    def _gathers_full_state_dict(self) -> bool:
+        if self._saving_checkpoint or not self.is_fsdp_enabled:
+            return False
+        plugin = self.accelerator.state.fsdp_plugin
+        return getattr(plugin, "fsdp_version", 1) == 2 and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         # The EMA state goes in first: the parent writes trainer_state.json last, so a folder that has it is complete
-        # (`last_complete_checkpoint` relies on that when a run was killed while saving).
+        # (`last_complete_checkpoint` relies on that when a run was killed while saving). Sharded EMAs are written by
+        # every rank, before the collectives of the parent's save, so every shard is on disk before trainer_state.json.
         ema = self.ema_callback
-        if ema is not None and self.args.should_save:
+        if ema is not None:
             checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            os.makedirs(folder, exist_ok=True)
-            ema.save_state(folder, self.model)
-        super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+            ema.save_state(folder, self.model, write_replicated=self.args.should_save)
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
         """[`Trainer.train`], resuming only from a complete checkpoint: `resume_from_checkpoint=True` takes the newest
@@ -494,13 +409,13 @@ class BD3LMTrainer(Trainer):
                     f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not a complete checkpoint ({problem}); "
                     + (f"the newest complete one is {latest}." if latest else "no complete checkpoint is beside it.")
                 )
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
         ema = self.ema_callback
-        if ema is not None:  # the model file holds the EMA weights; put the online ones back
-            ema.load_state(resume_from_checkpoint, self.model)
+        if ema is not None:
+            # Loaded when training begins, after the engine restored the model (DeepSpeed never calls
+            # `_load_from_checkpoint`); unsharded, that also puts the online weights back over the EMA ones that the
+            # checkpoint's model file holds.
+            ema.resume_from = os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
@@ -557,11 +472,4 @@ def load_for_finetuning(
     return model
 
 
-__all__ = [
-    "BD3LMTrainer",
-    "BD3LMTrainingArguments",
-    "NonFiniteLossError",
-    "checkpoint_problem",
-    "last_complete_checkpoint",
-    "load_for_finetuning",
-]
+__all__ = ["BD3LMTrainer", "load_for_finetuning"]

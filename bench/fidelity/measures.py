@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList
 
-from bd3lm_trainer.callbacks import noised_nelbo
+from bd3lm_trainer.utils import noised_nelbo
 from bd3lm_trainer.evaluation import generative_perplexity, nelbo, wrap_documents
 from modeling_bd3lm.sampling_bd3lm import SAMPLERS, build_logits_warpers, denoise_block, sample_categorical
 from modeling_bd3lm.window_bd3lm import CommittedWindow

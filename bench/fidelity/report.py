@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bd3lm_trainer.utils import pyplot, save_figure
 
 from .measures import paired_difference
 
@@ -276,12 +277,8 @@ def tables(results: dict[str, Any]) -> str:
 
 def plots(results: dict[str, Any], folder: Path) -> list[str]:
     """Write the PNGs; returns their names (none without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     rows = _ordered(results["rows"])
     written = []
@@ -305,10 +302,10 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
         ax.set_ylim(bottom=min(0.9, min(ours) - 0.05))
         ax.legend(fontsize=8)
         ax.set_title("Finding 1: perplexity bound relative to AR")
-        fig.tight_layout()
-        fig.savefig(folder / "ppl_by_model.png", dpi=110)
+        save_figure(fig, folder / "ppl_by_model.png")
         written.append("ppl_by_model.png")
-    plt.close(fig)
+    else:
+        plt.close(fig)
 
     # 2. estimator variance per L', linear vs searched
     var_rows = [(n, r) for n, r in rows.items() if "variance" in r]
@@ -334,10 +331,8 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
         ax.set_ylabel("Var of per-sequence NELBO estimate (nats²)")
         ax.set_title("Finding 2: NELBO estimator variance")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "variance.png", dpi=110)
+        save_figure(fig, folder / "variance.png")
         written.append("variance.png")
-        plt.close(fig)
 
     # 3. the search tables: variance against the interval, one panel per row with a search
     searched = [(n, r) for n, r in rows.items() if r["train"].get("search")]
@@ -356,10 +351,8 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
             ax.set_yscale("log")
         axes[0][0].set_ylabel("per-block NELBO variance")
         axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(folder / "schedule_search.png", dpi=110)
+        save_figure(fig, folder / "schedule_search.png")
         written.append("schedule_search.png")
-        plt.close(fig)
 
     # 4. gen-PPL against network calls per token
     gen_rows = [(n, r) for n, r in rows.items() if r.get("generation")]
@@ -376,10 +369,8 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
         ax.set_ylabel("gen-PPL (judge: the study's AR model, log scale)")
         ax.set_title("Finding 4: quality against speed")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "genppl_vs_nfe.png", dpi=110)
+        save_figure(fig, folder / "genppl_vs_nfe.png")
         written.append("genppl_vs_nfe.png")
-        plt.close(fig)
 
     # 5. learning curves (in-training evaluation on the first validation chunks)
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -394,10 +385,8 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
     ax.set_ylabel("eval PPL (bound) on the in-training eval chunks")
     ax.set_title("Learning curves")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "learning_curves.png", dpi=110)
+    save_figure(fig, folder / "learning_curves.png")
     written.append("learning_curves.png")
-    plt.close(fig)
     return written
 
 

@@ -30,7 +30,8 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from bd3lm_configuration import load_preset
 from bd3lm_trainer import BD3LMDataCollator, BD3LMTrainer, BD3LMTrainingArguments, NoiseScheduleSearchCallback
-from bd3lm_trainer.callbacks import DEFAULT_SEARCH_STEP, DEFAULT_SEARCH_WIDTHS, unwrap_bd3lm
+from bd3lm_trainer.callbacks import DEFAULT_SEARCH_STEP, DEFAULT_SEARCH_WIDTHS
+from bd3lm_trainer.utils import unwrap_bd3lm
 from bd3lm_trainer.corpus import load_corpus, load_tokenizer
 from bd3lm_trainer.data import build_lm_dataset
 from modeling_bd3lm import BD3LMForMaskedDiffusion

@@ -14,6 +14,7 @@ Provenance, licence, cleaning, the split rule and sizes are in ``README.md`` nex
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,14 +23,15 @@ if TYPE_CHECKING:  # heavy imports stay lazy: importing this package costs nothi
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = ["CORPUS_DESCRIPTION", "CORPUS_LICENSE", "CORPUS_NAME", "MASK_TOKEN", "SPLITS", "add_mask_token",
-           "corpus_files", "load_corpus", "load_gpt2_tokenizer", "load_tokenizer", "tokenizer_path"]
+           "corpus_files", "load_corpus", "load_gpt2_tokenizer", "load_tokenizer", "resolve_tokenizer", "tokenizer_path"]
 
 _HERE = Path(__file__).resolve().parent
 
 #: The mask token this package appends to a tokenizer that has none (the embedded tokenizer's own is the same string).
 MASK_TOKEN = "<|mask|>"
 
-#: The name that `--dataset`, `load_eval_dataset` and the training-data record use for this corpus.
+#: The name that `--dataset`, `--tokenizer`, `load_eval_dataset` and the training-data record use for this corpus and
+#: its tokenizer, wherever a folder or Hub id is accepted.
 CORPUS_NAME = "bd3lm-corpus"
 #: What it is, in a few words, and its licence (README.md next to this file gives provenance and the reasoning).
 CORPUS_DESCRIPTION = "King James Bible + Shakespeare, the embedded English corpus of the bd3lm package"
@@ -87,6 +89,33 @@ def load_tokenizer() -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(tokenizer_path())
 
 
+def resolve_tokenizer(
+    name: str | os.PathLike | None = None, *, add_mask: bool = False, revision: str | None = None
+) -> PreTrainedTokenizerBase:
+    """The one way this package turns a tokenizer argument into a tokenizer.
+
+    Args:
+        name: ``None`` or ``"bd3lm-corpus"`` for the embedded tokenizer; otherwise a folder or Hub id, loaded with
+            ``AutoTokenizer`` and never with remote code (a tokenizer needs none; the notice transformers prints about
+            a checkpoint's custom config is silenced).
+        add_mask: give a tokenizer without a mask token one (:func:`add_mask_token`; GPT-2 -> id 50257).
+        revision: the Hub revision to load.
+    """
+    if name is None or name == CORPUS_NAME:
+        tokenizer = load_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(name), revision=revision, trust_remote_code=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    return add_mask_token(tokenizer) if add_mask else tokenizer
+
+
 def add_mask_token(tokenizer: PreTrainedTokenizerBase, mask_token: str = MASK_TOKEN) -> PreTrainedTokenizerBase:
     """Give ``tokenizer`` a mask token at the next free id if it has none; pad with EOS if it has no pad token.
 
@@ -121,14 +150,11 @@ def load_gpt2_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:
     Raises:
         OSError: the files are not available (offline and not cached), with the way to fix it.
     """
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return resolve_tokenizer(name_or_path, add_mask=True)
     except OSError as err:
         raise OSError(
             f"The GPT-2 tokenizer {name_or_path!r} is not available here (offline and not in the Hugging Face cache). "
             "Download it once with `hf download gpt2 tokenizer.json vocab.json merges.txt tokenizer_config.json` "
             "or pass a folder that holds those files."
         ) from err
-    return add_mask_token(tokenizer)

@@ -16,6 +16,9 @@ import shutil
 import tempfile
 from typing import Any
 
+from ..utils import check_model_reference
+from .common import CLIError, check_positive
+
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -37,20 +40,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_source(source: str) -> None:
-    from .cli import CLIError
-
-    if not os.path.isdir(source) and source.count("/") != 1:
-        raise CLIError(f"{source!r} is neither a folder nor a Hub id (owner/name)")
-
-
 def convert(args: argparse.Namespace) -> Any:
     """Load and convert as `bd3lm convert` does; returns the model (its tokenizer is `model.tokenizer`)."""
-    from .cli import CLIError
-
-    _check_source(args.source)
-    if args.block_size is not None and args.block_size <= 0:
-        raise CLIError(f"--block-size must be positive, got {args.block_size}")
+    check_model_reference(args.source, "source")
+    check_positive("block-size", args.block_size)
     from modeling_bd3lm import BD3LMForMaskedDiffusion
 
     kwargs: dict[str, Any] = {"dtype": args.dtype}
@@ -65,8 +58,6 @@ def convert(args: argparse.Namespace) -> Any:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .cli import CLIError
-
     output = os.path.abspath(args.output_dir)
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise CLIError(f"{args.output_dir} already exists; choose a new folder")
@@ -111,8 +102,6 @@ def init_from_causal_lm(args: argparse.Namespace) -> tuple[Any, Any] | None:
     )
     model = convert(converted)
     if model.tokenizer is None:
-        from .cli import CLIError
-
         raise CLIError(f"--init-from {args.init_from} has no tokenizer; pass --tokenizer")
     return model, model.tokenizer
 

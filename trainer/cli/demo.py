@@ -26,7 +26,11 @@ from typing import Any
 
 import torch
 
-from .cli import CLIError, _positive, add_train_arguments, train_from_args
+from ..corpus import resolve_tokenizer
+from ..evaluation.generative_perplexity import network_calls_per_token
+from ..utils import pyplot, save_figure
+from .common import CLIError, check_positive
+from .train import add_train_arguments, train_from_args
 
 DEFAULT_PROMPTS = ("And God said,", "KING HENRY.", "Blessed are the")
 DEMO_REPO_ID = "local/bd3lm-tiny-demo"
@@ -51,10 +55,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as err:
-        raise CLIError("the loss curve needs matplotlib: pip install 'bd3lm[plot]' (or pass --no-plot)") from err
+    if pyplot() is None:
+        raise CLIError("the loss curve needs matplotlib: pip install 'bd3lm[plot]' (or pass --no-plot)")
 
 
 def _sample(
@@ -63,7 +65,7 @@ def _sample(
     """Generate one continuation per prompt; returns the sequences and the tokens/s and network calls per token."""
     from transformers import TextStreamer
 
-    sequences, new_tokens, calls, seconds = [], 0, 0, 0.0
+    sequences, outputs, new_tokens, seconds = [], [], 0, 0.0
     for i, prompt in enumerate(prompts):
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
@@ -76,12 +78,13 @@ def _sample(
             )
         seconds += time.perf_counter() - start
         sequences.append(out.sequences[0])
+        outputs.append(out)
         new_tokens += out.sequences.shape[1] - inputs["input_ids"].shape[1]
-        calls += int(out.nfe.sum())
+    calls_per_token, tokens_per_call = network_calls_per_token(outputs)
     return sequences, {
         "tokens_per_second": new_tokens / seconds,
-        "calls_per_token": calls / new_tokens,
-        "tokens_per_call": new_tokens / calls,
+        "calls_per_token": calls_per_token,
+        "tokens_per_call": tokens_per_call,
     }
 
 
@@ -105,11 +108,7 @@ def _hub_folder(output_dir: Path, nfe_tokens: int) -> Path:
 
 def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path:
     """Training loss (the clipped-interval NELBO the optimizer sees) and validation NELBO against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [(log["step"], log["loss"]) for log in log_history if "loss" in log and "step" in log]
     valid = [(log["step"], log["eval_loss"]) for log in log_history if "eval_loss" in log and "step" in log]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -122,14 +121,11 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("bd3lm demo: tiny preset, L'=4")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    _positive("max-new-tokens", args.max_new_tokens)
+    check_positive("max-new-tokens", args.max_new_tokens)
     if not 0.0 < args.top_p <= 1.0:
         raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not 0.0 < args.confidence_threshold <= 1.0:
@@ -167,10 +163,10 @@ def run_demo(args: argparse.Namespace) -> int:
     hub_dir = _hub_folder(output_dir, nfe_tokens=args.max_new_tokens)
 
     print("[4/5] reloading it with AutoModelForMaskedLM (trust_remote_code=True) and generating again", flush=True)
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
     reloaded = AutoModelForMaskedLM.from_pretrained(hub_dir, trust_remote_code=True).eval()
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(hub_dir, config=reloaded.config)
+    reloaded_tokenizer = resolve_tokenizer(hub_dir)
     again, _ = _sample(reloaded, reloaded_tokenizer, prompts, seed=args.seed, stream=False, **threshold)
     same = all(torch.equal(a, b) for a, b in zip(sequences, again))
     print(f"  {type(reloaded).__module__}.{type(reloaded).__name__}: ", end="")
@@ -189,3 +185,6 @@ def run_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+__all__ = ["DEFAULT_PROMPTS", "add_demo_arguments", "plot_loss_curve", "run_demo"]

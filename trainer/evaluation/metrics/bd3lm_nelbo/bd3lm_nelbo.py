@@ -12,11 +12,8 @@ import math
 
 import datasets
 import evaluate
-from bd3lm_trainer.evaluation import (
-    load_model_and_tokenizer,
-    load_tokenizer,
-    score_continuations,
-)
+from bd3lm_trainer.corpus import resolve_tokenizer
+from bd3lm_trainer.evaluation import load_model_and_tokenizer, score_continuations
 
 _CITATION = """\
 @inproceedings{arriola2025block,
@@ -93,7 +90,7 @@ class BD3LMNelbo(evaluate.Metric):
                 raise ValueError("Pass `model_id` (a BD3-LM checkpoint folder or Hub id) or `model`.")
             model, tokenizer = load_model_and_tokenizer(model_id, tokenizer, device)
         elif tokenizer is None or isinstance(tokenizer, str):
-            tokenizer = load_tokenizer(tokenizer or model.name_or_path)
+            tokenizer = resolve_tokenizer(tokenizer or model.name_or_path)
         if len(predictions) == 0:
             raise ValueError("`predictions` is empty: nothing to score.")
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
