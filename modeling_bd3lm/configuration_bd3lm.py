@@ -97,6 +97,17 @@ class BD3LMConfig(PretrainedConfig):
             Base of the rotary embedding.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialiser of linear layers.
+        backbone_config (`PretrainedConfig` or `dict`, *optional*):
+            The config of a transformers decoder-only causal LM (Llama, Qwen2, Qwen3, GPT-2, ...) to use as the
+            denoiser instead of the DiT; a dict must carry its `model_type` (it is rebuilt with
+            `AutoConfig.for_model`). `None` (the default) is the official DiT. With a backbone the DiT fields
+            (`hidden_dim`, `n_blocks`, `n_heads`, `cond_dim`, `mlp_ratio`, `dropout`, `adaln`, `rope_theta`) are unused;
+            `hidden_dim`, `n_blocks` and `n_heads` mirror the backbone, and `vocab_size` must equal its vocabulary.
+            See `BD3LMForMaskedDiffusion.from_causal_lm`.
+        token_shift (`bool`, *optional*, defaults to `True`):
+            With a causal backbone: keep the AR head's meaning, the output at position i - 1 predicts token i (the
+            first token of a block is predicted from the last clean token before it). `False` reads the prediction of
+            token i at position i (SDAR-style, no shift). Unused by the DiT.
 
     Example:
 
@@ -120,7 +131,7 @@ class BD3LMConfig(PretrainedConfig):
     def __init__(
         self,
         block_size: int = 4,
-        vocab_size: int = 50258,
+        vocab_size: int | None = None,
         model_length: int = 1024,
         hidden_dim: int = 768,
         cond_dim: int = 128,
@@ -140,12 +151,29 @@ class BD3LMConfig(PretrainedConfig):
         always_mask: bool = False,
         antithetic_sampling: bool = True,
         resample: bool = False,
-        ignore_bos: bool = False,
+        ignore_bos: bool | None = None,
         mask_token_id: int | None = None,
         rope_theta: float = 10000.0,
         initializer_range: float = 0.02,
+        backbone_config: PretrainedConfig | dict | None = None,
+        token_shift: bool = True,
         **kwargs: Any,
     ) -> None:
+        backbone_config = build_backbone_config(backbone_config)
+        self.backbone_config = backbone_config
+        self.token_shift = token_shift
+        if backbone_config is not None:
+            # The DiT's architecture fields describe the backbone (read by tools that size things by hidden_size).
+            hidden_dim = backbone_config.hidden_size
+            n_blocks = backbone_config.num_hidden_layers
+            n_heads = backbone_config.num_attention_heads
+            if vocab_size is None:
+                vocab_size = backbone_config.vocab_size
+        if vocab_size is None:
+            vocab_size = 50258  # GPT-2 + one mask token, the released checkpoints
+        if ignore_bos is None:
+            # Under the token shift the first token has no predictor: never mask it, never score it.
+            ignore_bos = backbone_config is not None and token_shift is True
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.model_length = model_length
@@ -179,12 +207,21 @@ class BD3LMConfig(PretrainedConfig):
             )
         if kwargs.get("attn_implementation") is None:
             kwargs["attn_implementation"] = _ATTN_BACKENDS[attn_backend]
-        kwargs.setdefault("tie_word_embeddings", False)  # the official output head is not tied
+            if backbone_config is not None and getattr(backbone_config, "_attn_implementation", None) is not None:
+                kwargs["attn_implementation"] = backbone_config._attn_implementation
+        if backbone_config is not None:
+            # One attention kernel for the whole model: the backbone runs the attention.
+            backbone_config._attn_implementation = kwargs["attn_implementation"]
+        # The official output head is not tied; a causal backbone ties (or not) inside itself, by its own config.
+        kwargs.setdefault("tie_word_embeddings", False)
         self.validate_bd3lm()  # before the base class, which may already derive values (head_dim) from the fields
         super().__init__(**kwargs)
 
     def validate_bd3lm(self) -> None:
         """Raise a `ValueError` naming the field and the fix for any inconsistent combination."""
+        if getattr(self, "backbone_config", None) is not None:
+            self._validate_causal_backbone()
+            return
         for name in (
             "block_size", "vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads", "mlp_ratio"
         ):
@@ -238,6 +275,71 @@ class BD3LMConfig(PretrainedConfig):
         if self.causal:
             raise ValueError("`causal=True` (the official AR variant) is not supported; use `block_size=1` instead.")
 
+    def _validate_causal_backbone(self) -> None:
+        """The checks that apply when a causal LM is the denoiser (the DiT's architecture checks do not)."""
+        backbone = self.backbone_config
+        for name in ("block_size", "vocab_size", "model_length"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in _BOOL_FIELDS + ("token_shift",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if getattr(backbone, "is_encoder_decoder", False):
+            raise ValueError(
+                f"`backbone_config` is an encoder-decoder ({backbone.model_type}); BD3-LM needs a decoder-only causal "
+                "LM (Llama, Qwen2, Qwen3, GPT-2, ...)."
+            )
+        if self.vocab_size != backbone.vocab_size:
+            raise ValueError(
+                f"`vocab_size`={self.vocab_size} differs from the backbone's vocab_size={backbone.vocab_size}; leave "
+                "`vocab_size` unset (it follows the backbone) or resize the backbone's embeddings."
+            )
+        if not _is_int(self.mask_token_id) or not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(
+                f"`mask_token_id`={self.mask_token_id!r} is outside the vocabulary [0, {self.vocab_size}); add a mask "
+                "token to the tokenizer and resize the embeddings (`BD3LMForMaskedDiffusion.from_causal_lm` does both)."
+            )
+        if self.model_length % self.block_size != 0:
+            raise ValueError(
+                f"`model_length`={self.model_length} must be a multiple of `block_size`={self.block_size}; "
+                "choose a block size that divides the context length."
+            )
+        max_positions = getattr(backbone, "max_position_embeddings", None)
+        if _is_int(max_positions) and self.model_length > max_positions:
+            raise ValueError(
+                f"`model_length`={self.model_length} exceeds the backbone's max_position_embeddings={max_positions}; "
+                f"use model_length <= {max_positions}."
+            )
+        window = getattr(backbone, "sliding_window", None)
+        layer_types = getattr(backbone, "layer_types", None) or ()
+        uses_window = any("sliding" in str(kind) for kind in layer_types) or (
+            not layer_types and getattr(backbone, "use_sliding_window", True) and window is not None
+        )
+        if uses_window and _is_int(window) and window < self.model_length:
+            raise ValueError(
+                f"The backbone has sliding-window attention layers (sliding_window={window}) shorter than "
+                f"`model_length`={self.model_length}: the block-diffusion mask would replace the window. Use "
+                f"model_length <= {window}."
+            )
+        if self.token_shift and not self.ignore_bos:
+            raise ValueError(
+                "`ignore_bos=False` cannot hold with `token_shift=True`: the first token has no predictor under the "
+                "shift; leave `ignore_bos` unset (True)."
+            )
+        if self.always_mask is False and self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"`noise_schedule`={self.noise_schedule!r} is unknown; use one of {NOISE_SCHEDULES}.")
+        if not 0.0 <= self.sampling_eps_min <= self.sampling_eps_max <= 1.0:
+            raise ValueError(
+                "`sampling_eps_min` and `sampling_eps_max` must satisfy 0 <= min <= max <= 1, got "
+                f"({self.sampling_eps_min}, {self.sampling_eps_max})."
+            )
+
+    @property
+    def is_causal_backbone(self) -> bool:
+        """True when a transformers causal LM (`backbone_config`) is the denoiser instead of the DiT."""
+        return getattr(self, "backbone_config", None) is not None
+
     @property
     def head_dim(self) -> int:
         return self.hidden_dim // self.n_heads
@@ -248,4 +350,22 @@ class BD3LMConfig(PretrainedConfig):
         return self.model_length // self.block_size
 
 
-__all__ = ["BD3LMConfig"]
+def build_backbone_config(backbone_config: PretrainedConfig | dict | None) -> PretrainedConfig | None:
+    """The nested backbone config as a transformers config object (a dict is rebuilt from its `model_type`)."""
+    if backbone_config is None or isinstance(backbone_config, PretrainedConfig):
+        return backbone_config
+    if not isinstance(backbone_config, dict):
+        raise ValueError(
+            f"`backbone_config` must be a transformers config or a dict, got {type(backbone_config).__name__}."
+        )
+    values = dict(backbone_config)
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise ValueError("`backbone_config` (a dict) needs its `model_type` (e.g. 'llama') to be rebuilt.")
+    from transformers import AutoConfig
+
+    values.pop("transformers_version", None)
+    return AutoConfig.for_model(model_type, **values)
+
+
+__all__ = ["BD3LMConfig", "build_backbone_config"]

@@ -210,7 +210,17 @@ class BD3LMGenerationMixin:
         out_pad = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else mask_id)
         # 3. the prompt is the first committed window (prefilled by the first block's first call when cached)
         cache = DynamicCache() if use_cache else None
-        window = CommittedWindow.from_prompt(prompt, prompt_mask, block_size, model_length, filler, cache)
+        causal = getattr(model_config, "backbone_config", None) is not None  # causal-LM backbone
+        window = CommittedWindow.from_prompt(
+            prompt,
+            prompt_mask,
+            block_size,
+            model_length,
+            filler,
+            cache,
+            shift=causal and bool(model_config.token_shift),
+            reprefill=causal,
+        )
 
         logits_processor = LogitsProcessorList(logits_processor or [])
         if self._value(config, "repetition_penalty", 1.0) not in (None, 1.0):

@@ -19,7 +19,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
+from .causal_backbone_bd3lm import build_causal_backbone, check_backbone_attention, sampling_forward, vectorised_forward
 from .configuration_bd3lm import BD3LMConfig
+from .conversion_bd3lm import from_causal_lm
 from .generation_bd3lm import BD3LMGenerationMixin
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .layers_bd3lm import (
@@ -131,6 +133,9 @@ class BD3LMPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(AUTO_MAP)
         self.config.architectures = ["BD3LMForMaskedDiffusion"]
         super().save_pretrained(save_directory, *args, **kwargs)
+        tokenizer = self.__dict__.get("tokenizer")  # set by `from_causal_lm`: the tokenizer with its mask token
+        if tokenizer is not None and kwargs.get("is_main_process", True):
+            tokenizer.save_pretrained(save_directory)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -384,7 +389,12 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
 
     def __init__(self, config: BD3LMConfig) -> None:
         super().__init__(config)
-        self.backbone = BD3LMModel(config)
+        if getattr(config, "backbone_config", None) is not None:
+            # A transformers causal LM as the denoiser (causal_backbone_bd3lm.py); keys `backbone.model.layers...`.
+            self.backbone = build_causal_backbone(self.config)
+        else:
+            self.backbone = BD3LMModel(config)
+        self._probed_attention: str | None = None  # the causal backbone's kernel once a probe showed it takes 4-D masks
         if config.var_min:
             # The searched clipped interval travels with the weights, not with the config.
             self.register_buffer("sampling_eps_min", torch.tensor(float(config.sampling_eps_min)))
@@ -392,14 +402,46 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         self.noise_schedule = BD3LMNoiseSchedule(config.noise_schedule)
         self.post_init()
 
-    def get_input_embeddings(self) -> BD3LMEmbedding:
-        return self.backbone.vocab_embed
+    @classmethod
+    def from_causal_lm(cls, source, block_size: int, tokenizer=None, **kwargs) -> BD3LMForMaskedDiffusion:
+        """Convert a pretrained decoder-only causal LM into a BD3-LM whose denoiser is that network.
 
-    def set_input_embeddings(self, value: BD3LMEmbedding) -> None:
-        self.backbone.vocab_embed = value
+        Args:
+            source: a causal LM object (`AutoModelForCausalLM`), a folder or a Hub id. The loaded model becomes
+                `model.backbone` (moved, not copied).
+            block_size (`int`): L'; must divide `model_length`.
+            tokenizer (*optional*): a tokenizer or its folder / Hub id; defaults to the source's. Without a mask token
+                it gets `<|mask|>` (the embeddings are resized when its id has no row; the new row is the mean of
+                the old rows). Available afterwards as `model.tokenizer`, and saved by `save_pretrained`.
+            **kwargs: `BD3LMConfig` fields (`model_length` (default min(max_position_embeddings, 1024)),
+                `token_shift`, `noise_schedule`, `sampling_eps_min`, ...); everything else goes to
+                `AutoModelForCausalLM.from_pretrained` (`gguf_file`, `dtype`, `revision`, `attn_implementation`, ...).
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.backbone.output_layer.linear
+        Example:
+
+        ```python
+        >>> model = BD3LMForMaskedDiffusion.from_causal_lm("HuggingFaceTB/SmolLM2-135M", block_size=4)  # doctest: +SKIP
+        >>> model.save_pretrained("smollm2-bd3lm")  # weights, config, code and tokenizer  # doctest: +SKIP
+        ```
+        """
+        return from_causal_lm(cls, source, block_size, tokenizer, **kwargs)
+
+    @property
+    def is_causal_backbone(self) -> bool:
+        """True when the denoiser is a transformers causal LM (`config.backbone_config`), not the DiT."""
+        return getattr(self.config, "backbone_config", None) is not None
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings() if self.is_causal_backbone else self.backbone.vocab_embed
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if self.is_causal_backbone:
+            self.backbone.set_input_embeddings(value)
+        else:
+            self.backbone.vocab_embed = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings() if self.is_causal_backbone else self.backbone.output_layer.linear
 
     @property
     def mask_token_id(self) -> int:
@@ -579,19 +621,29 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             else:
                 noisy_input_ids, noise_levels = self.draw_noise(input_ids, attention_mask, noise_levels, generator)
 
-        outputs = self.backbone(
-            input_ids,
-            noisy_input_ids=noisy_input_ids,
-            attention_mask=attention_mask,
-            timesteps=timesteps,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        if self.is_causal_backbone:
+            outputs = self._causal_backbone_forward(
+                input_ids, noisy_input_ids, attention_mask, past_key_values, use_cache, output_hidden_states
+            )
+        else:
+            outputs = self.backbone(
+                input_ids,
+                noisy_input_ids=noisy_input_ids,
+                attention_mask=attention_mask,
+                timesteps=timesteps,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
         loss = token_loss = None
         if labels is not None:
-            loss, token_loss = self.block_nelbo(outputs.logits, labels, noisy_input_ids, noise_levels, attention_mask)
+            loss_mask = attention_mask
+            if self.is_causal_backbone and config.token_shift and attention_mask is not None:
+                # Under the shift token i is predicted at position i - 1: a token after padding has no predictor.
+                loss_mask = attention_mask.bool().clone()
+                loss_mask[:, 1:] &= attention_mask[:, :-1].bool()
+            loss, token_loss = self.block_nelbo(outputs.logits, labels, noisy_input_ids, noise_levels, loss_mask)
 
         if not return_dict:
             return tuple(
@@ -606,6 +658,53 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             noise_levels=noise_levels if vectorised else None,
             token_loss=token_loss,
         )
+
+
+    def _causal_backbone_forward(
+        self,
+        input_ids: torch.LongTensor,
+        noisy_input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        use_cache: bool | None,
+        output_hidden_states: bool | None,
+    ) -> BD3LMOutput:
+        """Both passes through a causal-LM backbone (causal_backbone_bd3lm.py), after checking once per attention
+        kernel that the backbone honours a custom 4-D mask."""
+        config = self.config
+        implementation = getattr(self.backbone.config, "_attn_implementation", None)
+        if self._probed_attention != implementation and not torch.compiler.is_compiling():
+            check_backbone_attention(self.backbone)
+            self._probed_attention = implementation
+        output_hidden_states = bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states)
+        if attention_mask is not None and noisy_input_ids is None:
+            past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
+            check_attention_mask(
+                "attention_mask",
+                attention_mask,
+                (input_ids.shape[0], past_len + input_ids.shape[1]),
+                f"one column per token of the window: {past_len} cached + {input_ids.shape[1]} new",
+            )
+        if past_key_values is not None:
+            check_cache(past_key_values, input_ids.shape[0])
+        if noisy_input_ids is not None:
+            if past_key_values is not None or use_cache:
+                raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
+            check_token_ids("noisy_input_ids", noisy_input_ids, config.vocab_size)
+            if noisy_input_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"`noisy_input_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
+                    f"{tuple(noisy_input_ids.shape)}."
+                )
+            logits, hidden = vectorised_forward(
+                self.backbone, config, input_ids, noisy_input_ids.long(), attention_mask, output_hidden_states
+            )
+            cache = None
+        else:
+            logits, cache, hidden = sampling_forward(
+                self.backbone, config, input_ids, attention_mask, past_key_values, use_cache, output_hidden_states
+            )
+        return BD3LMOutput(logits=logits, hidden_states=hidden, **{CACHE_FIELD: cache})
 
 
 # Saving copies the code files next to the weights (trust_remote_code loading).

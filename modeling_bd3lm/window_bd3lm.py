@@ -40,9 +40,16 @@ class CommittedWindow:
 
     rows: torch.LongTensor
     mask: torch.BoolTensor  # (rows, committed), pending columns included
-    ids: torch.LongTensor | None = None  # (rows, committed), uncached generation only
+    ids: torch.LongTensor | None = None  # (rows, committed): uncached generation, or cached with `reprefill`
     cache: Cache | None = None
     pending: torch.LongTensor | None = None  # (rows, the last committed columns not yet in `cache`)
+    # Causal-LM backbones (causal_backbone_bd3lm.py). `shift`: the network's output at position j predicts token
+    # j + 1, so the block's first token is predicted by the last committed token, whose logits `next_logits` keeps
+    # (written with the pending tokens). `reprefill`: keys are cached after the position embedding, so the window
+    # slides by re-running the kept committed ids at re-based positions instead of dropping cache entries.
+    shift: bool = False
+    reprefill: bool = False
+    next_logits: torch.Tensor | None = None  # (rows, vocab), cached generation with `shift`
 
     @classmethod
     def from_prompt(
@@ -53,6 +60,8 @@ class CommittedWindow:
         model_length: int,
         filler: int,
         cache: Cache | None = None,
+        shift: bool = False,
+        reprefill: bool = False,
     ) -> CommittedWindow:
         """The prompt as the first committed window, aligned so that it ends at a block boundary in every row: the
         width becomes the smallest multiple of `block_size` that holds the longest prompt (left padding is added, or
@@ -74,8 +83,16 @@ class CommittedWindow:
         rows = torch.arange(prompt.shape[0], device=prompt.device)
         ids = prompt.masked_fill(~mask, filler)
         if cache is None:
-            return cls(rows=rows, mask=mask, ids=ids)
-        return cls(rows=rows, mask=mask, cache=cache, pending=ids if width > 0 else None)
+            return cls(rows=rows, mask=mask, ids=ids, shift=shift, reprefill=reprefill)
+        return cls(
+            rows=rows,
+            mask=mask,
+            ids=ids if reprefill else None,
+            cache=cache,
+            pending=ids if width > 0 else None,
+            shift=shift,
+            reprefill=reprefill,
+        )
 
     def keep(self, index: torch.LongTensor) -> None:
         """Drop every row not in `index` (rows that stopped cost no further network calls)."""
@@ -84,6 +101,8 @@ class CommittedWindow:
             self.ids = self.ids[index]
         if self.pending is not None:
             self.pending = self.pending[index]
+        if self.next_logits is not None:
+            self.next_logits = self.next_logits[index]
         if self.cache is not None:
             select_cache_rows(self.cache, index)
 
@@ -96,6 +115,15 @@ class CommittedWindow:
         Returns the number of network calls made (0 or 1)."""
         overflow = self.mask.shape[1] + block_size - model_length
         if overflow <= 0:
+            return 0
+        if self.reprefill:
+            # Keys hold their old positions: drop them all and let the next call re-prefill the kept committed ids at
+            # positions 0.. (the keys an uncached call over the slid window computes).
+            self.mask, self.ids = self.mask[:, overflow:], self.ids[:, overflow:]
+            if self.cache is not None:
+                if self.cache.get_seq_length() > 0:
+                    self.cache.crop(-self.cache.get_seq_length())
+                self.pending, self.next_logits = self.ids, None
             return 0
         calls = 0
         if self.pending is not None:
@@ -110,13 +138,15 @@ class CommittedWindow:
 
     def _write_pending(self, model: Any) -> None:
         """Write the pending tokens' keys and values with a call of their own (no block attached)."""
-        model(
+        logits = model(
             input_ids=self.pending,
             attention_mask=self.mask,
             past_key_values=self.cache,
             use_cache=True,
             return_dict=True,
-        )
+        ).logits
+        if self.shift:
+            self.next_logits = logits[:, -1]
         self.pending = None
 
     def commit(self, block: torch.LongTensor) -> None:
@@ -124,21 +154,29 @@ class CommittedWindow:
         ones = torch.ones(block.shape, dtype=torch.bool, device=block.device)
         if self.cache is not None:
             self.pending = block if self.pending is None else torch.cat((self.pending, block), dim=1)
-        else:
+        if self.ids is not None:
             self.ids = torch.cat((self.ids, block), dim=1)
         self.mask = torch.cat((self.mask, ones), dim=1)
 
     def block_logits(self, model: Any, block: torch.LongTensor) -> torch.Tensor:
         """Raw logits `(rows, block_size, vocab)` of the current (noisy) block given the window: the block alone after
-        the cache (writing the pending tokens' keys and values on the way), or the whole window when uncached."""
+        the cache (writing the pending tokens' keys and values on the way), or the whole window when uncached.
+
+        Under the token shift row j of the result comes from the output one position earlier: the last committed
+        token for j = 0 (from this call when it writes pending tokens, else from `next_logits`), the block's
+        position j - 1 otherwise."""
+        width = block.shape[1]
         mask = torch.cat((self.mask, torch.ones(block.shape, dtype=torch.bool, device=block.device)), dim=1)
         if self.cache is None:
             out = model(input_ids=torch.cat((self.ids, block), dim=1), attention_mask=mask, return_dict=True)
-            return out.logits[:, -block.shape[1] :]
+            return out.logits[:, -width - 1 : -1] if self.shift else out.logits[:, -width:]
         if self.pending is None:
-            return model(
+            logits = model(
                 input_ids=block, attention_mask=mask, past_key_values=self.cache, use_cache=False, return_dict=True
             ).logits
+            if self.shift:
+                return torch.cat((self.next_logits[:, None], logits[:, : width - 1]), dim=1)
+            return logits
         logits = model(
             input_ids=torch.cat((self.pending, block), dim=1),
             attention_mask=mask,
@@ -146,9 +184,12 @@ class CommittedWindow:
             use_cache=True,
             return_dict=True,
         ).logits
-        trim_cache_right(self.cache, block.shape[1])
+        trim_cache_right(self.cache, width)
         self.pending = None
-        return logits[:, -block.shape[1] :]
+        if self.shift:
+            self.next_logits = logits[:, -width - 1]
+            return logits[:, -width - 1 : -1]
+        return logits[:, -width:]
 
 
 __all__ = ["CommittedWindow", "select_cache_rows"]

@@ -1,0 +1,329 @@
+# Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
+"""A transformers causal LM (Llama, Qwen2, Qwen3, GPT-2, ...) as the BD3-LM denoiser.
+
+The backbone is `AutoModelForCausalLM.from_config(config.backbone_config)`, stored as `BD3LMForMaskedDiffusion.backbone`
+(weights `backbone.model.layers...`, `backbone.lm_head`). It runs the same two passes as the DiT, with its own
+attention kernels, fed a 4-D mask and explicit `position_ids`:
+
+* vectorised pass: tokens `x_t ⊕ x_0` (2L), positions 0..L-1 for both halves, the three-part block-diffusion mask of
+  `masks_bd3lm.block_diffusion_mask` with padded keys removed;
+* sampling pass: the window after the committed tokens of the backbone's own `Cache` (`DynamicCache`), block-causal.
+
+Positions count real tokens (`cumsum(attention_mask) - 1`, as transformers' `generate()` does for left padding), so a
+row gets the same positions whatever the padding of its batch (this matters for absolute position embeddings, GPT-2).
+
+Token shift (`config.token_shift`, the default): the AR head keeps its meaning, the output at position i - 1 predicts
+token i. In the vectorised pass the prediction of token i of block b is the `x_t`-half output at i - 1 when i - 1 lies
+in block b, and the `x_0`-half output at i - 1 (the last clean token of block b - 1) when i starts its block; token 0
+of the sequence has no predictor (uniform logits, never in the loss). With `block_size=1` and t ≡ 1 every token is
+then predicted from the clean tokens before it by the unchanged network: the NELBO is the AR loss of the source model.
+In the sampling pass the logits are returned as the backbone gives them (position j predicts j + 1); the committed
+window (`window_bd3lm.CommittedWindow`) pairs them with the positions of the block. Without the shift (SDAR-style)
+position i predicts token i and both passes return aligned logits.
+
+Keys are cached after the rotary embedding (or with absolute positions baked in), so a window cannot slide by
+dropping cache entries as the DiT's does: `CommittedWindow` re-prefills the kept committed tokens at re-based positions.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
+
+# Set by `conversion_bd3lm.prebuilt_backbone`: the loaded causal LM the next model adopts as its backbone (converting
+# must not build a second, random copy of the weights).
+PREBUILT_BACKBONE: ContextVar[torch.nn.Module | None] = ContextVar("bd3lm_prebuilt_backbone", default=None)
+
+# Attention kernels that take a dense 4-D mask as is (boolean for SDPA; additive float for everything else).
+_BOOLEAN_MASK_KERNELS = ("sdpa",)
+
+
+def build_causal_backbone(config: Any) -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_config(config.backbone_config)`, sharing its config object with `config` (so that a
+    later resize or attention switch is what `save_pretrained` writes)."""
+    from transformers import AutoModelForCausalLM
+
+    prebuilt = PREBUILT_BACKBONE.get()
+    if prebuilt is not None:
+        PREBUILT_BACKBONE.set(None)
+        config.backbone_config = prebuilt.config
+        return prebuilt
+    backbone_config = config.backbone_config
+    implementation = config._attn_implementation or getattr(backbone_config, "_attn_implementation", None) or "sdpa"
+    backbone = AutoModelForCausalLM.from_config(backbone_config, attn_implementation=implementation)
+    config.backbone_config = backbone.config
+    return backbone
+
+
+def attention_implementation(backbone: torch.nn.Module) -> str:
+    return getattr(backbone.config, "_attn_implementation", None) or "eager"
+
+
+def backbone_dtype(backbone: torch.nn.Module) -> torch.dtype:
+    embeddings = backbone.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+
+
+def token_positions(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """Position of every column: the number of real tokens before it (`cumsum(mask) - 1`, clamped at 0 for left
+    padding), as transformers' `generate()` computes them; `0..length-1` without a mask."""
+    if attention_mask is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _with_padding(allowed: torch.BoolTensor, key_padding: torch.BoolTensor | None) -> torch.BoolTensor:
+    """`(batch, 1, q, kv)` from a `(q, kv)` mask: padded keys removed, each query keeps its own key so that no softmax
+    row is empty (the outputs of padding queries are never used)."""
+    q_len, kv_len = allowed.shape
+    if key_padding is None:
+        return allowed[None, None]
+    diagonal = torch.zeros_like(allowed)
+    diagonal[torch.arange(q_len), torch.arange(q_len) + (kv_len - q_len)] = True
+    return ((allowed[None] & key_padding[:, None, :]) | diagonal[None])[:, None]
+
+
+def dense_mask(allowed: torch.BoolTensor, backbone: torch.nn.Module) -> torch.Tensor:
+    """The 4-D mask in the form the backbone's kernel consumes as is: boolean for SDPA, additive float (0 or the
+    dtype's minimum) otherwise (eager adds the mask to the scores, so a boolean one would be ignored)."""
+    if attention_implementation(backbone) in _BOOLEAN_MASK_KERNELS:
+        return allowed
+    dtype = backbone_dtype(backbone)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def _flex_mask(mask_mod: Any, key_padding: torch.BoolTensor | None, q_len: int, kv_len: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if key_padding is None:
+        return create_block_mask(mask_mod, None, None, q_len, kv_len, device)
+    offset = kv_len - q_len
+
+    def padded(b, h, q_idx, kv_idx):
+        return (mask_mod(b, h, q_idx, kv_idx) & key_padding[b, kv_idx]) | (q_idx + offset == kv_idx)
+
+    return create_block_mask(padded, key_padding.shape[0], None, q_len, kv_len, device)
+
+
+def shifted_rows(seq_len: int, block_size: int, device: torch.device) -> torch.LongTensor:
+    """Rows of the 2L outputs that predict tokens 1..L-1 under the token shift: i - 1 (the `x_t` half) inside a block,
+    L + i - 1 (the last clean token of the previous block, `x_0` half) when i starts its block."""
+    i = torch.arange(1, seq_len, device=device)
+    return torch.where(i % block_size == 0, seq_len + i - 1, i - 1)
+
+
+def _call_backbone(backbone: torch.nn.Module, keep: torch.LongTensor | None, **kwargs: Any) -> Any:
+    """Run the backbone, projecting only the rows `keep` onto the vocabulary when it supports `logits_to_keep`."""
+    if keep is not None and _accepts_logits_to_keep(backbone):
+        out = backbone(logits_to_keep=keep, **kwargs)
+        return out, out.logits
+    out = backbone(**kwargs)
+    return out, out.logits if keep is None else out.logits[:, keep]
+
+
+def _forward_parameters(backbone: torch.nn.Module) -> frozenset[str]:
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(type(backbone).forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def _accepts_logits_to_keep(backbone: torch.nn.Module) -> bool:
+    return "logits_to_keep" in _forward_parameters(backbone)
+
+
+def _cache_kwarg(backbone: torch.nn.Module) -> str:
+    """transformers 5.24 names the cache argument `cache` (`past_key_values` is deprecated); 4.57 `past_key_values`."""
+    return "cache" if "cache" in _forward_parameters(backbone) else "past_key_values"
+
+
+def vectorised_forward(
+    backbone: torch.nn.Module,
+    config: Any,
+    input_ids: torch.LongTensor,
+    noisy_input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    output_hidden_states: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Logits `(batch, L, vocab)` of the vectorised `x_t ⊕ x_0` pass, aligned with the tokens (row i predicts token
+    i; under the shift row 0 is uniform) and the `x_t` half of the hidden states."""
+    batch, seq_len = input_ids.shape
+    device = input_ids.device
+    key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+    positions = token_positions(key_padding, batch, seq_len, device).repeat(1, 2)
+    if key_padding is not None:
+        key_padding = key_padding.repeat(1, 2)
+    if attention_implementation(backbone) == "flex_attention":
+        mask = _flex_mask(block_diffusion_mask_mod(seq_len, config.block_size), key_padding, 2 * seq_len, 2 * seq_len, device)
+    else:
+        mask = dense_mask(_with_padding(block_diffusion_mask(seq_len, config.block_size, device), key_padding), backbone)
+    keep = shifted_rows(seq_len, config.block_size, device) if config.token_shift else torch.arange(seq_len, device=device)
+    out, logits = _call_backbone(
+        backbone,
+        keep,
+        input_ids=torch.cat((noisy_input_ids, input_ids), dim=1),
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=False,
+        output_hidden_states=output_hidden_states,
+        return_dict=True,
+    )
+    if config.token_shift:
+        logits = torch.cat((logits.new_zeros((batch, 1, logits.shape[-1])), logits), dim=1)
+    hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
+    if hidden is not None:
+        hidden = tuple(h[:, :seq_len] for h in hidden)
+    return logits, hidden
+
+
+def sampling_forward(
+    backbone: torch.nn.Module,
+    config: Any,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    past_key_values: Cache | None,
+    use_cache: bool | None,
+    output_hidden_states: bool,
+) -> tuple[torch.Tensor, Cache | None, tuple[torch.Tensor, ...] | None]:
+    """Raw logits of the block-causal sampling pass over `input_ids` after the committed tokens of `past_key_values`
+    (under the shift row j predicts token j + 1). With `use_cache` this call's keys and values are committed;
+    otherwise the cache is left as it was (the backbone writes them, they are cropped again)."""
+    batch, seq_len = input_ids.shape
+    device = input_ids.device
+    if use_cache and past_key_values is None:
+        past_key_values = DynamicCache()
+    past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
+    if past_len + seq_len > config.model_length:
+        raise ValueError(
+            f"The window ({past_len} cached + {seq_len} new tokens) is longer than `model_length`="
+            f"{config.model_length}; generate() slides a window (re-prefilling it for a causal backbone)."
+        )
+    key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+    positions = token_positions(key_padding, batch, past_len + seq_len, device)[:, past_len:]
+    if attention_implementation(backbone) == "flex_attention":
+        allowed = block_causal_mask(seq_len, config.block_size, past_len, device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed[q_idx, kv_idx]
+
+        mask = _flex_mask(mask_mod, key_padding, seq_len, past_len + seq_len, device)
+    else:
+        mask = dense_mask(_with_padding(block_causal_mask(seq_len, config.block_size, past_len, device), key_padding), backbone)
+    out = backbone(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        **{_cache_kwarg(backbone): past_key_values},
+        use_cache=past_key_values is not None,
+        output_hidden_states=output_hidden_states,
+        return_dict=True,
+    )
+    if past_key_values is not None and not use_cache:
+        past_key_values.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
+    hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
+    return out.logits, past_key_values, hidden
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checks by probing the network (not by a list of families)
+
+
+def _probe_outputs(backbone: torch.nn.Module, tokens: torch.LongTensor, mask: Any) -> torch.Tensor:
+    kwargs = {"input_ids": tokens, "position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    return backbone(use_cache=False, return_dict=True, **kwargs).logits.float()
+
+
+def _probe_tokens(backbone: torch.nn.Module) -> torch.LongTensor:
+    vocab = backbone.get_input_embeddings().weight.shape[0]
+    a, a2, b, b2 = (torch.tensor([3, 5, 7, 11]) % max(vocab, 1)).tolist()
+    return torch.tensor([[a, b], [a2, b], [a, b2]], device=backbone.get_input_embeddings().weight.device)
+
+
+def _differs(x: torch.Tensor, y: torch.Tensor) -> bool:
+    scale = max(float(x.abs().max()), float(y.abs().max()), 1.0)
+    return float((x - y).abs().max()) > 1e-4 * scale
+
+
+@torch.no_grad()
+def check_backbone_attention(backbone: torch.nn.Module) -> None:
+    """Raise a one-line `ValueError` unless the backbone's attention honours a custom 4-D mask.
+
+    Probe: three 2-token rows `[a, b]`, `[a', b]`, `[a, b']` under the anti-causal mask [[1, 1], [0, 1]] (the first
+    query sees both keys, the second only itself). The mask is honoured iff the output at position 1 ignores token 0
+    and the output at position 0 depends on token 1. Kernels that apply their own causal mask (or none) fail."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        tokens = _probe_tokens(backbone)
+        allowed = torch.tensor([[True, True], [False, True]], device=tokens.device)[None, None].expand(3, 1, 2, 2)
+        implementation = attention_implementation(backbone)
+        if implementation == "flex_attention":
+            mask = _flex_mask(lambda b, h, q, k: q <= k, None, 2, 2, tokens.device)
+        else:
+            mask = dense_mask(allowed, backbone)
+        out = _probe_outputs(backbone, tokens, mask)
+    finally:
+        backbone.train(was_training)
+    if _differs(out[0, 1], out[1, 1]) or not _differs(out[0, 0], out[2, 0]):
+        raise ValueError(
+            f"The attention of {type(backbone).__name__} (attn_implementation={implementation!r}) ignores a custom "
+            "4-D attention mask, which block diffusion needs; load it with attn_implementation='sdpa' or 'eager'."
+        )
+
+
+@torch.no_grad()
+def check_causal_lm(model: torch.nn.Module) -> None:
+    """Raise a one-line `ValueError` unless `model` is a decoder-only causal LM: a transformers model with an LM head
+    whose own attention (a plain 2-D mask) is causal, i.e. the output at position 0 does not depend on token 1."""
+    from transformers import PreTrainedModel
+
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if not isinstance(model, PreTrainedModel) or config is None:
+        raise ValueError(f"The source ({name}) is not a transformers model; pass a causal LM, a folder or a Hub id.")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"The source ({name}, model_type={config.model_type!r}) is an encoder-decoder; BD3-LM converts decoder-only "
+            "causal LMs (Llama, Qwen2, Qwen3, GPT-2, ...)."
+        )
+    if model.get_output_embeddings() is None:
+        raise ValueError(
+            f"The source ({name}) has no LM head; load it with AutoModelForCausalLM (e.g. {name.replace('Model', '')}"
+            "ForCausalLM), not AutoModel."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = _probe_tokens(model)
+        out = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), return_dict=True)
+        logits = out.logits.float()
+    finally:
+        model.train(was_training)
+    if _differs(logits[0, 0], logits[2, 0]):
+        raise ValueError(
+            f"The source ({name}, model_type={config.model_type!r}) attends to later tokens (an encoder such as BERT); "
+            "BD3-LM converts decoder-only causal LMs (Llama, Qwen2, Qwen3, GPT-2, ...)."
+        )
+
+
+__all__ = [
+    "build_causal_backbone",
+    "check_backbone_attention",
+    "check_causal_lm",
+    "sampling_forward",
+    "shifted_rows",
+    "token_positions",
+    "vectorised_forward",
+]
