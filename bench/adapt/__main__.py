@@ -30,15 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the reduced study on a tiny random Llama (seconds)")
     parser.add_argument("--work-dir", default="runs/adapt", help="checkpoints and per-stage JSON (resumed)")
     parser.add_argument("--output-dir", default=str(HERE / "results"), help="adapt.json, tables.md and plots")
-    parser.add_argument("--cpu-budget", type=float, help="process CPU seconds of training per method (default 2400)")
+    parser.add_argument("--cpu-budget", type=float, help="process CPU seconds of training of each chosen method")
     parser.add_argument("--threads", type=int, help="torch threads per process (default 1)")
+    parser.add_argument("--follow", action="store_true", help="eval: wait for new checkpoints until training ends")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else AdaptConfig()
-    overrides = {"methods": tuple(args.methods) if args.methods else None, "cpu_budget_s": args.cpu_budget,
+    for name in ("cpu_budget", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    budget = None if args.cpu_budget is None else {m: args.cpu_budget for m in ("lora", "full")}
+    overrides = {"methods": tuple(args.methods) if args.methods else None, "cpu_budget_s": budget,
                  "threads": args.threads}  # fmt: skip
-    for name in ("cpu_budget_s", "threads"):
-        if overrides[name] is not None and overrides[name] <= 0:
-            parser.error(f"--{name.replace('_s', '').replace('_', '-')} must be positive, got {overrides[name]}")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     from . import study
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in cfg.methods if "train" in stages else ():
         study.run_training(cfg, method, work_dir)
     for method in cfg.methods if "eval" in stages else ():
-        study.run_eval(cfg, method, work_dir)
+        study.run_eval(cfg, method, work_dir, follow=args.follow)
     if "report" in stages:
         from .report import write_report
 
