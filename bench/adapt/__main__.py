@@ -4,6 +4,7 @@ python -m bench.adapt                                  # every stage: source, tr
 python -m bench.adapt --stage train --methods lora     # one stage of one method (two trainings can run at once)
 python -m bench.adapt --quick --work-dir /tmp/a --output-dir /tmp/a/results   # the smoke test's reduced study
 python -m bench.adapt --stage report                   # rewrite results/ from the work folder's JSON files
+python -m bench.adapt --methods lora --stage ship      # (train LoRA and) copy its adapter into the package
 
 Every stage resumes: finished stages are skipped, training restarts from its last checkpoint.
 """
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("source", "train", "eval", "report")
+STAGES = ("source", "train", "eval", "report", "ship")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     from . import study
 
     work_dir = Path(args.work_dir)
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = STAGES[:-1] if args.stage == "all" else (args.stage,)
+    if args.stage == "ship":  # train LoRA first when it has not been (resumes an unfinished run)
+        stages = ("train",)
+        cfg = dataclasses.replace(cfg, methods=("lora",))
     if "source" in stages:
         study.run_source(cfg, work_dir)
     for method in cfg.methods if "train" in stages else ():
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
         write_report(cfg, work_dir, Path(args.output_dir))
         print("results in", args.output_dir)
+    if args.stage == "ship":  # never part of "all": it rewrites package data
+        study.run_ship(cfg, work_dir)
     return 0
 
 
