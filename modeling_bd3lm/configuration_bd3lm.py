@@ -363,9 +363,31 @@ def build_backbone_config(backbone_config: PretrainedConfig | dict | None) -> Pr
     if not model_type:
         raise ValueError("`backbone_config` (a dict) needs its `model_type` (e.g. 'llama') to be rebuilt.")
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     values.pop("transformers_version", None)
+    rope = values.get("rope_parameters")
+    if isinstance(rope, dict) and model_type in CONFIG_MAPPING and not _knows_rope_parameters(CONFIG_MAPPING[model_type]):
+        # Saved by transformers 5 (`rope_parameters`), read by 4.x, which only knows `rope_theta` / `rope_scaling`.
+        values.pop("rope_parameters")
+        rope = dict(rope)
+        if "rope_theta" in rope:
+            values.setdefault("rope_theta", rope.pop("rope_theta"))
+        if rope.get("rope_type", "default") != "default":
+            values.setdefault("rope_scaling", rope)
     return AutoConfig.for_model(model_type, **values)
+
+
+def _knows_rope_parameters(config_class: type) -> bool:
+    """Whether a config class takes the transformers 5 `rope_parameters` field."""
+    import inspect
+
+    if "rope_parameters" in getattr(config_class, "__dataclass_fields__", {}):
+        return True
+    try:
+        return "rope_parameters" in inspect.signature(config_class.__init__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 __all__ = ["BD3LMConfig", "build_backbone_config"]

@@ -117,6 +117,11 @@ def add_mask_token(model: torch.nn.Module, tokenizer: Any) -> int:
                 "tokenizer; pass the source's own tokenizer (tokenizer=...)."
             )
         if tokenizer.mask_token_id is None:
+            if MASK_TOKEN in tokenizer.get_vocab():
+                raise ValueError(
+                    f"The tokenizer has no mask token but {MASK_TOKEN!r} is one of its ordinary tokens; give it a mask "
+                    "token first (tokenizer.add_special_tokens({'mask_token': ...}) with an unused string)."
+                )
             tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
         mask_id = int(tokenizer.mask_token_id)
     else:

@@ -28,8 +28,8 @@ def _source(family: str, seed: int = 0, tie: bool = False) -> torch.nn.Module:
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**rotary, **common))
+    if family == "llama":  # rope_theta 1e5 as SmolLM2 (transformers 4.57 must read it from `rope_parameters`)
+        model = LlamaForCausalLM(LlamaConfig(**rotary, **common, rope_parameters={"rope_type": "default", "rope_theta": 1e5}))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**rotary, **common))
     elif family == "qwen3":
@@ -200,3 +200,307 @@ def test_dit_config_is_unchanged_by_the_backbone_fields():
     assert not BD3LMForMaskedDiffusion(
         BD3LMConfig(vocab_size=64, hidden_dim=64, cond_dim=16, n_blocks=1, n_heads=4, model_length=8)
     ).is_causal_backbone
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: Trainer, gradient checkpointing, LoRA
+
+
+def _training_args(tmp_path, **overrides):
+    from bd3lm_trainer import BD3LMTrainingArguments
+
+    values = dict(
+        output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3,
+        warmup_steps=0, use_cpu=True, report_to=[], dataloader_num_workers=0, disable_tqdm=True, save_strategy="no",
+        schedule_search=False, seed=0, logging_steps=1,
+    )
+    values.update(overrides)
+    return BD3LMTrainingArguments(**values)
+
+
+def _dataset(rows: int = 8):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": _tokens(rows, LENGTH, seed=11).tolist()})
+
+
+def _fixed_nelbo(model) -> float:
+    """The NELBO of fixed data at fixed noise (common random numbers before and after training)."""
+    x_0 = _tokens(8, LENGTH, seed=11)
+    t = torch.full((8, LENGTH // 4), 0.5)
+    x_t = torch.where(torch.rand(8, LENGTH, generator=torch.Generator().manual_seed(12)) < 0.5, VOCAB, x_0)
+    model.eval()
+    with torch.no_grad():
+        return float(model(input_ids=x_0, noisy_input_ids=x_t, labels=x_0, noise_levels=t).loss)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bd3lm_trainer_lowers_the_nelbo(family, tmp_path):
+    from bd3lm_trainer import BD3LMTrainer
+
+    _, model = _convert(family, 4)
+    before = _fixed_nelbo(model)
+    trainer = BD3LMTrainer(model, _training_args(tmp_path), train_dataset=_dataset())
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert _fixed_nelbo(model) < 0.9 * before
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradient_checkpointing_uses_the_backbone_and_changes_nothing(family):
+    _, model = _convert(family, 4)
+    model.train()
+    x_0 = _tokens(2, LENGTH)
+    t = torch.full((2, LENGTH // 4), 0.7)
+    x_t = torch.where(torch.rand(2, LENGTH, generator=torch.Generator().manual_seed(2)) < 0.7, VOCAB, x_0)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=x_0, noisy_input_ids=x_t, labels=x_0, noise_levels=t).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert model.backbone.base_model.gradient_checkpointing and model.is_gradient_checkpointing
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+    assert grads.keys() == grads_ckpt.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+LORA_EXPECTED = {
+    ("rotary", "attention"): {f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    ("rotary", "attention_mlp"): {f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    | {f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")},
+    ("gpt2", "attention"): {"attn.c_attn", "attn.c_proj"},
+    ("gpt2", "attention_mlp"): {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", ["attention", "attention_mlp"])
+def test_lora_presets_train_save_reload_merge_generate(family, preset, tmp_path):
+    import warnings
+
+    from bd3lm_trainer import LORA_TARGET_MODULES, BD3LMTrainer
+    from peft import LoraConfig, PeftModel
+
+    _, base = _convert(family, 4)
+    base.save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES[preset])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PEFT on GPT-2's Conv1D: "fan_in_fan_out" is set for it
+        trainer = BD3LMTrainer(base, _training_args(tmp_path, max_steps=3, learning_rate=5e-2), train_dataset=_dataset(),
+                               peft_config=lora)
+    trained = trainer.model
+    layers = "backbone.transformer.h" if family == "gpt2" else "backbone.model.layers"
+    expected = LORA_EXPECTED[("gpt2" if family == "gpt2" else "rotary", preset)]
+    assert set(trained.targeted_module_names) == {f"{layers}.{i}.{name}" for i in range(2) for name in expected}
+    trainer.train()
+    assert any(bool(p.abs().sum() > 0) for n, p in trained.named_parameters() if "lora_B" in n)
+    trainer.save_model(str(tmp_path / "adapter"))
+
+    loaded = PeftModel.from_pretrained(BD3LMForMaskedDiffusion.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    loaded.eval()
+    trained.eval()
+    x = _tokens(2, 8, seed=13)
+    with torch.no_grad():
+        expected_logits = trained(input_ids=x).logits
+        peft_logits = loaded(input_ids=x).logits
+        base_logits = BD3LMForMaskedDiffusion.from_pretrained(tmp_path / "base")(input_ids=x).logits
+    torch.testing.assert_close(peft_logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(peft_logits, base_logits, atol=1e-4)
+    kwargs = dict(max_new_tokens=8, do_sample=False, sampler="topk_confidence", eos_token_id=None)
+    generated = loaded.generate(input_ids=x[:, :4], **kwargs)
+    merged = loaded.merge_and_unload()
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, peft_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged.generate(input_ids=x[:, :4], **kwargs), generated)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conversion from folders, tokenizers and bad input
+
+
+def _word_tokenizer(size: int = VOCAB):
+    """A word-level fast tokenizer of `size` tokens "t0".. (t0 = pad, t1 = bos, t2 = eos), with no mask token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3"
+    )
+
+
+def test_from_a_folder_the_tokenizer_gets_a_mask_token_and_is_saved(tmp_path):
+    from transformers import AutoTokenizer
+
+    reference = _source("qwen3", tie=True)
+    reference.save_pretrained(tmp_path / "source")
+    _word_tokenizer().save_pretrained(tmp_path / "source")
+    model = BD3LMForMaskedDiffusion.from_causal_lm(tmp_path / "source", block_size=4, model_length=LENGTH)
+    assert model.tokenizer.mask_token == "<|mask|>" and model.tokenizer.mask_token_id == VOCAB == model.config.mask_token_id
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (1, 2, 0)
+    model.save_pretrained(tmp_path / "bd3lm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "bd3lm")
+    assert tokenizer.mask_token_id == VOCAB and len(tokenizer) == model.config.vocab_size
+    reloaded = BD3LMForMaskedDiffusion.from_pretrained(tmp_path / "bd3lm").eval()
+    assert reloaded.backbone.lm_head.weight.data_ptr() == reloaded.backbone.model.embed_tokens.weight.data_ptr()
+    x = _tokens(2, LENGTH)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_keeps_its_size(tmp_path):
+    source = _source("llama")
+    model = BD3LMForMaskedDiffusion.from_causal_lm(source, 4, tokenizer=_word_tokenizer(80), model_length=LENGTH)
+    assert model.config.mask_token_id == 80 and model.config.vocab_size == VOCAB  # row 80 existed: no resize
+
+
+def test_no_shift_flag_reads_position_i_for_token_i():
+    _, model = _convert("llama", 4, token_shift=False)
+    assert model.config.ignore_bos is False
+    x_0 = _tokens(2, LENGTH)
+    x_t = torch.where(torch.rand(2, LENGTH, generator=torch.Generator().manual_seed(4)) < 0.5, VOCAB, x_0)
+    with torch.no_grad():
+        vectorised = model(input_ids=x_0, noisy_input_ids=x_t).logits
+        for b in range(LENGTH // 4):
+            raw = model(input_ids=torch.cat((x_0[:, : 4 * b], x_t[:, 4 * b : 4 * b + 4]), dim=1)).logits
+            torch.testing.assert_close(vectorised[:, 4 * b : 4 * b + 4], raw[:, 4 * b :], rtol=0, atol=1e-5)
+    prompts = _tokens(2, 5, seed=6)
+    kwargs = dict(max_new_tokens=30, do_sample=True, eos_token_id=None)
+    assert torch.equal(model.generate(prompts, seed=3, **kwargs), model.generate(prompts, seed=3, use_cache=False, **kwargs))
+
+
+def test_encoders_and_encoder_decoders_are_refused(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64)).eval()
+    with pytest.raises(ValueError, match=r"^The source \(BertForMaskedLM.*attends to later tokens"):
+        BD3LMForMaskedDiffusion.from_causal_lm(bert, block_size=4)
+    bert.save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="attends to later tokens"):
+        BD3LMForMaskedDiffusion.from_causal_lm(tmp_path / "bert", block_size=4)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    with pytest.raises(ValueError, match="is an encoder-decoder"):
+        BD3LMForMaskedDiffusion.from_causal_lm(t5, block_size=4)
+    t5.save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match=r"model_type='t5'\) is an encoder-decoder"):
+        BD3LMForMaskedDiffusion.from_causal_lm(tmp_path / "t5", block_size=4)
+    with pytest.raises(ValueError, match="has no LM head; load it with AutoModelForCausalLM"):
+        BD3LMForMaskedDiffusion.from_causal_lm(_source("llama").model, block_size=4)
+
+
+def test_an_attention_that_ignores_the_4d_mask_is_detected_by_the_probe():
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def causal_only(module, query, key, value, attention_mask, **kwargs):
+        # a kernel that applies its own causal mask and drops the one it is given
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+    AttentionInterface.register("causal_only_test", causal_only)
+    source = AutoModelForCausalLM.from_config(_source("llama").config, attn_implementation="causal_only_test")
+    with pytest.raises(ValueError, match=r"ignores a custom 4-D attention mask.*attn_implementation='sdpa'"):
+        BD3LMForMaskedDiffusion.from_causal_lm(source, block_size=4, model_length=LENGTH)
+    # a model built directly from a config is probed on its first forward
+    config = BD3LMConfig(backbone_config=source.config, block_size=4, model_length=LENGTH, mask_token_id=VOCAB - 1)
+    with pytest.raises(ValueError, match="ignores a custom 4-D attention mask"):
+        BD3LMForMaskedDiffusion(config)(input_ids=_tokens(1, 4))
+
+
+def test_bad_sizes_and_tokenizers_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"`block_size`=3 does not divide `model_length`=16"):
+        BD3LMForMaskedDiffusion.from_causal_lm(_source("llama"), block_size=3, model_length=LENGTH)
+    with pytest.raises(ValueError, match=r"`model_length`=128 exceeds the source's max_position_embeddings=64"):
+        BD3LMForMaskedDiffusion.from_causal_lm(_source("llama"), block_size=4, model_length=128)
+    with pytest.raises(ValueError, match=r"The tokenizer has 200 tokens but the model's embedding has 90 rows"):
+        BD3LMForMaskedDiffusion.from_causal_lm(_source("llama"), block_size=4, tokenizer=_word_tokenizer(200))
+    with pytest.raises(ValueError, match="already a BD3-LM"):
+        BD3LMForMaskedDiffusion.from_causal_lm(_convert("llama", 4)[1], block_size=4)
+    backbone = _source("llama").config
+    with pytest.raises(ValueError, match=r"`vocab_size`=91 differs from the backbone's vocab_size=90"):
+        BD3LMConfig(backbone_config=backbone, vocab_size=91, model_length=LENGTH)
+    with pytest.raises(ValueError, match="exceeds the backbone's max_position_embeddings=64"):
+        BD3LMConfig(backbone_config=backbone, model_length=128)
+    with pytest.raises(ValueError, match="needs its `model_type`"):
+        BD3LMConfig(backbone_config={"hidden_size": 32})
+    with pytest.raises(ValueError, match="`ignore_bos=False` cannot hold with `token_shift=True`"):
+        BD3LMConfig(backbone_config=backbone, model_length=LENGTH, ignore_bos=False)
+    with pytest.raises(ValueError, match="sliding-window attention layers"):
+        BD3LMConfig(
+            backbone_config=Qwen2Config(vocab_size=VOCAB, use_sliding_window=True, sliding_window=8, max_window_layers=0,
+                                        num_hidden_layers=2),
+            model_length=LENGTH,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints load with trust_remote_code where this project is not installed (transformers 5.x and 4.57)
+
+REMOTE_CHILD = r"""
+import json, torch, transformers
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM
+for family in json.loads(FAMILIES):
+    folder = ROOT + "/" + family
+    io = load_file(folder + "/io.safetensors")
+    model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        train = model(input_ids=io["x_0"], noisy_input_ids=io["x_t"]).logits
+        sample = model(input_ids=io["x_t"]).logits
+    generated = model.generate(io["x_0"][:, :5], max_new_tokens=8, do_sample=False, eos_token_id=None,
+                               sampler="topk_confidence")
+    assert (train - io["train"]).abs().max() <= 1e-5, family
+    assert (sample - io["sample"]).abs().max() <= 1e-5, family
+    assert torch.equal(generated, io["generated"]), family
+print(transformers.__version__)
+"""
+
+
+def _remote_interpreters():
+    from tests.test_remote_code import _interpreters
+
+    return _interpreters()
+
+
+@pytest.mark.parametrize("python", _remote_interpreters())
+def test_converted_checkpoints_load_with_remote_code_without_this_project(python, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from tests.conftest import run_python_without_project
+
+    if python is None:
+        pytest.fail("BD3LM_REQUIRE_TF4=1 but the transformers 4.57 environment is missing: run tests/make_tf4_env.sh")
+    for family in FAMILIES:
+        # Llama with tied embeddings and rope_theta 1e5 (SmolLM2's): 4.57 must rebuild both from the saved config
+        reference = _source(family, tie=family == "llama")
+        assert family != "llama" or reference.config.rope_parameters["rope_theta"] == 1e5
+        model = BD3LMForMaskedDiffusion.from_causal_lm(reference, block_size=4, model_length=LENGTH)
+        model.save_pretrained(tmp_path / family)
+        x_0 = _tokens(2, LENGTH)
+        x_t = torch.where(torch.rand(2, LENGTH, generator=torch.Generator().manual_seed(2)) < 0.5, VOCAB, x_0)
+        with torch.no_grad():
+            io = {
+                "x_0": x_0,
+                "x_t": x_t,
+                "train": model(input_ids=x_0, noisy_input_ids=x_t).logits,
+                "sample": model(input_ids=x_t).logits,
+                "generated": model.generate(x_0[:, :5], max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                            sampler="topk_confidence"),
+            }
+        save_file({k: v.contiguous() for k, v in io.items()}, tmp_path / family / "io.safetensors")
+    code = REMOTE_CHILD.replace("FAMILIES", repr(json.dumps(FAMILIES))).replace("ROOT", repr(str(tmp_path)))
+    result = run_python_without_project(code, cwd=tmp_path, python=python)
+    assert result.returncode == 0, result.stderr[-3000:]

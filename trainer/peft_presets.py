@@ -15,6 +15,14 @@ constant input while time conditioning is off. The output head is never targeted
 | `"attention_mlp"` | + `mlp.0`, `mlp.2` |
 | `"all"` | + `adaLN_modulation` (also the final layer's) |
 
+A model converted from a causal LM (`BD3LMForMaskedDiffusion.from_causal_lm`) keeps the transformers names of its
+family under `backbone.`; the same presets cover them (the output head is never targeted):
+
+| preset | Llama / Qwen2 / Qwen3 / Mistral / Gemma (`layers.<i>.`) | GPT-2 (`h.<i>.`) |
+|---|---|---|
+| `"attention"` | `self_attn.q_proj`, `k_proj`, `v_proj`, `o_proj` (Phi-3: `qkv_proj`) | `attn.c_attn`, `attn.c_proj` |
+| `"attention_mlp"`, `"all"` | + `mlp.gate_proj`, `up_proj`, `down_proj` (Phi-3: `gate_up_proj`) | + `mlp.c_fc`, `mlp.c_proj` |
+
 Example:
 
 ```python
@@ -30,11 +38,18 @@ from __future__ import annotations
 
 _LAYER = r"(?:.*\.)?blocks\.\d+\."
 
+# Causal-LM backbones: Llama-style decoder layers (`layers.<i>.`) and GPT-2 blocks (`h.<i>.`).
+_CAUSAL_ATTENTION = (
+    r"(?:.*\.)?layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj|qkv_proj)"
+    r"|(?:.*\.)?h\.\d+\.attn\.(?:c_attn|c_proj)"
+)
+_CAUSAL_MLP = r"(?:.*\.)?layers\.\d+\.mlp\.(?:gate_proj|up_proj|down_proj|gate_up_proj)|(?:.*\.)?h\.\d+\.mlp\.(?:c_fc|c_proj)"
+
 LORA_TARGET_MODULES: dict[str, str] = {
-    "attention": _LAYER + r"(?:attn_qkv|attn_out)",
-    "attention_mlp": _LAYER + r"(?:attn_qkv|attn_out|mlp\.0|mlp\.2)",
+    "attention": _LAYER + r"(?:attn_qkv|attn_out)|" + _CAUSAL_ATTENTION,
+    "attention_mlp": _LAYER + r"(?:attn_qkv|attn_out|mlp\.0|mlp\.2)|" + _CAUSAL_ATTENTION + "|" + _CAUSAL_MLP,
     "all": r"(?:" + _LAYER + r"(?:attn_qkv|attn_out|mlp\.0|mlp\.2|adaLN_modulation)"
-    + r"|(?:.*\.)?output_layer\.adaLN_modulation)",
+    + r"|(?:.*\.)?output_layer\.adaLN_modulation)|" + _CAUSAL_ATTENTION + "|" + _CAUSAL_MLP,
 }
 
 
