@@ -39,7 +39,7 @@ def test_every_stage_writes_its_results(study):
         assert math.isfinite(final["heldout"]["ppl"]) and final["heldout"]["chunks"] == QUICK.eval_chunks
     lora = results["methods"]["lora"]["ledger"]["trainable_parameters"]
     assert 0 < lora < results["methods"]["full"]["ledger"]["trainable_parameters"]
-    assert results["converted"]["full_sweep"] and "speed" not in results["converted"]
+    assert not results["converted"]["full_sweep"] and "speed" not in results["converted"]
     assert len(results["targets"]) == 6
     tables = (root / "out" / "tables.md").read_text()
     assert "## Targets" in tables and "## Decode speed, lora" in tables

@@ -91,14 +91,15 @@ class AdaptConfig:
     speed_repeats: int = 3
 
     def settings(self, final: bool) -> list[Setting]:
-        """Every sampler setting at the last checkpoint and before training; a core subset at the others."""
+        """Every sampler setting at the last checkpoint; a core subset (on the first seed) before training and at the
+        intermediate checkpoints, where CPU time is scarce."""
         every = [Setting("first_hitting")]
         for do_sample in (True, False):
             every += [Setting("confidence_threshold", t, do_sample) for t in self.thresholds]
             every += [Setting("topk_confidence", k, do_sample) for k in self.topk]
         if final:
             return every
-        core = {"one_sampled", "thr0.5_sampled", "thr0.3_sampled", "top2_sampled", "thr0.9_greedy", "thr0.5_greedy"}
+        core = {"thr0.5_sampled", "top2_sampled", "thr0.9_greedy", "thr0.5_greedy"}
         return [s for s in every if s.name in core]
 
 
@@ -164,7 +165,15 @@ def run_source(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
     """The unadapted model on its own (see the module docstring); written to `work_dir/source.json`."""
     path = work_dir / "source.json"
     if path.exists():
-        return json.loads(path.read_text())
+        out = json.loads(path.read_text())
+        if out["heldout"]["chunks"] == cfg.eval_chunks:
+            return out
+        # The held-out set changed size: only the AR NLL of the new chunks is measured again.
+        source, tokenizer = load_source(cfg)
+        ar = measures.ar_nll_per_chunk(source, heldout(cfg, tokenizer), cfg.eval_batch_size)
+        out["heldout"] = {**measures.summarise_nll(ar, cfg.model_length - 1), "per_chunk": ar.tolist()}
+        write(path, out)
+        return out
     torch.set_num_threads(cfg.threads)
     start, cpu = time.perf_counter(), time.process_time()
     source, tokenizer = load_source(cfg)
@@ -397,9 +406,10 @@ def evaluate(
             f"entropy {r['unigram_entropy']:.2f}")  # fmt: skip
     if with_speed:
         refs = {n: source_result["samples"][n]["gen_ppl"] for n in ("ar_sampled", "ar_greedy")}
-        fast = {n for n, r in out["samples"].items()
-                if r["tokens_per_call"] > 1.0 and r["gen_ppl"] <= 1.5 * refs[reference_name(n)]}  # fmt: skip
-        chosen = [s for s in cfg.settings(True) if s.name in fast or s.name in ("thr0.9_greedy", "one_sampled")]
+        good = [(r["tokens_per_call"], n) for n, r in out["samples"].items()
+                if r["tokens_per_call"] > 1.0 and r["gen_ppl"] <= 1.5 * refs[reference_name(n)]]  # fmt: skip
+        fastest = {n for _, n in sorted(good, reverse=True)[:3]}  # the most parallel settings within the bar
+        chosen = [s for s in cfg.settings(True) if s.name in fastest or s.name in ("thr0.9_greedy", "one_sampled")]
         out["speed"] = speed(cfg, source, tokenizer, model, chosen)
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
     return out
@@ -422,7 +432,8 @@ def run_eval(cfg: AdaptConfig, method: str, work_dir: Path, follow: bool = False
     if not (work_dir / "converted.json").exists():
         log("evaluating the converted model before training")
         model = load_adapted(cfg, method, None, source, tokenizer)
-        write(work_dir / "converted.json", evaluate(cfg, model, source, tokenizer, chunks, source_result, True, False))
+        result = evaluate(cfg, model, source, tokenizer, chunks, source_result, False, False)
+        write(work_dir / "converted.json", result)
         del model
     while True:
         ledger = json.loads((folder / "ledger.json").read_text()) if (folder / "ledger.json").exists() else {}
