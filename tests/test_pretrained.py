@@ -79,3 +79,28 @@ def test_the_real_model_knows_paris() -> None:
     inputs = tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False)
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert tokenizer.decode(out[0, inputs["input_ids"].shape[1] :]).startswith(" Paris")
+
+
+def test_fidelity_second_judge_retokenises_with_the_smollm2_tokenizer() -> None:
+    """The fidelity study's second judge scores the decoded text re-tokenised by SmolLM2's tokenizer, framed by
+    `<|endoftext|>` (a tiny random Llama with SmolLM2's vocabulary stands in for the 135M model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bd3lm_trainer.corpus import load_tokenizer
+    from bench.fidelity.measures import judge_samples
+
+    _, judge_tokenizer = load_smollm2(tokenizer_only=True)
+    judge_tokenizer.bos_token = judge_tokenizer.eos_token = judge_tokenizer.pad_token = "<|endoftext|>"
+    torch.manual_seed(0)
+    judge = LlamaForCausalLM(LlamaConfig(vocab_size=len(judge_tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()  # fmt: skip
+    corpus_tokenizer = load_tokenizer()
+    text = "And God said, Let there be light: and there was light."
+    sample = [corpus_tokenizer.bos_token_id, *corpus_tokenizer(text, add_special_tokens=False)["input_ids"]]
+    judged = judge_samples([sample], judge, corpus_tokenizer, 4, judge_tokenizer=judge_tokenizer)
+    ids = [judge_tokenizer.eos_token_id, *judge_tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert judge_tokenizer.eos_token_id == 0 and judged["judge_tokens"] == len(ids) - 1
+    with torch.no_grad():
+        logits = judge(input_ids=torch.tensor([ids])).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+    assert judged["gen_ppl"] == pytest.approx(float(nll.exp()), rel=1e-5)
