@@ -42,7 +42,8 @@ def test_every_stage_writes_its_results(study):
     assert not results["converted"]["full_sweep"] and "speed" not in results["converted"]
     assert len(results["targets"]) == 6
     tables = (root / "out" / "tables.md").read_text()
-    assert "## Targets" in tables and "## Decode speed, lora" in tables
+    assert "## Targets" in tables and "## Decode speed, lora" in tables and "## Profile" in tables
+    assert set(results["profile"]) == {"converted", "lora checkpoint-4", "full checkpoint-4"}
     for name in ("training.png", "genppl_vs_tokens_per_call.png"):
         assert (root / "out" / name).is_file()
 
@@ -94,6 +95,22 @@ def test_samples_have_exactly_the_new_tokens_and_no_special_token(tiny):
     ar = measures.ar_samples(source, tokenizer, ["And God said,", "To be"], 8, True, 0.9, 1.0, seed=0)
     assert [len(c) for c in ar["continuations"]] == [8, 8]
     assert not specials & {t for c in ar["continuations"] for t in c}
+
+
+def test_profile_of_a_one_token_block_model_is_the_ar_loss(tiny):
+    """At L'=1 with token shift, a masked block of one token is predicted from the clean prefix alone: every column of
+    the profile is the source's AR NLL."""
+    import copy
+
+    source, tokenizer = tiny
+    cfg = __import__("dataclasses").replace(QUICK, block_size=1)
+    model = convert(cfg, copy.deepcopy(source), tokenizer)
+    chunks = [list(range(5, 5 + 16)), list(range(300, 316))]
+    ar = measures.ar_token_nll(source, chunks, 2)
+    profile = measures.block_position_profile(model, chunks, 2, ar)
+    assert profile["all_masked"] == pytest.approx(profile["ar"], abs=1e-5)
+    assert profile["left_revealed"] == pytest.approx(profile["ar"], abs=1e-5)
+    assert profile["ar"] == pytest.approx(float(ar.mean()), abs=1e-9)  # tokens 1.. (blocks 1.. at L'=1)
 
 
 def test_settings_map_to_generate_arguments():

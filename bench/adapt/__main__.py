@@ -3,6 +3,7 @@
 python -m bench.adapt                                  # every stage: source, train (LoRA, full), eval, report
 python -m bench.adapt --stage train --methods lora     # one stage of one method (two trainings can run at once)
 python -m bench.adapt --quick --work-dir /tmp/a --output-dir /tmp/a/results   # the smoke test's reduced study
+python -m bench.adapt --stage profile                  # loss by position in the block (where BD3 loses to AR)
 python -m bench.adapt --stage report                   # rewrite results/ from the work folder's JSON files
 python -m bench.adapt --methods lora --stage ship      # (train LoRA and) copy its adapter into the package
 
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("source", "train", "eval", "report", "ship")
+STAGES = ("source", "train", "eval", "profile", "report", "ship")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         study.run_training(cfg, method, work_dir)
     for method in cfg.methods if "eval" in stages else ():
         study.run_eval(cfg, method, work_dir, follow=args.follow)
+    if "profile" in stages:
+        study.run_profile(cfg, work_dir)
     if "report" in stages:
         from .report import write_report
 

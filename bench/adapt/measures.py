@@ -91,6 +91,59 @@ def paired_ratio(sums_a: torch.Tensor, sums_b: torch.Tensor, tokens_per_chunk: i
     return {"ratio": math.exp(diff["nll"]), "diff": diff["nll"], "diff_se": diff["nll_se"]}
 
 
+@torch.no_grad()
+def ar_token_nll(model, chunks: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+    """-log p(x_i | x_<i) of every token i >= 1 under a causal LM, `(chunks, length - 1)` float64."""
+    model.eval()
+    rows = []
+    for start in range(0, len(chunks), batch_size):
+        ids = _stack(chunks[start : start + batch_size])
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        rows.append(F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").double())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def block_position_profile(model, chunks: Sequence[Sequence[int]], batch_size: int, ar_nll: torch.Tensor) -> dict:
+    """Where the BD3-LM loses to the AR model, by offset k of a token in its block (blocks 1.. of every chunk; block 0
+    stays clean). Mean -log p_θ(x_k | x_t, clean earlier blocks) from the vectorised `x_t ⊕ x_0` pass when
+
+    * `all_masked`: the whole block is masked (the first call on a fresh block: what confidence decoding chooses from);
+    * `left_revealed`: the tokens before k in the block are clean, the rest masked (left-to-right decoding, one token
+      per call: k = 0 is the AR position);
+
+    beside the AR model's -log p(x_k | x_<k) on the same tokens (`ar_nll`: `ar_token_nll` of the same chunks)."""
+    model.eval()
+    size, mask_id = model.config.block_size, model.config.mask_token_id
+    x0 = _stack(chunks)
+    length = x0.shape[1]
+    offset = torch.arange(length) % size
+    scored = torch.arange(length) >= size  # blocks 1..
+
+    def nll(x_t: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, len(x0), batch_size):
+            logits = model(input_ids=x0[start : start + batch_size], noisy_input_ids=x_t[start : start + batch_size])
+            logp = logits.logits.float().log_softmax(-1)
+            out.append(-logp.gather(-1, x0[start : start + batch_size, :, None])[..., 0].double())
+        return torch.cat(out)
+
+    all_masked = nll(torch.where(scored, torch.full_like(x0, mask_id), x0))
+    left = torch.zeros_like(all_masked)
+    for k in range(size):
+        x_t = torch.where(scored & (offset >= k), torch.full_like(x0, mask_id), x0)
+        left[:, offset == k] = nll(x_t)[:, offset == k]
+    ar = torch.cat((torch.zeros(len(x0), 1, dtype=torch.float64), ar_nll), dim=1)  # ar_nll starts at token 1
+    rows = []
+    for k in range(size):
+        sel = scored & (offset == k)
+        rows.append({"offset": k, "all_masked": float(all_masked[:, sel].mean()),
+                     "left_revealed": float(left[:, sel].mean()), "ar": float(ar[:, sel].mean()),
+                     "tokens": int(sel.sum()) * len(x0)})  # fmt: skip
+    return {"by_offset": rows, "all_masked": float(all_masked[:, scored].mean()),
+            "left_revealed": float(left[:, scored].mean()), "ar": float(ar[:, scored].mean())}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts and sampling
 
@@ -256,6 +309,8 @@ __all__ = [
     "Setting",
     "ar_nll_per_chunk",
     "ar_samples",
+    "ar_token_nll",
+    "block_position_profile",
     "bd3_nelbo_per_chunk",
     "bd3_samples",
     "decode_speed",

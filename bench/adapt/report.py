@@ -31,8 +31,9 @@ def gather(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
     """Every stage's JSON under one dict: `source`, `converted`, and per method its ledger and checkpoint evals."""
     source = json.loads((work_dir / "source.json").read_text())
     out: dict[str, Any] = {"meta": meta(), "config": cfg, "source": source, "methods": {}}
-    if (work_dir / "converted.json").exists():
-        out["converted"] = json.loads((work_dir / "converted.json").read_text())
+    for name in ("converted", "profile"):
+        if (work_dir / f"{name}.json").exists():
+            out[name] = json.loads((work_dir / f"{name}.json").read_text())
     for method in ("lora", "full"):
         folder = work_dir / method
         if not (folder / "ledger.json").exists():
@@ -164,6 +165,17 @@ def tables(results: dict[str, Any]) -> str:
             for name, row in timing.items():
                 lines.append(f"| {batch} | {name} | {_f(row['tokens_per_call'])} | {_f(row['tokens_per_s'], 1)} | "
                              f"{_f(row['speedup_vs_ar'])}x |")  # fmt: skip
+    if results.get("profile"):
+        lines += ["", "## Profile: loss by position in the block (nats/token, held-out chunks, blocks 1..)", "",
+                  "`all masked`: the whole block masked (a fresh block's first call); `left revealed`: the tokens "
+                  "before it clean (left-to-right decoding); AR: the source on the same tokens.", "",
+                  "| model | offset k | all masked | left revealed | AR |", "|---|---|---|---|---|"]  # fmt: skip
+        for name, prof in results["profile"].items():
+            for r in prof["by_offset"]:
+                lines.append(f"| {name} | {r['offset']} | {_f(r['all_masked'], 3)} | {_f(r['left_revealed'], 3)} | "
+                             f"{_f(r['ar'], 3)} |")  # fmt: skip
+            lines.append(f"| {name} | all | {_f(prof['all_masked'], 3)} | {_f(prof['left_revealed'], 3)} | "
+                         f"{_f(prof['ar'], 3)} |")  # fmt: skip
     lines += ["", "## Targets", "", "| method | target | value | met |", "|---|---|---|---|"]
     for t in targets(results):
         met = "**met**" if t["met"] else "missed"

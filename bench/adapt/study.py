@@ -469,6 +469,34 @@ def run_eval(cfg: AdaptConfig, method: str, work_dir: Path, follow: bool = False
         time.sleep(30)
 
 
+def run_profile(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
+    """The by-offset loss profile (`measures.block_position_profile`) of the converted model and of the last
+    checkpoint of each finished training, into `work_dir/profile.json` (models already profiled are kept)."""
+    torch.set_num_threads(cfg.threads)
+    path = work_dir / "profile.json"
+    out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    todo: list[tuple[str, str, Path | None]] = [("converted", "lora", None)]
+    for method in cfg.methods:
+        found = checkpoints(work_dir / method)
+        if found:
+            todo.append((f"{method} {found[-1].name}", method, found[-1]))
+    todo = [t for t in todo if t[0] not in out]
+    if not todo:
+        return out
+    source, tokenizer = load_source(cfg)
+    chunks = heldout(cfg, tokenizer)
+    ar = measures.ar_token_nll(source, chunks, cfg.eval_batch_size)
+    for name, method, ckpt in todo:
+        model = load_adapted(cfg, method, ckpt, source, tokenizer)
+        out[name] = measures.block_position_profile(model, chunks, cfg.eval_batch_size, ar)
+        log(f"profile {name}: " + ", ".join(
+            f"k={r['offset']} all-masked {r['all_masked']:.2f} left-revealed {r['left_revealed']:.2f} AR {r['ar']:.2f}"
+            for r in out[name]["by_offset"]))  # fmt: skip
+        write(path, out)
+        del model
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The shipped adapter
 
