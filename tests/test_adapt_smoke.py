@@ -180,3 +180,23 @@ def test_cpu_budget_resumes_from_the_checkpoint_ledger(tmp_path, monkeypatch):
     callback.on_step_end(None, state, control)
     assert control.should_save and control.should_training_stop
 
+
+
+def test_converting_twice_with_one_tokenizer_without_a_mask_token():
+    """The evaluation converts a fresh copy of the source for every checkpoint with the same tokenizer: the conversion
+    must not leave `<|mask|>` in it (SmolLM2's tokenizer has no mask token; a tiny Llama with its vocabulary here)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bd3lm_trainer.pretrained import load_smollm2
+
+    _, tokenizer = load_smollm2(tokenizer_only=True)
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()  # fmt: skip
+    first = convert(QUICK, copy.deepcopy(source), tokenizer)
+    second = convert(QUICK, copy.deepcopy(source), tokenizer)
+    assert tokenizer.mask_token is None and len(tokenizer) == 49152
+    assert first.config.mask_token_id == second.config.mask_token_id == 49152
+    assert torch.equal(first.get_input_embeddings().weight, second.get_input_embeddings().weight)

@@ -142,10 +142,14 @@ def load_source(cfg: AdaptConfig) -> tuple[Any, Any]:
 def convert(cfg: AdaptConfig, source, tokenizer):
     """The source as a BD3-LM at `cfg.block_size` (token shift: output i-1 predicts token i), with the training noise
     interval; the tokenizer gains `<|mask|>` when it has none. Deterministic: the same source gives the same model."""
+    import copy
+
     from modeling_bd3lm import BD3LMForMaskedDiffusion
 
+    # A copy: the conversion adds `<|mask|>` to the tokenizer it gets, and the next conversion of a fresh source in
+    # this process needs the source's own tokenizer again (the new token is never decoded or judged).
     model = BD3LMForMaskedDiffusion.from_causal_lm(
-        source, block_size=cfg.block_size, tokenizer=tokenizer, model_length=cfg.model_length
+        source, block_size=cfg.block_size, tokenizer=copy.deepcopy(tokenizer), model_length=cfg.model_length
     )
     model.set_noise_interval(*cfg.noise_interval)
     return model
