@@ -34,7 +34,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache_bd3lm import CACHE_FIELD, check_cache
-from .checks_bd3lm import check_attention_mask, check_token_ids
+from .checks_bd3lm import check_attention_mask, check_token_ids, padded_keys
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .outputs_bd3lm import BD3LMOutput
 
@@ -156,13 +156,15 @@ def vectorised_forward(
     input_ids: torch.LongTensor,
     noisy_input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None,
-    output_hidden_states: bool,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    output_hidden_states: bool | list[int],
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
     """Logits `(batch, L, vocab)` of the vectorised `x_t ⊕ x_0` pass, aligned with the tokens (row i predicts token
-    i; under the shift row 0 is uniform) and the `x_t` half of the hidden states."""
+    i; under the shift row 0 is uniform), the `x_t` half of the hidden states and the attention weights of the `x_t`
+    queries over all 2L keys (as the DiT returns them)."""
     batch, seq_len = input_ids.shape
     device = input_ids.device
-    key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+    key_padding = padded_keys(attention_mask)  # value-dependent only in eager mode (export, compile)
     positions = token_positions(key_padding, batch, seq_len, device).repeat(1, 2)
     if key_padding is not None:
         key_padding = key_padding.repeat(1, 2)
@@ -179,14 +181,18 @@ def vectorised_forward(
         position_ids=positions,
         use_cache=False,
         output_hidden_states=output_hidden_states,
+        **({"output_attentions": True} if output_attentions else {}),
         return_dict=True,
     )
     if config.token_shift:
         logits = torch.cat((logits.new_zeros((batch, 1, logits.shape[-1])), logits), dim=1)
     hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
-    if hidden is not None:
-        hidden = tuple(h[:, :seq_len] for h in hidden)
-    return logits, hidden
+    if hidden is not None:  # entries not asked for (`output_hidden_states` a list of layer indices) are None
+        hidden = tuple(None if h is None else h[:, :seq_len] for h in hidden)
+    attentions = getattr(out, "attentions", None) if output_attentions else None
+    if attentions is not None:
+        attentions = tuple(w[:, :, :seq_len] for w in attentions)
+    return logits, hidden, attentions
 
 
 def sampling_forward(
@@ -196,8 +202,9 @@ def sampling_forward(
     attention_mask: torch.Tensor | None,
     past_key_values: Cache | None,
     use_cache: bool | None,
-    output_hidden_states: bool,
-) -> tuple[torch.Tensor, Cache | None, tuple[torch.Tensor, ...] | None]:
+    output_hidden_states: bool | list[int],
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, Cache | None, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
     """Raw logits of the block-causal sampling pass over `input_ids` after the committed tokens of `past_key_values`
     (under the shift row j predicts token j + 1). With `use_cache` this call's keys and values are committed;
     otherwise the cache is left as it was (the backbone writes them, they are cropped again)."""
@@ -211,7 +218,7 @@ def sampling_forward(
             f"The window ({past_len} cached + {seq_len} new tokens) is longer than `model_length`="
             f"{config.model_length}; generate() slides a window (re-prefilling it for a causal backbone)."
         )
-    key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+    key_padding = padded_keys(attention_mask)  # value-dependent only in eager mode (export, compile)
     positions = token_positions(key_padding, batch, past_len + seq_len, device)[:, past_len:]
     if attention_implementation(backbone) == "flex_attention":
         allowed = block_causal_mask(seq_len, config.block_size, past_len, device)
@@ -229,12 +236,14 @@ def sampling_forward(
         **{_cache_kwarg(backbone): past_key_values},
         use_cache=past_key_values is not None,
         output_hidden_states=output_hidden_states,
+        **({"output_attentions": True} if output_attentions else {}),
         return_dict=True,
     )
     if past_key_values is not None and not use_cache:
         past_key_values.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
     hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
-    return out.logits, past_key_values, hidden
+    attentions = getattr(out, "attentions", None) if output_attentions else None
+    return out.logits, past_key_values, hidden, attentions
 
 
 def causal_backbone_forward(
@@ -244,16 +253,20 @@ def causal_backbone_forward(
     attention_mask: torch.Tensor | None,
     past_key_values: Cache | None,
     use_cache: bool | None,
-    output_hidden_states: bool | None,
+    output_hidden_states: bool | list[int] | None,
+    output_attentions: bool | None = None,
 ) -> BD3LMOutput:
     """Both passes of `BD3LMForMaskedDiffusion.forward` through its causal-LM backbone, after checking once per
-    attention kernel (on the first forward) that the backbone honours a custom 4-D mask."""
+    attention kernel (on the first forward) that the backbone honours a custom 4-D mask. Attention weights come from
+    the backbone itself: its eager kernel returns them, its fused kernels refuse (transformers' own error)."""
     config, backbone = model.config, model.backbone
     implementation = getattr(backbone.config, "_attn_implementation", None)
     if model._probed_attention != implementation and not torch.compiler.is_compiling():
         check_backbone_attention(backbone)
         model._probed_attention = implementation
-    output_hidden_states = bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states)
+    # True, False, or a list of layer indices, which transformers' backbones capture selectively: passed on as is.
+    output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+    output_attentions = bool(config.output_attentions if output_attentions is None else output_attentions)
     if past_key_values is not None:
         check_cache(past_key_values, input_ids.shape[0])
     if noisy_input_ids is None:
@@ -265,10 +278,11 @@ def causal_backbone_forward(
                 (input_ids.shape[0], past_len + input_ids.shape[1]),
                 f"one column per token of the window: {past_len} cached + {input_ids.shape[1]} new",
             )
-        logits, cache, hidden = sampling_forward(
-            backbone, config, input_ids, attention_mask, past_key_values, use_cache, output_hidden_states
+        logits, cache, hidden, attentions = sampling_forward(
+            backbone, config, input_ids, attention_mask, past_key_values, use_cache, output_hidden_states,
+            output_attentions,
         )
-        return BD3LMOutput(logits=logits, hidden_states=hidden, **{CACHE_FIELD: cache})
+        return BD3LMOutput(logits=logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: cache})
     if past_key_values is not None or use_cache:
         raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
     check_token_ids("noisy_input_ids", noisy_input_ids, config.vocab_size)
@@ -277,10 +291,10 @@ def causal_backbone_forward(
             f"`noisy_input_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
             f"{tuple(noisy_input_ids.shape)}."
         )
-    logits, hidden = vectorised_forward(
-        backbone, config, input_ids, noisy_input_ids.long(), attention_mask, output_hidden_states
+    logits, hidden, attentions = vectorised_forward(
+        backbone, config, input_ids, noisy_input_ids.long(), attention_mask, output_hidden_states, output_attentions
     )
-    return BD3LMOutput(logits=logits, hidden_states=hidden, **{CACHE_FIELD: None})
+    return BD3LMOutput(logits=logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: None})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -325,7 +339,14 @@ def check_backbone_attention(backbone: torch.nn.Module) -> None:
         out = _probe_outputs(backbone, tokens, mask)
     finally:
         backbone.train(was_training)
-    if _differs(out[0, 1], out[1, 1]) or not _differs(out[0, 0], out[2, 0]):
+    # Scale-free verdict: a freshly initialised network (or one with large norm epsilons) has outputs that depend
+    # only faintly on other tokens, so the differences are compared with each other and with the outputs' own
+    # magnitude, never with a fixed floor. Honoured: position 0 sees token 1 (`seen` > 0) while position 1 is blind
+    # to token 0 (`leaked` ≈ 0, exactly 0 in practice: masked keys get weight 0).
+    scale = float(out.abs().max())
+    seen = float((out[0, 0] - out[2, 0]).abs().max())
+    leaked = float((out[0, 1] - out[1, 1]).abs().max())
+    if not (seen > 1e-6 * scale and leaked <= 1e-3 * seen):
         raise ValueError(
             f"The attention of {type(backbone).__name__} (attn_implementation={implementation!r}) ignores a custom "
             f"4-D attention mask, which block diffusion needs; load it with attn_implementation="

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 # Official `attn_backend` values and our HF `attn_implementation` names, both accepted.
 _ATTN_BACKENDS = {
@@ -215,17 +215,15 @@ class BD3LMConfig(PretrainedConfig):
             if kwargs.get("output_attentions"):
                 # Attention weights exist only in the eager kernel: asking for them picks it, as for HF's own models.
                 kwargs["attn_implementation"] = "eager"
-            elif backbone_config is not None:
+            elif backbone_config is not None and getattr(backbone_config, "_attn_implementation", None):
                 # One attention kernel for the whole model: the backbone runs the attention.
-                kwargs["attn_implementation"] = (
-                    getattr(backbone_config, "_attn_implementation", None) or _ATTN_BACKENDS[attn_backend]
-                )
+                kwargs["attn_implementation"] = backbone_config._attn_implementation
             elif _ATTN_BACKENDS[attn_backend] != "sdpa":
                 kwargs["attn_implementation"] = _ATTN_BACKENDS[attn_backend]
             # "sdpa" is transformers' own default: left unset, the model picks it when built, and setting
             # `config.output_attentions = True` later can still select eager (as for Llama).
         if backbone_config is not None:
-            backbone_config._attn_implementation = kwargs["attn_implementation"]
+            backbone_config._attn_implementation = kwargs.get("attn_implementation")
         # The official output head is not tied; a causal backbone ties (or not) inside itself, by its own config.
         kwargs.setdefault("tie_word_embeddings", False)
         self.validate_bd3lm()  # before the base class, which may already derive values (head_dim) from the fields
@@ -251,6 +249,13 @@ class BD3LMConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
         """`PretrainedConfig.from_dict`, then the checks of `validate_bd3lm`: overrides passed to `from_pretrained`
         (`BD3LMConfig.from_pretrained(path, n_heads=5)`) are set after construction and would not be checked."""
+        model_type = config_dict.get("model_type")
+        if model_type not in (None, cls.model_type):
+            # A plain causal LM's folder (Llama, Qwen3, ...): its fields are not BD3-LM fields.
+            raise ValueError(
+                f"This config is a {model_type!r} model's, not a BD3-LM's; convert the model with "
+                "BD3LMForMaskedDiffusion.from_causal_lm(path, block_size=...)."
+            )
         result = super().from_dict(config_dict, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
         config.validate_bd3lm()
@@ -373,6 +378,13 @@ class BD3LMConfig(PretrainedConfig):
                 "`sampling_eps_min` and `sampling_eps_max` must satisfy 0 <= min <= max <= 1, got "
                 f"({self.sampling_eps_min}, {self.sampling_eps_max})."
             )
+
+    @property
+    def sub_configs(self) -> dict[str, type]:
+        """The causal-LM backbone's config as a sub-config, as transformers' composite models declare theirs: setting
+        `config._attn_implementation` (or `model.set_attn_implementation`) and `dtype` then reach the backbone too.
+        Empty for the DiT (transformers 4.57 would try to diff a `None` sub-config when saving)."""
+        return {"backbone_config": AutoConfig} if getattr(self, "backbone_config", None) is not None else {}
 
     @property
     def is_causal_backbone(self) -> bool:

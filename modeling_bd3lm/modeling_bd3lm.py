@@ -486,6 +486,26 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         else:
             self.backbone.output_layer.linear = value
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Module:
+        """`PreTrainedModel.resize_token_embeddings` (input table and untied head together), keeping `config.vocab_size`
+        and a causal backbone's own `vocab_size` equal (the backbone resizes itself, re-tying its head when its config
+        ties). The mask token must keep its row: a size at or below `mask_token_id` is refused."""
+        size = self.get_input_embeddings().weight.shape[0] if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        if size <= self.config.mask_token_id:
+            raise ValueError(
+                f"resize_token_embeddings({new_num_tokens}) would drop the mask token (id {self.config.mask_token_id}); "
+                f"keep at least {self.config.mask_token_id + 1} rows."
+            )
+        if not self.is_causal_backbone:
+            return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        embeddings = self.backbone.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.config.vocab_size = self.vocab_size = self.backbone.config.vocab_size
+        return embeddings
+
     @property
     def mask_token_id(self) -> int:
         return self.config.mask_token_id
@@ -648,13 +668,9 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 noisy_input_ids, noise_levels = self.draw_noise(input_ids, attention_mask, noise_levels, generator)
 
         if self.is_causal_backbone:
-            if output_attentions:
-                raise ValueError(
-                    "`output_attentions=True` is not supported with a causal-LM backbone; call "
-                    "`model.backbone(...)` with `output_attentions=True` to read its attention weights."
-                )
             outputs = causal_backbone_forward(
-                self, input_ids, noisy_input_ids, attention_mask, past_key_values, use_cache, output_hidden_states
+                self, input_ids, noisy_input_ids, attention_mask, past_key_values, use_cache, output_hidden_states,
+                output_attentions,
             )
         else:
             outputs = self.backbone(

@@ -194,6 +194,48 @@ def test_conversion_moves_the_weights_and_adds_the_mask_row_as_the_mean():
     assert sorted(model.state_dict())[:2] == ["backbone.lm_head.weight", "backbone.model.embed_tokens.weight"]
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_resize_token_embeddings_on_a_converted_model_adds_a_token_and_generation_still_works(tie, tmp_path):
+    """The DiT's resizable `nn.Embedding` and the causal backbone's get/set_input/output_embeddings together: adding a
+    token after conversion keeps the config, the backbone config and the mask token in step, leaves every old logit
+    unchanged, survives save/load, and generation (the new token suppressed) is what it was before."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    _, model = _convert("llama", 4, tie=tie)
+    prompt = _tokens(2, 4, seed=7)
+    x_0 = _tokens(2, LENGTH, seed=8)
+    x_t = torch.where(torch.rand(2, LENGTH, generator=torch.Generator().manual_seed(9)) < 0.5, VOCAB, x_0)
+    with torch.no_grad():
+        before = model(input_ids=x_0, noisy_input_ids=x_t).logits
+    generated = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+
+    model.resize_token_embeddings(VOCAB + 2)  # one token after the mask token
+    new_id = VOCAB + 1
+    assert model.config.vocab_size == model.backbone.config.vocab_size == VOCAB + 2
+    assert model.config.backbone_config is model.backbone.config and model.config.mask_token_id == VOCAB
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == VOCAB + 2
+    tied = model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    assert tied == tie
+    with torch.no_grad():
+        after = model(input_ids=x_0, noisy_input_ids=x_t).logits
+    assert after.shape[-1] == VOCAB + 2 and torch.equal(after[..., : VOCAB + 1], before)
+    suppress = LogitsProcessorList([SuppressTokensLogitsProcessor([new_id])])
+    again = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, logits_processor=suppress)
+    assert torch.equal(again, generated)
+    # the new token is an ordinary input: a prompt holding it generates, and the vocabulary covers the output
+    with_new = model.generate(torch.cat((prompt, torch.full((2, 1), new_id)), 1)[:, 1:], max_new_tokens=8,
+                              do_sample=False, eos_token_id=None)
+    assert with_new.shape == (2, 12) and int(with_new.max()) < VOCAB + 2 and not bool((with_new[:, 4:] == VOCAB).any())
+
+    model.save_pretrained(tmp_path)
+    reloaded = BD3LMForMaskedDiffusion.from_pretrained(tmp_path).eval()
+    assert reloaded.config.vocab_size == reloaded.backbone.config.vocab_size == VOCAB + 2
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x_0, noisy_input_ids=x_t).logits, after)
+    with pytest.raises(ValueError, match=r"would drop the mask token \(id 90\); keep at least 91 rows"):
+        model.resize_token_embeddings(VOCAB)
+
+
 def test_dit_config_is_unchanged_by_the_backbone_fields():
     config = BD3LMConfig()
     assert config.backbone_config is None and config.vocab_size == 50258 and config.ignore_bos is False

@@ -337,12 +337,26 @@ def generate_samples(
     return {"sequences": sequences, "nfe": nfe, "new_tokens": new_tokens, "seconds": time.perf_counter() - start}
 
 
-def judge_samples(samples: Sequence[Sequence[int]], judge: CausalJudge, tokenizer: Any, batch_size: int) -> dict:
-    """Generative perplexity of token-id samples under the study's AR judge (corpus-level exp-mean NLL, EOS targets
-    excluded, sliding window over the judge's context), its approximate standard error over samples, and the mean
-    unigram entropy (low entropy flags repetitive samples that a judge rewards)."""
+def judge_samples(
+    samples: Sequence[Sequence[int]],
+    judge: Any,
+    tokenizer: Any,
+    batch_size: int,
+    judge_tokenizer: Any = None,
+) -> dict:
+    """Generative perplexity of token-id samples under a judge (corpus-level exp-mean NLL, EOS targets excluded,
+    sliding window over the judge's context), its approximate standard error over samples, and the mean unigram
+    entropy of the samples' own tokens (low entropy flags repetitive samples that a judge rewards).
+
+    The judge is the study's AR model (`CausalJudge`, same tokenizer) or, with `judge_tokenizer`, any causal LM: the
+    samples are then decoded and re-tokenised with its tokenizer (e.g. SmolLM2-135M, `smollm2_judge()`).
+    """
     result = generative_perplexity(
-        list(samples), judge=judge, judge_tokenizer=tokenizer, tokenizer=tokenizer, batch_size=batch_size
+        list(samples),
+        judge=judge,
+        judge_tokenizer=judge_tokenizer or tokenizer,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
     )
     logs = torch.tensor([math.log(p) for p in result.per_sample_ppl if not math.isnan(p)], dtype=torch.float64)
     se = float(logs.std() / math.sqrt(len(logs))) if len(logs) > 1 else float("nan")
@@ -354,3 +368,14 @@ def judge_samples(samples: Sequence[Sequence[int]], judge: CausalJudge, tokenize
         "num_samples": result.num_samples,
         "judge_tokens": result.num_tokens,
     }
+
+
+def smollm2_judge() -> tuple[Any, Any]:
+    """SmolLM2-135M (`bd3lm_trainer.pretrained`) as an independent judge: `(model, tokenizer)` with the tokenizer's
+    BOS/EOS set to `<|endoftext|>`, the document separator it was pre-trained with (the GGUF's instruct tokenizer
+    uses the chat markers), so that a sample's documents are framed as in pre-training."""
+    from bd3lm_trainer.pretrained import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    tokenizer.bos_token = tokenizer.eos_token = tokenizer.pad_token = "<|endoftext|>"
+    return model, tokenizer

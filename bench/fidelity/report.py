@@ -223,23 +223,29 @@ def tables(results: dict[str, Any]) -> str:
             f"gen-PPL under the study's AR model ({cfg['gen_samples']} samples of {cfg['gen_length']} tokens from "
             f"BOS, {_sampling(cfg)}); ± is the standard error of log gen-PPL over samples.",
             "",
-            "| model | sampler | NFE / token | gen-PPL | ± (log) | unigram entropy | s / token | paper gen-PPL "
-            "(Table 7, NFE/token 1) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | sampler | NFE / token | gen-PPL | ± (log) | gen-PPL, SmolLM2 judge | ± (log) | unigram entropy "
+            "| s / token | paper gen-PPL (Table 7, NFE/token 1) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in gen_rows:
             for g in row["generation"]:
                 paper = PAPER_GENPPL.get(name) if g["setting"] in ("first_hitting", "ancestral") else None
+                smol = g.get("smollm2")
                 lines.append(
                     f"| {row['label']} | {g['setting']} | {g['nfe_per_token']:.3f} | {g['gen_ppl']:.2f} "
-                    f"| {g['log_gen_ppl_se']:.3f} | {g['unigram_entropy']:.2f} | {g['seconds_per_token'] * 1e3:.2f} ms "
-                    f"| {f'{paper[0]} [{paper[1]}]' if paper else '–'} |"
+                    f"| {g['log_gen_ppl_se']:.3f} | {_fmt(smol and smol['gen_ppl'])} "
+                    f"| {_fmt(smol and smol['log_gen_ppl_se'], 3)} | {g['unigram_entropy']:.2f} "
+                    f"| {g['seconds_per_token'] * 1e3:.2f} ms | {f'{paper[0]} [{paper[1]}]' if paper else '–'} |"
                 )
         if ref:
+            smol = ref.get("smollm2")
             lines += [
                 "",
-                f"Validation text judged the same way: gen-PPL {ref['gen_ppl']:.2f}, unigram entropy "
-                f"{ref['unigram_entropy']:.2f}. The AR row judges its own samples (not an independent score).",
+                f"Validation text judged the same way: gen-PPL {ref['gen_ppl']:.2f}"
+                + (f" (SmolLM2 judge: {smol['gen_ppl']:.2f})" if smol else "")
+                + f", unigram entropy {ref['unigram_entropy']:.2f}. The AR row judges its own samples (not an "
+                "independent score); SmolLM2-135M (a pretrained LM that never saw these models) re-tokenises the "
+                "decoded samples and judges every row alike.",
             ]
     meta = results["meta"]
     train = sum(r["train"]["train_seconds"] for r in rows.values())

@@ -80,6 +80,9 @@ class StudyConfig:
     # 128-token block cost seconds per call on a CPU, so the study samples from the full distribution (None).
     nucleus_p: float | None = None
     thresholds: tuple[float, ...] = (0.9, 0.7, 0.5)
+    # A second, independent judge of the samples (re-tokenised): "smollm2" (SmolLM2-135M, bd3lm_trainer.pretrained)
+    # or None. The study's own AR judge was trained on the same corpus; a real pretrained LM was not.
+    second_judge: str | None = "smollm2"
 
     def training_key(self) -> str:
         """Hash of everything that changes a trained model (resuming reuses a model only when it matches)."""
@@ -126,6 +129,7 @@ QUICK = StudyConfig(
     gen_length=16,
     gen_batch_size=2,
     thresholds=(0.5,),
+    second_judge=None,
 )
 
 
@@ -364,13 +368,17 @@ def measure_row(row: Row, model, record: dict, cfg: StudyConfig, data: dict[str,
         }
     # 4. generation quality against network calls per token
     if judge is not None:
-        out["generation"] = generation_sweep(row, model, cfg, tokenizer, judge)
+        out["generation"] = generation_sweep(row, model, cfg, tokenizer, judge, data.get("second_judge"))
     out["measure_seconds"] = time.perf_counter() - wall
     out["measure_cpu_seconds"] = time.process_time() - cpu
     return out
 
 
-def generation_sweep(row: Row, model, cfg: StudyConfig, tokenizer, judge) -> list[dict[str, Any]]:
+def generation_sweep(
+    row: Row, model, cfg: StudyConfig, tokenizer, judge, second_judge: tuple[Any, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Samples of every setting judged by the study's AR model and, when given, by `second_judge` (`(model,
+    tokenizer)`, re-tokenised); the decoded samples are kept under `"texts"` (so they can be judged again)."""
     bos = tokenizer.bos_token_id
     if row.kind == "causal":
         runs = [
@@ -410,8 +418,13 @@ def generation_sweep(row: Row, model, cfg: StudyConfig, tokenizer, judge) -> lis
                 "seconds_per_token": run["seconds"] / run["new_tokens"],
                 **judged,
                 "example": tokenizer.decode(run["sequences"][0][:48]),
+                "texts": [tokenizer.decode(seq) for seq in run["sequences"]],
             }
         )
+        if second_judge is not None:
+            results[-1][cfg.second_judge] = measures.judge_samples(
+                run["sequences"], second_judge[0], tokenizer, cfg.gen_batch_size, judge_tokenizer=second_judge[1]
+            )
         print(
             f"[fidelity]   {row.name} {name}: gen-PPL {judged['gen_ppl']:.1f}, "
             f"NFE/token {results[-1]['nfe_per_token']:.3f}",
@@ -505,11 +518,20 @@ def run_study(
         train_chunks=data["train_chunks"], val_chunks=len(data["val_chunks"]), var_sequences=int(data["var_x"].shape[0])
     )
     judge = None
+    if cfg.second_judge == "smollm2":
+        data["second_judge"] = measures.smollm2_judge()
+    elif cfg.second_judge is not None:
+        raise ValueError(f"`second_judge` must be 'smollm2' or None, got {cfg.second_judge!r}")
     for row in selected:
         model, record = load_or_train(row, cfg, data, work_dir, resume)
         if row.name == "ar":
             judge = measures.CausalJudge(model)
             reference = measures.judge_samples(data["judge_reference"], judge, data["tokenizer"], cfg.gen_batch_size)
+            if "second_judge" in data:
+                reference[cfg.second_judge] = measures.judge_samples(
+                    data["judge_reference"], data["second_judge"][0], data["tokenizer"], cfg.gen_batch_size,
+                    judge_tokenizer=data["second_judge"][1],
+                )  # fmt: skip
             results["reference_text"] = reference
         elif judge is None and (work_dir / "ar" / "train_record.json").is_file():
             judge = measures.CausalJudge(BD3LMForMaskedDiffusion.from_pretrained(str(work_dir / "ar")).eval())

@@ -90,7 +90,11 @@ def load_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def resolve_tokenizer(
-    name: str | os.PathLike | None = None, *, add_mask: bool = False, revision: str | None = None
+    name: str | os.PathLike | None = None,
+    *,
+    add_mask: bool = False,
+    revision: str | None = None,
+    gguf_file: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """The one way this package turns a tokenizer argument into a tokenizer.
 
@@ -100,6 +104,7 @@ def resolve_tokenizer(
             a checkpoint's custom config is silenced).
         add_mask: give a tokenizer without a mask token one (:func:`add_mask_token`; GPT-2 -> id 50257).
         revision: the Hub revision to load.
+        gguf_file: a GGUF file inside ``name`` whose embedded tokenizer to read.
     """
     if name is None or name == CORPUS_NAME:
         tokenizer = load_tokenizer()
@@ -110,7 +115,10 @@ def resolve_tokenizer(
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(name), revision=revision, trust_remote_code=False)
+            extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
+            tokenizer = AutoTokenizer.from_pretrained(
+                os.fspath(name), revision=revision, trust_remote_code=False, **extra
+            )
         finally:
             hf_logging.set_verbosity(verbosity)
     return add_mask_token(tokenizer) if add_mask else tokenizer
