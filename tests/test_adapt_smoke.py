@@ -118,12 +118,13 @@ def test_samples_have_exactly_the_new_tokens_and_no_special_token(tiny):
     model = convert(QUICK, __import__("copy").deepcopy(source), tokenizer)
     specials = set(measures.special_ids(tokenizer))
     for setting in (measures.Setting("topk_confidence", 2, True), measures.Setting("confidence_threshold", 0.3, False)):
-        out = measures.bd3_samples(model, tokenizer, ["And God said,", "To be"], 8, setting, 0.9, 1.0, seed=0)
+        out = measures.bd3_samples(model, tokenizer, ["And God said,", "To be"], 8, setting, top_p=0.9, temperature=1.0,
+                                   seed=0)
         assert [len(c) for c in out["continuations"]] == [8, 8]
         assert not specials & {t for c in out["continuations"] for t in c}
         if setting.sampler == "topk_confidence":  # k=2 reveals two per call: 4 calls per row for 8 tokens at L'=4
             assert out["calls"] == 2 * 4
-    ar = measures.ar_samples(source, tokenizer, ["And God said,", "To be"], 8, True, 0.9, 1.0, seed=0)
+    ar = measures.ar_samples(source, tokenizer, ["And God said,", "To be"], 8, True, top_p=0.9, temperature=1.0, seed=0)
     assert [len(c) for c in ar["continuations"]] == [8, 8]
     assert not specials & {t for c in ar["continuations"] for t in c}
 

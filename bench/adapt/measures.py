@@ -193,7 +193,7 @@ def _suppress(tokenizer: Any) -> LogitsProcessorList:
 
 @torch.no_grad()
 def ar_samples(
-    model, tokenizer, prompts: Sequence[str], new_tokens: int, do_sample: bool, top_p: float, temperature: float,
+    model, tokenizer, prompts: Sequence[str], new_tokens: int, do_sample: bool, *, top_p: float, temperature: float,
     seed: int,
 ) -> dict[str, Any]:
     """Continuations of every prompt by HF `generate()` with the KV cache (one row per prompt, left-padded)."""
@@ -209,7 +209,7 @@ def ar_samples(
 
 @torch.no_grad()
 def bd3_samples(
-    model, tokenizer, prompts: Sequence[str], new_tokens: int, setting: Setting, top_p: float, temperature: float,
+    model, tokenizer, prompts: Sequence[str], new_tokens: int, setting: Setting, *, top_p: float, temperature: float,
     seed: int,
 ) -> dict[str, Any]:
     """Continuations by the adapted model's `generate()` (blocks left to right on the KV cache) under one setting;

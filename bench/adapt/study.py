@@ -193,7 +193,8 @@ def run_source(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
     for name, (do_sample, seeds) in _sample_settings_source(cfg).items():
         out["samples"][name] = measures.sample_and_judge(
             lambda seed, s=do_sample: measures.ar_samples(
-                source, tokenizer, cfg.prompts, cfg.new_tokens, s, cfg.top_p, cfg.temperature, seed
+                source, tokenizer, cfg.prompts, cfg.new_tokens, s, top_p=cfg.top_p, temperature=cfg.temperature,
+                seed=seed,
             ),
             source, tokenizer, cfg.prompts, seeds, cfg.new_tokens,
         )  # fmt: skip
@@ -216,18 +217,21 @@ def speed(cfg: AdaptConfig, source, tokenizer, model, settings: list[Setting]) -
         n = cfg.speed_new_tokens
 
         def ar(do_sample: bool) -> Callable[[], Any]:
-            return lambda: measures.ar_samples(source, tokenizer, prompts, n, do_sample, cfg.top_p, cfg.temperature, 0)
+            return lambda: measures.ar_samples(
+                source, tokenizer, prompts, n, do_sample, top_p=cfg.top_p, temperature=cfg.temperature, seed=0
+            )
 
         candidates = {"ar_greedy": ar(False), "ar_sampled": ar(True)}
         for s in settings:
             candidates[s.name] = lambda s=s: measures.bd3_samples(
-                model, tokenizer, prompts, n, s, cfg.top_p, cfg.temperature, 0
+                model, tokenizer, prompts, n, s, top_p=cfg.top_p, temperature=cfg.temperature, seed=0
             )
         timing = measures.decode_speed(candidates, n * batch, cfg.speed_repeats)
         calls = {}
         for s in settings:  # tokens per call of the timed run (seed 0)
             calls[s.name] = n * batch / measures.bd3_samples(
-                model, tokenizer, prompts, n, s, cfg.top_p, cfg.temperature, 0)["calls"]  # fmt: skip
+                model, tokenizer, prompts, n, s, top_p=cfg.top_p, temperature=cfg.temperature, seed=0
+            )["calls"]
         for name, row in timing.items():
             row["tokens_per_call"] = calls.get(name, 1.0)
             ref = timing["ar_sampled" if name.endswith("sampled") else "ar_greedy"]
@@ -401,7 +405,7 @@ def within_quality_bar(name: str, row: dict[str, Any], source_samples: dict[str,
 
 
 def evaluate(
-    cfg: AdaptConfig, model, source, tokenizer, chunks, source_result: dict, full_sweep: bool, with_speed: bool
+    cfg: AdaptConfig, model, source, tokenizer, chunks, source_result: dict, *, full_sweep: bool, with_speed: bool
 ) -> dict[str, Any]:
     """NELBO bound vs the source's AR NLL (same tokens), the sampler sweep judged by the source (every setting and
     every seed with `full_sweep`, else the core settings on the first seed), and decode speed (`with_speed`) of the
@@ -420,7 +424,8 @@ def evaluate(
         seeds = cfg.seeds if s.do_sample and full_sweep else cfg.seeds[:1]
         out["samples"][s.name] = r = measures.sample_and_judge(
             lambda seed, s=s: measures.bd3_samples(
-                model, tokenizer, cfg.prompts, cfg.new_tokens, s, cfg.top_p, cfg.temperature, seed
+                model, tokenizer, cfg.prompts, cfg.new_tokens, s, top_p=cfg.top_p, temperature=cfg.temperature,
+                seed=seed,
             ),
             source, tokenizer, cfg.prompts, seeds, cfg.new_tokens,
         )  # fmt: skip
@@ -453,7 +458,7 @@ def run_eval(cfg: AdaptConfig, method: str, work_dir: Path, follow: bool = False
     if not (work_dir / "converted.json").exists():
         log("evaluating the converted model before training")
         model = load_adapted(cfg, method, None, source, tokenizer)
-        result = evaluate(cfg, model, source, tokenizer, chunks, source_result, False, False)
+        result = evaluate(cfg, model, source, tokenizer, chunks, source_result, full_sweep=False, with_speed=False)
         write(work_dir / "converted.json", result)
         del model
     while True:
@@ -467,7 +472,7 @@ def run_eval(cfg: AdaptConfig, method: str, work_dir: Path, follow: bool = False
                 continue
             log(f"evaluating {method} {ckpt.name}{' (final)' if final else ''}")
             model = load_adapted(cfg, method, ckpt, source, tokenizer)
-            result = evaluate(cfg, model, source, tokenizer, chunks, source_result, final, final)
+            result = evaluate(cfg, model, source, tokenizer, chunks, source_result, full_sweep=final, with_speed=final)
             result["checkpoint"] = ckpt.name
             write(path, result)
             done[path.name] = result
