@@ -56,6 +56,23 @@ def test_a_rerun_resumes_and_measures_nothing_again(study):
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*.json")} == before
 
 
+def test_the_report_keeps_evaluations_whose_checkpoint_weights_were_deleted(study, tmp_path):
+    """Full fine-tuning checkpoints are ~1.6 GB each with the optimizer: the study's record of a checkpoint is its
+    evaluation file and ledger entry, so the report must not depend on the weights still being on disk."""
+    import shutil
+
+    from bench.adapt.report import gather
+
+    root, results = study
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    for folder in (work / "full").glob("checkpoint-*"):
+        shutil.rmtree(folder)
+    kept = gather(QUICK, work)["methods"]
+    assert set(kept["full"]["evals"]) == set(results["methods"]["full"]["evals"]) != set()
+    assert kept["lora"]["evals"].keys() == results["methods"]["lora"]["evals"].keys()
+
+
 def test_the_exported_adapter_rebuilds_the_trained_model(study, tiny):
     """`--stage ship` writes the LoRA factors and the mask row in float16 with the training log; converting the source
     again and loading them gives the last checkpoint's model (up to float16 rounding)."""

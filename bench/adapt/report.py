@@ -19,7 +19,6 @@ from .study import (
     ENTROPY_FACTOR,
     QUALITY_FACTOR,
     AdaptConfig,
-    checkpoints,
     meta,
     reference_name,
     within_quality_bar,
@@ -41,12 +40,10 @@ def gather(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
         if not (folder / "ledger.json").exists():
             continue
         ledger = json.loads((folder / "ledger.json").read_text())
-        evals = {}
-        for ckpt in checkpoints(folder):
-            step = ckpt.name.split("-")[1]
-            path = folder / f"eval-{step}.json"
-            if path.exists():
-                evals[step] = {**json.loads(path.read_text()), **ledger["checkpoints"].get(step, {})}
+        evals = {}  # from the evaluation files, not the checkpoints: a checkpoint's weights need not be kept
+        for path in sorted(folder.glob("eval-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+            step = path.stem.split("-")[1]
+            evals[step] = {**json.loads(path.read_text()), **ledger["checkpoints"].get(step, {})}
         out["methods"][method] = {"ledger": ledger, "evals": evals}
     return out
 
