@@ -37,6 +37,11 @@ def test_every_stage_writes_its_results(study):
         assert final["full_sweep"] and set(final["speed"]) == {"batch1", "batch2"}
         assert {"ar_greedy", "ar_sampled"} <= set(final["speed"]["batch1"])
         assert math.isfinite(final["heldout"]["ppl"]) and final["heldout"]["chunks"] == QUICK.eval_chunks
+        for step, e in m["evals"].items():  # along training: every setting (first seed) and batch-1 speed
+            assert set(e["samples"]) == {s.name for s in QUICK.settings(True)}, (method, step)
+            if e is not final:
+                assert not e["full_sweep"] and set(e["speed"]) == {"batch1"}, (method, step)
+    assert sum(len(m["evals"]) for m in results["methods"].values()) > len(results["methods"])  # interim ones exist
     lora = results["methods"]["lora"]["ledger"]["trainable_parameters"]
     assert 0 < lora < results["methods"]["full"]["ledger"]["trainable_parameters"]
     assert not results["converted"]["full_sweep"] and "speed" not in results["converted"]

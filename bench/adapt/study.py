@@ -87,12 +87,13 @@ class AdaptConfig:
     topk: tuple[int, ...] = (2, 3)
     # speed (batch 1 uses the first prompt; batch 8 all eight)
     speed_batches: tuple[int, ...] = (1, 8)
+    interim_speed_batches: tuple[int, ...] = (1,)  # the checkpoints before the last: batch 1 only (CPU time)
     speed_new_tokens: int = 64
     speed_repeats: int = 3
 
     def settings(self, final: bool) -> list[Setting]:
-        """Every sampler setting at the last checkpoint; a core subset (on the first seed) before training and at the
-        intermediate checkpoints, where CPU time is scarce."""
+        """Every sampler setting (`final`), or a core subset: the converted model before training, and the
+        intermediate checkpoints of the first run (since resumed), which were evaluated on it."""
         every = [Setting("first_hitting")]
         for do_sample in (True, False):
             every += [Setting("confidence_threshold", t, do_sample) for t in self.thresholds]
@@ -103,10 +104,11 @@ class AdaptConfig:
         return [s for s in every if s.name in core]
 
 
-#: The smoke test's study: a random 2-layer Llama with the embedded tokenizer, seconds of compute.
+#: The smoke test's study: a random 2-layer Llama with the embedded tokenizer, seconds of compute; the 1e-6 s mark saves
+#: a checkpoint after the first step, so an intermediate checkpoint is evaluated too.
 QUICK = AdaptConfig(
     source="tiny-random", model_length=32, batch_size=2, cpu_budget_s={"lora": 3.0, "full": 3.0},
-    checkpoint_cpu_s=(1.5, 3.0), bf16=False, max_steps=4, max_train_documents=2, eval_chunks=4, nelbo_draws=1, eval_batch_size=4, prompts=PROMPTS[:2],
+    checkpoint_cpu_s=(1e-6, 3.0), bf16=False, max_steps=4, max_train_documents=2, eval_chunks=4, nelbo_draws=1, eval_batch_size=4, prompts=PROMPTS[:2],
     new_tokens=8, seeds=(0,), thresholds=(0.5,), topk=(2,), speed_batches=(1, 2), speed_new_tokens=8, speed_repeats=1,
 )  # fmt: skip
 
@@ -208,11 +210,14 @@ def run_source(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
 # Decode speed, side by side
 
 
-def speed(cfg: AdaptConfig, source, tokenizer, model, settings: list[Setting]) -> dict[str, Any]:
+def speed(
+    cfg: AdaptConfig, source, tokenizer, model, settings: list[Setting], batches: tuple[int, ...] | None = None
+) -> dict[str, Any]:
     """Tokens/s of the source's `generate()` (KV cache, greedy and top-p) and of the adapted model under `settings`,
-    interleaved in one run, at every batch size of `cfg.speed_batches`; same prompts, same number of new tokens."""
+    interleaved in one run, at every batch size of `batches` (default `cfg.speed_batches`); same prompts, same number
+    of new tokens."""
     results: dict[str, Any] = {}
-    for batch in cfg.speed_batches:
+    for batch in cfg.speed_batches if batches is None else batches:
         prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(batch)]
         n = cfg.speed_new_tokens
 
@@ -405,11 +410,14 @@ def within_quality_bar(name: str, row: dict[str, Any], source_samples: dict[str,
 
 
 def evaluate(
-    cfg: AdaptConfig, model, source, tokenizer, chunks, source_result: dict, *, full_sweep: bool, with_speed: bool
+    cfg: AdaptConfig, model, source, tokenizer, chunks, source_result: dict, *, full_sweep: bool, with_speed: bool,
+    every_setting: bool | None = None,
 ) -> dict[str, Any]:
-    """NELBO bound vs the source's AR NLL (same tokens), the sampler sweep judged by the source (every setting and
-    every seed with `full_sweep`, else the core settings on the first seed), and decode speed (`with_speed`) of the
-    settings within 1.5x of the source's gen-PPL beside the source's `generate()`."""
+    """NELBO bound vs the source's AR NLL (same tokens), the sampler sweep judged by the source (every seed with
+    `full_sweep`, else the first; every setting with `every_setting`, default `full_sweep`, else the core ones), and
+    decode speed (`with_speed`) of the settings within 1.5x of the source's gen-PPL beside the source's `generate()`:
+    at every batch size of `cfg.speed_batches` with `full_sweep`, else at `cfg.interim_speed_batches`."""
+    every_setting = full_sweep if every_setting is None else every_setting
     start, cpu = time.perf_counter(), time.process_time()
     sums = measures.bd3_nelbo_per_chunk(model, chunks, cfg.nelbo_draws, cfg.seed, cfg.eval_batch_size)
     ar = torch.tensor(source_result["heldout"]["per_chunk"], dtype=torch.float64)
@@ -420,7 +428,7 @@ def evaluate(
         "full_sweep": full_sweep,
     }
     log(f"  NELBO bound {out['heldout']['ppl']:.2f} (source AR {source_result['heldout']['ppl']:.2f})")
-    for s in cfg.settings(full_sweep):
+    for s in cfg.settings(every_setting):
         seeds = cfg.seeds if s.do_sample and full_sweep else cfg.seeds[:1]
         out["samples"][s.name] = r = measures.sample_and_judge(
             lambda seed, s=s: measures.bd3_samples(
@@ -436,7 +444,8 @@ def evaluate(
                 if r["tokens_per_call"] > 1.0 and within_quality_bar(n, r, source_result["samples"])]  # fmt: skip
         fastest = {n for _, n in sorted(good, reverse=True)[:3]}  # the most parallel settings within the bar
         chosen = [s for s in cfg.settings(True) if s.name in fastest or s.name in ("thr0.9_greedy", "one_sampled")]
-        out["speed"] = speed(cfg, source, tokenizer, model, chosen)
+        batches = cfg.speed_batches if full_sweep else cfg.interim_speed_batches
+        out["speed"] = speed(cfg, source, tokenizer, model, chosen, batches)
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
     return out
 
@@ -447,8 +456,8 @@ def log(message: str) -> None:
 
 def run_eval(cfg: AdaptConfig, method: str, work_dir: Path, follow: bool = False) -> dict[str, Any]:
     """Evaluate the converted model (once, `converted.json`) and every checkpoint of `method` not yet evaluated
-    (`work_dir/<method>/eval-<step>.json`); the last checkpoint of a finished training gets every setting and the
-    speed comparison. `follow=True` keeps waiting for new checkpoints until the training's ledger says finished."""
+    (`work_dir/<method>/eval-<step>.json`): every sampler setting and the batch-1 speed comparison, and at the last
+    checkpoint of a finished training every seed and every batch size. `follow=True` keeps waiting for new checkpoints until the training's ledger says finished."""
     torch.set_num_threads(cfg.threads)
     source_result = run_source(cfg, work_dir)
     source, tokenizer = load_source(cfg)
@@ -472,7 +481,10 @@ def run_eval(cfg: AdaptConfig, method: str, work_dir: Path, follow: bool = False
                 continue
             log(f"evaluating {method} {ckpt.name}{' (final)' if final else ''}")
             model = load_adapted(cfg, method, ckpt, source, tokenizer)
-            result = evaluate(cfg, model, source, tokenizer, chunks, source_result, full_sweep=final, with_speed=final)
+            # a checkpoint before the last: every setting on the first seed, batch-1 speed (tokens per call and speed
+            # along training); the last: every seed and both batch sizes
+            result = evaluate(cfg, model, source, tokenizer, chunks, source_result, full_sweep=final, with_speed=True,
+                              every_setting=True)  # fmt: skip
             result["checkpoint"] = ckpt.name
             write(path, result)
             done[path.name] = result
