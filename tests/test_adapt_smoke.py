@@ -90,7 +90,7 @@ def test_the_exported_adapter_rebuilds_the_trained_model(study, tiny):
     root, _ = study
     work = root / "work"
     assert main(["--quick", "--work-dir", str(work), "--output-dir", str(root / "out3"), "--stage", "ship"]) == 0
-    folder = work / "adapter"
+    folder = root / "out3" / "adapter"  # next to the report: the committed results
     weights = load_file(str(folder / "adapter_model.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.float16}
     assert any("trainable_tokens" in k for k in weights) and any("lora_A" in k for k in weights)

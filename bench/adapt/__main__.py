@@ -5,7 +5,7 @@ python -m bench.adapt --stage train --methods lora     # one stage of one method
 python -m bench.adapt --quick --work-dir /tmp/a --output-dir /tmp/a/results   # the smoke test's reduced study
 python -m bench.adapt --stage profile                  # loss by position in the block (where BD3 loses to AR)
 python -m bench.adapt --stage report                   # rewrite results/ from the work folder's JSON files
-python -m bench.adapt --methods lora --stage ship      # (train LoRA and) export its adapter to runs/adapt/adapter
+python -m bench.adapt --methods lora --stage ship      # (train LoRA and) export its adapter to results/adapter
 
 Every stage resumes: finished stages are skipped, training restarts from its last checkpoint.
 """
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(cfg, work_dir, Path(args.output_dir))
         print("results in", args.output_dir)
     if args.stage == "ship":
-        study.run_ship(cfg, work_dir)
+        study.run_ship(cfg, work_dir, Path(args.output_dir) / "adapter")
     return 0
 
 

@@ -531,7 +531,8 @@ def run_ship(cfg: AdaptConfig, work_dir: Path, target: Path | None = None) -> Pa
     `adapter_config.json`, its `adapter_model.safetensors` with the weights stored as float16 (half the bytes; LoRA
     factors and one embedding row are far from float16's limits; the mask token's row is in it, PEFT
     `trainable_token_indices`) and `training_log.json` (command, configuration, loss log, CPU ledger and the study's
-    evaluation of that checkpoint). Default folder: `work_dir/adapter`. Rebuild with `load_adapted(cfg, "lora",
+    evaluation of that checkpoint). Default folder: `work_dir/adapter` (`python -m bench.adapt --stage ship` writes
+    `results/adapter`, beside the report). Rebuild with `load_adapted(cfg, "lora",
     folder, source, tokenizer)` (the conversion is deterministic: the new mask row is the mean embedding)."""
     from safetensors.torch import load_file, save_file
 
