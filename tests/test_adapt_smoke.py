@@ -49,6 +49,16 @@ def test_every_stage_writes_its_results(study):
     tables = (root / "out" / "tables.md").read_text()
     assert "## Targets" in tables and "## Decode speed, lora" in tables and "## Profile" in tables
     assert set(results["profile"]) == {"converted", "lora checkpoint-4", "full checkpoint-4"}
+    cost = results["call_cost"]
+    assert cost["model"] == "lora checkpoint-4" and "## Profile: where decode time goes" in tables
+    for batch in QUICK.speed_batches:
+        row = cost[f"batch{batch}"]
+        # the AR decode calls its network once per new token; BD3 at threshold 0.9 at least once per L' tokens
+        assert row["ar"]["model_calls"] == QUICK.speed_new_tokens
+        assert row["bd3"]["model_calls"] >= QUICK.speed_new_tokens // QUICK.block_size
+        for name in ("ar", "bd3"):
+            r = row[name]
+            assert 0 < r["trunk_s"] <= r["model_s"] <= r["total_s"] and r["trunk_calls"] == r["model_calls"]
     for name in ("training.png", "genppl_vs_tokens_per_call.png"):
         assert (root / "out" / name).is_file()
 

@@ -3,7 +3,7 @@
 python -m bench.adapt                                  # every stage: source, train (LoRA, full), eval, report
 python -m bench.adapt --stage train --methods lora     # one stage of one method (two trainings can run at once)
 python -m bench.adapt --quick --work-dir /tmp/a --output-dir /tmp/a/results   # the smoke test's reduced study
-python -m bench.adapt --stage profile                  # loss by position in the block (where BD3 loses to AR)
+python -m bench.adapt --stage profile                  # loss by position in the block, cost of a call (vs AR)
 python -m bench.adapt --stage report                   # rewrite results/ from the work folder's JSON files
 python -m bench.adapt --methods lora --stage ship      # (train LoRA and) export its adapter to results/adapter
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         study.run_eval(cfg, method, work_dir, follow=args.follow)
     if "profile" in stages:
         study.run_profile(cfg, work_dir)
+        study.run_call_cost(cfg, work_dir)
     if "report" in stages:
         from .report import write_report
 

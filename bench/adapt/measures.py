@@ -13,6 +13,7 @@ with the source's tokenizer (the conversion keeps it, plus a mask token):
 * [`judge_continuations`]: gen-PPL of continuations under the unadapted source (the text is decoded and re-tokenised,
   the prompt is context and never scored) and the unigram entropy of the continuation tokens.
 * [`decode_speed`]: tokens/s of AR `generate()` and of BD3 settings, timed side by side (interleaved repeats).
+* [`network_time`]: where a `generate()` call's wall time goes: the forward calls of named modules and their seconds.
 """
 
 from __future__ import annotations
@@ -305,6 +306,36 @@ def decode_speed(
     }
 
 
+def network_time(run: Callable[[], Any], modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """Run `run()` once and report its wall seconds (`total_s`) and, for every named module, how many times its
+    `forward` ran and the wall seconds spent inside it (forward pre/post hooks; a module nested in another is timed on
+    its own, so `model_s - backbone_s` is what the wrapper adds around its backbone)."""
+    spent = {name: [0, 0.0] for name in modules}
+    started: dict[str, float] = {}
+    handles = []
+    for name, module in modules.items():
+
+        def pre(_module, _args, name=name):
+            started[name] = time.perf_counter()
+
+        def post(_module, _args, _output, name=name):
+            spent[name][0] += 1
+            spent[name][1] += time.perf_counter() - started.pop(name)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        start = time.perf_counter()
+        run()
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    out: dict[str, Any] = {"total_s": total}
+    for name, (calls, seconds) in spent.items():
+        out[f"{name}_calls"], out[f"{name}_s"] = calls, seconds
+    return out
+
+
 __all__ = [
     "Setting",
     "ar_nll_per_chunk",
@@ -317,6 +348,7 @@ __all__ = [
     "encode_prompts",
     "heldout_chunks",
     "judge_continuations",
+    "network_time",
     "paired_ratio",
     "sample_and_judge",
     "special_ids",

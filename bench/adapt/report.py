@@ -32,7 +32,7 @@ def gather(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
     """Every stage's JSON under one dict: `source`, `converted`, and per method its ledger and checkpoint evals."""
     source = json.loads((work_dir / "source.json").read_text())
     out: dict[str, Any] = {"meta": meta(), "config": cfg, "source": source, "methods": {}}
-    for name in ("converted", "profile"):
+    for name in ("converted", "profile", "call_cost"):
         if (work_dir / f"{name}.json").exists():
             out[name] = json.loads((work_dir / f"{name}.json").read_text())
     for method in ("lora", "full"):
@@ -178,6 +178,22 @@ def tables(results: dict[str, Any]) -> str:
                              f"{_f(r['ar'], 3)} |")  # fmt: skip
             lines.append(f"| {name} | all | {_f(prof['all_masked'], 3)} | {_f(prof['left_revealed'], 3)} | "
                          f"{_f(prof['ar'], 3)} |")  # fmt: skip
+    cost = results.get("call_cost")
+    if cost:
+        lines += ["", f"## Profile: where decode time goes ({cost['model']}, {cost['setting']}, against the source's "
+                  "greedy generate())", "",
+                  "Per network call, median of interleaved runs: `network` is the whole model's forward, `trunk` the "
+                  "transformer (`LlamaModel`, the same code in both), `outside` the rest of `generate()`.", "",
+                  "| batch | decoder | calls | new tokens | network ms/call | trunk ms/call | outside ms/call | total s |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for batch, row in ((k, v) for k, v in cost.items() if k.startswith("batch")):
+            for name in ("ar", "bd3"):
+                r = row[name]
+                lines.append(f"| {batch} | {name} | {_f(r['model_calls'], 0)} | {r['new_tokens']} | "
+                             f"{_f(r['network_s_per_call'] * 1e3, 1)} | {_f(r['trunk_s_per_call'] * 1e3, 1)} | "
+                             f"{_f(r['outside_network_s_per_call'] * 1e3, 1)} | {_f(r['total_s'])} |")  # fmt: skip
+            lines.append(f"| {batch} | BD3 call / AR step | | | {_f(row['bd3_call_vs_ar_step'])}x | "
+                         f"{_f(row['bd3_trunk_call_vs_ar_step'])}x | | |")  # fmt: skip
     lines += ["", "## Targets", "", "| method | target | value | met |", "|---|---|---|---|"]
     for t in targets(results):
         met = "**met**" if t["met"] else "missed"
