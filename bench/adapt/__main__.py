@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     for method in cfg.methods if "eval" in stages else ():
         study.run_eval(cfg, method, work_dir, follow=args.follow)
     if "profile" in stages:
-        study.run_profile(cfg, work_dir)
-        study.run_call_cost(cfg, work_dir)
+        from .profiles import run_call_cost, run_profile
+
+        run_profile(cfg, work_dir)
+        run_call_cost(cfg, work_dir)
     if "report" in stages:
         from .report import write_report
 

@@ -145,15 +145,17 @@ def tables(results: dict[str, Any]) -> str:
     lines += ["", "## Samples: tokens per call against gen-PPL (judge: the unadapted source)", "",
               f"The source's own samples: top-p {_f(ref)}, greedy {_f(src['samples']['ar_greedy']['gen_ppl'])}; "
               "'/ source' divides by the one with the same decoding (sampled or greedy).", "",
-              "| model | setting | tokens / call | gen-PPL | / source | unigram entropy |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "| model | setting | tokens / call | gen-PPL | ±1 SE (log) | / source | unigram entropy | samples |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     sections = [("converted", conv)] if conv else []
     sections += [(f"{method} step {step}", e) for method, m in results["methods"].items()
                  for step, e in sorted(m["evals"].items(), key=lambda kv: int(kv[0]))]  # fmt: skip
     for label, e in sections:
         for name, row in e["samples"].items():
             lines.append(f"| {label} | {name} | {_f(row['tokens_per_call'])} | {_f(row['gen_ppl'])} | "
+                         f"{_f(row.get('log_gen_ppl_se'), 3)} | "
                          f"{_f(row['gen_ppl'] / src['samples'][reference_name(name)]['gen_ppl'])} | "
-                         f"{_f(row['unigram_entropy'])} |")  # fmt: skip
+                         f"{_f(row['unigram_entropy'])} | {row['samples']} |")  # fmt: skip
     for method, m in results["methods"].items():
         timed = [(step, e) for step, e in sorted(m["evals"].items(), key=lambda kv: int(kv[0])) if "speed" in e]
         if not timed:
@@ -233,8 +235,12 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
     ref = src["samples"]["ar_sampled"]["gen_ppl"]
     ax.scatter([1.0], [ref], color="black", marker="*", s=120, label="source AR, top-p (reference)", zorder=3)
     ax.scatter([1.0], [src["samples"]["ar_greedy"]["gen_ppl"]], color="black", marker="x", label="source AR, greedy")
-    ax.axhline(QUALITY_FACTOR * ref, color="gray", linestyle=":", label=f"{QUALITY_FACTOR}x source")
-    ax.axvline(1.4, color="tab:red", linestyle=":", label="~1.4 tokens/call (break-even, L'=4)")
+    ax.axhline(QUALITY_FACTOR * ref, color="tab:blue", linestyle=":", label=f"{QUALITY_FACTOR}x source, top-p")
+    ax.axhline(QUALITY_FACTOR * src["samples"]["ar_greedy"]["gen_ppl"], color="tab:orange", linestyle=":",
+               label=f"{QUALITY_FACTOR}x source, greedy")  # fmt: skip
+    cost = results.get("call_cost", {}).get("batch1")
+    even = cost["bd3_call_vs_ar_step"] if cost else 1.4  # measured network cost of a call in AR steps, else a guess
+    ax.axvline(even, color="tab:red", linestyle=":", label=f"{even:.2f} tokens/call (break-even, batch 1)")
     markers = {"lora": "o", "full": "s"}
     for method in results["methods"]:
         final = _final(results, method)
