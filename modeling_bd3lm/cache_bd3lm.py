@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -88,6 +88,23 @@ def trim_cache_right(cache: Cache, num_tokens: int) -> None:
     only to write the committed tokens before it in the same call (see `CommittedWindow.block_logits`)."""
     if num_tokens > 0:
         _slice_cache_tokens(cache, slice(None, -num_tokens))
+
+
+def open_window(
+    past_key_values: Cache | None, use_cache: bool, new_tokens: int, model_length: int, how_to_fit: str
+) -> tuple[Cache | None, int]:
+    """The cache a sampling call attends to and writes into (a fresh `DynamicCache` when `use_cache` and none was
+    given) and how many committed tokens it holds. The window (committed + new tokens) must fit in `model_length`,
+    the longest sequence the model attends over; `how_to_fit` ends the error with the remedy for this backbone."""
+    if use_cache and past_key_values is None:
+        past_key_values = DynamicCache()
+    past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
+    if past_len + new_tokens > model_length:
+        raise ValueError(
+            f"The window ({past_len} cached + {new_tokens} new tokens) is longer than `model_length`={model_length}; "
+            f"{how_to_fit}."
+        )
+    return past_key_values, past_len
 
 
 def check_cache(past_key_values: Any, batch: int) -> None:

@@ -31,9 +31,9 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 
-from .cache_bd3lm import CACHE_FIELD, check_cache
+from .cache_bd3lm import CACHE_FIELD, check_cache, open_window
 from .checks_bd3lm import check_attention_mask, check_token_ids, padded_keys
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .outputs_bd3lm import BD3LMOutput
@@ -210,14 +210,10 @@ def sampling_forward(
     otherwise the cache is left as it was (the backbone writes them, they are cropped again)."""
     batch, seq_len = input_ids.shape
     device = input_ids.device
-    if use_cache and past_key_values is None:
-        past_key_values = DynamicCache()
-    past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
-    if past_len + seq_len > config.model_length:
-        raise ValueError(
-            f"The window ({past_len} cached + {seq_len} new tokens) is longer than `model_length`="
-            f"{config.model_length}; generate() slides a window (re-prefilling it for a causal backbone)."
-        )
+    past_key_values, past_len = open_window(
+        past_key_values, use_cache, seq_len, config.model_length,
+        "generate() slides a window (re-prefilling it for a causal backbone)",
+    )  # fmt: skip
     key_padding = padded_keys(attention_mask)  # value-dependent only in eager mode (export, compile)
     positions = token_positions(key_padding, batch, past_len + seq_len, device)[:, past_len:]
     if attention_implementation(backbone) == "flex_attention":

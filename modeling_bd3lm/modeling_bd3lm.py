@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 
-from .cache_bd3lm import CACHE_FIELD, check_cache, read_cache_layer, resolve_cache_kwarg, trim_cache_left
+from .cache_bd3lm import CACHE_FIELD, check_cache, open_window, read_cache_layer, resolve_cache_kwarg, trim_cache_left
 from .causal_backbone_bd3lm import build_causal_backbone, causal_backbone_forward
 from .configuration_bd3lm import BD3LMConfig
 from .conversion_bd3lm import from_causal_lm
@@ -349,14 +349,10 @@ class BD3LMModel(BD3LMPreTrainedModel):
             mask = self._training_mask(seq_len, key_padding, device, impl)
         else:
             # 1. sampling pass: block-causal over the window, after the committed tokens
-            if use_cache and past_key_values is None:
-                past_key_values = DynamicCache()
-            past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
-            if past_len + seq_len > config.model_length:
-                raise ValueError(
-                    f"The window ({past_len} cached + {seq_len} new tokens) is longer than `model_length`="
-                    f"{config.model_length}; generate() slides a window, or trim the cache with `trim_cache_left`."
-                )
+            past_key_values, past_len = open_window(
+                past_key_values, use_cache, seq_len, config.model_length,
+                "generate() slides a window, or trim the cache with `trim_cache_left`",
+            )  # fmt: skip
             tokens = input_ids
             positions = torch.arange(past_len + seq_len, device=device)
             if attention_mask is not None:

@@ -11,6 +11,7 @@ from transformers.cache_utils import DynamicCache
 from modeling_bd3lm.cache_bd3lm import (
     CACHE_FIELD,
     check_cache,
+    open_window,
     read_cache_layer,
     resolve_cache_kwarg,
     select_cache_rows,
@@ -44,6 +45,16 @@ def test_trim_and_select_keep_exactly_the_named_tokens_and_rows():
     trim_cache_right(cache, 0)  # zero tokens: nothing changes (a slice [:-0] would empty it)
     assert read_cache_layer(cache, 0)[0].shape[2] == 2 and read_cache_layer(cache, 5) is None
     assert read_cache_layer(DynamicCache(), 0) is None
+
+
+def test_a_sampling_call_opens_its_window_on_the_committed_tokens():
+    cache = _filled_cache(tokens=5)
+    assert open_window(cache, True, 3, 8, "fix") == (cache, 5)  # exactly model_length fits
+    assert open_window(None, False, 8, 8, "fix") == (None, 0)  # uncached: nothing committed, nothing written
+    fresh, past_len = open_window(None, True, 4, 8, "fix")
+    assert isinstance(fresh, DynamicCache) and past_len == 0
+    with pytest.raises(ValueError, match=r"\(5 cached \+ 4 new tokens\) is longer than `model_length`=8; slide it\.$"):
+        open_window(cache, False, 4, 8, "slide it")
 
 
 def test_the_cache_argument_is_checked_and_takes_either_name():
