@@ -84,19 +84,25 @@ def test_nelbo_at_block_size_1_and_t_1_is_the_source_ar_loss(family, attn):
     assert bool((out.token_loss[:, 0] == 0).all())
 
 
+def _assert_vectorised_passes_agree(first, second, seed: int, padded: int) -> None:
+    """Both models' vectorised pass on the same half-masked x_t, the second row right-padded by `padded` tokens: equal
+    logits at every real token."""
+    x_0 = _tokens(2, LENGTH)
+    x_t = torch.where(torch.rand(2, LENGTH, generator=torch.Generator().manual_seed(seed)) < 0.5, VOCAB, x_0)
+    mask = torch.ones(2, LENGTH, dtype=torch.long)
+    mask[1, -padded:] = 0
+    with torch.no_grad():
+        a = first(input_ids=x_0, noisy_input_ids=x_t, attention_mask=mask).logits
+        b = second(input_ids=x_0, noisy_input_ids=x_t, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sdpa_and_eager_agree_on_the_vectorised_pass(family):
     _, sdpa = _convert(family, 4, attn_implementation="sdpa")
     _, eager = _convert(family, 4, attn_implementation="eager")
-    x_0 = _tokens(2, LENGTH)
-    x_t = torch.where(torch.rand(2, LENGTH, generator=torch.Generator().manual_seed(3)) < 0.5, VOCAB, x_0)
-    mask = torch.ones(2, LENGTH, dtype=torch.long)
-    mask[1, -5:] = 0
-    with torch.no_grad():
-        a = sdpa(input_ids=x_0, noisy_input_ids=x_t, attention_mask=mask).logits
-        b = eager(input_ids=x_0, noisy_input_ids=x_t, attention_mask=mask).logits
-    valid = mask.bool()
-    torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=1e-5)
+    _assert_vectorised_passes_agree(sdpa, eager, seed=3, padded=5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -627,15 +633,7 @@ def test_flex_attention_agrees_with_sdpa():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's flex_attention warns when it runs uncompiled code paths on CPU
         _, flex = _convert("llama", 4, attn_implementation="flex_attention")
-        x_0 = _tokens(2, LENGTH)
-        x_t = torch.where(torch.rand(2, LENGTH, generator=torch.Generator().manual_seed(4)) < 0.5, VOCAB, x_0)
-        mask = torch.ones(2, LENGTH, dtype=torch.long)
-        mask[1, -4:] = 0
-        with torch.no_grad():
-            a = sdpa(input_ids=x_0, noisy_input_ids=x_t, attention_mask=mask).logits
-            b = flex(input_ids=x_0, noisy_input_ids=x_t, attention_mask=mask).logits
-    valid = mask.bool()
-    torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=1e-5)
+        _assert_vectorised_passes_agree(sdpa, flex, seed=4, padded=4)
 
 
 def test_hub_upload_dry_run_accepts_a_converted_model_with_tied_weights(source_folder, tmp_path, capsys):
