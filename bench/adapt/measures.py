@@ -53,14 +53,7 @@ def _stack(chunks: Sequence[Sequence[int]]) -> torch.Tensor:
 @torch.no_grad()
 def ar_nll_per_chunk(model, chunks: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
     """Σ_{i>=1} -log p(x_i | x_<i) per chunk under a causal LM (float64), exactly what its `labels=` loss averages."""
-    model.eval()
-    sums = []
-    for start in range(0, len(chunks), batch_size):
-        ids = _stack(chunks[start : start + batch_size])
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
-        sums.append(nll.double().sum(1))
-    return torch.cat(sums)
+    return ar_token_nll(model, chunks, batch_size).sum(1)
 
 
 @torch.no_grad()

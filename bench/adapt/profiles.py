@@ -61,7 +61,7 @@ def run_call_cost(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"model": f"lora {found[-1].name}" if found else "converted", "setting": setting.name}
     n = cfg.speed_new_tokens
     for batch in cfg.speed_batches:
-        prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(batch)]
+        prompts = cfg.speed_prompts(batch)
         runs = {
             "ar": (lambda: measures.ar_samples(source, tokenizer, prompts, n, False, top_p=cfg.top_p,
                                                temperature=cfg.temperature, seed=0),

@@ -91,6 +91,10 @@ class AdaptConfig:
     speed_new_tokens: int = 64
     speed_repeats: int = 3
 
+    def speed_prompts(self, batch: int) -> list[str]:
+        """The prompts of a timed batch: the study's prompts in order, repeated when the batch is larger."""
+        return [self.prompts[i % len(self.prompts)] for i in range(batch)]
+
     def settings(self, final: bool) -> list[Setting]:
         """Every sampler setting (`final`), or a core subset: the converted model before training, and the
         intermediate checkpoints of the first run (since resumed), which were evaluated on it."""
@@ -218,7 +222,7 @@ def speed(
     of new tokens."""
     results: dict[str, Any] = {}
     for batch in cfg.speed_batches if batches is None else batches:
-        prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(batch)]
+        prompts = cfg.speed_prompts(batch)
         n = cfg.speed_new_tokens
 
         def ar(do_sample: bool) -> Callable[[], Any]:
