@@ -104,3 +104,41 @@ def tiny_training_args(tmp_path, **overrides):
                   seed=0)
     kwargs.update(overrides)
     return BD3LMTrainingArguments(**kwargs)
+
+
+PINNED = ("torch", "transformers", "peft", "accelerate", "datasets", "huggingface_hub", "tokenizers", "safetensors")
+
+
+def pinned_versions(constraints: Path = REPO_ROOT / "tests" / "constraints.txt") -> dict[str, str]:
+    """The exact versions of tests/constraints.txt, the environment the suite was last verified with."""
+    import re
+
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", constraints.read_text(), flags=re.M))
+
+
+def versions_report() -> list[str]:
+    """The versions under test, and which differ from the pinned environment (printed at the start of every run)."""
+    import importlib.metadata
+
+    import transformers
+
+    from tests.hf_common import VENDORED_VERSION
+
+    pins = pinned_versions()
+    line = []
+    for name in PINNED:
+        have = importlib.metadata.version(name).split("+")[0]
+        line.append(name + " " + have + ("" if pins.get(name) == have else f" (pinned {pins.get(name)})"))
+    common = "match" if transformers.__version__ == VENDORED_VERSION else "DO NOT match: they will be skipped"
+    return [
+        "versions under test: " + ", ".join(line),
+        f"vendored transformers common tests: {VENDORED_VERSION} ({common} the installed transformers)",
+    ]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Written through the terminal reporter rather than pytest_report_header, which `-q` hides.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for line in versions_report():
+            reporter.write_line(line)

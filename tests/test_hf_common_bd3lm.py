@@ -1,5 +1,6 @@
 """transformers' own common model and config tests (`ModelTesterMixin`, `ConfigTester`, vendored verbatim from the
-transformers 5.24.0 sdist in tests/hf_common/) run against BD3-LM.
+transformers sdist named in tests/hf_common/VENDORED.json) run against BD3-LM. With another transformers
+installed, the module is skipped with the command that re-vendors them (tests/hf_common/__init__.py).
 
 `make_model_test` builds one unittest class per model family from a `BD3LMModelTester`-like object. Flags of the mixin
 are set only where a test cannot apply to a diffusion LM, each with its reason; expected failures are
@@ -22,8 +23,14 @@ import unittest
 
 import pytest
 import torch
+import transformers
 
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion, BD3LMModel
+from tests.hf_common import mismatch_reason
+
+if mismatch_reason(transformers.__version__):
+    pytest.skip(mismatch_reason(transformers.__version__), allow_module_level=True)
+
 from tests.hf_common.test_configuration_common import ConfigTester
 from tests.hf_common.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
 
