@@ -146,15 +146,15 @@ def _accuracy(model, tokenizer) -> float:
 
 
 def test_readme_command_falls_back_to_the_cpu_without_cuda(tmp_path):
-    """The README's shell command as a new user types it, on a machine without CUDA (hidden here, so the test means
-    the same on a GPU machine): lm-eval passes `device="cuda:0"` by default; the adapter says so in one warning line,
-    evaluates on the CPU and scores as in process."""
+    """The shell command of docs/evaluation.md as a new user types it, on a machine without CUDA (hidden here, so the
+    test means the same on a GPU machine): lm-eval passes `device="cuda:0"` by default; the adapter says so in one
+    warning line, evaluates on the CPU and scores as in process."""
     model, tokenizer = _tiny(1, always_mask=True), load_tokenizer()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     include = _write_tasks(tmp_path)
     command = [sys.executable, "-m", "bd3lm_trainer.evaluation.lm_eval_adapter", "run", "--model", "bd3lm",
-               "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "bd3lm_tiny_mc",  # the README's, then:
+               "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "bd3lm_tiny_mc",  # the docs', then:
                "--include_path", include, "--output_path", str(tmp_path / "results")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
