@@ -45,7 +45,22 @@ def launch(mode: str, out: Path, config: str | None = None, timeout: float = 420
 def assert_weights_close(actual: dict, expected: dict, **tolerance) -> None:
     assert set(expected) <= set(actual), sorted(set(expected) - set(actual))
     for name, value in expected.items():
-        torch.testing.assert_close(actual[name].float(), value.float(), msg=name, **tolerance)
+        torch.testing.assert_close(actual[name].float(), value.float(), msg=lambda m, name=name: f"{name}: {m}", **tolerance)
+
+
+def assert_updates_close(actual: dict, expected: dict, start: dict, rel: float = 1e-3) -> None:
+    """Each tensor's training update (final - start) agrees with the reference's to `rel` in Frobenius norm.
+
+    Element-wise tolerances do not fit AdamW runs compared across process layouts: where an element's gradient is ~0,
+    Adam divides by ~sqrt(v) and turns a last-bit difference of the reduction order into a visible one (seen: 1 of
+    4096 elements off by 8e-5 after 4 steps at lr 1e-2 with accelerate 1.16). A real fault (a rank's gradients lost, a
+    loss normalised per rank) moves whole updates, i.e. a relative error of order 1.
+    """
+    assert set(expected) <= set(actual), sorted(set(expected) - set(actual))
+    for name, value in expected.items():
+        reference = value.float() - start[name].float()
+        error = (actual[name].float() - value.float()).norm() / reference.norm().clamp_min(1e-12)
+        assert error <= rel, f"{name}: update differs by {error:.2e} (relative, Frobenius) > {rel}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,9 +116,10 @@ def check_sharded_run(out: Path, ranks: list[dict], reference: dict, layout: str
         assert r["eval"] == pytest.approx(reference["eval"], rel=2e-5)  # evaluated with the EMA weights swapped in
         assert r["ema_updates"] == 4
         assert r["resumed_losses"] == pytest.approx(r["losses"][2:], rel=1e-6)
-    tolerance = dict(rtol=2e-4, atol=2e-5)  # 4 AdamW steps at lr 1e-2, clipped: reduction order moves the last bits
+    start = random_model(0, always_mask=True, **MODEL).state_dict()
     online = load_file(str(out / "online.safetensors"))
-    assert_weights_close(online, reference["online"], **tolerance)
+    assert sum(not torch.equal(online[n], start[n]) for n in reference["online"]) > 20  # training changed the weights
+    assert_updates_close(online, reference["online"], start)
     # save_model: a normal from_pretrained folder (safetensors, our code, our auto_map), gathered, with the EMA weights
     saved = out / "saved"
     assert (saved / "model.safetensors").is_file() and (saved / "modeling_bd3lm.py").is_file()
@@ -111,7 +127,7 @@ def check_sharded_run(out: Path, ranks: list[dict], reference: dict, layout: str
     config = json.loads((saved / "config.json").read_text())
     assert config["auto_map"]["AutoModelForMaskedLM"] == "modeling_bd3lm.BD3LMForMaskedDiffusion"
     ema_model = BD3LMForMaskedDiffusion.from_pretrained(saved)
-    assert_weights_close(dict(ema_model.named_parameters()), reference["ema"], **tolerance)
+    assert_updates_close(dict(ema_model.named_parameters()), reference["ema"], start)
     # resuming from the step-2 checkpoint (engine state + one EMA file per rank) ends where the full run ended
     checkpoint = out / "run" / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.glob("ema_state*")) == [

@@ -379,5 +379,10 @@ def test_base_model_shares_the_renamed_embedding(tmp_path):
     torch.testing.assert_close(base.vocab_embed.weight, model.backbone.vocab_embed.weight, rtol=0, atol=0)
     base.save_pretrained(tmp_path / "base")
     assert "vocab_embed.embedding" in load_file(tmp_path / "base" / "model.safetensors")
+    full = BD3LMForMaskedDiffusion.from_pretrained(tmp_path / "full")
     with torch.no_grad():
-        torch.testing.assert_close(base(_ids(1, 8)).logits, model(_ids(1, 8)).logits, rtol=0, atol=0)
+        # Bitwise against the full model loaded the same way. Against the model in memory only to float32 rounding:
+        # transformers 5.25 keeps loaded tensors where safetensors put them (8-byte rather than 64-byte aligned), so
+        # CPU kernels may take other vector paths (differences of ~2e-6 seen).
+        torch.testing.assert_close(base(_ids(1, 8)).logits, full(_ids(1, 8)).logits, rtol=0, atol=0)
+        torch.testing.assert_close(base(_ids(1, 8)).logits, model(_ids(1, 8)).logits, rtol=1e-5, atol=1e-5)
