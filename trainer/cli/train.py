@@ -11,7 +11,7 @@ from typing import Any
 from ..utils import check_model_reference
 from .common import CLIError, check_positive
 
-#: Written by `bd3lm train` next to the model: what it was trained and evaluated on; `hub_upload` puts it in the card.
+#: Written by `bd3lm train` next to the model: what it was trained and evaluated on; `bd3lm upload` puts it in the card.
 TRAINING_DATA_FILE = "training_data.json"
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
