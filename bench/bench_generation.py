@@ -41,6 +41,7 @@ from transformers import DynamicCache
 
 from bench.common import build_config, interleaved_times, median_ratio
 from modeling_bd3lm import CACHE_FIELD, BD3LMConfig, BD3LMForMaskedDiffusion, trim_cache_left
+from modeling_bd3lm.cache_bd3lm import trim_cache_right
 from modeling_bd3lm.sampling_bd3lm import RowGenerators, uniform
 
 MODES: dict[str, dict] = {
@@ -131,8 +132,7 @@ def ar_run(model: BD3LMForMaskedDiffusion, batch: int, new_tokens: int) -> Calla
             if cache.get_seq_length() + 2 > length:
                 trim_cache_left(cache, cache.get_seq_length() + 2 - length)
             logits = model(torch.cat((token, masks), 1), past_key_values=cache, use_cache=True, return_dict=True)
-            for layer in cache.layers:  # drop the mask's keys and values: only the real token stays committed
-                layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+            trim_cache_right(cache, 1)  # drop the mask's keys and values: only the real token stays committed
             scores = logits.logits[:, -1].double()
             scores[:, mask_id] = float("-inf")
             top = scores.topk(min(50, scores.shape[-1]), dim=-1)

@@ -13,6 +13,7 @@ import importlib
 from typing import Any
 
 from modeling_bd3lm import BD3LMConfig
+from modeling_bd3lm.tokenization_bd3lm import special_token_ids
 
 from .block_sizes import BLOCK_PRESETS
 
@@ -32,8 +33,9 @@ def load_preset(size: str = "tiny", block: str | None = None, tokenizer: Any = N
     Args:
         size: a key of `SIZE_PRESETS` (`"tiny"`, `"small"`, `"medium"`).
         block: a key of `BLOCK_PRESETS` (`"bs1"`, `"bs4"`, `"bs8"`, `"bs16"`, `"mdlm"`): L' and its training interval.
-        tokenizer: take `vocab_size` (`len(tokenizer)`) and the mask, BOS, EOS and pad ids from it; it needs a mask
-            token (`bd3lm_trainer.corpus.add_mask_token` appends one).
+        tokenizer: take `vocab_size` (`len(tokenizer)`) and the mask, BOS, EOS and pad ids from it
+            (`modeling_bd3lm.special_token_ids`: a tokenizer without PAD pads with EOS); it needs a mask token
+            (`bd3lm_trainer.corpus.add_mask_token` appends one).
         overrides: any `BD3LMConfig` field.
     """
     kwargs = size_preset(size)
@@ -49,10 +51,8 @@ def load_preset(size: str = "tiny", block: str | None = None, tokenizer: Any = N
             raise ValueError(
                 "tokenizer has no mask token: call bd3lm_trainer.corpus.add_mask_token(tokenizer) first."
             )
-        kwargs.update(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(tokenizer, name, None) is not None:
-                kwargs[name] = getattr(tokenizer, name)
+        kwargs["vocab_size"] = len(tokenizer)
+        kwargs.update({k: v for k, v in special_token_ids(tokenizer).items() if v is not None})
     kwargs.update(overrides)
     return BD3LMConfig(**kwargs)
 

@@ -7,6 +7,7 @@ from .generation_bd3lm import BD3LMGenerateOutput, BD3LMGenerationConfig, BD3LMG
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .modeling_bd3lm import BD3LMForMaskedDiffusion, BD3LMModel, BD3LMOutput, BD3LMPreTrainedModel
 from .noise_schedule_bd3lm import BD3LMNoiseSchedule, add_noise, draw_noise, nelbo_valid_mask, sample_noise_levels
+from .tokenization_bd3lm import MASK_TOKEN, add_mask_token, set_special_token_ids, special_token_ids
 
 __all__ = [
     "CACHE_FIELD",
@@ -30,4 +31,8 @@ __all__ = [
     "block_diffusion_mask_mod",
     "read_cache_layer",
     "trim_cache_left",
+    "MASK_TOKEN",
+    "add_mask_token",
+    "set_special_token_ids",
+    "special_token_ids",
 ]

@@ -17,8 +17,15 @@ from typing import Any, Iterator
 import torch
 
 from .causal_backbone_bd3lm import PREBUILT_BACKBONE, check_backbone_attention, check_causal_lm
+from .tokenization_bd3lm import (
+    MASK_TOKEN,
+    SPECIAL_TOKEN_NAMES,
+    add_mask_token,
+    load_pretrained_tokenizer,
+    set_special_token_ids,
+    special_token_ids,
+)
 
-MASK_TOKEN = "<|mask|>"
 # `from_pretrained` arguments that also decide how the tokenizer is found.
 _TOKENIZER_KWARGS = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "subfolder", "trust_remote_code")
 _DEFAULT_MODEL_LENGTH = 1024
@@ -91,8 +98,6 @@ def load_tokenizer(source: Any, tokenizer: Any, pretrained_kwargs: dict[str, Any
     """The tokenizer given, else the source's (None when the source has none, e.g. a bare model object)."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    from transformers import AutoTokenizer
-
     name = tokenizer if tokenizer is not None else source
     if not isinstance(name, (str, os.PathLike)):
         return None
@@ -101,46 +106,11 @@ def load_tokenizer(source: Any, tokenizer: Any, pretrained_kwargs: dict[str, Any
         kwargs.pop("gguf_file", None)
         kwargs.pop("subfolder", None)
     try:
-        return AutoTokenizer.from_pretrained(os.fspath(name), **kwargs)
+        return load_pretrained_tokenizer(name, **kwargs)
     except (OSError, ValueError) as error:
         if tokenizer is not None:
             raise ValueError(f"Could not load the tokenizer {tokenizer}: {str(error).splitlines()[0]}") from error
         return None
-
-
-def add_mask_token(model: torch.nn.Module, tokenizer: Any) -> int:
-    """The mask token id: the tokenizer's own, or `<|mask|>` added to it (or, without a tokenizer, a new last row).
-    Resizes the embeddings when the id has no row and sets the new rows to the mean of the old ones."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    if tokenizer is not None:
-        size = len(tokenizer)
-        if size > rows:
-            raise ValueError(
-                f"The tokenizer has {size} tokens but the model's embedding has {rows} rows: it is not this model's "
-                "tokenizer; pass the source's own tokenizer (tokenizer=...)."
-            )
-        if tokenizer.mask_token_id is None:
-            if MASK_TOKEN in tokenizer.get_vocab():
-                raise ValueError(
-                    f"The tokenizer has no mask token but {MASK_TOKEN!r} is one of its ordinary tokens; give it a mask "
-                    "token first (tokenizer.add_special_tokens({'mask_token': ...}) with an unused string)."
-                )
-            tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
-        mask_id = int(tokenizer.mask_token_id)
-    else:
-        mask_id = rows
-    if mask_id >= rows:
-        with torch.no_grad():
-            old = model.get_input_embeddings().weight
-            mean = old.float().mean(dim=0).to(old.dtype)
-            model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
-            model.get_input_embeddings().weight[rows:] = mean
-            head = model.get_output_embeddings()
-            if head is not None and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-                head.weight[rows:] = head.weight[:rows].float().mean(dim=0).to(head.weight.dtype)
-                if getattr(head, "bias", None) is not None:
-                    head.bias[rows:] = 0
-    return mask_id
 
 
 def default_model_length(backbone_config: Any, block_size: int) -> int:
@@ -185,11 +155,9 @@ def from_causal_lm(cls: type, source: Any, block_size: int, tokenizer: Any = Non
             f"`model_length`={model_length} exceeds the source's max_position_embeddings={max_positions}; pass "
             f"model_length <= {max_positions}."
         )
-    mask_id = add_mask_token(model, tokenizer)
-    special = {}
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None) if tokenizer is not None else None
-        special[name] = value if value is not None else getattr(model.config, name, None)
+    mask_id = add_mask_token(tokenizer, model)
+    ids = special_token_ids(tokenizer, model.config)
+    special = {name: ids[name] for name in SPECIAL_TOKEN_NAMES}
     special.update({k: v for k, v in overrides.items() if k in special})
     overrides = {k: v for k, v in overrides.items() if k not in special}
     config = config_class(
@@ -209,9 +177,8 @@ def from_causal_lm(cls: type, source: Any, block_size: int, tokenizer: Any = Non
     for name, buffer in list(bd3lm.named_buffers(recurse=False)):
         setattr(bd3lm, name, buffer.to(device))
     bd3lm.eval()
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if bd3lm.generation_config is not None and special[name] is not None:
-            setattr(bd3lm.generation_config, name, special[name])
+    if bd3lm.generation_config is not None:
+        set_special_token_ids(bd3lm.generation_config, special)
     bd3lm.tokenizer = tokenizer
     return bd3lm
 

@@ -23,6 +23,7 @@ from .cache_bd3lm import CACHE_FIELD, check_cache, open_window, read_cache_layer
 from .causal_backbone_bd3lm import build_causal_backbone, causal_backbone_forward
 from .configuration_bd3lm import BD3LMConfig
 from .conversion_bd3lm import from_causal_lm
+from .tokenization_bd3lm import MASK_TOKEN  # noqa: F401  (imported here so that 4.57 ships the file)
 from .generation_bd3lm import BD3LMGenerationMixin
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .layers_bd3lm import (

@@ -132,16 +132,18 @@ def test_command_line_rejects_bad_steps(capsys):
     assert err.value.code == 2 and "--steps must be positive" in capsys.readouterr().err
 
 
-def test_unenforce_floor_moves_only_a_floor_bound():
-    from bench.fidelity.study import FLOAT32_BELOW_FLOOR, unenforce_floor
+def test_the_package_leaves_a_1e3_floor_unenforced_so_the_study_needs_no_workaround():
+    """The study used to move a float32 lower bound of 1e-3 (which reads back as 0.0010000000475) just below 1e-3 so
+    that rejection resampling would not enforce it. The package's one owner of that rule, `resampling_bounds` (which
+    `draw_noise` applies to the model's buffers), already compares in float32: both values give the same bounds."""
+    from modeling_bd3lm.noise_schedule_bd3lm import resampling_bounds
     from tests.conftest import tiny_config
 
     model = BD3LMForMaskedDiffusion(tiny_config(resample=True))
-    model.set_noise_interval(1e-3, 0.6)  # float32 buffers: reads back as 0.0010000000475 > 1e-3
-    assert model.training_noise_interval()[0] > 1e-3
-    unenforce_floor(model)
+    model.set_noise_interval(1e-3, 0.6)
     lo, hi = model.training_noise_interval()
-    assert lo == FLOAT32_BELOW_FLOOR and 0.000999 < lo < 1e-3 and hi == pytest.approx(0.6)
-    model.set_noise_interval(0.3, 0.8)
-    unenforce_floor(model)
-    assert model.training_noise_interval() == pytest.approx((0.3, 0.8))
+    assert lo > 1e-3  # float32 buffers
+    below_floor = float(torch.tensor(1e-3, dtype=torch.float32).nextafter(torch.tensor(0.0)))  # the old workaround
+    assert resampling_bounds((lo, hi), True) == resampling_bounds((below_floor, hi), True) == (0.0, hi)
+    model.set_noise_interval(0.3, 0.8)  # a clipped floor is enforced
+    assert resampling_bounds(model.training_noise_interval(), True)[0] == pytest.approx(0.3)

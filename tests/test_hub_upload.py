@@ -285,6 +285,20 @@ def test_dry_run_prints_the_plan_and_sends_nothing(trainer_output, hub_env, capf
     assert FAKE_TOKEN not in out + err
 
 
+def test_dry_run_lists_the_trainer_reports_as_read_into_the_card_not_as_left_out(trainer_output, capsys):
+    """`training_data.json` and the other reports are stated by the card: the dry run says so on a line of their own,
+    and "Left out" (the files one might `--include`) does not offer them."""
+    folder, _ = trainer_output
+    (folder / "training_data.json").write_text(json.dumps({"train": {"name": "bd3lm-corpus", "tokens": 128}}))
+    assert hub_upload.main([str(folder), "fake-user/dry", "--dry-run", "--nfe-tokens", "0"]) == 0
+    plan_text = capsys.readouterr().out.split("README.md (model card):")[0]
+    left_out = plan_text.split("Left out")[1].split("Read into the model card")[0]
+    read = [line for line in plan_text.splitlines() if line.startswith("Read into the model card, not published")]
+    assert "training_data.json" not in left_out and "notes.txt" in left_out
+    assert read == ["Read into the model card, not published (5): eval_results.json, schedule_search.json, "
+                    "trainer_state.json, training_args.json, training_data.json"]
+
+
 def test_upload_arrives_exactly_as_planned(trainer_output, hub_env, capfd):
     folder, _ = trainer_output
     with hub_upload.plan_upload(folder, "fake-user/tiny-bd3lm", datasets=["fake-user/corpus"], nfe_tokens=0) as plan:

@@ -1,7 +1,7 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """The model card of a published BD3-LM (or LoRA adapter): what it says is gathered into a [`CardInfo`] (from the
 model and the trainer's JSON reports, [`read_reports`]) and rendered from one template, `templates/model_card.md`
-(TRL's `templates/lm_model_card.md` shape), by [`build_model_card`]. `hub_upload` publishes it."""
+(TRL's `templates/lm_model_card.md` shape), by [`build_model_card`]. `hub.py` publishes it."""
 
 from __future__ import annotations
 

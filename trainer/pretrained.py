@@ -56,12 +56,12 @@ def load_smollm2(dtype: Any = None, tokenizer_only: bool = False) -> tuple[Any, 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from modeling_bd3lm.tokenization_bd3lm import add_pad_token
+
     from .corpus import resolve_tokenizer
 
     folder, gguf_file = smollm2_gguf()
-    tokenizer = resolve_tokenizer(folder, gguf_file=gguf_file)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = add_pad_token(resolve_tokenizer(folder, gguf_file=gguf_file))
     if tokenizer_only:
         return None, tokenizer
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype or torch.float32)

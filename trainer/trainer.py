@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
 from modeling_bd3lm.checks_bd3lm import check_tokenizer_fits
 from modeling_bd3lm.noise_schedule_bd3lm import nelbo_valid_mask
+from modeling_bd3lm.tokenization_bd3lm import special_token_ids
 
 from . import sharding
 from .callbacks import (
@@ -425,12 +426,10 @@ class BD3LMTrainer(Trainer):
 
 
 def _pad_token_id(processing_class: Any, config: BD3LMConfig) -> int:
-    """Any in-vocabulary id works (padding is never attended or scored): the tokenizer's PAD, else EOS, else 0."""
-    for name in ("pad_token_id", "eos_token_id"):
-        token_id = getattr(processing_class, name, None)
-        if isinstance(token_id, int) and 0 <= token_id < config.vocab_size:
-            return token_id
-    return 0
+    """The collator's pad id: `special_token_ids`' pad rule (the tokenizer's PAD, else the config's, else EOS); 0 when
+    that gives no id inside the vocabulary (padding is never attended or scored, so any in-vocabulary id works)."""
+    token_id = special_token_ids(processing_class, config)["pad_token_id"]
+    return token_id if isinstance(token_id, int) and 0 <= token_id < config.vocab_size else 0
 
 
 def load_for_finetuning(

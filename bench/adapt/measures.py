@@ -29,21 +29,19 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
 
-from bd3lm_trainer.evaluation import nelbo, unigram_entropy, wrap_documents
+from bd3lm_trainer.evaluation import nelbo, unigram_entropy
 from bench.common import interleaved_times
+from bench.stats import evenly_spaced, paired_difference, summarise, wrapped_chunks
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Held-out text
 
 
 def heldout_chunks(texts: Sequence[str], tokenizer: Any, model_length: int, num_chunks: int | None) -> list[list[int]]:
-    """`num_chunks` full chunks of `model_length` tokens, evenly spaced over the wrapped documents (so every validation
-    document is represented), or all full chunks when `num_chunks` is None."""
-    documents = tokenizer([t for t in texts if t], add_special_tokens=False)["input_ids"]
-    chunks = [c for c in wrap_documents(documents, model_length, tokenizer.eos_token_id) if len(c) == model_length]
-    if num_chunks is None or num_chunks >= len(chunks):
-        return chunks
-    return [chunks[(i * len(chunks)) // num_chunks] for i in range(num_chunks)]
+    """`num_chunks` full chunks of `model_length` tokens of `bench.stats.wrapped_chunks`, evenly spaced over the
+    wrapped documents (so every validation document is represented), or all full chunks when `num_chunks` is None."""
+    full = [c for c in wrapped_chunks(texts, tokenizer, model_length) if len(c) == model_length]
+    return evenly_spaced(full, num_chunks)
 
 
 def _stack(chunks: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -70,19 +68,18 @@ def bd3_nelbo_per_chunk(model, chunks: Sequence[Sequence[int]], draws: int, seed
 
 
 def summarise_nll(sums: torch.Tensor, tokens_per_chunk: int) -> dict[str, float]:
-    """Token-mean NLL, its standard error over chunks and the perplexity exp(mean) with its ±1 SE range."""
-    per_token = sums / tokens_per_chunk
-    mean = float(per_token.mean())
-    se = float(per_token.std() / math.sqrt(len(per_token))) if len(per_token) > 1 else 0.0
-    return {"nll": mean, "nll_se": se, "ppl": math.exp(mean), "ppl_lo": math.exp(mean - se),
-            "ppl_hi": math.exp(mean + se), "chunks": len(per_token), "tokens": len(per_token) * tokens_per_chunk}  # fmt: skip
+    """Token-mean NLL, its standard error over chunks and the perplexity exp(mean) with its ±1 SE range
+    (`bench.stats.summarise` of equal-length chunks, under this study's key names)."""
+    shared = summarise(sums, torch.full_like(sums, float(tokens_per_chunk)))
+    return {"nll": shared["nelbo"], "nll_se": shared["nelbo_se"], "ppl": shared["ppl"], "ppl_lo": shared["ppl_lo"],
+            "ppl_hi": shared["ppl_hi"], "chunks": shared["num_chunks"], "tokens": shared["num_tokens"]}  # fmt: skip
 
 
 def paired_ratio(sums_a: torch.Tensor, sums_b: torch.Tensor, tokens_per_chunk: int) -> dict[str, float]:
     """exp(NLL_a - NLL_b) per token on the same chunks, with the SE of the paired difference (chunk difficulty
-    cancels)."""
-    diff = summarise_nll(sums_a - sums_b, tokens_per_chunk)
-    return {"ratio": math.exp(diff["nll"]), "diff": diff["nll"], "diff_se": diff["nll_se"]}
+    cancels): `bench.stats.paired_difference` of equal-length chunks."""
+    diff = paired_difference(sums_a, sums_b, torch.full_like(sums_a, float(tokens_per_chunk)))
+    return {"ratio": diff["ppl_ratio"], "diff": diff["diff"], "diff_se": diff["diff_se"]}
 
 
 @torch.no_grad()

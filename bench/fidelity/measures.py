@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from transformers import LogitsProcessorList
 
 from bd3lm_trainer.utils import noised_nelbo
-from bd3lm_trainer.evaluation import generative_perplexity, nelbo, wrap_documents
-from modeling_bd3lm.cache_bd3lm import CommittedWindow
-from modeling_bd3lm.generation_bd3lm import BlockDenoiser
+from bd3lm_trainer.evaluation import generative_perplexity, nelbo
+from bench.stats import paired_difference, summarise, wrapped_chunks
+from modeling_bd3lm import BlockDenoiser, CommittedWindow
 from modeling_bd3lm.sampling_bd3lm import SAMPLERS, build_logits_warpers, sample_categorical
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -35,10 +35,9 @@ from modeling_bd3lm.sampling_bd3lm import SAMPLERS, build_logits_warpers, sample
 
 
 def validation_chunks(texts: Sequence[str], tokenizer: Any, model_length: int, max_chunks: int | None = None):
-    """The paper's evaluation wrapping (EOS after each document, concatenated, cut into `model_length` chunks; the last
-    partial chunk kept), i.e. exactly the chunks `dataset_perplexity` scores."""
-    documents = tokenizer([t for t in texts if t], add_special_tokens=False)["input_ids"]
-    chunks = [c for c in wrap_documents(documents, model_length, tokenizer.eos_token_id) if len(c) > 1]
+    """The paper's evaluation wrapping (`bench.stats.wrapped_chunks`), i.e. exactly the chunks `dataset_perplexity`
+    scores; the first `max_chunks` of them."""
+    chunks = wrapped_chunks(texts, tokenizer, model_length)
     return chunks[:max_chunks] if max_chunks is not None else chunks
 
 
@@ -103,35 +102,6 @@ def causal_nll_per_chunk(model, chunks, batch_size: int) -> tuple[torch.Tensor, 
         sums.append(nll.sum(1))
         counts.append((labels[:, 1:] != -100).sum(1).double())
     return torch.cat(sums), torch.cat(counts)
-
-
-def summarise(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
-    """Token-mean NELBO, its standard error over chunks (ratio estimator, as `dataset_perplexity`) and the PPL."""
-    total = float(counts.sum())
-    mean = float(sums.sum()) / total
-    n = len(sums)
-    se = float((sums - mean * counts).pow(2).sum().div(max(n - 1, 1)).sqrt() * math.sqrt(n) / total)
-    return {
-        "nelbo": mean,
-        "nelbo_se": se,
-        "ppl": math.exp(mean),
-        "ppl_lo": math.exp(mean - se),
-        "ppl_hi": math.exp(mean + se),
-        "num_tokens": int(total),
-        "num_chunks": n,
-    }
-
-
-def paired_difference(sums_a: torch.Tensor, sums_b: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
-    """NELBO(a) - NELBO(b) per token on the same chunks, with the standard error of the paired difference: much
-    tighter than the two separate error bars, because the chunk-to-chunk difficulty cancels."""
-    diff = summarise(sums_a - sums_b, counts)
-    return {
-        "diff": diff["nelbo"],
-        "diff_se": diff["nelbo_se"],
-        "ppl_ratio": math.exp(diff["nelbo"]),
-        "z": diff["nelbo"] / diff["nelbo_se"] if diff["nelbo_se"] > 0 else float("inf"),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -286,9 +256,8 @@ def _single_block_samples(
     )
     block = torch.full((num, size), mask_id, dtype=torch.long)
     block[:, 0] = bos
-    window = CommittedWindow(
-        rows=torch.arange(num), mask=torch.zeros(num, 0, dtype=torch.bool), ids=torch.zeros(num, 0, dtype=torch.long)
-    )
+    empty = torch.zeros(num, 0, dtype=torch.long)  # no committed context: the block is the whole window
+    window = CommittedWindow.from_prompt(empty, empty.bool(), size, config.model_length, filler=mask_id)
     denoiser = BlockDenoiser(
         sampler=sampler, mask_token_id=mask_id, do_sample=True, logits_processor=LogitsProcessorList(),
         warpers=build_logits_warpers(1.0, 0, 1.0, nucleus_p), generator=generator,

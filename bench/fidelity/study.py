@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, set_seed
 
 from bd3lm_configuration import load_preset
 from bd3lm_trainer import BD3LMDataCollator, BD3LMTrainer, BD3LMTrainingArguments, NoiseScheduleSearchCallback
 from bd3lm_trainer.callbacks import DEFAULT_SEARCH_STEP, DEFAULT_SEARCH_WIDTHS
-from bd3lm_trainer.utils import unwrap_bd3lm
 from bd3lm_trainer.corpus import load_corpus, load_tokenizer
 from bd3lm_trainer.data import build_lm_dataset
 from modeling_bd3lm import BD3LMForMaskedDiffusion
@@ -40,11 +39,6 @@ from . import measures
 from .measures import GenSetting
 
 LINEAR = (1e-3, 1.0)
-# The largest float32 below 1e-3. The interval buffers are float32, so a lower bound of 1e-3 reads back as
-# 0.0010000000475 > 1e-3 and `draw_noise` then *enforces* it in the rejection resampling (at least one masked token per
-# block), which at t ≈ 1e-3 needs ~250 rounds per block and fails its 1000-round cap every few hundred steps. Writing
-# this value instead leaves the floor unenforced, which is what the modeling code intends for "the default end".
-FLOAT32_BELOW_FLOOR = float(torch.tensor(1e-3, dtype=torch.float32).nextafter(torch.tensor(0.0)))
 
 
 @dataclass
@@ -161,23 +155,6 @@ ROW_BY_NAME = {row.name: row for row in ROWS}
 ROW_ORDER = [row.name for row in ROWS]  # results list the rows in this order, however they were run
 
 
-def unenforce_floor(model: torch.nn.Module) -> None:
-    """Move a float32 lower bound equal to the grid floor 1e-3 just below it (see `FLOAT32_BELOW_FLOOR`)."""
-    bd3lm = unwrap_bd3lm(model)
-    if bd3lm.config.var_min and bd3lm.config.resample:
-        lo, hi = bd3lm.training_noise_interval()
-        if abs(lo - LINEAR[0]) < 1e-9:
-            bd3lm.set_noise_interval(FLOAT32_BELOW_FLOOR, hi)
-
-
-class UnenforcedFloorCallback(TrainerCallback):
-    """Re-applies `unenforce_floor` after every evaluation, i.e. after the schedule search wrote its choice."""
-
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            unenforce_floor(model)
-
-
 class CausalARTrainer(Trainer):
     """`Trainer` whose loss is next-token cross entropy through the L'=1 sampling pass (the causal AR baseline)."""
 
@@ -261,9 +238,6 @@ def train_row(row: Row, cfg: StudyConfig, data: dict[str, Any], folder: Path) ->
     trainer = trainer_cls(
         model=model, args=args, data_collator=collator, train_dataset=data["train"], eval_dataset=data["eval"]
     )
-    if row.kind == "bd3":
-        unenforce_floor(model)
-        trainer.add_callback(UnenforcedFloorCallback())  # appended: runs after the search callback
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.train()
     record = {

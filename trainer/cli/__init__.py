@@ -1,6 +1,6 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """The `bd3lm` command line (`main.py`: the parser and dispatch), one module per command: `demo.py`, `train.py`,
-`generate.py`, `eval.py`; `bd3lm upload` is `hub_upload.py`. `common.py` holds what they share, `malloc_tuning.py`
+`generate.py`, `eval.py`, `convert.py`, `upload.py` (its work is `bd3lm_trainer.hub`). `common.py` holds what they share, `malloc_tuning.py`
 the process-wide allocator setting only the command line applies."""
 
 from .common import EXIT_USAGE, SAMPLER_NAMES, CLIError

@@ -8,7 +8,7 @@
 3. generates from a few prompts with the KV cache, one token per network call (`first_hitting`) and with
    `confidence_threshold` decoding, streaming each finished block; prints tokens per second and network calls per token;
 4. assembles a Hub-ready folder (`runs/demo/hub/`: code, config, generation config, safetensors, tokenizer, model card)
-   with `hub_upload.plan_upload`, exactly what `bd3lm upload` would publish;
+   with `bd3lm_trainer.hub.plan_upload`, exactly what `bd3lm upload` would publish;
 5. reloads that folder through `AutoModelForMaskedLM.from_pretrained(..., trust_remote_code=True)` — the code bundled in
    the folder, not this package — and checks that it generates the same tokens from the same seed;
 6. writes the training and validation loss curve to `runs/demo/loss_curve.png`.
@@ -90,10 +90,10 @@ def _sample(
 
 def _hub_folder(output_dir: Path, nfe_tokens: int) -> Path:
     """Stage the repository `bd3lm upload` would publish and move it into `output_dir/hub` in one rename."""
-    import hub_upload
+    from ..hub import plan_upload
 
     target = output_dir / "hub"
-    with hub_upload.plan_upload(
+    with plan_upload(
         output_dir, DEMO_REPO_ID, license="apache-2.0", nfe_tokens=nfe_tokens
     ) as plan:
         tmp = Path(tempfile.mkdtemp(prefix=".hub-", dir=output_dir))

@@ -11,7 +11,7 @@ from typing import Any
 from ..utils import check_model_reference
 from .common import CLIError, check_positive
 
-#: Written by `bd3lm train` next to the model: what it was trained and evaluated on; `hub_upload` puts it in the card.
+#: Written by `bd3lm train` next to the model: what it was trained and evaluated on; `bd3lm upload` puts it in the card.
 TRAINING_DATA_FILE = "training_data.json"
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +113,7 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
 
     from bd3lm_configuration import load_preset
     from modeling_bd3lm import BD3LMForMaskedDiffusion
+    from modeling_bd3lm.tokenization_bd3lm import SPECIAL_TOKEN_NAMES, set_special_token_ids, special_token_ids
 
     from ..corpus import load_corpus, resolve_tokenizer
     from ..data import build_lm_dataset
@@ -141,12 +142,8 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
             raise CLIError(str(err)) from err
         model = BD3LMForMaskedDiffusion(config)
     config = model.config
-    if tokenizer.bos_token_id is not None:
-        config.bos_token_id = model.generation_config.bos_token_id = tokenizer.bos_token_id
-    if tokenizer.eos_token_id is not None:
-        config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config.pad_token_id = model.generation_config.pad_token_id = pad_id
+    token_ids = {k: v for k, v in special_token_ids(tokenizer, config).items() if k in SPECIAL_TOKEN_NAMES}
+    set_special_token_ids(config, token_ids, model.generation_config)
 
     if args.dataset is None:
         train_source, eval_source = load_corpus("train"), load_corpus("validation")

