@@ -6,7 +6,8 @@
 * `ignore_bos` keeps the first REAL token of each row clean and uncounted (not column 0, which is padding in a
   left-padded row), so a padded row's first block scores as the unpadded row's, in the model and in `nelbo`.
 * `generate()`'s per-row `nfe` counts only the calls that row needed: in a batch whose rows need different numbers of
-  calls, each row's `nfe` is that of the row generated alone.
+  calls, each row's `nfe` is that of the row generated alone; a row that stops leaves the batch and is charged nothing
+  more (under the shift with the cache this also runs `CommittedWindow.keep` with `next_logits` set).
 """
 
 from __future__ import annotations
@@ -205,3 +206,38 @@ def test_each_rows_nfe_is_that_of_the_row_generated_alone(backbone, case):
     # the rows needed different numbers of calls, so a row was done while the batch still called the network
     assert len(set(batch.nfe.tolist())) > 1, batch.nfe
     assert batch.num_forwards > int(batch.nfe.min())
+
+
+class _StopMarkedRows:
+    """Makes EOS the only candidate for rows whose context holds `marker` (a function of the row alone)."""
+
+    def __init__(self, marker: int, eos: int) -> None:
+        self.marker, self.eos = marker, eos
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        hit = (input_ids == self.marker).any(dim=1)
+        scores = scores.clone()
+        scores[hit] = float("-inf")
+        scores[hit, self.eos] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_row_that_stops_is_charged_nothing_more_and_the_others_generate_as_alone_causal_lm(use_cache):
+    """Under the shift with the cache the window keeps the last committed token's logits (`next_logits`): a row that
+    stops after the first block leaves the batch, and the rows left go on as they do alone."""
+    _, model = _convert("llama", 4, model_length=32)
+    ids, mask = _prompts([3, 6, 2, 5], seed=11)
+    ids[0, -1] = VOCAB - 1  # row 0 is marked (the other prompts' tokens are < 60)
+    kwargs = dict(
+        max_new_tokens=12, sampler="confidence_threshold", confidence_threshold=THRESHOLD["llama"], eos_token_id=2,
+        logits_processor=[_StopMarkedRows(VOCAB - 1, 2)], use_cache=use_cache, return_dict_in_generate=True,
+    )
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    alone = [model.generate(ids[r : r + 1, int(mask[r].argmax()) :], **kwargs) for r in range(len(ids))]
+    assert batch.sequences[0, ids.shape[1]] == 2 and batch.nfe[0] == 1  # stopped at once, after one call
+    assert batch.sequences.shape[1] == ids.shape[1] + 12  # the others went on
+    for r, out in enumerate(alone):
+        new = out.sequences[0, int(mask[r].sum()) :]
+        assert torch.equal(batch.sequences[r, ids.shape[1] : ids.shape[1] + len(new)], new), r
+    assert batch.nfe.tolist() == [int(out.nfe[0]) for out in alone]
