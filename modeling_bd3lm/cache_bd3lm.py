@@ -208,14 +208,15 @@ class CommittedWindow:
         )
 
     def keep(self, index: torch.LongTensor) -> None:
-        """Drop every row not in `index` (rows that stopped cost no further network calls)."""
+        """Drop every row not in `index` (rows that stopped cost no further network calls).
+
+        `next_logits` is not narrowed: `generate()` commits the kept rows' clean block right after, so the next call
+        writes pending tokens and replaces it before it is read."""
         self.rows, self.mask = self.rows[index], self.mask[index]
         if self.ids is not None:
             self.ids = self.ids[index]
         if self.pending is not None:
             self.pending = self.pending[index]
-        if self.next_logits is not None:
-            self.next_logits = self.next_logits[index]
         if self.cache is not None:
             select_cache_rows(self.cache, index)
 

@@ -95,7 +95,8 @@ class BD3LMConfig(PretrainedConfig):
             Rejection-resample blocks whose realised mask fraction falls outside the clipped interval (the paper's
             training scripts turn it on).
         ignore_bos (`bool`, *optional*, defaults to `False`):
-            Never mask position 0 and leave it out of the loss average (the paper's perplexity protocol).
+            Never mask the first token of each row and leave it out of the loss average (the paper's perplexity
+            protocol). The first *real* token: in a left-padded row the one after the padding, not column 0.
         mask_token_id (`int`, *optional*):
             Id of the absorbing mask token. Defaults to `vocab_size - 1`, the official convention.
         rope_theta (`float`, *optional*, defaults to 10000.0):

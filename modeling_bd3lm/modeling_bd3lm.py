@@ -683,12 +683,13 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             )
         loss = token_loss = None
         if labels is not None:
-            loss_mask = attention_mask
             if self.is_causal_backbone and config.token_shift and attention_mask is not None:
-                # Under the shift token i is predicted at position i - 1: a token after padding has no predictor.
-                loss_mask = attention_mask.bool().clone()
-                loss_mask[:, 1:] &= attention_mask[:, :-1].bool()
-            loss, token_loss = self.block_nelbo(outputs.logits, labels, noisy_input_ids, noise_levels, loss_mask)
+                # Under the shift token i is predicted at position i - 1: a token after padding has no predictor. Its
+                # label goes, not its mask column: `ignore_bos` finds each row's first real token in the mask.
+                after_padding = torch.zeros_like(labels, dtype=torch.bool)
+                after_padding[:, 1:] = ~attention_mask[:, :-1].bool()
+                labels = labels.masked_fill(after_padding, -100)
+            loss, token_loss = self.block_nelbo(outputs.logits, labels, noisy_input_ids, noise_levels, attention_mask)
 
         if not return_dict:
             return BD3LMOutput(

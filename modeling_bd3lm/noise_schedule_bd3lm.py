@@ -174,10 +174,23 @@ def resampling_bounds(interval: tuple[float, float], resample: bool) -> tuple[fl
     return (lo if lo > floor else 0.0, hi)
 
 
+def first_real_tokens(x_0: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.BoolTensor:
+    """The first real (not padding) token of every row, shape `(batch, seq_len)`: column 0 without a mask or in a
+    right-padded row, the first column after the padding in a left-padded one. This is the token `ignore_bos` keeps
+    clean and uncounted, so that a row scores the same whatever padding its batch gives it."""
+    if attention_mask is None:
+        first = torch.zeros(x_0.shape, dtype=torch.bool, device=x_0.device)
+        first[:, 0] = True
+        return first
+    real = attention_mask.bool()
+    return real & (real.long().cumsum(dim=1) == 1)
+
+
 def nelbo_valid_mask(
     labels: torch.Tensor, attention_mask: torch.Tensor | None = None, ignore_bos: bool = False
 ) -> torch.BoolTensor:
-    """The positions the block NELBO counts: labelled (not -100), not padding, and not position 0 with `ignore_bos`.
+    """The positions the block NELBO counts: labelled (not -100), not padding, and with `ignore_bos` not the first
+    real token of the row ([`first_real_tokens`]).
 
     Shape `(batch, seq_len)`. The loss is the mean of the token terms over these positions.
     """
@@ -185,18 +198,18 @@ def nelbo_valid_mask(
     if attention_mask is not None:
         valid = valid & attention_mask.bool()
     if ignore_bos:
-        valid = valid.clone()
-        valid[:, 0] = False
+        valid = valid & ~first_real_tokens(labels, attention_mask)
     return valid
 
 
 def maskable_positions(
     x_0: torch.Tensor, attention_mask: torch.Tensor | None = None, ignore_bos: bool = False
 ) -> torch.BoolTensor:
-    """The positions the forward process may mask: not padding, and not position 0 with `ignore_bos`."""
+    """The positions the forward process may mask: not padding, and with `ignore_bos` not the first real token of the
+    row ([`first_real_tokens`])."""
     maskable = torch.ones_like(x_0, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
     if ignore_bos:
-        maskable[:, 0] = False
+        maskable &= ~first_real_tokens(x_0, attention_mask)
     return maskable
 
 
@@ -257,6 +270,7 @@ __all__ = [
     "EVAL_NOISE_INTERVAL",
     "add_noise",
     "draw_noise",
+    "first_real_tokens",
     "maskable_positions",
     "nelbo_valid_mask",
     "resampling_bounds",

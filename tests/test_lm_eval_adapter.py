@@ -225,3 +225,56 @@ def test_sampled_generate_until_depends_neither_on_batch_size_nor_on_order():
     assert (one[0], one[2]) == (three[0], three[2])
     assert sorted([one[1], one[3]]) == sorted([three[1], three[3]])  # reversed, the repeats swap places
     assert one[1] != one[3]  # two repeats of "To be" are two samples
+
+
+def test_a_monte_carlo_score_is_the_nelbo_under_the_requests_own_seed():
+    """One score recomputed by hand: the request's window built as documented (context left-padded to whole blocks,
+    the target after it) and its noise drawn from the generator seeded with
+    (crc32 of the int64 bytes of [len(context), *context, *target]) + 1_000_003 · seed, modulo 2^63."""
+    import struct
+    import zlib
+
+    from bd3lm_trainer.evaluation import nelbo
+
+    model, tokenizer = _tiny(4), load_tokenizer()
+    options = {"batch_size": 1, "mc_samples": 3, "exact": False, "check_greedy": False}
+    pairs = [("In the beginning", " God created the heaven"), ("To be, or not to", " be")]
+    [(value, _), _] = BD3LMEvalHarness(model, tokenizer, seed=77, **options).loglikelihood(
+        _requests("loglikelihood", pairs)
+    )
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    context, target = enc("In the beginning"), enc(" God created the heaven")
+    begin = -(-len(context) // 4) * 4
+    end = begin + len(target)
+    ids = torch.full((1, -(-end // 4) * 4), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    ids[0, begin - len(context) : end] = torch.tensor(context + target)
+    mask[0, begin - len(context) : end] = 1
+    labels[0, begin:end] = torch.tensor(target)
+    words = [len(context), *context, *target]
+    row_seed = (zlib.crc32(struct.pack(f"={len(words)}q", *words)) + 1_000_003 * 77) % 2**63
+    out = nelbo(model, ids, mask, labels, 3, [torch.Generator().manual_seed(row_seed)])
+    assert value == -float(out.per_sequence[0])
+    [(other, _), _] = BD3LMEvalHarness(model, tokenizer, seed=78, **options).loglikelihood(
+        _requests("loglikelihood", pairs)
+    )
+    assert other != value  # the seed is used
+
+
+def test_a_loaded_model_falls_back_to_the_cpu_without_cuda(monkeypatch, caplog):
+    """lm-eval passes `device="cuda:0"` by default, also with a model object: without CUDA (hidden here, so that the
+    test means the same on a GPU machine) the harness warns once and evaluates on the CPU, as with a path."""
+    import logging
+
+    model, tokenizer = _tiny(1, always_mask=True), load_tokenizer()
+    pairs = [("In the beginning", " God created")]
+    expected = BD3LMEvalHarness(model, tokenizer, device="cpu").loglikelihood(_requests("loglikelihood", pairs))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        harness = BD3LMEvalHarness(model, tokenizer, device="cuda:0")
+    assert [r.getMessage() for r in caplog.records if "not available" in r.getMessage()] == [
+        "bd3lm: device 'cuda:0' is not available on this machine (torch.cuda.is_available() is False); evaluating on "
+        "the CPU instead (pass --device cpu to choose it)."
+    ]
+    assert harness.model is model and harness.model.device.type == "cpu" and harness._device.type == "cpu"
+    assert harness.loglikelihood(_requests("loglikelihood", pairs)) == expected

@@ -132,7 +132,8 @@ def nelbo(
         generator (`torch.Generator` or a sequence of them, *optional*): randomness of t and of the masks, drawn on
             the generator's device (CPU when none is given). One generator per row makes each row's value independent
             of the batch it is in (then t is stratified across the K draws of a row only).
-        ignore_bos (`bool`, *optional*): keep position 0 clean and uncounted; defaults to `config.ignore_bos`.
+        ignore_bos (`bool`, *optional*): keep each row's first real token (after any left padding) clean and
+            uncounted; defaults to `config.ignore_bos`.
         antithetic (`bool`, *optional*): stratify t ([`stratified_noise_levels`]); defaults to
             `config.antithetic_sampling`.
         exact (`bool`, defaults to `False`): compute the expectation exactly instead of by Monte-Carlo, by
@@ -155,7 +156,7 @@ def nelbo(
     ignore_bos = config.ignore_bos if ignore_bos is None else ignore_bos
     if config.ignore_bos and not ignore_bos:
         raise ValueError(
-            "`ignore_bos=False` is impossible for a model with `config.ignore_bos=True`: it never scores position 0."
+            "`ignore_bos=False` is impossible for a model with `config.ignore_bos=True`: it never scores a row's first token."
         )
     antithetic = config.antithetic_sampling if antithetic is None else antithetic
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -163,7 +164,7 @@ def nelbo(
         if len(generator) != batch:
             raise ValueError(f"Pass one generator per row: got {len(generator)} for a batch of {batch}.")
 
-    # 1. pad to whole blocks; counted positions are real, labelled and (with ignore_bos) not the first
+    # 1. pad to whole blocks; counted positions are real, labelled and (with ignore_bos) not the row's first real one
     device = model.device
     bs = config.block_size
     pad = -seq_len % bs
