@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modeling_bd3lm.checks_bd3lm import is_int
+
 from bd3lm_trainer.model_card import CardInfo, build_model_card, read_reports
 from bd3lm_trainer.utils import check_repo_id, read_json
 
@@ -132,7 +134,7 @@ def _matches(name: str, patterns) -> bool:
 
 def check_shard_size(size: str | int) -> str | int:
     """`size` as `save_pretrained`'s `max_shard_size` takes it ('5GB', '500MB', bytes), or a ValueError naming it."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+    if is_int(size) and size > 0:
         return size
     if isinstance(size, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", size, re.I):
         return size.strip()
@@ -380,7 +382,7 @@ def plan_upload(
         check_repo_id(base_model, name="base_model", namespace=False)
     for dataset in datasets:
         check_repo_id(dataset, name="dataset", namespace=False)
-    if isinstance(nfe_tokens, bool) or not isinstance(nfe_tokens, int) or nfe_tokens < 0:
+    if not is_int(nfe_tokens) or nfe_tokens < 0:
         raise ValueError(f"nfe_tokens={nfe_tokens!r} must be an integer >= 0 (0 skips the measurement).")
     max_shard_size = check_shard_size(max_shard_size)
     for pattern in include:

@@ -36,6 +36,16 @@ def _shape(value: torch.Tensor) -> tuple[int, ...]:
     return tuple(value.shape)
 
 
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (`True` is an `int` to Python, never a size or an id to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A real number (int or float) that is not a bool; it may be inf or NaN (check `math.isfinite` too)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def checking_values() -> bool:
     """Whether checks that read tensor values run: in eager mode, not while `torch.compile` or `torch.export` trace."""
     return not torch.compiler.is_compiling()

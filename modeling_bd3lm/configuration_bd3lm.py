@@ -8,6 +8,9 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .checks_bd3lm import is_int, is_real
+from .noise_schedule_bd3lm import NOISE_SCHEDULES
+
 # Official `attn_backend` values and our HF `attn_implementation` names, both accepted.
 _ATTN_BACKENDS = {
     "sdpa": "sdpa",
@@ -15,19 +18,10 @@ _ATTN_BACKENDS = {
     "flex_attention": "flex_attention",
     "eager": "eager",
 }
-NOISE_SCHEDULES = ("loglinear", "linear", "square", "square_root", "log", "cosine")
 _BOOL_FIELDS = (
     "cross_attn", "adaln", "causal", "time_conditioning", "var_min", "always_mask", "antithetic_sampling", "resample",
     "ignore_bos",
 )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class BD3LMConfig(PretrainedConfig):
@@ -270,7 +264,7 @@ class BD3LMConfig(PretrainedConfig):
             "block_size", "vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads", "mlp_ratio"
         ):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.vocab_size < 2:
             raise ValueError(f"`vocab_size` must be >= 2 (at least one token besides the mask), got {self.vocab_size}.")
@@ -279,13 +273,13 @@ class BD3LMConfig(PretrainedConfig):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         for name in ("rope_theta", "initializer_range", "dropout", "sampling_eps_min", "sampling_eps_max"):
             value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value):
+            if not is_real(value) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         if self.rope_theta <= 0:
             raise ValueError(f"`rope_theta` must be > 0 (the base of the rotary frequencies), got {self.rope_theta}.")
         if self.initializer_range < 0:
             raise ValueError(f"`initializer_range` must be >= 0 (a standard deviation), got {self.initializer_range}.")
-        if not _is_int(self.mask_token_id):
+        if not is_int(self.mask_token_id):
             raise ValueError(f"`mask_token_id` must be an integer token id, got {self.mask_token_id!r}.")
         if self.hidden_dim % self.n_heads != 0:
             raise ValueError(
@@ -324,7 +318,7 @@ class BD3LMConfig(PretrainedConfig):
         backbone = self.backbone_config
         for name in ("block_size", "vocab_size", "model_length"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         for name in _BOOL_FIELDS + ("token_shift",):
             if not isinstance(getattr(self, name), bool):
@@ -339,7 +333,7 @@ class BD3LMConfig(PretrainedConfig):
                 f"`vocab_size`={self.vocab_size} differs from the backbone's vocab_size={backbone.vocab_size}; leave "
                 "`vocab_size` unset (it follows the backbone) or resize the backbone's embeddings."
             )
-        if not _is_int(self.mask_token_id) or not 0 <= self.mask_token_id < self.vocab_size:
+        if not is_int(self.mask_token_id) or not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(
                 f"`mask_token_id`={self.mask_token_id!r} is outside the vocabulary [0, {self.vocab_size}); add a mask "
                 "token to the tokenizer and resize the embeddings (`BD3LMForMaskedDiffusion.from_causal_lm` does both)."
@@ -350,7 +344,7 @@ class BD3LMConfig(PretrainedConfig):
                 "choose a block size that divides the context length."
             )
         max_positions = getattr(backbone, "max_position_embeddings", None)
-        if _is_int(max_positions) and self.model_length > max_positions:
+        if is_int(max_positions) and self.model_length > max_positions:
             raise ValueError(
                 f"`model_length`={self.model_length} exceeds the backbone's max_position_embeddings={max_positions}; "
                 f"use model_length <= {max_positions}."
@@ -360,7 +354,7 @@ class BD3LMConfig(PretrainedConfig):
         uses_window = any("sliding" in str(kind) for kind in layer_types) or (
             not layer_types and getattr(backbone, "use_sliding_window", True) and window is not None
         )
-        if uses_window and _is_int(window) and window < self.model_length:
+        if uses_window and is_int(window) and window < self.model_length:
             raise ValueError(
                 f"The backbone has sliding-window attention layers (sliding_window={window}) shorter than "
                 f"`model_length`={self.model_length}: the block-diffusion mask would replace the window. Use "

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .checks_bd3lm import is_int
 from .causal_backbone_bd3lm import PREBUILT_BACKBONE, check_backbone_attention, check_causal_lm
 
 MASK_TOKEN = "<|mask|>"
@@ -151,7 +152,7 @@ def default_model_length(backbone_config: Any, block_size: int) -> int:
 
 
 def _check_divides(block_size: int, model_length: Any) -> None:
-    if not isinstance(model_length, int) or isinstance(model_length, bool) or model_length < 1:
+    if not is_int(model_length) or model_length < 1:
         raise ValueError(f"`model_length` must be a positive integer, got {model_length!r}.")
     if model_length % block_size != 0:
         raise ValueError(
@@ -163,7 +164,7 @@ def _check_divides(block_size: int, model_length: Any) -> None:
 def from_causal_lm(cls: type, source: Any, block_size: int, tokenizer: Any = None, **kwargs: Any) -> Any:
     """Implementation of `BD3LMForMaskedDiffusion.from_causal_lm` (see its docstring)."""
     config_class = cls.config_class
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+    if not is_int(block_size) or block_size < 1:
         raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
     overrides, pretrained_kwargs = split_kwargs(config_class, kwargs)
     if "backbone_config" in kwargs:

@@ -59,9 +59,9 @@ from .noise_schedule_bd3lm import (
 )
 from .outputs_bd3lm import BD3LMOutput
 
-# Imported here although only generation uses it: transformers 4.57 copies just the direct relative imports of this file
-# when it loads a checkpoint from a local folder with trust_remote_code, so every bundled module is imported here.
-from .sampling_bd3lm import SAMPLERS  # noqa: F401
+# transformers 4.57 copies just the direct relative imports of this file when it loads a checkpoint from a local folder
+# with trust_remote_code, so every bundled module is imported here (sampling_bd3lm: also SUBS for the loss).
+from .sampling_bd3lm import suppress_mask_logit
 
 
 # Largest NELBO weight (≈ 1/t) accepted: beyond it weight × cross-entropy may overflow float32.
@@ -565,9 +565,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         """
         config = self.config
         # SUBS: zero masking probability (out of place: the caller's logits are returned raw)
-        suppress = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
-        suppress[config.mask_token_id] = float("-inf")
-        log_probs = torch.log_softmax(logits.float() + suppress, dim=-1)
+        log_probs = torch.log_softmax(suppress_mask_logit(logits.float(), config.mask_token_id), dim=-1)
         valid = nelbo_valid_mask(labels, attention_mask, config.ignore_bos)
         if checking_values() and bool(((labels == config.mask_token_id) & valid).any()):
             raise ValueError(
