@@ -223,9 +223,8 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
         "block_size", "model_length", "vocab_size", "mask_token_id", "hidden_dim", "n_blocks", "n_heads",
         "noise_schedule")}
     info.architecture["parameters"] = sum(p.numel() for p in model.parameters())
-    if getattr(config, "backbone_config", None) is not None:  # a converted causal LM (from_causal_lm)
-        shift = "token shift: position i-1 predicts token i" if config.token_shift else "no token shift"
-        info.architecture["denoiser"] = f"{type(model.backbone).__name__} ({shift})"
+    if model.denoiser.description is not None:  # a denoiser other than the official DiT (a converted causal LM)
+        info.architecture["denoiser"] = model.denoiser.description
     info.noise_interval = model.training_noise_interval()
     generation = read_json(staging / "generation_config.json", "The generation config")
     # Only what differs from a fresh generation config: a null field is the built-in default and says nothing.
