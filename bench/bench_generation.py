@@ -42,7 +42,7 @@ from transformers import DynamicCache
 from bench.common import build_config, interleaved_times, median_ratio
 from modeling_bd3lm import CACHE_FIELD, BD3LMConfig, BD3LMForMaskedDiffusion, trim_cache_left
 from modeling_bd3lm.cache_bd3lm import trim_cache_right
-from modeling_bd3lm.sampling_bd3lm import RowGenerators, uniform
+from modeling_bd3lm.sampling_bd3lm import RowGenerators, suppress_mask_logit, uniform
 
 MODES: dict[str, dict] = {
     "uncached": dict(use_cache=False, sampler="first_hitting"),
@@ -131,10 +131,9 @@ def ar_run(model: BD3LMForMaskedDiffusion, batch: int, new_tokens: int) -> Calla
         for _ in range(new_tokens):
             if cache.get_seq_length() + 2 > length:
                 trim_cache_left(cache, cache.get_seq_length() + 2 - length)
-            logits = model(torch.cat((token, masks), 1), past_key_values=cache, use_cache=True, return_dict=True)
+            logits = model(torch.cat((token, masks), 1), cache=cache, use_cache=True, return_dict=True)
             trim_cache_right(cache, 1)  # drop the mask's keys and values: only the real token stays committed
-            scores = logits.logits[:, -1].double()
-            scores[:, mask_id] = float("-inf")
+            scores = suppress_mask_logit(logits.logits[:, -1].double(), mask_id)
             top = scores.topk(min(50, scores.shape[-1]), dim=-1)
             pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=g).to(scores.device)
             token = top.indices.gather(-1, pick)

@@ -6,7 +6,8 @@ block-by-block generation.
 * `CACHE_FIELD` / [`with_cache_field`]: transformers 5.24 renamed the `ModelOutput` field `past_key_values` to `cache`
   (keeping a deprecated property); 4.x only knows the old name. Build outputs with `**{CACHE_FIELD: cache}` and read
   them with `getattr(output, CACHE_FIELD)`.
-* [`resolve_cache_kwarg`], [`check_cache`], [`read_cache_layer`]: the cache a forward receives and what a layer reads.
+* [`resolve_cache_kwarg`], [`read_cache_layer`]: the cache a forward receives and what a layer reads (the cache is
+  checked with the other inputs, `checks_bd3lm.check_cache`).
 * [`trim_cache_left`] / [`trim_cache_right`] / [`select_cache_rows`]: drop the oldest or newest tokens, or rows.
 * [`CommittedWindow`]: the tokens every new block attends to, as the cache (cached generation) or as ids (uncached),
   with the rows still generating. Commits are lazy in the cached case, and the window slides beyond `model_length` as
@@ -105,24 +106,6 @@ def open_window(
             f"{how_to_fit}."
         )
     return past_key_values, past_len
-
-
-def check_cache(past_key_values: Any, batch: int) -> None:
-    """A transformers `Cache` whose committed rows match the batch."""
-    if not isinstance(past_key_values, Cache):
-        raise TypeError(
-            f"`past_key_values` must be a transformers Cache (e.g. DynamicCache()), got {type(past_key_values).__name__}"
-            "; legacy tuples of tensors are not supported."
-        )
-    for layer in getattr(past_key_values, "layers", []):
-        keys = getattr(layer, "keys", None)
-        if keys is not None and keys.numel() > 0:
-            if keys.shape[0] != batch:
-                raise ValueError(
-                    f"`past_key_values` holds {keys.shape[0]} rows but `input_ids` has batch {batch}; pass the cache "
-                    "built for these sequences (or a fresh DynamicCache())."
-                )
-            return
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -309,7 +292,6 @@ class CommittedWindow:
 __all__ = [
     "CACHE_FIELD",
     "CommittedWindow",
-    "check_cache",
     "read_cache_layer",
     "resolve_cache_kwarg",
     "select_cache_rows",

@@ -1,9 +1,10 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """A transformers causal LM (Llama, Qwen2, Qwen3, GPT-2, ...) as the BD3-LM denoiser.
 
-The backbone is `AutoModelForCausalLM.from_config(config.backbone_config)`, stored as `BD3LMForMaskedDiffusion.backbone`
-(weights `backbone.model.layers...`, `backbone.lm_head`). It runs the same two passes as the DiT, with its own
-attention kernels, fed a 4-D mask and explicit `position_ids`:
+The backbone is `AutoModelForCausalLM.from_config(config.backbone_config)` (or the loaded causal LM that
+`from_causal_lm` hands to `BD3LMForMaskedDiffusion(config, backbone=...)`), stored as `BD3LMForMaskedDiffusion.backbone`
+(weights `backbone.model.layers...`, `backbone.lm_head`). [`CausalLMDenoiser`] runs the two passes of the denoiser
+interface (`denoiser_bd3lm.py`) through it, with its own attention kernels, fed a 4-D mask and explicit `position_ids`:
 
 * vectorised pass: tokens `x_t ⊕ x_0` (2L), positions 0..L-1 for both halves, the three-part block-diffusion mask of
   `masks_bd3lm.block_diffusion_mask` with padded keys removed;
@@ -27,40 +28,180 @@ dropping cache entries as the DiT's does: `CommittedWindow` re-prefills the kept
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+import functools
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 
-from .cache_bd3lm import CACHE_FIELD, check_cache, open_window
-from .checks_bd3lm import check_attention_mask, check_token_ids, padded_keys
-from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
+from .cache_bd3lm import CACHE_FIELD
+from .checks_bd3lm import padded_keys
+from .configuration_bd3lm import check_decoder_only
+from .denoiser_bd3lm import BD3LMDenoiser
+from .masks_bd3lm import flex_block_mask, sampling_attention_mask, vectorised_attention_mask
 from .outputs_bd3lm import BD3LMOutput
-
-# Set by `conversion_bd3lm.prebuilt_backbone`: the loaded causal LM the next model adopts as its backbone (converting
-# must not build a second, random copy of the weights).
-PREBUILT_BACKBONE: ContextVar[torch.nn.Module | None] = ContextVar("bd3lm_prebuilt_backbone", default=None)
 
 # Attention kernels that take a dense 4-D mask as is (boolean for SDPA; additive float for everything else).
 _BOOLEAN_MASK_KERNELS = ("sdpa",)
 
 
-def build_causal_backbone(config: Any) -> torch.nn.Module:
-    """`AutoModelForCausalLM.from_config(config.backbone_config)`, sharing its config object with `config` (so that a
-    later resize or attention switch is what `save_pretrained` writes)."""
-    from transformers import AutoModelForCausalLM
+class CausalLMDenoiser(BD3LMDenoiser):
+    """A transformers causal LM (`backbone`, stored by the wrapper as `BD3LMForMaskedDiffusion.backbone`) behind the
+    denoiser interface of `denoiser_bd3lm.py` (module docstring: masks, positions, token shift). A view: it holds the
+    network and the config, and no state of its own."""
 
-    prebuilt = PREBUILT_BACKBONE.get()
-    if prebuilt is not None:
-        PREBUILT_BACKBONE.set(None)
-        config.backbone_config = prebuilt.config
-        return prebuilt
-    backbone_config = config.backbone_config
-    implementation = config._attn_implementation or getattr(backbone_config, "_attn_implementation", None) or "sdpa"
-    backbone = AutoModelForCausalLM.from_config(backbone_config, attn_implementation=implementation)
-    config.backbone_config = backbone.config
-    return backbone
+    caches_after_positions = True
+
+    def __init__(self, backbone: torch.nn.Module, config: Any) -> None:
+        self.backbone = backbone
+        self.config = config
+
+    @property
+    def predicts_next_token(self) -> bool:
+        return bool(self.config.token_shift)
+
+    @property
+    def description(self) -> str:
+        shift = "token shift: position i-1 predicts token i" if self.config.token_shift else "no token shift"
+        return f"{type(self.backbone).__name__} ({shift})"
+
+    @classmethod
+    def build_backbone(cls, config: Any, backbone: torch.nn.Module | None = None) -> torch.nn.Module:
+        """`backbone` (a loaded causal LM, marked initialised so that the wrapper's `post_init` leaves its weights
+        alone), else `AutoModelForCausalLM.from_config(config.backbone_config)`. Either way the network shares its
+        config object with `config.backbone_config` (a later resize or attention switch is what `save_pretrained`
+        writes)."""
+        if backbone is None:
+            from transformers import AutoModelForCausalLM
+
+            implementation = (
+                config._attn_implementation or getattr(config.backbone_config, "_attn_implementation", None) or "sdpa"
+            )
+            backbone = AutoModelForCausalLM.from_config(config.backbone_config, attn_implementation=implementation)
+        else:
+            for module in backbone.modules():
+                module._is_hf_initialized = True
+            for tensor in list(backbone.parameters()) + list(backbone.buffers()):
+                tensor._is_hf_initialized = True
+        config.backbone_config = backbone.config
+        return backbone
+
+    @classmethod
+    def bind(cls, backbone: torch.nn.Module, config: Any) -> CausalLMDenoiser:
+        return cls(backbone, config)
+
+    def check_attention(self) -> None:
+        """The 4-D-mask probe ([`check_backbone_attention`]); skipped while the weights are not there yet
+        (`from_pretrained` builds on the meta device and probes after loading; ZeRO-3 partitions them)."""
+        weight = self.backbone.get_input_embeddings().weight
+        if weight.is_meta or weight.numel() == 0:
+            return
+        check_backbone_attention(self.backbone)
+
+    def __call__(
+        self,
+        input_ids: torch.LongTensor,
+        noisy_input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool = True,
+    ) -> BD3LMOutput:
+        """Both passes (`BD3LMDenoiser`). `timesteps` is unused: the config refuses `time_conditioning` for a causal
+        LM. Attention weights come from the backbone itself: its eager kernel returns them, its fused kernels refuse
+        (transformers' own error)."""
+        config = self.config
+        # True, False, or a list of layer indices, which transformers' backbones capture selectively: passed on as is.
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = bool(config.output_attentions if output_attentions is None else output_attentions)
+        if noisy_input_ids is None:
+            return self._sampling_pass(input_ids, attention_mask, cache, use_cache, output_hidden_states, output_attentions)
+        return self._vectorised_pass(input_ids, noisy_input_ids, attention_mask, output_hidden_states, output_attentions)
+
+    @property
+    def _flex(self) -> bool:
+        return attention_implementation(self.backbone) == "flex_attention"
+
+    def _vectorised_pass(
+        self,
+        input_ids: torch.LongTensor,
+        noisy_input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        output_hidden_states: bool | list[int],
+        output_attentions: bool,
+    ) -> BD3LMOutput:
+        """Logits `(batch, L, vocab)` of the vectorised `x_t ⊕ x_0` pass, aligned with the tokens (row i predicts token
+        i; under the shift row 0 is uniform), the `x_t` half of the hidden states and the attention weights of the
+        `x_t` queries over all 2L keys (as the DiT returns them)."""
+        config, backbone = self.config, self.backbone
+        batch, seq_len = input_ids.shape
+        device = input_ids.device
+        key_padding = padded_keys(attention_mask)  # value-dependent only in eager mode (export, compile)
+        positions = token_positions(key_padding, batch, seq_len, device).repeat(1, 2)
+        if key_padding is not None:
+            key_padding = key_padding.repeat(1, 2)
+        mask = vectorised_attention_mask(seq_len, config.block_size, key_padding, device, self._flex)
+        mask = mask if self._flex else dense_mask(mask, backbone)
+        keep = shifted_rows(seq_len, config.block_size, device) if config.token_shift else torch.arange(seq_len, device=device)
+        out, logits = _call_backbone(
+            backbone,
+            keep,
+            input_ids=torch.cat((noisy_input_ids, input_ids), dim=1),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+            **({"output_attentions": True} if output_attentions else {}),
+            return_dict=True,
+        )
+        if config.token_shift:
+            logits = torch.cat((logits.new_zeros((batch, 1, logits.shape[-1])), logits), dim=1)
+        hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
+        if hidden is not None:  # entries not asked for (`output_hidden_states` a list of layer indices) are None
+            hidden = tuple(None if h is None else h[:, :seq_len] for h in hidden)
+        attentions = getattr(out, "attentions", None) if output_attentions else None
+        if attentions is not None:
+            attentions = tuple(w[:, :, :seq_len] for w in attentions)
+        return BD3LMOutput(logits=logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: None})
+
+    def _sampling_pass(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        use_cache: bool | None,
+        output_hidden_states: bool | list[int],
+        output_attentions: bool,
+    ) -> BD3LMOutput:
+        """Raw logits of the block-causal sampling pass over `input_ids` after the committed tokens of `cache` (under
+        the shift row j predicts token j + 1). With `use_cache` this call's keys and values are committed; otherwise
+        the cache is left as it was (the backbone writes them, they are cropped again)."""
+        config, backbone = self.config, self.backbone
+        batch, seq_len = input_ids.shape
+        device = input_ids.device
+        past_len = 0 if cache is None else cache.get_seq_length()
+        key_padding = padded_keys(attention_mask)  # value-dependent only in eager mode (export, compile)
+        positions = token_positions(key_padding, batch, past_len + seq_len, device)[:, past_len:]
+        mask = sampling_attention_mask(seq_len, config.block_size, past_len, key_padding, device, self._flex)
+        mask = mask if self._flex else dense_mask(mask, backbone)
+        out = backbone(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{cache_kwarg(backbone): cache},
+            use_cache=cache is not None,
+            output_hidden_states=output_hidden_states,
+            **({"output_attentions": True} if output_attentions else {}),
+            return_dict=True,
+        )
+        if cache is not None and not use_cache:
+            cache.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
+        hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
+        attentions = getattr(out, "attentions", None) if output_attentions else None
+        return BD3LMOutput(logits=out.logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: cache})
 
 
 def attention_implementation(backbone: torch.nn.Module) -> str:
@@ -81,17 +222,6 @@ def token_positions(attention_mask: torch.Tensor | None, batch: int, length: int
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _with_padding(allowed: torch.BoolTensor, key_padding: torch.BoolTensor | None) -> torch.BoolTensor:
-    """`(batch, 1, q, kv)` from a `(q, kv)` mask: padded keys removed, each query keeps its own key so that no softmax
-    row is empty (the outputs of padding queries are never used)."""
-    q_len, kv_len = allowed.shape
-    if key_padding is None:
-        return allowed[None, None]
-    diagonal = torch.zeros_like(allowed)
-    diagonal[torch.arange(q_len), torch.arange(q_len) + (kv_len - q_len)] = True
-    return ((allowed[None] & key_padding[:, None, :]) | diagonal[None])[:, None]
-
-
 def dense_mask(allowed: torch.BoolTensor, backbone: torch.nn.Module) -> torch.Tensor:
     """The 4-D mask in the form the backbone's kernel consumes as is: boolean for SDPA, additive float (0 or the
     dtype's minimum) otherwise (eager adds the mask to the scores, so a boolean one would be ignored)."""
@@ -103,19 +233,6 @@ def dense_mask(allowed: torch.BoolTensor, backbone: torch.nn.Module) -> torch.Te
     )
 
 
-def _flex_mask(mask_mod: Any, key_padding: torch.BoolTensor | None, q_len: int, kv_len: int, device: torch.device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    if key_padding is None:
-        return create_block_mask(mask_mod, None, None, q_len, kv_len, device)
-    offset = kv_len - q_len
-
-    def padded(b, h, q_idx, kv_idx):
-        return (mask_mod(b, h, q_idx, kv_idx) & key_padding[b, kv_idx]) | (q_idx + offset == kv_idx)
-
-    return create_block_mask(padded, key_padding.shape[0], None, q_len, kv_len, device)
-
-
 def shifted_rows(seq_len: int, block_size: int, device: torch.device) -> torch.LongTensor:
     """Rows of the 2L outputs that predict tokens 1..L-1 under the token shift: i - 1 (the `x_t` half) inside a block,
     L + i - 1 (the last clean token of the previous block, `x_0` half) when i starts its block."""
@@ -125,172 +242,29 @@ def shifted_rows(seq_len: int, block_size: int, device: torch.device) -> torch.L
 
 def _call_backbone(backbone: torch.nn.Module, keep: torch.LongTensor | None, **kwargs: Any) -> Any:
     """Run the backbone, projecting only the rows `keep` onto the vocabulary when it supports `logits_to_keep`."""
-    if keep is not None and _accepts_logits_to_keep(backbone):
+    if keep is not None and "logits_to_keep" in _forward_parameters(type(backbone)):
         out = backbone(logits_to_keep=keep, **kwargs)
         return out, out.logits
     out = backbone(**kwargs)
     return out, out.logits if keep is None else out.logits[:, keep]
 
 
-def _forward_parameters(backbone: torch.nn.Module) -> frozenset[str]:
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(backbone_class: type) -> frozenset[str]:
+    """The argument names of a backbone class's `forward`, read once per class."""
     import inspect
 
     try:
-        return frozenset(inspect.signature(type(backbone).forward).parameters)
+        return frozenset(inspect.signature(backbone_class.forward).parameters)
     except (TypeError, ValueError):
         return frozenset()
 
 
-def _accepts_logits_to_keep(backbone: torch.nn.Module) -> bool:
-    return "logits_to_keep" in _forward_parameters(backbone)
-
-
-def _cache_kwarg(backbone: torch.nn.Module) -> str:
-    """transformers 5.24 names the cache argument `cache` (`past_key_values` is deprecated); 4.57 `past_key_values`."""
-    return "cache" if "cache" in _forward_parameters(backbone) else "past_key_values"
-
-
-def vectorised_forward(
-    backbone: torch.nn.Module,
-    config: Any,
-    input_ids: torch.LongTensor,
-    noisy_input_ids: torch.LongTensor,
-    attention_mask: torch.Tensor | None,
-    output_hidden_states: bool | list[int],
-    output_attentions: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-    """Logits `(batch, L, vocab)` of the vectorised `x_t ⊕ x_0` pass, aligned with the tokens (row i predicts token
-    i; under the shift row 0 is uniform), the `x_t` half of the hidden states and the attention weights of the `x_t`
-    queries over all 2L keys (as the DiT returns them)."""
-    batch, seq_len = input_ids.shape
-    device = input_ids.device
-    key_padding = padded_keys(attention_mask)  # value-dependent only in eager mode (export, compile)
-    positions = token_positions(key_padding, batch, seq_len, device).repeat(1, 2)
-    if key_padding is not None:
-        key_padding = key_padding.repeat(1, 2)
-    if attention_implementation(backbone) == "flex_attention":
-        mask = _flex_mask(block_diffusion_mask_mod(seq_len, config.block_size), key_padding, 2 * seq_len, 2 * seq_len, device)
-    else:
-        mask = dense_mask(_with_padding(block_diffusion_mask(seq_len, config.block_size, device), key_padding), backbone)
-    keep = shifted_rows(seq_len, config.block_size, device) if config.token_shift else torch.arange(seq_len, device=device)
-    out, logits = _call_backbone(
-        backbone,
-        keep,
-        input_ids=torch.cat((noisy_input_ids, input_ids), dim=1),
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=False,
-        output_hidden_states=output_hidden_states,
-        **({"output_attentions": True} if output_attentions else {}),
-        return_dict=True,
-    )
-    if config.token_shift:
-        logits = torch.cat((logits.new_zeros((batch, 1, logits.shape[-1])), logits), dim=1)
-    hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
-    if hidden is not None:  # entries not asked for (`output_hidden_states` a list of layer indices) are None
-        hidden = tuple(None if h is None else h[:, :seq_len] for h in hidden)
-    attentions = getattr(out, "attentions", None) if output_attentions else None
-    if attentions is not None:
-        attentions = tuple(w[:, :, :seq_len] for w in attentions)
-    return logits, hidden, attentions
-
-
-def sampling_forward(
-    backbone: torch.nn.Module,
-    config: Any,
-    input_ids: torch.LongTensor,
-    attention_mask: torch.Tensor | None,
-    past_key_values: Cache | None,
-    use_cache: bool | None,
-    output_hidden_states: bool | list[int],
-    output_attentions: bool = False,
-) -> tuple[torch.Tensor, Cache | None, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-    """Raw logits of the block-causal sampling pass over `input_ids` after the committed tokens of `past_key_values`
-    (under the shift row j predicts token j + 1). With `use_cache` this call's keys and values are committed;
-    otherwise the cache is left as it was (the backbone writes them, they are cropped again)."""
-    batch, seq_len = input_ids.shape
-    device = input_ids.device
-    past_key_values, past_len = open_window(
-        past_key_values, use_cache, seq_len, config.model_length,
-        "generate() slides a window (re-prefilling it for a causal backbone)",
-    )  # fmt: skip
-    key_padding = padded_keys(attention_mask)  # value-dependent only in eager mode (export, compile)
-    positions = token_positions(key_padding, batch, past_len + seq_len, device)[:, past_len:]
-    if attention_implementation(backbone) == "flex_attention":
-        allowed = block_causal_mask(seq_len, config.block_size, past_len, device)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allowed[q_idx, kv_idx]
-
-        mask = _flex_mask(mask_mod, key_padding, seq_len, past_len + seq_len, device)
-    else:
-        mask = dense_mask(_with_padding(block_causal_mask(seq_len, config.block_size, past_len, device), key_padding), backbone)
-    out = backbone(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        **{_cache_kwarg(backbone): past_key_values},
-        use_cache=past_key_values is not None,
-        output_hidden_states=output_hidden_states,
-        **({"output_attentions": True} if output_attentions else {}),
-        return_dict=True,
-    )
-    if past_key_values is not None and not use_cache:
-        past_key_values.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
-    hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
-    attentions = getattr(out, "attentions", None) if output_attentions else None
-    return out.logits, past_key_values, hidden, attentions
-
-
-def causal_backbone_forward(
-    model: Any,
-    input_ids: torch.LongTensor,
-    noisy_input_ids: torch.LongTensor | None,
-    attention_mask: torch.Tensor | None,
-    past_key_values: Cache | None,
-    use_cache: bool | None,
-    output_hidden_states: bool | list[int] | None,
-    output_attentions: bool | None = None,
-) -> BD3LMOutput:
-    """Both passes of `BD3LMForMaskedDiffusion.forward` through its causal-LM backbone, after checking once per
-    attention kernel (on the first forward) that the backbone honours a custom 4-D mask. Attention weights come from
-    the backbone itself: its eager kernel returns them, its fused kernels refuse (transformers' own error)."""
-    config, backbone = model.config, model.backbone
-    implementation = getattr(backbone.config, "_attn_implementation", None)
-    if model._probed_attention != implementation and not torch.compiler.is_compiling():
-        check_backbone_attention(backbone)
-        model._probed_attention = implementation
-    # True, False, or a list of layer indices, which transformers' backbones capture selectively: passed on as is.
-    output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-    output_attentions = bool(config.output_attentions if output_attentions is None else output_attentions)
-    if past_key_values is not None:
-        check_cache(past_key_values, input_ids.shape[0])
-    if noisy_input_ids is None:
-        if attention_mask is not None:
-            past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
-            check_attention_mask(
-                "attention_mask",
-                attention_mask,
-                (input_ids.shape[0], past_len + input_ids.shape[1]),
-                f"one column per token of the window: {past_len} cached + {input_ids.shape[1]} new",
-            )
-        logits, cache, hidden, attentions = sampling_forward(
-            backbone, config, input_ids, attention_mask, past_key_values, use_cache, output_hidden_states,
-            output_attentions,
-        )
-        return BD3LMOutput(logits=logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: cache})
-    if past_key_values is not None or use_cache:
-        raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
-    check_token_ids("noisy_input_ids", noisy_input_ids, config.vocab_size)
-    if noisy_input_ids.shape != input_ids.shape:
-        raise ValueError(
-            f"`noisy_input_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
-            f"{tuple(noisy_input_ids.shape)}."
-        )
-    logits, hidden, attentions = vectorised_forward(
-        backbone, config, input_ids, noisy_input_ids.long(), attention_mask, output_hidden_states, output_attentions
-    )
-    return BD3LMOutput(logits=logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: None})
+def cache_kwarg(backbone: torch.nn.Module) -> str:
+    """The name under which the backbone's `forward` takes the KV cache: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated and logs a warning), `past_key_values` on 4.57 (and remote-code models that keep
+    it). Read from the signature, once per backbone class."""
+    return "cache" if "cache" in _forward_parameters(type(backbone)) else "past_key_values"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -329,7 +303,7 @@ def check_backbone_attention(backbone: torch.nn.Module) -> None:
         allowed = torch.tensor([[True, True], [False, True]], device=tokens.device)[None, None].expand(3, 1, 2, 2)
         implementation = attention_implementation(backbone)
         if implementation == "flex_attention":
-            mask = _flex_mask(lambda b, h, q, k: q <= k, None, 2, 2, tokens.device)
+            mask = flex_block_mask(lambda b, h, q, k: q <= k, None, 2, 2, tokens.device)
         else:
             mask = dense_mask(allowed, backbone)
         out = _probe_outputs(backbone, tokens, mask)
@@ -360,11 +334,7 @@ def check_causal_lm(model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     if not isinstance(model, PreTrainedModel) or config is None:
         raise ValueError(f"The source ({name}) is not a transformers model; pass a causal LM, a folder or a Hub id.")
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"The source ({name}, model_type={config.model_type!r}) is an encoder-decoder; BD3-LM converts decoder-only "
-            "causal LMs (Llama, Qwen2, Qwen3, GPT-2, ...)."
-        )
+    check_decoder_only(config, f"The source ({name})")
     if model.get_output_embeddings() is None:
         raise ValueError(
             f"The source ({name}) has no LM head; load it with AutoModelForCausalLM (e.g. {name.replace('Model', '')}"
@@ -386,12 +356,10 @@ def check_causal_lm(model: torch.nn.Module) -> None:
 
 
 __all__ = [
-    "build_causal_backbone",
-    "causal_backbone_forward",
+    "CausalLMDenoiser",
+    "cache_kwarg",
     "check_backbone_attention",
     "check_causal_lm",
-    "sampling_forward",
     "shifted_rows",
     "token_positions",
-    "vectorised_forward",
 ]

@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache
 
 # Integer dtypes accepted for token ids (uint8 only holds vocabularies of <= 256 ids, but is not wrong).
 ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -34,6 +35,16 @@ UNSUPPORTED_KWARGS = {
 
 def _shape(value: torch.Tensor) -> tuple[int, ...]:
     return tuple(value.shape)
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (`True` is an `int` to Python, never a size or an id to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A real number (int or float) that is not a bool; it may be inf or NaN (check `math.isfinite` too)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def checking_values() -> bool:
@@ -128,6 +139,79 @@ def check_timesteps(timesteps: Any, batch: int) -> None:
             f"`timesteps` must be a float tensor of shape (batch,) = ({batch},), got {_shape(timesteps)} "
             f"{timesteps.dtype}."
         )
+
+
+def check_cache(past_key_values: Any, batch: int) -> None:
+    """A transformers `Cache` whose committed rows match the batch."""
+    if not isinstance(past_key_values, Cache):
+        raise TypeError(
+            f"`past_key_values` must be a transformers Cache (e.g. DynamicCache()), got {type(past_key_values).__name__}"
+            "; legacy tuples of tensors are not supported."
+        )
+    for layer in getattr(past_key_values, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel() > 0:
+            if keys.shape[0] != batch:
+                raise ValueError(
+                    f"`past_key_values` holds {keys.shape[0]} rows but `input_ids` has batch {batch}; pass the cache "
+                    "built for these sequences (or a fresh DynamicCache())."
+                )
+            return
+
+
+def check_forward_inputs(
+    config: Any,
+    input_ids: Any,
+    *,
+    noisy_input_ids: Any,
+    attention_mask: Any,
+    labels: Any,
+    noise_levels: Any,
+    timesteps: Any,
+    cache: Any,
+    use_cache: bool | None,
+) -> bool:
+    """The checks of `BD3LMForMaskedDiffusion.forward`, for every kind of denoiser: once per call, before the network.
+    Returns whether the call is the vectorised `x_t ⊕ x_0` pass (`noisy_input_ids`, `labels` or `noise_levels` given)
+    rather than the sampling pass. The sampling window's length is checked where the cache is opened
+    (`cache_bd3lm.open_window`)."""
+    check_token_ids("input_ids", input_ids, config.vocab_size)
+    batch, seq_len = input_ids.shape
+    if cache is not None:
+        check_cache(cache, batch)
+    if config.time_conditioning and timesteps is not None:
+        check_timesteps(timesteps, batch)
+    vectorised = noisy_input_ids is not None or labels is not None or noise_levels is not None
+    if not vectorised:
+        past_len = 0 if cache is None else cache.get_seq_length()
+        if attention_mask is not None:
+            check_attention_mask(
+                "attention_mask",
+                attention_mask,
+                (batch, past_len + seq_len),
+                f"one column per token of the window: {past_len} cached + {seq_len} new",
+            )
+        return False
+    if cache is not None or use_cache:
+        raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
+    check_vectorised_length(seq_len, config)
+    if attention_mask is not None:
+        check_attention_mask("attention_mask", attention_mask, (batch, seq_len), "one column per token")
+    if labels is not None:
+        check_token_ids("labels", labels, config.vocab_size, allow_ignore_index=True)
+        if tuple(labels.shape) != (batch, seq_len):
+            raise ValueError(f"`labels` must have the shape of `input_ids` {(batch, seq_len)}, got {_shape(labels)}.")
+    if noise_levels is not None:
+        check_noise_levels(noise_levels, (batch, seq_len // config.block_size))
+    if noisy_input_ids is not None:
+        check_token_ids("noisy_input_ids", noisy_input_ids, config.vocab_size)
+        if noisy_input_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"`noisy_input_ids` must have the shape of `input_ids` {_shape(input_ids)}, got {_shape(noisy_input_ids)}."
+            )
+        if labels is not None and noise_levels is None:
+            raise ValueError("Pass `noise_levels` with `noisy_input_ids` and `labels` to weight the NELBO.")
+    return True
 
 
 def check_generator(generator: Any) -> None:

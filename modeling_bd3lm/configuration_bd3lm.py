@@ -8,6 +8,9 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .checks_bd3lm import is_int, is_real
+from .noise_schedule_bd3lm import NOISE_SCHEDULES
+
 # Official `attn_backend` values and our HF `attn_implementation` names, both accepted.
 _ATTN_BACKENDS = {
     "sdpa": "sdpa",
@@ -15,19 +18,10 @@ _ATTN_BACKENDS = {
     "flex_attention": "flex_attention",
     "eager": "eager",
 }
-NOISE_SCHEDULES = ("loglinear", "linear", "square", "square_root", "log", "cosine")
 _BOOL_FIELDS = (
     "cross_attn", "adaln", "causal", "time_conditioning", "var_min", "always_mask", "antithetic_sampling", "resample",
     "ignore_bos",
 )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class BD3LMConfig(PretrainedConfig):
@@ -168,18 +162,6 @@ class BD3LMConfig(PretrainedConfig):
         backbone_config = build_backbone_config(backbone_config)
         self.backbone_config = backbone_config
         self.token_shift = token_shift
-        if backbone_config is not None:
-            # The DiT's architecture fields describe the backbone (read by tools that size things by hidden_size).
-            hidden_dim = backbone_config.hidden_size
-            n_blocks = backbone_config.num_hidden_layers
-            n_heads = backbone_config.num_attention_heads
-            if vocab_size is None:
-                vocab_size = backbone_config.vocab_size
-        if vocab_size is None:
-            vocab_size = 50258  # GPT-2 + one mask token, the released checkpoints
-        if ignore_bos is None:
-            # Under the token shift the first token has no predictor: never mask it, never score it.
-            ignore_bos = backbone_config is not None and token_shift is True
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.model_length = model_length
@@ -202,11 +184,14 @@ class BD3LMConfig(PretrainedConfig):
         self.antithetic_sampling = antithetic_sampling
         self.resample = resample
         self.ignore_bos = ignore_bos
-        if mask_token_id is None and isinstance(vocab_size, int):
-            mask_token_id = vocab_size - 1
         self.mask_token_id = mask_token_id
         self.rope_theta = rope_theta
         self.initializer_range = initializer_range
+        DENOISER_CONFIGS[self.denoiser_type].complete(self)
+        if self.vocab_size is None:
+            self.vocab_size = 50258  # GPT-2 + one mask token, the released checkpoints
+        if self.mask_token_id is None and isinstance(self.vocab_size, int):
+            self.mask_token_id = self.vocab_size - 1
         self._take_hf_names(kwargs)
         if attn_backend not in _ATTN_BACKENDS:
             raise ValueError(
@@ -216,15 +201,15 @@ class BD3LMConfig(PretrainedConfig):
             if kwargs.get("output_attentions"):
                 # Attention weights exist only in the eager kernel: asking for them picks it, as for HF's own models.
                 kwargs["attn_implementation"] = "eager"
-            elif backbone_config is not None and getattr(backbone_config, "_attn_implementation", None):
+            elif getattr(backbone_config, "_attn_implementation", None):
                 # One attention kernel for the whole model: the backbone runs the attention.
                 kwargs["attn_implementation"] = backbone_config._attn_implementation
             elif _ATTN_BACKENDS[attn_backend] != "sdpa":
                 kwargs["attn_implementation"] = _ATTN_BACKENDS[attn_backend]
             # "sdpa" is transformers' own default: left unset, the model picks it when built, and setting
             # `config.output_attentions = True` later can still select eager (as for Llama).
-        if backbone_config is not None:
-            backbone_config._attn_implementation = kwargs.get("attn_implementation")
+        for name in self.sub_configs:
+            getattr(self, name)._attn_implementation = kwargs.get("attn_implementation")
         # The official output head is not tied; a causal backbone ties (or not) inside itself, by its own config.
         kwargs.setdefault("tie_word_embeddings", False)
         self.validate_bd3lm()  # before the base class, which may already derive values (head_dim) from the fields
@@ -263,53 +248,30 @@ class BD3LMConfig(PretrainedConfig):
         return result
 
     def validate_bd3lm(self) -> None:
-        """Raise a `ValueError` naming the field and the fix for any inconsistent combination."""
-        if getattr(self, "backbone_config", None) is not None:
-            self._validate_causal_backbone()
-            return
-        for name in (
-            "block_size", "vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads", "mlp_ratio"
-        ):
+        """Raise a `ValueError` naming the field and the fix for any inconsistent combination: the rules of every
+        BD3-LM here, then those of its kind of denoiser (`DENOISER_CONFIGS[denoiser_type].validate`)."""
+        for name in ("block_size", "vocab_size", "model_length"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.vocab_size < 2:
-            raise ValueError(f"`vocab_size` must be >= 2 (at least one token besides the mask), got {self.vocab_size}.")
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        for name in ("rope_theta", "initializer_range", "dropout", "sampling_eps_min", "sampling_eps_max"):
+        for name in ("sampling_eps_min", "sampling_eps_max"):
             value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value):
+            if not is_real(value) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-        if self.rope_theta <= 0:
-            raise ValueError(f"`rope_theta` must be > 0 (the base of the rotary frequencies), got {self.rope_theta}.")
-        if self.initializer_range < 0:
-            raise ValueError(f"`initializer_range` must be >= 0 (a standard deviation), got {self.initializer_range}.")
-        if not _is_int(self.mask_token_id):
-            raise ValueError(f"`mask_token_id` must be an integer token id, got {self.mask_token_id!r}.")
-        if self.hidden_dim % self.n_heads != 0:
+        if not is_int(self.mask_token_id) or not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(
-                f"`hidden_dim` (hidden_size)={self.hidden_dim} must be divisible by `n_heads` "
-                f"(num_attention_heads)={self.n_heads}; pick a head count that divides it."
-            )
-        if (self.hidden_dim // self.n_heads) % 2 != 0:
-            raise ValueError(
-                f"The head dimension `hidden_dim // n_heads`={self.hidden_dim // self.n_heads} must be even for the "
-                "rotary embedding; change `hidden_dim` or `n_heads`."
+                f"`mask_token_id`={self.mask_token_id!r} is outside the vocabulary [0, {self.vocab_size}); add the mask "
+                "token to the tokenizer and cover it with the embeddings (`vocab_size`; "
+                "`BD3LMForMaskedDiffusion.from_causal_lm` does both for a causal LM)."
             )
         if self.model_length % self.block_size != 0:
             raise ValueError(
                 f"`model_length`={self.model_length} must be a multiple of `block_size`={self.block_size}; "
                 "choose a block size that divides the context length."
             )
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            raise ValueError(
-                f"`mask_token_id`={self.mask_token_id} is outside the vocabulary [0, {self.vocab_size}); add the mask "
-                "token to the tokenizer and set `vocab_size` to cover it."
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"`noise_schedule`={self.noise_schedule!r} is unknown; use one of {NOISE_SCHEDULES}.")
         if not 0.0 <= self.sampling_eps_min <= self.sampling_eps_max <= 1.0:
@@ -319,78 +281,23 @@ class BD3LMConfig(PretrainedConfig):
             )
         if self.causal:
             raise ValueError("`causal=True` (the official AR variant) is not supported; use `block_size=1` instead.")
-
-    def _validate_causal_backbone(self) -> None:
-        """The checks that apply when a causal LM is the denoiser (the DiT's architecture checks do not)."""
-        backbone = self.backbone_config
-        for name in ("block_size", "vocab_size", "model_length"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        for name in _BOOL_FIELDS + ("token_shift",):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        if getattr(backbone, "is_encoder_decoder", False):
-            raise ValueError(
-                f"`backbone_config` is an encoder-decoder ({backbone.model_type}); BD3-LM needs a decoder-only causal "
-                "LM (Llama, Qwen2, Qwen3, GPT-2, ...)."
-            )
-        if self.vocab_size != backbone.vocab_size:
-            raise ValueError(
-                f"`vocab_size`={self.vocab_size} differs from the backbone's vocab_size={backbone.vocab_size}; leave "
-                "`vocab_size` unset (it follows the backbone) or resize the backbone's embeddings."
-            )
-        if not _is_int(self.mask_token_id) or not 0 <= self.mask_token_id < self.vocab_size:
-            raise ValueError(
-                f"`mask_token_id`={self.mask_token_id!r} is outside the vocabulary [0, {self.vocab_size}); add a mask "
-                "token to the tokenizer and resize the embeddings (`BD3LMForMaskedDiffusion.from_causal_lm` does both)."
-            )
-        if self.model_length % self.block_size != 0:
-            raise ValueError(
-                f"`model_length`={self.model_length} must be a multiple of `block_size`={self.block_size}; "
-                "choose a block size that divides the context length."
-            )
-        max_positions = getattr(backbone, "max_position_embeddings", None)
-        if _is_int(max_positions) and self.model_length > max_positions:
-            raise ValueError(
-                f"`model_length`={self.model_length} exceeds the backbone's max_position_embeddings={max_positions}; "
-                f"use model_length <= {max_positions}."
-            )
-        window = getattr(backbone, "sliding_window", None)
-        layer_types = getattr(backbone, "layer_types", None) or ()
-        uses_window = any("sliding" in str(kind) for kind in layer_types) or (
-            not layer_types and getattr(backbone, "use_sliding_window", True) and window is not None
-        )
-        if uses_window and _is_int(window) and window < self.model_length:
-            raise ValueError(
-                f"The backbone has sliding-window attention layers (sliding_window={window}) shorter than "
-                f"`model_length`={self.model_length}: the block-diffusion mask would replace the window. Use "
-                f"model_length <= {window}."
-            )
-        if self.token_shift and not self.ignore_bos:
-            raise ValueError(
-                "`ignore_bos=False` cannot hold with `token_shift=True`: the first token has no predictor under the "
-                "shift; leave `ignore_bos` unset (True)."
-            )
-        if self.always_mask is False and self.noise_schedule not in NOISE_SCHEDULES:
-            raise ValueError(f"`noise_schedule`={self.noise_schedule!r} is unknown; use one of {NOISE_SCHEDULES}.")
-        if not 0.0 <= self.sampling_eps_min <= self.sampling_eps_max <= 1.0:
-            raise ValueError(
-                "`sampling_eps_min` and `sampling_eps_max` must satisfy 0 <= min <= max <= 1, got "
-                f"({self.sampling_eps_min}, {self.sampling_eps_max})."
-            )
+        DENOISER_CONFIGS[self.denoiser_type].validate(self)
 
     @property
     def sub_configs(self) -> dict[str, type]:
-        """The causal-LM backbone's config as a sub-config, as transformers' composite models declare theirs: setting
-        `config._attn_implementation` (or `model.set_attn_implementation`) and `dtype` then reach the backbone too.
-        Empty for the DiT (transformers 4.57 would try to diff a `None` sub-config when saving)."""
-        return {"backbone_config": AutoConfig} if getattr(self, "backbone_config", None) is not None else {}
+        """The denoiser's own configs as sub-configs, as transformers' composite models declare theirs: for a causal
+        LM `backbone_config`, so that setting `config._attn_implementation` (or `model.set_attn_implementation`) and
+        `dtype` reach the backbone too. Empty for the DiT (transformers 4.57 would try to diff a `None` sub-config when
+        saving)."""
+        return dict(DENOISER_CONFIGS[self.denoiser_type].sub_configs)
 
     @property
-    def is_causal_backbone(self) -> bool:
-        """True when a transformers causal LM (`backbone_config`) is the denoiser instead of the DiT."""
-        return getattr(self, "backbone_config", None) is not None
+    def denoiser_type(self) -> str:
+        """Which kind of network denoises: `"causal_lm"` when a transformers causal LM is given (`backbone_config`),
+        else `"dit"` (the official DiT). The one place this is decided: the model builds `DENOISERS[denoiser_type]`
+        (`modeling_bd3lm.py`), and this config applies `DENOISER_CONFIGS[denoiser_type]`."""
+        return "dit" if getattr(self, "backbone_config", None) is None else "causal_lm"
+
 
     @property
     def head_dim(self) -> int:
@@ -400,6 +307,119 @@ class BD3LMConfig(PretrainedConfig):
     def num_sequence_blocks(self) -> int:
         """B = L / L', the number of blocks in a full training window."""
         return self.model_length // self.block_size
+
+
+def check_decoder_only(config: Any, subject: str) -> None:
+    """Refuse an encoder-decoder as the denoiser: `subject (model_type=...) is an encoder-decoder; ...`."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{subject} (model_type={config.model_type!r}) is an encoder-decoder; BD3-LM converts decoder-only causal "
+            "LMs (Llama, Qwen2, Qwen3, GPT-2, ...)."
+        )
+
+
+class _DiTConfig:
+    """The config rules of the official DiT (`denoiser_type="dit"`): its architecture fields."""
+
+    sub_configs: dict[str, type] = {}
+
+    @staticmethod
+    def complete(config: BD3LMConfig) -> None:
+        if config.ignore_bos is None:
+            config.ignore_bos = False
+
+    @staticmethod
+    def validate(config: BD3LMConfig) -> None:
+        for name in ("hidden_dim", "cond_dim", "n_blocks", "n_heads", "mlp_ratio"):
+            value = getattr(config, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if config.vocab_size < 2:
+            raise ValueError(f"`vocab_size` must be >= 2 (at least one token besides the mask), got {config.vocab_size}.")
+        for name in ("rope_theta", "initializer_range", "dropout"):
+            value = getattr(config, name)
+            if not is_real(value) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        if config.rope_theta <= 0:
+            raise ValueError(f"`rope_theta` must be > 0 (the base of the rotary frequencies), got {config.rope_theta}.")
+        if config.initializer_range < 0:
+            raise ValueError(f"`initializer_range` must be >= 0 (a standard deviation), got {config.initializer_range}.")
+        if config.hidden_dim % config.n_heads != 0:
+            raise ValueError(
+                f"`hidden_dim` (hidden_size)={config.hidden_dim} must be divisible by `n_heads` "
+                f"(num_attention_heads)={config.n_heads}; pick a head count that divides it."
+            )
+        if (config.hidden_dim // config.n_heads) % 2 != 0:
+            raise ValueError(
+                f"The head dimension `hidden_dim // n_heads`={config.hidden_dim // config.n_heads} must be even for the "
+                "rotary embedding; change `hidden_dim` or `n_heads`."
+            )
+        if not 0.0 <= config.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {config.dropout}.")
+
+
+class _CausalLMConfig:
+    """The config rules of a transformers causal LM as the denoiser (`denoiser_type="causal_lm"`): the DiT's
+    architecture fields are unused; `hidden_dim`, `n_blocks` and `n_heads` mirror the backbone."""
+
+    sub_configs: dict[str, type] = {"backbone_config": AutoConfig}
+
+    @staticmethod
+    def complete(config: BD3LMConfig) -> None:
+        backbone = config.backbone_config
+        # The DiT's architecture fields describe the backbone (read by tools that size things by hidden_size).
+        config.hidden_dim = backbone.hidden_size
+        config.n_blocks = backbone.num_hidden_layers
+        config.n_heads = backbone.num_attention_heads
+        if config.vocab_size is None:
+            config.vocab_size = backbone.vocab_size
+        if config.ignore_bos is None:
+            # Under the token shift the first token has no predictor: never mask it, never score it.
+            config.ignore_bos = config.token_shift is True
+
+    @staticmethod
+    def validate(config: BD3LMConfig) -> None:
+        backbone = config.backbone_config
+        if not isinstance(config.token_shift, bool):
+            raise ValueError(f"`token_shift` must be True or False, got {config.token_shift!r}.")
+        check_decoder_only(backbone, "`backbone_config`")
+        if config.vocab_size != backbone.vocab_size:
+            raise ValueError(
+                f"`vocab_size`={config.vocab_size} differs from the backbone's vocab_size={backbone.vocab_size}; leave "
+                "`vocab_size` unset (it follows the backbone) or resize the backbone's embeddings."
+            )
+        if config.time_conditioning:
+            # σ has no input in a causal LM (the DiT feeds it to adaLN): refused rather than silently dropped.
+            raise ValueError(
+                "`time_conditioning=True` needs a noise-level input, which a causal-LM backbone does not have; leave "
+                "`time_conditioning=False` (the paper's setting: the network is not told the noise level)."
+            )
+        max_positions = getattr(backbone, "max_position_embeddings", None)
+        if is_int(max_positions) and config.model_length > max_positions:
+            raise ValueError(
+                f"`model_length`={config.model_length} exceeds the backbone's max_position_embeddings={max_positions}; "
+                f"use model_length <= {max_positions}."
+            )
+        window = getattr(backbone, "sliding_window", None)
+        layer_types = getattr(backbone, "layer_types", None) or ()
+        uses_window = any("sliding" in str(kind) for kind in layer_types) or (
+            not layer_types and getattr(backbone, "use_sliding_window", True) and window is not None
+        )
+        if uses_window and is_int(window) and window < config.model_length:
+            raise ValueError(
+                f"The backbone has sliding-window attention layers (sliding_window={window}) shorter than "
+                f"`model_length`={config.model_length}: the block-diffusion mask would replace the window. Use "
+                f"model_length <= {window}."
+            )
+        if config.token_shift and not config.ignore_bos:
+            raise ValueError(
+                "`ignore_bos=False` cannot hold with `token_shift=True`: the first token has no predictor under the "
+                "shift; leave `ignore_bos` unset (True)."
+            )
+
+
+# Config rules per kind of denoiser, keyed by `BD3LMConfig.denoiser_type` (the model's registry is `DENOISERS`).
+DENOISER_CONFIGS: dict[str, type] = {"dit": _DiTConfig, "causal_lm": _CausalLMConfig}
 
 
 def _init_defaults() -> dict[str, Any]:
@@ -450,4 +470,4 @@ def _knows_rope_parameters(config_class: type) -> bool:
         return False
 
 
-__all__ = ["BD3LMConfig", "build_backbone_config"]
+__all__ = ["BD3LMConfig", "DENOISER_CONFIGS", "build_backbone_config", "check_decoder_only"]

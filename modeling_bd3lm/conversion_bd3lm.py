@@ -1,7 +1,8 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """Turn a pretrained transformers causal LM into a BD3-LM (`BD3LMForMaskedDiffusion.from_causal_lm`).
 
-The loaded causal LM becomes the model's `backbone` as is (no second copy of the weights). A tokenizer without a mask
+The loaded causal LM becomes the model's `backbone` as is (`BD3LMForMaskedDiffusion(config, backbone=...)`: no second
+copy of the weights). A tokenizer without a mask
 token gets `<|mask|>`; when its id has no embedding row the embeddings (and an untied head) are resized and the new
 row is set to the mean of the existing rows (deterministic; the head row never matters because SUBS gives the mask
 token probability 0). An id that already has a row (vocabularies padded past the tokenizer, as Qwen's) keeps it.
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import inspect
 import os
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from .causal_backbone_bd3lm import PREBUILT_BACKBONE, check_backbone_attention, check_causal_lm
+from .causal_backbone_bd3lm import check_causal_lm
+from .checks_bd3lm import is_int
+from .configuration_bd3lm import check_decoder_only
 from .tokenization_bd3lm import (
     MASK_TOKEN,
     SPECIAL_TOKEN_NAMES,
@@ -29,21 +31,6 @@ from .tokenization_bd3lm import (
 # `from_pretrained` arguments that also decide how the tokenizer is found.
 _TOKENIZER_KWARGS = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "subfolder", "trust_remote_code")
 _DEFAULT_MODEL_LENGTH = 1024
-
-
-@contextmanager
-def prebuilt_backbone(backbone: torch.nn.Module) -> Iterator[None]:
-    """Make the next `BD3LMForMaskedDiffusion(config)` adopt `backbone` instead of building a random one, with every
-    parameter marked initialised so that `post_init` leaves the pretrained weights alone."""
-    for module in backbone.modules():
-        module._is_hf_initialized = True
-    for tensor in list(backbone.parameters()) + list(backbone.buffers()):
-        tensor._is_hf_initialized = True
-    token = PREBUILT_BACKBONE.set(backbone)
-    try:
-        yield
-    finally:
-        PREBUILT_BACKBONE.reset(token)
 
 
 def split_kwargs(config_class: type, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -85,11 +72,11 @@ def load_source(source: Any, pretrained_kwargs: dict[str, Any]) -> torch.nn.Modu
         return AutoModelForCausalLM.from_pretrained(source, **pretrained_kwargs)
     config_kwargs = {k: pretrained_kwargs[k] for k in _TOKENIZER_KWARGS if k in pretrained_kwargs}
     config = AutoConfig.from_pretrained(source, **config_kwargs)
-    if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "not a causal LM"
+    check_decoder_only(config, source)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(
-            f"{source} (model_type={config.model_type!r}) is {kind}; BD3-LM converts decoder-only causal LMs (Llama, "
-            "Qwen2, Qwen3, GPT-2, ...)."
+            f"{source} (model_type={config.model_type!r}) is not a causal LM; BD3-LM converts decoder-only causal LMs "
+            "(Llama, Qwen2, Qwen3, GPT-2, ...)."
         )
     return AutoModelForCausalLM.from_pretrained(source, **pretrained_kwargs)
 
@@ -121,7 +108,7 @@ def default_model_length(backbone_config: Any, block_size: int) -> int:
 
 
 def _check_divides(block_size: int, model_length: Any) -> None:
-    if not isinstance(model_length, int) or isinstance(model_length, bool) or model_length < 1:
+    if not is_int(model_length) or model_length < 1:
         raise ValueError(f"`model_length` must be a positive integer, got {model_length!r}.")
     if model_length % block_size != 0:
         raise ValueError(
@@ -133,7 +120,7 @@ def _check_divides(block_size: int, model_length: Any) -> None:
 def from_causal_lm(cls: type, source: Any, block_size: int, tokenizer: Any = None, **kwargs: Any) -> Any:
     """Implementation of `BD3LMForMaskedDiffusion.from_causal_lm` (see its docstring)."""
     config_class = cls.config_class
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+    if not is_int(block_size) or block_size < 1:
         raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
     overrides, pretrained_kwargs = split_kwargs(config_class, kwargs)
     if "backbone_config" in kwargs:
@@ -168,11 +155,7 @@ def from_causal_lm(cls: type, source: Any, block_size: int, tokenizer: Any = Non
         **special,
         **overrides,
     )
-    check_backbone_attention(model)
-    with prebuilt_backbone(model):
-        bd3lm = cls(config)
-    if bd3lm.backbone is not model:
-        raise RuntimeError("from_causal_lm: the wrapper did not adopt the loaded causal LM.")
+    bd3lm = cls(config, backbone=model)  # adopts the loaded network as is, and probes its attention kernel
     device = model.get_input_embeddings().weight.device
     for name, buffer in list(bd3lm.named_buffers(recurse=False)):
         setattr(bd3lm, name, buffer.to(device))
@@ -183,4 +166,4 @@ def from_causal_lm(cls: type, source: Any, block_size: int, tokenizer: Any = Non
     return bd3lm
 
 
-__all__ = ["MASK_TOKEN", "add_mask_token", "from_causal_lm", "prebuilt_backbone"]
+__all__ = ["MASK_TOKEN", "add_mask_token", "from_causal_lm"]

@@ -339,7 +339,7 @@ class BD3LMGenerationMixin:
         out_pad = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else mask_id)
         # 3. the prompt is the first committed window (prefilled by the first block's first call when cached)
         cache = DynamicCache() if use_cache else None
-        causal = getattr(model_config, "backbone_config", None) is not None  # causal-LM backbone
+        denoiser = self.denoiser
         window = CommittedWindow.from_prompt(
             prompt,
             prompt_mask,
@@ -347,8 +347,8 @@ class BD3LMGenerationMixin:
             model_length,
             filler,
             cache,
-            shift=causal and bool(model_config.token_shift),
-            reprefill=causal,
+            shift=denoiser.predicts_next_token,
+            reprefill=denoiser.caches_after_positions,
         )
 
         logits_processor, warpers = self._prepare_processors(config, logits_processor, do_sample)

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from transformers import GenerationConfig
 
+from .checks_bd3lm import is_int, is_real
 from .sampling_bd3lm import SAMPLERS
 
 # GenerationConfig fields that configure beam search, contrastive search, assisted decoding or processors that this
@@ -36,28 +37,20 @@ def _hf_generation_fields() -> frozenset[str]:
     return frozenset(vars(GenerationConfig())) | {"transformers_version", "_from_model_config", "_commit_hash"}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_token_ids(value: Any) -> bool:
     values = value if isinstance(value, (list, tuple)) else [value]
-    return len(values) > 0 and all(_is_int(v) and v >= 0 for v in values)
+    return len(values) > 0 and all(is_int(v) and v >= 0 for v in values)
 
 
 def _is_strings(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
 
 
-_POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1")
-_UNIT_INTERVAL = (lambda v: _is_real(v) and 0.0 < v <= 1.0, "must be a number in (0, 1]")
-_POSITIVE = (lambda v: _is_real(v) and v > 0, "must be a positive number")
-_POSITIVE_FINITE = (lambda v: _is_real(v) and 0 < v < math.inf, "must be a positive finite number")
-_TOKEN_ID = (lambda v: _is_int(v) and v >= 0, "must be a non-negative token id")
+_POSITIVE_INT = (lambda v: is_int(v) and v >= 1, "must be an integer >= 1")
+_UNIT_INTERVAL = (lambda v: is_real(v) and 0.0 < v <= 1.0, "must be a number in (0, 1]")
+_POSITIVE = (lambda v: is_real(v) and v > 0, "must be a positive number")
+_POSITIVE_FINITE = (lambda v: is_real(v) and 0 < v < math.inf, "must be a positive finite number")
+_TOKEN_ID = (lambda v: is_int(v) and v >= 0, "must be a non-negative token id")
 _BOOL = (lambda v: isinstance(v, bool), "must be a bool")
 
 # field -> (test of a set value, requirement). None means unset for every field but `_REQUIRED_FIELDS`.
@@ -71,13 +64,13 @@ _FIELD_RULES = {
     "entropy_stop_window": _POSITIVE_INT,
     "mask_token_id": _TOKEN_ID,
     "seed": (
-        lambda v: all(_is_int(s) and -(2**63) <= s < 2**64 for s in (v if isinstance(v, (list, tuple)) and v else [v])),
+        lambda v: all(is_int(s) and -(2**63) <= s < 2**64 for s in (v if isinstance(v, (list, tuple)) and v else [v])),
         "must be an integer in [-2**63, 2**64) or a non-empty list of them (one per prompt)",
     ),
     **dict.fromkeys(("max_new_tokens", "max_length", "num_return_sequences"), _POSITIVE_INT),
     **dict.fromkeys(("temperature", "repetition_penalty"), _POSITIVE_FINITE),
     "max_time": (_POSITIVE[0], "must be a positive number of seconds"),
-    "top_k": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0 (0 disables it)"),
+    "top_k": (lambda v: is_int(v) and v >= 0, "must be an integer >= 0 (0 disables it)"),
     "top_p": _UNIT_INTERVAL,
     **dict.fromkeys(("bos_token_id", "pad_token_id"), _TOKEN_ID),
     "eos_token_id": (_is_token_ids, "must be a token id or a non-empty list of token ids"),

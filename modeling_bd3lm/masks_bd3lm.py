@@ -10,6 +10,10 @@ The vectorised training pass runs the network once on `x_t ⊕ x_0` (length 2L).
 
 so the full mask is [[M_BD, M_OBC], [0, M_BC]]: a noisy block sees itself and the clean blocks before it, and the
 clean copy is an ordinary block-causal pass (which is why its keys and values can be cached at inference).
+
+Both denoisers (the DiT and a causal-LM backbone) take their masks from here, with padded keys removed
+([`with_key_padding`] for dense masks, [`flex_block_mask`] for FlexAttention): [`vectorised_attention_mask`] for the
+`x_t ⊕ x_0` pass and [`sampling_attention_mask`] for the block-causal sampling pass.
 """
 
 from __future__ import annotations
@@ -56,4 +60,70 @@ def block_causal_mask(
     return (q_pos[:, None] // block_size) >= (kv_pos[None, :] // block_size)
 
 
-__all__ = ["block_diffusion_mask", "block_diffusion_mask_mod", "block_causal_mask"]
+def with_key_padding(allowed: torch.BoolTensor, key_padding: torch.BoolTensor | None) -> torch.BoolTensor:
+    """`(batch, 1, q, kv)` from a `(q, kv)` mask (`(1, 1, q, kv)` without padding): padded keys removed, each query
+    keeps its own key (the last `q` keys are the queries') so that no softmax row is empty; the outputs of padding
+    queries are never used."""
+    q_len, kv_len = allowed.shape
+    if key_padding is None:
+        return allowed[None, None]
+    diagonal = torch.zeros_like(allowed)
+    diagonal[torch.arange(q_len), torch.arange(q_len) + (kv_len - q_len)] = True
+    return ((allowed[None] & key_padding[:, None, :]) | diagonal[None])[:, None]
+
+
+def flex_block_mask(
+    mask_mod: Callable, key_padding: torch.BoolTensor | None, q_len: int, kv_len: int, device: torch.device
+) -> object:
+    """FlexAttention's `BlockMask` of `mask_mod`, with padded keys removed as in [`with_key_padding`]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if key_padding is None:
+        return create_block_mask(mask_mod, None, None, q_len, kv_len, device)
+    offset = kv_len - q_len
+
+    def padded(b, h, q_idx, kv_idx):
+        return (mask_mod(b, h, q_idx, kv_idx) & key_padding[b, kv_idx]) | (q_idx + offset == kv_idx)
+
+    return create_block_mask(padded, key_padding.shape[0], None, q_len, kv_len, device)
+
+
+def vectorised_attention_mask(
+    seq_len: int, block_size: int, key_padding: torch.BoolTensor | None, device: torch.device, flex: bool
+) -> object:
+    """The `x_t ⊕ x_0` mask (2L queries and keys), padded keys removed (`key_padding` covers the 2L columns): a
+    FlexAttention `BlockMask` when `flex`, else a dense boolean `(batch or 1, 1, 2L, 2L)` mask."""
+    if flex:
+        return flex_block_mask(block_diffusion_mask_mod(seq_len, block_size), key_padding, 2 * seq_len, 2 * seq_len, device)
+    return with_key_padding(block_diffusion_mask(seq_len, block_size, device), key_padding)
+
+
+def sampling_attention_mask(
+    q_len: int,
+    block_size: int,
+    past_len: int,
+    key_padding: torch.BoolTensor | None,
+    device: torch.device,
+    flex: bool,
+) -> object:
+    """The block-causal mask of the sampling pass (`q_len` new tokens after `past_len` committed ones), padded keys
+    removed (`key_padding` covers the `past_len + q_len` columns): a `BlockMask` when `flex`, else dense boolean."""
+    allowed = block_causal_mask(q_len, block_size, past_len, device)
+    if flex:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed[q_idx, kv_idx]
+
+        return flex_block_mask(mask_mod, key_padding, q_len, past_len + q_len, device)
+    return with_key_padding(allowed, key_padding)
+
+
+__all__ = [
+    "block_causal_mask",
+    "block_diffusion_mask",
+    "block_diffusion_mask_mod",
+    "flex_block_mask",
+    "sampling_attention_mask",
+    "vectorised_attention_mask",
+    "with_key_padding",
+]

@@ -11,18 +11,19 @@ Module and parameter names reproduce the official checkpoints (`kuleshov-group/b
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
-from .cache_bd3lm import CACHE_FIELD, check_cache, open_window, read_cache_layer, resolve_cache_kwarg, trim_cache_left
-from .causal_backbone_bd3lm import build_causal_backbone, causal_backbone_forward
+# transformers 4.57 copies just the direct relative imports of this file when it loads a checkpoint from a local folder
+# with trust_remote_code, so every bundled module is imported here (some only for that).
+from .cache_bd3lm import CACHE_FIELD, open_window, read_cache_layer, resolve_cache_kwarg, trim_cache_left
+from .causal_backbone_bd3lm import CausalLMDenoiser
+from .checks_bd3lm import check_extra_kwargs, check_forward_inputs, check_generator, checking_values, padded_keys
 from .configuration_bd3lm import BD3LMConfig
 from .conversion_bd3lm import from_causal_lm
+from .denoiser_bd3lm import BD3LMDenoiser
 from .tokenization_bd3lm import MASK_TOKEN  # noqa: F401  (imported here so that 4.57 ships the file)
 from .generation_bd3lm import BD3LMGenerationMixin
 from .generation_config_bd3lm import BD3LMGenerationConfig
@@ -31,26 +32,12 @@ from .layers_bd3lm import (
     BD3LMBlock,
     BD3LMEmbedding,
     BD3LMFinalLayer,
-    BD3LMLayerNorm,
     BD3LMRotaryEmbedding,
     BD3LMTimestepEmbedder,
     checkpoint_key,
     parameter_name,
 )
-from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
-from .checks_bd3lm import (
-    check_attention_mask,
-    check_extra_kwargs,
-    check_generator,
-    check_loading_info,
-    check_noise_levels,
-    check_timesteps,
-    check_token_ids,
-    check_vectorised_length,
-    checking_values,
-    explain_load_error,
-    padded_keys,
-)
+from .masks_bd3lm import sampling_attention_mask, vectorised_attention_mask
 from .noise_schedule_bd3lm import (
     EVAL_NOISE_INTERVAL,
     BD3LMNoiseSchedule,
@@ -59,10 +46,8 @@ from .noise_schedule_bd3lm import (
     nelbo_valid_mask,
 )
 from .outputs_bd3lm import BD3LMOutput
-
-# Imported here although only generation uses it: transformers 4.57 copies just the direct relative imports of this file
-# when it loads a checkpoint from a local folder with trust_remote_code, so every bundled module is imported here.
-from .sampling_bd3lm import SAMPLERS  # noqa: F401
+from .pretrained_bd3lm import AUTO_MAP, BD3LMPreTrainedModel
+from .sampling_bd3lm import suppress_mask_logit
 
 
 # Largest NELBO weight (≈ 1/t) accepted: beyond it weight × cross-entropy may overflow float32.
@@ -72,120 +57,18 @@ _MAX_LOSS_WEIGHT = 1e30
 # Models
 
 
-# `save_pretrained` writes this into config.json so that every auto class resolves to the bundled code.
-AUTO_MAP = {
-    "AutoConfig": "configuration_bd3lm.BD3LMConfig",
-    "AutoModel": "modeling_bd3lm.BD3LMForMaskedDiffusion",
-    "AutoModelForMaskedLM": "modeling_bd3lm.BD3LMForMaskedDiffusion",
-    "AutoModelForCausalLM": "modeling_bd3lm.BD3LMForMaskedDiffusion",  # what pipeline("text-generation") loads
-}
-
-
-class BD3LMPreTrainedModel(PreTrainedModel):
-    config_class = BD3LMConfig
-    base_model_prefix = "backbone"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["BD3LMBlock"]
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_cache_class = True
-    _keys_to_ignore_on_load_unexpected = [r"^sampling_eps_(min|max)$"]
-    # The model computes its own token-mean loss: a plain `Trainer` must not pass `num_items_in_batch` (BD3LMTrainer
-    # normalises the token terms itself).
-    accepts_loss_kwargs = False
-
-    @staticmethod
-    def _fix_state_dict_key_on_load(key: str) -> tuple[str, bool]:
-        """transformers 4.57's load-time key hook: the official embedding key to the `nn.Embedding` one."""
-        if parameter_name(key) != key:
-            return parameter_name(key), True
-        return PreTrainedModel._fix_state_dict_key_on_load(key)  # only 4.x calls this hook, and defines the base
-
-    @staticmethod
-    def _fix_state_dict_key_on_save(key: str) -> tuple[str, bool]:
-        """transformers 4.57's save-time key hook: checkpoints keep the official embedding key."""
-        return checkpoint_key(key), checkpoint_key(key) != key
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        """Whether activation checkpointing is on. PEFT still reads this name, which transformers 5 deprecates with a
-        FutureWarning on every LoRA wrap; answering it here keeps that out (4.57 only has this name)."""
-        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but from safetensors only (never a pickle) and strict: a truncated or
-        corrupted weights file, or weights that do not fit the config (missing, unexpected or resized tensors), raise
-        a `ValueError` that says so instead of loading a partly random model."""
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError("BD3-LM loads weights from safetensors only (pickles can run code): drop use_safetensors=False.")
-        kwargs["use_safetensors"] = True
-        return_info = kwargs.pop("output_loading_info", False)
-        allow_size_mismatch = bool(kwargs.pop("ignore_mismatched_sizes", False))
-        try:
-            # Let transformers report resized tensors instead of raising (its message differs per release).
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
-                **kwargs,
-            )
-        except Exception as error:
-            explained = explain_load_error(error, pretrained_model_name_or_path)
-            if explained is error:
-                raise
-            raise explained from error
-        check_loading_info(
-            info,
-            pretrained_model_name_or_path,
-            tolerated_missing=(r"(^|\.)sampling_eps_(min|max)$",),  # initialised from the config
-            tolerated_unexpected=tuple(cls._keys_to_ignore_on_load_unexpected or ()),
-            allow_size_mismatch=allow_size_mismatch,
-        )
-        return (model, info) if return_info else model
-
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Save weights (safetensors), config and the code files, with an `auto_map` for every auto class."""
-        # Official configs carry `modeling_bd3lm.BD3LM`, a class this code does not define: point at ours.
-        self.config.auto_map = dict(AUTO_MAP)
-        self.config.architectures = ["BD3LMForMaskedDiffusion"]
-        super().save_pretrained(save_directory, *args, **kwargs)
-        tokenizer = self.__dict__.get("tokenizer")  # set by `from_causal_lm`: the tokenizer with its mask token
-        if tokenizer is not None and kwargs.get("is_main_process", True):
-            tokenizer.save_pretrained(save_directory)
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        # Through `torch.nn.init` so that transformers 5.x can skip tensors that were loaded from a checkpoint.
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, BD3LMEmbedding):
-            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))  # the official EmbeddingLayer init
-        elif isinstance(module, BD3LMLayerNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, BD3LMRotaryEmbedding):
-            module.inv_freq.copy_(module.compute_inv_freq())
-        if isinstance(module, (BD3LMBlock, BD3LMFinalLayer)) and module.adaLN_modulation is not None:
-            # adaLN-Zero: every block starts as the identity.
-            nn.init.zeros_(module.adaLN_modulation.weight)
-            nn.init.zeros_(module.adaLN_modulation.bias)
-        if isinstance(module, BD3LMFinalLayer):
-            nn.init.zeros_(module.linear.weight)
-            nn.init.zeros_(module.linear.bias)
-        if isinstance(module, BD3LMForMaskedDiffusion) and module.config.var_min:
-            module.sampling_eps_min.fill_(module.config.sampling_eps_min)
-            module.sampling_eps_max.fill_(module.config.sampling_eps_max)
-
-
-class BD3LMModel(BD3LMPreTrainedModel):
-    """The DiT denoiser (`DITBackbone` upstream): token ids in, raw logits out.
+class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
+    """The DiT denoiser (`DITBackbone` upstream): token ids in, raw logits out; the `"dit"` entry of `DENOISERS`, its
+    own denoiser interface (`denoiser_bd3lm.py`).
 
     Two attention patterns, chosen by the inputs rather than by flags:
 
     * `noisy_input_ids` given: the vectorised training pass over `x_t ⊕ x_0` with the three-part mask and rotary
       positions 0..L-1 shared by both halves; the logits of the `x_t` half are returned.
     * otherwise: the block-causal sampling pass over `input_ids`, after the committed tokens in `past_key_values`.
+
+    Inputs are checked by `BD3LMForMaskedDiffusion.forward` (once, for every kind of denoiser); called directly this
+    module trusts them, as transformers' base models do.
     """
 
     def __init__(self, config: BD3LMConfig) -> None:
@@ -211,6 +94,14 @@ class BD3LMModel(BD3LMPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.output_layer.linear = value
 
+    @classmethod
+    def build_backbone(cls, config: BD3LMConfig, backbone: BD3LMModel | None = None) -> BD3LMModel:
+        return cls(config) if backbone is None else backbone
+
+    @classmethod
+    def bind(cls, backbone: BD3LMModel, config: BD3LMConfig) -> BD3LMModel:
+        return backbone
+
     @property
     def attn_implementation(self) -> str:
         impl = self.config._attn_implementation or "sdpa"
@@ -220,27 +111,6 @@ class BD3LMModel(BD3LMPreTrainedModel):
             )
         return impl
 
-    def _training_mask(self, seq_len: int, key_padding: torch.BoolTensor | None, device: torch.device, impl: str):
-        """The `x_t ⊕ x_0` mask for the kernel `impl`, with padded keys removed."""
-        bs = self.config.block_size
-        if impl == "flex_attention":
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            mask_mod = block_diffusion_mask_mod(seq_len, bs)
-            if key_padding is None:
-                return self._cached_mask(
-                    ("flex", seq_len, bs, str(device)),
-                    lambda: create_block_mask(mask_mod, None, None, 2 * seq_len, 2 * seq_len, device),
-                )
-            padding = key_padding
-
-            def padded_mask_mod(b, h, q_idx, kv_idx):
-                return (mask_mod(b, h, q_idx, kv_idx) & padding[b, kv_idx]) | (q_idx == kv_idx)
-
-            return create_block_mask(padded_mask_mod, padding.shape[0], None, 2 * seq_len, 2 * seq_len, device)
-        mask = self._cached_mask(("dense", seq_len, bs, str(device)), lambda: block_diffusion_mask(seq_len, bs, device))
-        return self._apply_padding(mask, key_padding)
-
     def _cached_mask(self, key: tuple, build):
         """`build()`, kept per `key` in eager mode. A traced graph (torch.compile, torch.export) builds the mask in the
         graph instead: a symbolic length cannot be a dict key, and the graph must not write Python state."""
@@ -249,33 +119,6 @@ class BD3LMModel(BD3LMPreTrainedModel):
         if key not in self._mask_cache:
             self._mask_cache[key] = build()
         return self._mask_cache[key]
-
-    def _sampling_mask(
-        self, q_len: int, past_len: int, key_padding: torch.BoolTensor | None, device: torch.device, impl: str
-    ):
-        mask = block_causal_mask(q_len, self.config.block_size, past_len, device)
-        if impl == "flex_attention":
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                allowed = mask[q_idx, kv_idx]
-                if key_padding is not None:
-                    allowed = (allowed & key_padding[b, kv_idx]) | (q_idx + past_len == kv_idx)
-                return allowed
-
-            batch = None if key_padding is None else key_padding.shape[0]
-            return create_block_mask(mask_mod, batch, None, q_len, past_len + q_len, device)
-        return self._apply_padding(mask, key_padding, past_len)
-
-    @staticmethod
-    def _apply_padding(mask: torch.BoolTensor, key_padding: torch.BoolTensor | None, past_len: int = 0):
-        """Remove padded keys; each query keeps its own key so that no softmax row is empty (pad rows are unused)."""
-        if key_padding is None:
-            return mask[None, None]
-        q_len, kv_len = mask.shape
-        diagonal = torch.zeros_like(mask)
-        diagonal[torch.arange(q_len), torch.arange(q_len) + (kv_len - q_len)] = True
-        return ((mask[None] & key_padding[:, None, :]) | diagonal[None])[:, None]
 
     def forward(
         self,
@@ -288,7 +131,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        cache: Cache | None = None,
     ) -> BD3LMOutput | tuple:
         r"""
         Args:
@@ -301,11 +144,10 @@ class BD3LMModel(BD3LMPreTrainedModel):
                 1 for real tokens, 0 for padding; padding is never attended to.
             timesteps (`torch.Tensor` of shape `(batch,)`, *optional*):
                 The noise level σ; ignored (zeroed) unless `config.time_conditioning`.
-            past_key_values (`Cache`, *optional*):
-                Committed blocks of the sampling pass.
+            past_key_values / cache (`Cache`, *optional*):
+                Committed blocks of the sampling pass (`cache` is transformers 5's name; pass one of them).
             use_cache (`bool`, *optional*):
-                Commit this call's keys and values to `past_key_values` (creating a cache if none is given). Only
-                clean blocks should be committed.
+                Commit this call's keys and values to the cache. Only clean blocks should be committed.
             output_attentions (`bool`, *optional*):
                 Return every layer's attention weights, `(batch, heads, queries, keys)`: in the vectorised pass the
                 queries of the `x_t` half over the keys of both halves (`2·seq_len`), in the sampling pass the window
@@ -313,57 +155,36 @@ class BD3LMModel(BD3LMPreTrainedModel):
                 runs with the eager kernel (same outputs up to float rounding).
         """
         config = self.config
-        past_key_values = resolve_cache_kwarg(past_key_values, kwargs)
-        check_extra_kwargs(kwargs, f"{type(self).__name__}.forward()")
+        past_key_values = resolve_cache_kwarg(past_key_values, {"cache": cache})
         return_dict = config.return_dict if return_dict is None else return_dict
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = bool(config.output_attentions if output_attentions is None else output_attentions)
         impl = "eager" if output_attentions else self.attn_implementation
-        check_token_ids("input_ids", input_ids, config.vocab_size)
+        flex = impl == "flex_attention"
         input_ids = input_ids.long()  # int16/uint8 ids would index the embedding wrongly (uint8 as a boolean mask)
         batch, seq_len = input_ids.shape
         device = input_ids.device
-        if past_key_values is not None:
-            check_cache(past_key_values, batch)
-        if config.time_conditioning and timesteps is not None:
-            check_timesteps(timesteps, batch)
+        key_padding = padded_keys(attention_mask)
 
         if noisy_input_ids is not None:
             # 1. vectorised pass: x_t first, then x_0, both at rotary positions 0..L-1
-            if past_key_values is not None or use_cache:
-                raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
-            check_token_ids("noisy_input_ids", noisy_input_ids, config.vocab_size)
-            noisy_input_ids = noisy_input_ids.long()
-            if noisy_input_ids.shape != input_ids.shape:
-                raise ValueError(
-                    f"`noisy_input_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
-                    f"{tuple(noisy_input_ids.shape)}."
-                )
-            check_vectorised_length(seq_len, config)
-            if attention_mask is not None:
-                check_attention_mask("attention_mask", attention_mask, (batch, seq_len), "one column per token")
-            key_padding = padded_keys(attention_mask)
-            tokens = torch.cat((noisy_input_ids, input_ids), dim=1)
+            tokens = torch.cat((noisy_input_ids.long(), input_ids), dim=1)
             positions = torch.arange(seq_len, device=device).repeat(2)
-            if key_padding is not None:
-                key_padding = key_padding.repeat(1, 2)
-            mask = self._training_mask(seq_len, key_padding, device, impl)
+            if key_padding is None:
+                mask = self._cached_mask(
+                    (flex, seq_len, config.block_size, str(device)),
+                    lambda: vectorised_attention_mask(seq_len, config.block_size, None, device, flex),
+                )
+            else:
+                mask = vectorised_attention_mask(seq_len, config.block_size, key_padding.repeat(1, 2), device, flex)
         else:
             # 1. sampling pass: block-causal over the window, after the committed tokens
-            past_key_values, past_len = open_window(
-                past_key_values, use_cache, seq_len, config.model_length,
-                "generate() slides a window, or trim the cache with `trim_cache_left`",
-            )  # fmt: skip
+            if use_cache and past_key_values is None:
+                past_key_values = DynamicCache()
+            past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
             tokens = input_ids
             positions = torch.arange(past_len + seq_len, device=device)
-            if attention_mask is not None:
-                check_attention_mask(
-                    "attention_mask",
-                    attention_mask,
-                    (batch, past_len + seq_len),
-                    f"one column per token of the window: {past_len} cached + {seq_len} new",
-                )
-            mask = self._sampling_mask(seq_len, past_len, padded_keys(attention_mask), device, impl)
+            mask = sampling_attention_mask(seq_len, config.block_size, past_len, key_padding, device, flex)
 
         # 2. noise-level conditioning (a learned constant when time conditioning is off, as in the paper)
         c = None
@@ -405,6 +226,11 @@ class BD3LMModel(BD3LMPreTrainedModel):
         )
 
 
+# The denoiser of each `BD3LMConfig.denoiser_type`: the one place a kind of network is chosen (a new kind is a file with
+# a `BD3LMDenoiser` subclass and an entry here).
+DENOISERS: dict[str, type[BD3LMDenoiser]] = {"dit": BD3LMModel, "causal_lm": CausalLMDenoiser}
+
+
 class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
     """BD3-LM with the block NELBO loss and block-by-block generation (`BD3LM` upstream).
 
@@ -421,20 +247,41 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
     # transformers 5 builds `model.generation_config` from this class; on 4.57 the mixin's setter upgrades it.
     generation_config_class = BD3LMGenerationConfig
 
-    def __init__(self, config: BD3LMConfig) -> None:
+    def __init__(self, config: BD3LMConfig, backbone: nn.Module | None = None) -> None:
+        """Build the model of `config`; `backbone` (optional) is the denoiser network to adopt as it is, pretrained
+        weights included (what `from_causal_lm` passes), as `EncoderDecoderModel` takes its encoder and decoder."""
         super().__init__(config)
-        if getattr(config, "backbone_config", None) is not None:
-            # A transformers causal LM as the denoiser (causal_backbone_bd3lm.py); keys `backbone.model.layers...`.
-            self.backbone = build_causal_backbone(self.config)
-        else:
-            self.backbone = BD3LMModel(config)
-        self._probed_attention: str | None = None  # the causal backbone's kernel once a probe showed it takes 4-D masks
+        # The network is `self.backbone` (checkpoint keys `backbone.…`); its kind is `DENOISERS[config.denoiser_type]`.
+        self.denoiser_class = DENOISERS[config.denoiser_type]
+        self.backbone = self.denoiser_class.build_backbone(self.config, backbone)
         if config.var_min:
             # The searched clipped interval travels with the weights, not with the config.
             self.register_buffer("sampling_eps_min", torch.tensor(float(config.sampling_eps_min)))
             self.register_buffer("sampling_eps_max", torch.tensor(float(config.sampling_eps_max)))
         self.noise_schedule = BD3LMNoiseSchedule(config.noise_schedule)
+        # The tokenizer `from_causal_lm` converted with (its mask token added), which `save_pretrained` writes beside
+        # the weights; None otherwise (`from_pretrained` loads no tokenizer: use `AutoTokenizer` on the same folder).
+        self.tokenizer = None
         self.post_init()
+        self.denoiser.check_attention()  # once, where built (`from_pretrained`: after loading)
+
+    @property
+    def denoiser(self) -> BD3LMDenoiser:
+        """The denoiser interface over `self.backbone` (`denoiser_bd3lm.py`): both passes, `predicts_next_token`,
+        `caches_after_positions`."""
+        return self.denoiser_class.bind(self.backbone, self.config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).denoiser.check_attention()  # the weights are there now
+        return loaded
+
+    def set_attn_implementation(self, attn_implementation: str | dict) -> None:
+        """transformers' switch of the attention kernel, then the denoiser's check that the new kernel runs the
+        block-diffusion masks."""
+        super().set_attn_implementation(attn_implementation)
+        self.denoiser.check_attention()
 
     @classmethod
     def from_causal_lm(cls, source, block_size: int, tokenizer=None, **kwargs) -> BD3LMForMaskedDiffusion:
@@ -462,33 +309,27 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
 
     @property
     def is_causal_backbone(self) -> bool:
-        """True when the denoiser is a transformers causal LM (`config.backbone_config`), not the DiT."""
-        return getattr(self.config, "backbone_config", None) is not None
+        """Deprecated (0.1): `config.denoiser_type == "causal_lm"`."""
+        return self.denoiser_class is CausalLMDenoiser
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.backbone.get_input_embeddings() if self.is_causal_backbone else self.backbone.vocab_embed
+        return self.backbone.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        if self.is_causal_backbone:
-            self.backbone.set_input_embeddings(value)
-        else:
-            self.backbone.vocab_embed = value
+        self.backbone.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.backbone.get_output_embeddings() if self.is_causal_backbone else self.backbone.output_layer.linear
+        return self.backbone.get_output_embeddings()
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        if self.is_causal_backbone:
-            self.backbone.set_output_embeddings(value)
-        else:
-            self.backbone.output_layer.linear = value
+        self.backbone.set_output_embeddings(value)
 
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
     ) -> nn.Module:
-        """`PreTrainedModel.resize_token_embeddings` (input table and untied head together), keeping `config.vocab_size`
-        and a causal backbone's own `vocab_size` equal (the backbone resizes itself, re-tying its head when its config
-        ties). The mask token must keep its row: a size at or below `mask_token_id` is refused."""
+        """`PreTrainedModel.resize_token_embeddings` of the backbone (input table and untied head together; a causal LM
+        re-ties its head when its config ties), keeping `config.vocab_size` and the backbone's equal. The mask token
+        must keep its row: a size at or below `mask_token_id` is refused."""
         size = self.get_input_embeddings().weight.shape[0] if new_num_tokens is None else new_num_tokens
         if pad_to_multiple_of is not None:
             size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
@@ -497,8 +338,6 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 f"resize_token_embeddings({new_num_tokens}) would drop the mask token (id {self.config.mask_token_id}); "
                 f"keep at least {self.config.mask_token_id + 1} rows."
             )
-        if not self.is_causal_backbone:
-            return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         embeddings = self.backbone.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         self.config.vocab_size = self.vocab_size = self.backbone.config.vocab_size
         return embeddings
@@ -566,9 +405,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         """
         config = self.config
         # SUBS: zero masking probability (out of place: the caller's logits are returned raw)
-        suppress = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
-        suppress[config.mask_token_id] = float("-inf")
-        log_probs = torch.log_softmax(logits.float() + suppress, dim=-1)
+        log_probs = torch.log_softmax(suppress_mask_logit(logits.float(), config.mask_token_id), dim=-1)
         valid = nelbo_valid_mask(labels, attention_mask, config.ignore_bos)
         if checking_values() and bool(((labels == config.mask_token_id) & valid).any()):
             raise ValueError(
@@ -640,50 +477,37 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         check_extra_kwargs(kwargs, f"{type(self).__name__}.forward()")
         check_generator(generator)
         return_dict = config.return_dict if return_dict is None else return_dict
-        check_token_ids("input_ids", input_ids, config.vocab_size)
+        # Every input is checked here, once, for every kind of denoiser (which trusts what it is given).
+        vectorised = check_forward_inputs(
+            config, input_ids, noisy_input_ids=noisy_input_ids, attention_mask=attention_mask, labels=labels,
+            noise_levels=noise_levels, timesteps=timesteps, cache=past_key_values, use_cache=use_cache,
+        )  # fmt: skip
         input_ids = input_ids.long()
-        batch, seq_len = input_ids.shape
-
-        vectorised = noisy_input_ids is not None or labels is not None or noise_levels is not None
-        if vectorised:
-            check_vectorised_length(seq_len, config)
-            if attention_mask is not None:
-                check_attention_mask("attention_mask", attention_mask, (batch, seq_len), "one column per token")
-            if labels is not None:
-                check_token_ids("labels", labels, config.vocab_size, allow_ignore_index=True)
-                labels = labels.long()
-                if tuple(labels.shape) != (batch, seq_len):
-                    raise ValueError(
-                        f"`labels` must have the shape of `input_ids` {(batch, seq_len)}, got {tuple(labels.shape)}."
-                    )
-            if noise_levels is not None:
-                check_noise_levels(noise_levels, (batch, seq_len // config.block_size))
-            if noisy_input_ids is not None:
-                if labels is not None and noise_levels is None:
-                    raise ValueError("Pass `noise_levels` with `noisy_input_ids` and `labels` to weight the NELBO.")
-            else:
-                noisy_input_ids, noise_levels = self.draw_noise(input_ids, attention_mask, noise_levels, generator)
-
-        if self.is_causal_backbone:
-            outputs = causal_backbone_forward(
-                self, input_ids, noisy_input_ids, attention_mask, past_key_values, use_cache, output_hidden_states,
-                output_attentions,
-            )
+        labels = None if labels is None else labels.long()
+        denoiser = self.denoiser
+        if vectorised and noisy_input_ids is None:
+            noisy_input_ids, noise_levels = self.draw_noise(input_ids, attention_mask, noise_levels, generator)
+        elif vectorised:
+            noisy_input_ids = noisy_input_ids.long()
         else:
-            outputs = self.backbone(
-                input_ids,
-                noisy_input_ids=noisy_input_ids,
-                attention_mask=attention_mask,
-                timesteps=timesteps,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
-                return_dict=True,
+            past_key_values, _ = open_window(
+                past_key_values, use_cache, input_ids.shape[1], config.model_length, denoiser.remedy_for_long_windows
             )
+
+        outputs = denoiser(
+            input_ids,
+            noisy_input_ids=noisy_input_ids,
+            attention_mask=attention_mask,
+            timesteps=timesteps,
+            cache=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
         loss = token_loss = None
         if labels is not None:
-            if self.is_causal_backbone and config.token_shift and attention_mask is not None:
+            if denoiser.predicts_next_token and attention_mask is not None:
                 # Under the shift token i is predicted at position i - 1: a token after padding has no predictor. Its
                 # label goes, not its mask column: `ignore_bos` finds each row's first real token in the mask.
                 after_padding = torch.zeros_like(labels, dtype=torch.bool)
@@ -714,6 +538,7 @@ BD3LMForMaskedDiffusion.register_for_auto_class("AutoModelForMaskedLM")
 
 __all__ = [
     "AUTO_MAP",
+    "DENOISERS",
     "checkpoint_key",
     "parameter_name",
     "BD3LMForMaskedDiffusion",

@@ -17,6 +17,8 @@ _SCHEDULE_EPS = 1e-3
 # Evaluation always uses the unbiased interval U[1e-3, 1] (the paper's perplexity protocol).
 EVAL_NOISE_INTERVAL = (1e-3, 1.0)
 _MAX_RESAMPLE_ROUNDS = 1000
+# Every schedule name a config may carry ("linear" is the official alias of "loglinear").
+NOISE_SCHEDULES = ("loglinear", "linear", "square", "square_root", "log", "cosine")
 
 
 class BD3LMNoiseSchedule:
@@ -31,10 +33,10 @@ class BD3LMNoiseSchedule:
     """
 
     def __init__(self, name: str = "loglinear") -> None:
+        if name not in NOISE_SCHEDULES:
+            raise ValueError(f"`noise_schedule`={name!r} is unknown; use one of {NOISE_SCHEDULES}.")
         if name == "linear":
             name = "loglinear"
-        if name not in ("loglinear", "square", "square_root", "log", "cosine"):
-            raise ValueError(f"`noise_schedule`={name!r} is unknown.")
         self.name = name
 
     def mask_probability(self, t: torch.Tensor) -> torch.Tensor:
@@ -268,6 +270,7 @@ def draw_noise(
 __all__ = [
     "BD3LMNoiseSchedule",
     "EVAL_NOISE_INTERVAL",
+    "NOISE_SCHEDULES",
     "add_noise",
     "draw_noise",
     "first_real_tokens",

@@ -1,7 +1,8 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """What happens inside one block of BD3-LM generation: the samplers (which masked positions to reveal at a step, and
 with which token), logits processing, random draws and stop detection. A leaf of the package, like a diffusers
-scheduler: the network and the committed window stay in `generation_bd3lm.py`, which runs the loop.
+scheduler: the network call stays in `generation_bd3lm.py`, which runs the loop, and the committed window (the tokens a
+block attends to, and the KV cache) in `cache_bd3lm.py`.
 
 All samplers share one loop (`generation_bd3lm.BlockDenoiser.denoise`): the network gives p_θ(x_0 | x_t^b, x^{<b}) for
 every position of the current block; the loop draws one candidate token per position (argmax, or a categorical draw
@@ -185,6 +186,13 @@ def build_logits_warpers(temperature: float, top_k: int, top_p: float, nucleus_p
     return warpers
 
 
+def suppress_mask_logit(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """SUBS's zero-masking rule (Sahoo et al., 2024, used by Eq. (8) of Arriola et al., 2025): the mask token gets
+    logit -inf, so p_θ never predicts it. Out of place, in the dtype given (upcast first where a softmax needs it).
+    Every place that turns denoiser logits into probabilities calls this: training loss, sampling, evaluation."""
+    return logits.index_fill(-1, torch.tensor([mask_token_id], device=logits.device), float("-inf"))
+
+
 def block_probabilities(
     logits: torch.Tensor,
     block: torch.LongTensor,
@@ -203,8 +211,7 @@ def block_probabilities(
             `input_ids` (each position sees the row so far with the block's current state appended).
     """
     rows, block_size, vocab = logits.shape
-    scores = logits.double()
-    scores[..., mask_token_id] = float("-inf")
+    scores = suppress_mask_logit(logits.double(), mask_token_id)
     scores = scores.view(rows * block_size, vocab)
     if logits_processor:
         context = torch.cat((history(), block), dim=1).repeat_interleave(block_size, dim=0)
@@ -478,10 +485,6 @@ def first_stops(
     return torch.where(stopped, first + 1, torch.full_like(first, width)), stopped
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The committed window
-
-
 __all__ = [
     "SAMPLERS",
     "BD3LMNucleusLogitsWarper",
@@ -503,5 +506,6 @@ __all__ = [
     "first_stops",
     "sample_categorical",
     "select_top",
+    "suppress_mask_logit",
     "uniform",
 ]

@@ -10,7 +10,6 @@ from transformers.cache_utils import DynamicCache
 
 from modeling_bd3lm.cache_bd3lm import (
     CACHE_FIELD,
-    check_cache,
     open_window,
     read_cache_layer,
     resolve_cache_kwarg,
@@ -18,6 +17,7 @@ from modeling_bd3lm.cache_bd3lm import (
     trim_cache_left,
     trim_cache_right,
 )
+from modeling_bd3lm.checks_bd3lm import check_cache  # checked with the other inputs of a forward
 from modeling_bd3lm.generation_bd3lm import BD3LMGenerateOutput
 from tests.test_generation_bd3lm import BOS, PAD, CallRecorder, make_model, output_cache, prompts
 

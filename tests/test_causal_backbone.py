@@ -467,10 +467,10 @@ def test_an_attention_that_ignores_the_4d_mask_is_detected_by_the_probe():
     source = AutoModelForCausalLM.from_config(_source("llama").config, attn_implementation="causal_only_test")
     with pytest.raises(ValueError, match=r"ignores a custom 4-D attention mask.*attn_implementation='sdpa'\.$"):
         BD3LMForMaskedDiffusion.from_causal_lm(source, block_size=4, model_length=LENGTH)
-    # a model built directly from a config is probed on its first forward
+    # a model built directly from a config is probed where it is built
     config = BD3LMConfig(backbone_config=source.config, block_size=4, model_length=LENGTH, mask_token_id=VOCAB - 1)
     with pytest.raises(ValueError, match="ignores a custom 4-D attention mask"):
-        BD3LMForMaskedDiffusion(config)(input_ids=_tokens(1, 4))
+        BD3LMForMaskedDiffusion(config)
 
 
 def test_bad_sizes_and_tokenizers_are_one_line_errors():
@@ -519,10 +519,10 @@ for family in json.loads(FAMILIES):
     assert (train - io["train"]).abs().max() <= 1e-5, family
     assert (sample - io["sample"]).abs().max() <= 1e-5, family
     assert torch.equal(generated, io["generated"]), family
-# GPT-2's eager attention applies its own causal mask on transformers 4.57 (not on 5.x): the first forward's probe
-# must refuse it there, and only there
-eager = AutoModelForMaskedLM.from_pretrained(ROOT + "/gpt2", trust_remote_code=True, attn_implementation="eager")
+# GPT-2's eager attention applies its own causal mask on transformers 4.57 (not on 5.x): the probe that runs once the
+# weights are loaded must refuse it there, and only there
 try:
+    eager = AutoModelForMaskedLM.from_pretrained(ROOT + "/gpt2", trust_remote_code=True, attn_implementation="eager")
     eager(input_ids=io["x_t"])
     refused = False
 except ValueError as error:
@@ -645,3 +645,77 @@ def test_hub_upload_dry_run_accepts_a_converted_model_with_tied_weights(source_f
     out = capsys.readouterr().out
     assert "| Denoiser | LlamaForCausalLM (token shift: position i-1 predicts token i) |" in out
     assert "Dry run: nothing was sent." in out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The seam: the wrapper takes its denoiser network in __init__, probes it once, and refuses σ it cannot feed
+
+
+def test_the_wrapper_adopts_the_backbone_it_is_given():
+    source = _source("llama")
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    config = BD3LMConfig(backbone_config=source.config, block_size=4, model_length=LENGTH, mask_token_id=VOCAB - 1)
+    model = BD3LMForMaskedDiffusion(config, backbone=source)
+    assert model.backbone is source and model.config.backbone_config is source.config
+    # post_init left the pretrained weights alone; checkpoint keys are the causal LM's under `backbone.`
+    assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())
+    assert {f"backbone.{k}" for k in before} <= set(model.state_dict())
+    assert model.denoiser.predicts_next_token and model.denoiser.caches_after_positions
+    assert model.tokenizer is None  # only a conversion carries the tokenizer it converted with
+
+
+def test_the_attention_probe_runs_once_where_the_model_is_built_or_loaded(tmp_path, monkeypatch):
+    from modeling_bd3lm import causal_backbone_bd3lm
+
+    calls = []
+    probe = causal_backbone_bd3lm.check_backbone_attention
+    monkeypatch.setattr(causal_backbone_bd3lm, "check_backbone_attention", lambda b: calls.append(b) or probe(b))
+    _, model = _convert("llama", 4)
+    assert len(calls) == 1  # built (converted)
+    x = _tokens(2, LENGTH)
+    with torch.no_grad():
+        model(input_ids=x, labels=x)
+        model(input_ids=x[:, :4], use_cache=True)
+    model.generate(x[:, :5], max_new_tokens=8, do_sample=False)
+    assert len(calls) == 1  # forwards and generation probe nothing
+    model.save_pretrained(tmp_path)
+    loaded = BD3LMForMaskedDiffusion.from_pretrained(tmp_path)
+    assert len(calls) == 2 and calls[-1] is loaded.backbone  # loaded: once, with the weights in place
+    assert loaded.tokenizer is None
+    loaded.set_attn_implementation("eager")
+    assert len(calls) == 3 and loaded.backbone.config._attn_implementation == "eager"  # a new kernel is probed
+
+
+def test_time_conditioning_is_refused_for_a_causal_backbone():
+    with pytest.raises(ValueError, match=r"`time_conditioning=True` needs a noise-level input"):
+        BD3LMConfig(backbone_config=_source("llama").config, model_length=LENGTH, time_conditioning=True)
+    with pytest.raises(ValueError, match=r"`time_conditioning=True` needs a noise-level input"):
+        BD3LMForMaskedDiffusion.from_causal_lm(_source("llama"), block_size=4, model_length=LENGTH, time_conditioning=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cached_calls_log_no_cache_deprecation(family):
+    """transformers 5.24 renamed the cache argument and output field to `cache` and logs a deprecation for
+    `past_key_values`: the backbone gets the name its forward takes, and our forward takes `cache` too."""
+    import warnings
+
+    from transformers.cache_utils import DynamicCache
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    from modeling_bd3lm import CACHE_FIELD
+
+    _, model = _convert(family, 4)
+    x = _tokens(2, 8)
+    hf_logging.warning_once.cache_clear()  # an earlier test may have logged it once already
+    # transformers says it both ways: its logger (a renamed output field or kwarg) and a FutureWarning (deprecate_kwarg)
+    with CaptureLogger(hf_logging.get_logger("transformers")) as captured, warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            cache = DynamicCache()
+            out = model(input_ids=x[:, :4], cache=cache, use_cache=True)
+            model(input_ids=x[:, 4:], past_key_values=cache, use_cache=False)
+        model.generate(x[:, :5], max_new_tokens=8, do_sample=False)
+    assert getattr(out, CACHE_FIELD) is cache and cache.get_seq_length() == 4
+    said = [captured.out] + [str(w.message) for w in raised]
+    assert not [m for m in said if "deprecated" in m and "cache" in m], said

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers.data.data_collator import DataCollatorMixin
 
+from modeling_bd3lm.checks_bd3lm import is_int
+
 # File extensions -> `datasets` packaged builder. Compression suffixes are stripped first (datasets decompresses).
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
@@ -152,7 +154,7 @@ def build_lm_dataset(
     1024
     ```
     """
-    if not isinstance(model_length, int) or isinstance(model_length, bool) or model_length < 1:
+    if not is_int(model_length) or model_length < 1:
         raise ValueError(f"`model_length` must be a positive integer, got {model_length!r}.")
     if insert_special_tokens and model_length < 3:
         raise ValueError("`insert_special_tokens=True` needs `model_length` >= 3 ([BOS] + tokens + [EOS]).")
@@ -238,7 +240,7 @@ class BD3LMDataCollator(DataCollatorMixin):
     return_tensors: str = "pt"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool) or self.pad_token_id < 0:
+        if not is_int(self.pad_token_id) or self.pad_token_id < 0:
             raise ValueError(f"`pad_token_id` must be a non-negative integer, got {self.pad_token_id!r}.")
         if self.block_size < 1:
             raise ValueError(f"`block_size` must be >= 1, got {self.block_size}.")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modeling_bd3lm.checks_bd3lm import is_int
+
 from .model_card import CardInfo, build_model_card, read_reports
 from .utils import check_repo_id, read_json
 
@@ -136,7 +138,7 @@ def _matches(name: str, patterns) -> bool:
 
 def check_shard_size(size: str | int) -> str | int:
     """`size` as `save_pretrained`'s `max_shard_size` takes it ('5GB', '500MB', bytes), or a ValueError naming it."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+    if is_int(size) and size > 0:
         return size
     if isinstance(size, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", size, re.I):
         return size.strip()
@@ -225,9 +227,8 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
         "block_size", "model_length", "vocab_size", "mask_token_id", "hidden_dim", "n_blocks", "n_heads",
         "noise_schedule")}
     info.architecture["parameters"] = sum(p.numel() for p in model.parameters())
-    if getattr(config, "backbone_config", None) is not None:  # a converted causal LM (from_causal_lm)
-        shift = "token shift: position i-1 predicts token i" if config.token_shift else "no token shift"
-        info.architecture["denoiser"] = f"{type(model.backbone).__name__} ({shift})"
+    if model.denoiser.description is not None:  # a denoiser other than the official DiT (a converted causal LM)
+        info.architecture["denoiser"] = model.denoiser.description
     info.noise_interval = model.training_noise_interval()
     generation = read_json(staging / "generation_config.json", "The generation config")
     # Only what differs from a fresh generation config: a null field is the built-in default and says nothing.
@@ -384,7 +385,7 @@ def plan_upload(
         check_repo_id(base_model, name="base_model", namespace=False)
     for dataset in datasets:
         check_repo_id(dataset, name="dataset", namespace=False)
-    if isinstance(nfe_tokens, bool) or not isinstance(nfe_tokens, int) or nfe_tokens < 0:
+    if not is_int(nfe_tokens) or nfe_tokens < 0:
         raise ValueError(f"nfe_tokens={nfe_tokens!r} must be an integer >= 0 (0 skips the measurement).")
     max_shard_size = check_shard_size(max_shard_size)
     for pattern in include:

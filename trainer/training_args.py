@@ -9,17 +9,16 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from modeling_bd3lm.checks_bd3lm import is_int, is_real
+
 from .callbacks import DEFAULT_SEARCH_STEP, DEFAULT_SEARCH_WIDTHS
 
 NAN_LOSS_POLICIES = ("stop", "skip")
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A finite real number (`is_real` of the package, which lets inf and NaN through)."""
+    return is_real(value) and math.isfinite(value)
 
 
 # BD3LMTrainingArguments field -> (test, requirement): one ValueError naming the field per bad value.
@@ -28,13 +27,13 @@ _ARGUMENT_RULES = {
         lambda v: bool(v) and all(_is_real(w) and 0.0 < w <= 1.0 for w in v), "must be a non-empty list of widths in (0, 1]"
     ),
     "schedule_search_step": (lambda v: _is_real(v) and 0.0 < v < 1.0, "must be a number in (0, 1)"),
-    "schedule_search_batches": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
+    "schedule_search_batches": (lambda v: is_int(v) and v >= 1, "must be an integer >= 1"),
     "noise_interval": (
         lambda v: v is None or (len(v) == 2 and all(_is_real(x) for x in v) and 0.0 <= v[0] <= v[1] <= 1.0),
         "must be two numbers 0 <= β <= ω <= 1",
     ),
     "ema_decay": (lambda v: _is_real(v) and 0.0 <= v < 1.0, "must be a number in [0, 1)"),
-    "grad_variance_minibatches": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
+    "grad_variance_minibatches": (lambda v: is_int(v) and v >= 0, "must be an integer >= 0"),
     "nan_loss_policy": (lambda v: v in NAN_LOSS_POLICIES, f"must be one of {NAN_LOSS_POLICIES}"),
 }
 

@@ -383,11 +383,10 @@ def load_adapted(cfg: AdaptConfig, method: str, checkpoint: Path | None, source,
         if checkpoint is not None:
             from peft import PeftModel
 
+            # The backbone's kernel passed the 4-D-mask probe once, in `convert` (the model is built there); merging the
+            # adapter builds nothing, so the probe, whose tokens can carry too little signal after fine-tuning for its
+            # tolerance (a false "ignores the mask" at checkpoint-62), is not run again.
             model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
-            # The backbone's kernel already passed the 4-D-mask probe in `convert` (same module, same sdpa); the
-            # probe's tokens (ids 3..11, SmolLM2's special tokens) can carry too little signal after fine-tuning for
-            # its fixed tolerance (a false "ignores the mask" at checkpoint-62), so it is not run again here.
-            model._probed_attention = model.backbone.config._attn_implementation
         return model.eval()
     from modeling_bd3lm import BD3LMForMaskedDiffusion
 

@@ -28,7 +28,7 @@ from bd3lm_trainer.utils import noised_nelbo
 from bd3lm_trainer.evaluation import generative_perplexity, nelbo
 from bench.stats import paired_difference, summarise, wrapped_chunks
 from modeling_bd3lm import BlockDenoiser, CommittedWindow
-from modeling_bd3lm.sampling_bd3lm import SAMPLERS, build_logits_warpers, sample_categorical
+from modeling_bd3lm.sampling_bd3lm import SAMPLERS, build_logits_warpers, sample_categorical, suppress_mask_logit
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Validation data and the perplexity bound
@@ -68,14 +68,6 @@ def nelbo_per_chunk(model, chunks, num_samples: int, seed: int, batch_size: int)
     return torch.cat(sums), torch.cat(counts)
 
 
-def mask_logit_suppressed(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
-    """Float32 logits with the mask token impossible (SUBS's zero-masking rule, applied to the causal AR as well);
-    out of place, one copy."""
-    suppress = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
-    suppress[mask_token_id] = float("-inf")
-    return logits.float() + suppress
-
-
 def causal_lm_loss(
     model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask=None, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -84,7 +76,7 @@ def causal_lm_loss(
     labels = input_ids if labels is None else labels
     mask = None if attention_mask is None else attention_mask[:, :-1]
     logits = model(input_ids=input_ids[:, :-1], attention_mask=mask, return_dict=True).logits
-    logits = mask_logit_suppressed(logits, model.config.mask_token_id)
+    logits = suppress_mask_logit(logits.float(), model.config.mask_token_id)  # SUBS, for the causal AR too
     # (N, V) rows: the class-last layout is much faster on CPU than cross entropy over a transposed (B, V, T) view
     nll = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction=reduction)
     return nll.view(labels.shape[0], -1) if reduction == "none" else nll
@@ -169,7 +161,7 @@ def l1_sampling_path_nll(model, x_0: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(x_0.shape[0], x_0.shape[1] - 1, dtype=torch.float64)
     for i in range(1, x_0.shape[1]):
         window = torch.cat((x_0[:, :i], torch.full((x_0.shape[0], 1), mask_id, dtype=torch.long)), dim=1)
-        logits = mask_logit_suppressed(model(input_ids=window, return_dict=True).logits[:, -1], mask_id)
+        logits = suppress_mask_logit(model(input_ids=window, return_dict=True).logits[:, -1].float(), mask_id)
         out[:, i - 1] = -torch.log_softmax(logits, -1).gather(-1, x_0[:, i : i + 1])[:, 0].double()
     return out
 
@@ -201,7 +193,7 @@ class CausalJudge(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
-        return SimpleNamespace(logits=mask_logit_suppressed(logits, self.model.config.mask_token_id))
+        return SimpleNamespace(logits=suppress_mask_logit(logits.float(), self.model.config.mask_token_id))
 
 
 @torch.no_grad()
@@ -214,8 +206,8 @@ def sample_causal(model, num: int, length: int, bos: int, nucleus_p: float | Non
     seq = torch.full((num, 1), bos, dtype=torch.long)
     for _ in range(length):
         window = seq[:, -model.config.model_length :]
-        logits = mask_logit_suppressed(
-            model(input_ids=window, return_dict=True).logits[:, -1], model.config.mask_token_id
+        logits = suppress_mask_logit(
+            model(input_ids=window, return_dict=True).logits[:, -1].float(), model.config.mask_token_id
         )
         probs = warpers(window, logits.double()).softmax(-1)
         seq = torch.cat((seq, sample_categorical(probs, generator)[:, None]), dim=1)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from modeling_bd3lm.checks_bd3lm import is_int
 from modeling_bd3lm.noise_schedule_bd3lm import EVAL_NOISE_INTERVAL, draw_noise, nelbo_valid_mask
+from modeling_bd3lm.sampling_bd3lm import suppress_mask_logit
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -97,7 +99,7 @@ def _is_deterministic(config: Any) -> bool:
 
 
 def _check_num_samples(num_samples: Any) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if not is_int(num_samples) or num_samples < 1:
         raise ValueError(f"`num_samples` (K, the Monte-Carlo noise draws) must be an integer >= 1, got {num_samples!r}")
     return num_samples
 
@@ -254,7 +256,7 @@ def _enumerated_nelbo(model, x_0, mask, counted) -> torch.Tensor:
                 continue
             x_t = x_0.masked_fill(move, config.mask_token_id)
             logits = model(x_0, noisy_input_ids=x_t, attention_mask=mask, return_dict=True).logits.float()
-            logits[..., config.mask_token_id] = float("-inf")  # SUBS: the mask is never predicted
+            logits = suppress_mask_logit(logits, config.mask_token_id)  # SUBS: the mask is never predicted
             nll = -torch.log_softmax(logits, -1).gather(-1, x_0[..., None])[..., 0].double()
             weight = table[maskable, move.view(batch, -1, bs).sum(-1)] / duplicates  # (batch, blocks)
             total += torch.where(move, weight.repeat_interleave(bs, 1) * nll, torch.zeros_like(nll))
@@ -388,7 +390,7 @@ def _greedy_hits(model, ids, mask, labels) -> torch.BoolTensor:
     scored = labels != -100
     x_t = ids.masked_fill(scored, model.config.mask_token_id)
     logits = model(ids, noisy_input_ids=x_t, attention_mask=mask, return_dict=True).logits.float()
-    logits[..., model.config.mask_token_id] = float("-inf")
+    logits = suppress_mask_logit(logits, model.config.mask_token_id)
     return ((logits.argmax(-1) == ids) | ~scored).all(dim=1).cpu()
 
 

@@ -42,6 +42,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from tqdm.auto import tqdm
 
+from modeling_bd3lm.checks_bd3lm import is_int
+
 from ..corpus import resolve_tokenizer
 from .likelihood import _is_deterministic, _row_seed, score_continuations
 from .loading import load_model_and_tokenizer, resolve_device
@@ -101,7 +103,7 @@ class BD3LMEvalHarness(LM):
         self.batch_size = 8 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         if mc_samples is None:
             mc_samples = 1 if _is_deterministic(model.config) else 16
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        if not is_int(mc_samples) or mc_samples < 1:
             raise ValueError(f"`mc_samples` must be an integer >= 1, got {mc_samples!r}.")
         if exact is None:
             exact = model.config.block_size <= 4 and not getattr(model.config, "time_conditioning", False)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modeling_bd3lm.checks_bd3lm import is_int
+
 from ..corpus import CORPUS_NAME, load_corpus
 from ..data import load_text_dataset
 from .likelihood import _check_num_samples, nelbo
@@ -127,7 +129,7 @@ def dataset_perplexity(
         exact (`bool`): the expectation over the noise by enumeration (see [`nelbo`]) instead of K draws.
     """
     num_samples = _check_num_samples(num_samples)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
     data = load_eval_dataset(dataset, split, config_name)
     if max_documents is not None:
