@@ -10,6 +10,8 @@ import types
 import pytest
 import torch
 
+from bd3lm_trainer.evaluation import judge_continuations
+
 from bench.adapt import measures
 from bench.adapt.__main__ import main
 from bench.adapt.study import QUICK, CPUBudgetCallback, convert, load_source
@@ -134,7 +136,7 @@ def test_judge_scores_only_the_continuation_given_the_prompt(tiny):
     source, tokenizer = tiny
     prompt, text = "And God said,", " Let there be light: and there was light."
     continuation = tokenizer(text, add_special_tokens=False)["input_ids"]
-    judged = measures.judge_continuations(source, tokenizer, [prompt, prompt], [continuation, continuation])
+    judged = judge_continuations(source, tokenizer, [prompt, prompt], [continuation, continuation])
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([p + continuation])
     with torch.no_grad():

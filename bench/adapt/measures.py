@@ -10,7 +10,7 @@ with the source's tokenizer (the conversion keeps it, plus a mask token):
 * [`ar_samples`] / [`bd3_samples`]: continuations of the same prompts (left-padded batches) with HF `generate()` +
   KV cache and with the BD3 samplers; special tokens are suppressed by the same `SuppressTokensLogitsProcessor` in
   both, so every row has exactly `max_new_tokens` new tokens.
-* [`judge_continuations`]: gen-PPL of continuations under the unadapted source (the text is decoded and re-tokenised,
+* `judge_continuations` (the package's, `bd3lm_trainer.evaluation`): gen-PPL of continuations under the unadapted source (the text is decoded and re-tokenised,
   the prompt is context and never scored) and the unigram entropy of the continuation tokens.
 * [`decode_speed`]: tokens/s of AR `generate()` and of BD3 settings, timed side by side (interleaved repeats).
 * [`network_time`]: where a `generate()` call's wall time goes: the forward calls of named modules and their seconds.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
 
-from bd3lm_trainer.evaluation import nelbo, unigram_entropy
+from bd3lm_trainer.evaluation import judge_continuations, nelbo, unigram_entropy
 from bench.common import interleaved_times
 from bench.stats import evenly_spaced, paired_difference, summarise, wrapped_chunks
 
@@ -218,47 +218,6 @@ def bd3_samples(
 
 
 @torch.no_grad()
-def judge_continuations(
-    judge, tokenizer, prompts: Sequence[str], continuations: Sequence[Sequence[int]], batch_size: int = 8
-) -> dict[str, Any]:
-    """Gen-PPL of continuations under a causal-LM judge: each continuation is decoded to text and re-tokenised, the
-    prompt's tokens are context only; gen-PPL = exp(Σ NLL / Σ scored tokens) over all samples (corpus level). The
-    unigram entropy (nats) is the mean over samples of the entropy of each continuation's own tokens (low = repetitive).
-    """
-    judge.eval()
-    rows = []
-    for prompt, cont in zip(prompts, continuations):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(tokenizer.decode(cont, skip_special_tokens=True), add_special_tokens=False)["input_ids"]
-        rows.append((p, c))
-    nll_sum, count, per_sample = 0.0, 0, []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        width = max(len(p) + len(c) for p, c in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        scored = torch.zeros_like(ids, dtype=torch.bool)
-        for r, (p, c) in enumerate(batch):  # right-padded: positions are 0.. for every row
-            ids[r, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[r, : len(p) + len(c)] = 1
-            scored[r, len(p) : len(p) + len(c)] = True
-        logits = judge(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").double()
-        scored = scored[:, 1:]
-        for r in range(len(batch)):
-            s, n = float(nll[r][scored[r]].sum()), int(scored[r].sum())
-            nll_sum, count = nll_sum + s, count + n
-            per_sample.append(math.exp(s / n) if n else float("nan"))
-    logs = torch.tensor([math.log(x) for x in per_sample if not math.isnan(x)], dtype=torch.float64)
-    return {
-        "gen_ppl": math.exp(nll_sum / count),
-        "log_gen_ppl_se": float(logs.std() / math.sqrt(len(logs))) if len(logs) > 1 else float("nan"),
-        "judge_tokens": count,
-        "unigram_entropy": statistics.mean(unigram_entropy(c) for c in continuations),
-        "per_sample_ppl": per_sample,
-    }
-
-
 def sample_and_judge(
     sampler: Callable[[int], dict[str, Any]], judge, tokenizer, prompts: Sequence[str], seeds: Sequence[int],
     new_tokens: int,
@@ -337,7 +296,6 @@ __all__ = [
     "decode_speed",
     "encode_prompts",
     "heldout_chunks",
-    "judge_continuations",
     "network_time",
     "paired_ratio",
     "sample_and_judge",

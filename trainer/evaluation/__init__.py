@@ -25,6 +25,7 @@ from typing import Any
 from .generative_perplexity import (
     GenerativePerplexityResult,
     generative_perplexity,
+    judge_continuations,
     judge_windows,
     network_calls_per_token,
     unigram_entropy,
@@ -77,6 +78,7 @@ __all__ = [
     "PerplexityResult",
     "dataset_perplexity",
     "generative_perplexity",
+    "judge_continuations",
     "judge_windows",
     "load_eval_dataset",
     "load_model_and_tokenizer",

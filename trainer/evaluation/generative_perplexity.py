@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -222,6 +223,48 @@ def generative_perplexity(
     return result
 
 
+@torch.no_grad()
+def judge_continuations(
+    judge: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[Sequence[int]], batch_size: int = 8
+) -> dict[str, Any]:
+    """Gen-PPL of continuations under a causal-LM judge: each continuation is decoded to text and re-tokenised, the
+    prompt's tokens are context only; gen-PPL = exp(Σ NLL / Σ scored tokens) over all samples (corpus level). The
+    unigram entropy (nats) is the mean over samples of the entropy of each continuation's own tokens (low = repetitive).
+    """
+    judge.eval()
+    rows = []
+    for prompt, cont in zip(prompts, continuations):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(tokenizer.decode(cont, skip_special_tokens=True), add_special_tokens=False)["input_ids"]
+        rows.append((p, c))
+    nll_sum, count, per_sample = 0.0, 0, []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(p) + len(c) for p, c in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        for r, (p, c) in enumerate(batch):  # right-padded: positions are 0.. for every row
+            ids[r, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[r, : len(p) + len(c)] = 1
+            scored[r, len(p) : len(p) + len(c)] = True
+        logits = judge(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").double()
+        scored = scored[:, 1:]
+        for r in range(len(batch)):
+            s, n = float(nll[r][scored[r]].sum()), int(scored[r].sum())
+            nll_sum, count = nll_sum + s, count + n
+            per_sample.append(math.exp(s / n) if n else float("nan"))
+    logs = torch.tensor([math.log(x) for x in per_sample if not math.isnan(x)], dtype=torch.float64)
+    return {
+        "gen_ppl": math.exp(nll_sum / count),
+        "log_gen_ppl_se": float(logs.std() / math.sqrt(len(logs))) if len(logs) > 1 else float("nan"),
+        "judge_tokens": count,
+        "unigram_entropy": statistics.mean(unigram_entropy(c) for c in continuations),
+        "per_sample_ppl": per_sample,
+    }
+
+
 def network_calls_per_token(generation_outputs: Any) -> tuple[float, float]:
     """`(nfe / token, tokens / nfe)` summed over the rows of one or more `generate(..., return_dict_in_generate=True)`
     outputs (`nfe` and `tokens_per_forward` per row; new tokens = tokens_per_forward · max(nfe, 1))."""
@@ -241,6 +284,7 @@ def network_calls_per_token(generation_outputs: Any) -> tuple[float, float]:
 __all__ = [
     "GenerativePerplexityResult",
     "generative_perplexity",
+    "judge_continuations",
     "judge_windows",
     "network_calls_per_token",
     "unigram_entropy",
