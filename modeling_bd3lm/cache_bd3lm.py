@@ -18,6 +18,7 @@ A leaf of the package: it imports only torch and transformers.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,12 +48,20 @@ def with_cache_field(base: type[ModelOutput]) -> type[ModelOutput]:
 # ----------------------------------------------------------------------------------------------------------------------
 # The cache a forward receives, and what a layer reads
 
-def resolve_cache_kwarg(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
-    """Accept transformers 5.24's `cache=` spelling beside `past_key_values=`."""
-    cache = kwargs.pop("cache", None)
-    if cache is not None and past_key_values is not None:
-        raise ValueError("Pass the KV cache as `past_key_values` or as `cache`, not both.")
-    return past_key_values if cache is None else cache
+def resolve_cache_kwarg(past_key_values: Cache | None, cache: Cache | None, owner: str) -> Cache | None:
+    """The KV cache a forward received: `cache` (transformers 5's name, which our forward also takes on 4.57), or the
+    deprecated `past_key_values`, with the `FutureWarning` transformers' own models give for it."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass the KV cache as `cache` only (`past_key_values` is its deprecated name), not both.")
+    warnings.warn(
+        f"`past_key_values` is deprecated for `{owner}.forward`; pass the KV cache as `cache` (it works on "
+        "transformers 4.57 too).",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return past_key_values
 
 
 def read_cache_layer(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -238,7 +247,7 @@ class CommittedWindow:
         logits = model(
             input_ids=self.pending,
             attention_mask=self.mask,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             return_dict=True,
         ).logits
@@ -269,7 +278,7 @@ class CommittedWindow:
             return out.logits[:, -width - 1 : -1] if self.shift else out.logits[:, -width:]
         if self.pending is None:
             logits = model(
-                input_ids=block, attention_mask=mask, past_key_values=self.cache, use_cache=False, return_dict=True
+                input_ids=block, attention_mask=mask, cache=self.cache, use_cache=False, return_dict=True
             ).logits
             if self.shift:
                 return torch.cat((self.next_logits[:, None], logits[:, : width - 1]), dim=1)
@@ -277,7 +286,7 @@ class CommittedWindow:
         logits = model(
             input_ids=torch.cat((self.pending, block), dim=1),
             attention_mask=mask,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             return_dict=True,
         ).logits

@@ -145,7 +145,7 @@ def check_cache(past_key_values: Any, batch: int) -> None:
     """A transformers `Cache` whose committed rows match the batch."""
     if not isinstance(past_key_values, Cache):
         raise TypeError(
-            f"`past_key_values` must be a transformers Cache (e.g. DynamicCache()), got {type(past_key_values).__name__}"
+            f"`cache` must be a transformers Cache (e.g. DynamicCache()), got {type(past_key_values).__name__}"
             "; legacy tuples of tensors are not supported."
         )
     for layer in getattr(past_key_values, "layers", []):
@@ -153,7 +153,7 @@ def check_cache(past_key_values: Any, batch: int) -> None:
         if keys is not None and keys.numel() > 0:
             if keys.shape[0] != batch:
                 raise ValueError(
-                    f"`past_key_values` holds {keys.shape[0]} rows but `input_ids` has batch {batch}; pass the cache "
+                    f"`cache` holds {keys.shape[0]} rows but `input_ids` has batch {batch}; pass the cache "
                     "built for these sequences (or a fresh DynamicCache())."
                 )
             return
@@ -193,7 +193,7 @@ def check_forward_inputs(
             )
         return False
     if cache is not None or use_cache:
-        raise ValueError("The vectorised `noisy_input_ids` pass cannot use `past_key_values`/`use_cache`.")
+        raise ValueError("The vectorised `noisy_input_ids` pass cannot use `cache`/`use_cache`.")
     check_vectorised_length(seq_len, config)
     if attention_mask is not None:
         check_attention_mask("attention_mask", attention_mask, (batch, seq_len), "one column per token")

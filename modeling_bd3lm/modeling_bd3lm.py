@@ -65,7 +65,7 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
 
     * `noisy_input_ids` given: the vectorised training pass over `x_t ⊕ x_0` with the three-part mask and rotary
       positions 0..L-1 shared by both halves; the logits of the `x_t` half are returned.
-    * otherwise: the block-causal sampling pass over `input_ids`, after the committed tokens in `past_key_values`.
+    * otherwise: the block-causal sampling pass over `input_ids`, after the committed tokens in `cache`.
 
     Inputs are checked by `BD3LMForMaskedDiffusion.forward` (once, for every kind of denoiser); called directly this
     module trusts them, as transformers' base models do.
@@ -144,8 +144,8 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
                 1 for real tokens, 0 for padding; padding is never attended to.
             timesteps (`torch.Tensor` of shape `(batch,)`, *optional*):
                 The noise level σ; ignored (zeroed) unless `config.time_conditioning`.
-            past_key_values / cache (`Cache`, *optional*):
-                Committed blocks of the sampling pass (`cache` is transformers 5's name; pass one of them).
+            cache (`Cache`, *optional*):
+                Committed blocks of the sampling pass; `past_key_values` is its deprecated name (a `FutureWarning`).
             use_cache (`bool`, *optional*):
                 Commit this call's keys and values to the cache. Only clean blocks should be committed.
             output_attentions (`bool`, *optional*):
@@ -155,7 +155,8 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
                 runs with the eager kernel (same outputs up to float rounding).
         """
         config = self.config
-        past_key_values = resolve_cache_kwarg(past_key_values, {"cache": cache})
+        cache = resolve_cache_kwarg(past_key_values, cache, type(self).__name__)
+        past_key_values = cache
         return_dict = config.return_dict if return_dict is None else return_dict
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = bool(config.output_attentions if output_attentions is None else output_attentions)
@@ -447,6 +448,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         generator: torch.Generator | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BD3LMOutput | tuple:
         r"""
@@ -465,15 +467,16 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 `noisy_input_ids` the model masks `input_ids` at these levels.
             timesteps (`torch.Tensor` of shape `(batch,)`, *optional*):
                 The official σ input; ignored unless `config.time_conditioning`.
-            past_key_values (`Cache`, *optional*), use_cache (`bool`, *optional*):
-                KV cache of committed blocks in the sampling pass (see [`BD3LMModel.forward`]).
+            cache (`Cache`, *optional*), use_cache (`bool`, *optional*):
+                KV cache of committed blocks in the sampling pass (see [`BD3LMModel.forward`]); `past_key_values` is
+                its deprecated name (a `FutureWarning`).
             output_hidden_states (`bool`, *optional*), output_attentions (`bool`, *optional*):
                 Return every layer's hidden states / attention weights (see [`BD3LMModel.forward`]).
             generator (`torch.Generator`, *optional*):
                 Randomness of the noise draw.
         """
         config = self.config
-        past_key_values = resolve_cache_kwarg(past_key_values, kwargs)
+        past_key_values = resolve_cache_kwarg(past_key_values, cache, type(self).__name__)
         check_extra_kwargs(kwargs, f"{type(self).__name__}.forward()")
         check_generator(generator)
         return_dict = config.return_dict if return_dict is None else return_dict

@@ -59,9 +59,11 @@ def test_a_sampling_call_opens_its_window_on_the_committed_tokens():
 
 def test_the_cache_argument_is_checked_and_takes_either_name():
     cache = _filled_cache(rows=3)
-    assert resolve_cache_kwarg(None, {"cache": cache}) is cache and resolve_cache_kwarg(cache, {}) is cache
+    assert resolve_cache_kwarg(None, cache, "M") is cache and resolve_cache_kwarg(None, None, "M") is None
+    with pytest.warns(FutureWarning, match="`past_key_values` is deprecated for `M.forward`"):
+        assert resolve_cache_kwarg(cache, None, "M") is cache
     with pytest.raises(ValueError, match="not both"):
-        resolve_cache_kwarg(cache, {"cache": DynamicCache()})
+        resolve_cache_kwarg(cache, DynamicCache(), "M")
     check_cache(cache, 3)
     check_cache(DynamicCache(), 7)  # an empty cache fits any batch
     with pytest.raises(ValueError, match="holds 3 rows but `input_ids` has batch 2"):
@@ -132,7 +134,7 @@ def test_lazy_commits_leave_the_cache_of_one_call_over_the_committed_tokens():
     aligned_mask = torch.cat((torch.zeros(2, 2, dtype=torch.long), mask, torch.ones(2, 12, dtype=torch.long)), dim=1)
     reference = DynamicCache()
     with torch.no_grad():
-        model(input_ids=aligned_ids, attention_mask=aligned_mask, past_key_values=reference, use_cache=True)
+        model(input_ids=aligned_ids, attention_mask=aligned_mask, cache=reference, use_cache=True)
     assert cache.get_seq_length() == reference.get_seq_length() == 8 + 12
     for ours, theirs in zip(cache.layers, reference.layers, strict=True):
         torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-5)
@@ -156,7 +158,7 @@ def test_beyond_model_length_the_cache_replays_the_official_call_order():
     reference = DynamicCache()
     window_mask = mask.bool()
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=reference, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, cache=reference, use_cache=True)
         for k in range(10):
             overflow = window_mask.shape[1] + bs - length
             if overflow > 0:
@@ -166,7 +168,7 @@ def test_beyond_model_length_the_cache_replays_the_official_call_order():
                 break
             window_mask = torch.cat((window_mask, torch.ones(2, bs, dtype=torch.bool)), dim=1)
             block = new[:, k * bs : (k + 1) * bs]
-            model(input_ids=block, attention_mask=window_mask, past_key_values=reference, use_cache=True)
+            model(input_ids=block, attention_mask=window_mask, cache=reference, use_cache=True)
     cache = output_cache(out)
     assert cache.get_seq_length() == reference.get_seq_length() == length - bs
     for ours, theirs in zip(cache.layers, reference.layers, strict=True):

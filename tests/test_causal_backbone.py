@@ -150,9 +150,9 @@ def test_sampling_pass_without_use_cache_leaves_the_cache_as_it_was(family):
 
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=_tokens(1, 8), past_key_values=cache, use_cache=True)
+        model(input_ids=_tokens(1, 8), cache=cache, use_cache=True)
         keys = cache.layers[0].keys.clone()
-        model(input_ids=torch.full((1, 4), VOCAB), past_key_values=cache, use_cache=False)
+        model(input_ids=torch.full((1, 4), VOCAB), cache=cache, use_cache=False)
     assert cache.get_seq_length() == 8 and torch.equal(cache.layers[0].keys, keys)
 
 
@@ -714,7 +714,7 @@ def test_cached_calls_log_no_cache_deprecation(family):
         with torch.no_grad():
             cache = DynamicCache()
             out = model(input_ids=x[:, :4], cache=cache, use_cache=True)
-            model(input_ids=x[:, 4:], past_key_values=cache, use_cache=False)
+            model(input_ids=x[:, 4:], cache=cache, use_cache=False)
         model.generate(x[:, :5], max_new_tokens=8, do_sample=False)
     assert getattr(out, CACHE_FIELD) is cache and cache.get_seq_length() == 4
     said = [captured.out] + [str(w.message) for w in raised]

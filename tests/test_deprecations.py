@@ -57,12 +57,23 @@ def test_forward_generate_and_save_log_no_deprecation(family: str, tmp_path) -> 
         out = model(ids, use_cache=True)
         cache = out.cache if hasattr(type(out), "cache") or "cache" in out else out[-1]
         model(ids[:, :4], cache=DynamicCache(), use_cache=True)
-        model(ids[:, :4], past_key_values=DynamicCache(), use_cache=True)  # our forward keeps the old name, quietly
         model(input_ids=ids, noisy_input_ids=ids)
         model.generate(ids, max_new_tokens=8, do_sample=False)
         model.save_pretrained(tmp_path / "saved")
         type(model).from_pretrained(tmp_path / "saved")
     assert cache is not None
+
+
+@pytest.mark.parametrize("family", ["dit", "llama"])
+def test_the_old_cache_name_warns_like_transformers_models(family: str) -> None:
+    """`past_key_values=` still works on our forward, with the FutureWarning transformers' own models give."""
+    model = random_model() if family == "dit" else _convert("llama", 4)[1]
+    ids = _tokens(1, 4) if family != "dit" else torch.randint(0, 63, (1, 4))
+    with torch.no_grad():
+        expected = model(ids, cache=DynamicCache(), use_cache=True).logits
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+            logits = model(ids, past_key_values=DynamicCache(), use_cache=True).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
 
 
 def test_a_training_step_logs_no_deprecation(tmp_path) -> None:

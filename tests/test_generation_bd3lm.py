@@ -53,7 +53,7 @@ class CallRecorder:
 
     def hook(self, module, args, kwargs):
         ids = kwargs["input_ids"]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")
         self.calls.append((ids.shape[0], ids.shape[1], 0 if cache is None else cache.get_seq_length()))
 
     def remove(self) -> None:

@@ -59,7 +59,7 @@ def _ids(*shape: int, low: int = 2, high: int = MASK) -> torch.LongTensor:
 
 def _cache(rows: int, length: int) -> DynamicCache:
     cache = DynamicCache()
-    _model()(input_ids=_ids(rows, length), past_key_values=cache, use_cache=True)
+    _model()(input_ids=_ids(rows, length), cache=cache, use_cache=True)
     return cache
 
 
@@ -144,7 +144,7 @@ CASES = [
                                                                                                        dtype=torch.cfloat)),
          TypeError, "`attention_mask`"),
     Case("forward", "attention_mask not covering the cache", lambda t: _model()(input_ids=x[:, :4],
-                                                                                past_key_values=_cache(2, 8),
+                                                                                cache=_cache(2, 8),
                                                                                 attention_mask=torch.ones(2, 4)),
          ValueError, "`attention_mask`.*8 cached"),
     Case("forward", "integer noise_levels", lambda t: _model()(input_ids=x, noise_levels=torch.ones(2, 8, dtype=L)),
@@ -165,19 +165,19 @@ CASES = [
     Case("forward", "noisy_input_ids past the vocabulary", lambda t: _model()(input_ids=x, noisy_input_ids=x + 64),
          ValueError, "`noisy_input_ids`"),
     Case("forward", "noisy_input_ids with a cache", lambda t: _model()(input_ids=x, noisy_input_ids=x,
-                                                                       past_key_values=DynamicCache()),
-         ValueError, "noisy_input_ids.*past_key_values"),
-    Case("forward", "past_key_values not a Cache", lambda t: _model()(input_ids=x[:, :4], past_key_values=object()),
-         TypeError, "`past_key_values`"),
-    Case("forward", "legacy tuple cache", lambda t: _model()(input_ids=x[:, :4], past_key_values=((x, x),)), TypeError,
-         "`past_key_values`"),
-    Case("forward", "cache of another batch", lambda t: _model()(input_ids=x[:, :4], past_key_values=_cache(1, 4)),
-         ValueError, "`past_key_values` holds 1 rows"),
+                                                                       cache=DynamicCache()),
+         ValueError, "noisy_input_ids.*`cache`"),
+    Case("forward", "cache not a Cache", lambda t: _model()(input_ids=x[:, :4], cache=object()),
+         TypeError, "`cache`"),
+    Case("forward", "legacy tuple cache", lambda t: _model()(input_ids=x[:, :4], cache=((x, x),)), TypeError,
+         "`cache`"),
+    Case("forward", "cache of another batch", lambda t: _model()(input_ids=x[:, :4], cache=_cache(1, 4)),
+         ValueError, "`cache` holds 1 rows"),
     Case("forward", "cache and past_key_values both", lambda t: _model()(input_ids=x[:, :4], cache=DynamicCache(),
                                                                          past_key_values=DynamicCache()),
          ValueError, "`cache`"),
     Case("forward", "window past model_length through the cache", lambda t: _model()(input_ids=x[:, :8],
-                                                                                     past_key_values=_cache(2, 28)),
+                                                                                     cache=_cache(2, 28)),
          ValueError, "model_length"),
     Case("forward", "generator=3", lambda t: _model()(input_ids=x, labels=x, generator=3), TypeError, "`generator`"),
     Case("forward", "misspelt argument noise_level=", lambda t: _model()(input_ids=x, noise_level=torch.ones(2, 8)),

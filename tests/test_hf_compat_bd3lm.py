@@ -181,10 +181,10 @@ def test_checkpointed_layers_still_read_the_kv_cache():
     x = _ids(2, 12)
     cache = DynamicCache()
     with torch.no_grad():
-        model(x[:, :8], past_key_values=cache, use_cache=True)
-        expected = model(x[:, 8:], past_key_values=cache, return_dict=True).logits
+        model(x[:, :8], cache=cache, use_cache=True)
+        expected = model(x[:, 8:], cache=cache, return_dict=True).logits
     model.train().activation_checkpointing_enable()
-    logits = model(x[:, 8:], past_key_values=cache, return_dict=True).logits
+    logits = model(x[:, 8:], cache=cache, return_dict=True).logits
     logits.sum().backward()
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
     assert cache.get_seq_length() == 8
@@ -273,8 +273,8 @@ def test_compiled_sampling_calls_have_no_graph_break():
     with torch.no_grad():
         eager_cache, compiled_cache = DynamicCache(), DynamicCache()
         for cache, fn in ((eager_cache, model), (compiled_cache, compiled)):
-            committed = fn(x[:, :8], past_key_values=cache, use_cache=True, return_dict=True).logits
-            block = fn(x[:, 8:12], past_key_values=cache, return_dict=True).logits
+            committed = fn(x[:, :8], cache=cache, use_cache=True, return_dict=True).logits
+            block = fn(x[:, 8:12], cache=cache, return_dict=True).logits
             window = fn(x, return_dict=True).logits
             if fn is model:
                 expected = (committed, block, window)
@@ -311,8 +311,8 @@ def test_output_attentions_in_the_sampling_pass_with_a_cache():
     x = _ids(1, 12)
     cache = DynamicCache()
     with torch.no_grad():
-        model(x[:, :8], past_key_values=cache, use_cache=True)
-        out = model(x[:, 8:], past_key_values=cache, output_attentions=True, return_dict=True)
+        model(x[:, :8], cache=cache, use_cache=True)
+        out = model(x[:, 8:], cache=cache, output_attentions=True, return_dict=True)
     assert all(w.shape == (1, 4, 4, 12) for w in out.attentions)  # 4 new queries over 8 cached + 4 new keys
     torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(1, 4, 4), rtol=1e-5, atol=1e-5)
 

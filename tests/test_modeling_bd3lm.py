@@ -67,9 +67,9 @@ def test_official_kv_cache_logits(official):
     x, bs = cases["sample_input"], model.config.block_size
     cache, stored = DynamicCache(), []
     for k in range(x.shape[1] // bs - 1):
-        stored.append(model(x[:, k * bs : (k + 1) * bs], past_key_values=cache, use_cache=True, return_dict=True).logits)
+        stored.append(model(x[:, k * bs : (k + 1) * bs], cache=cache, use_cache=True, return_dict=True).logits)
     torch.testing.assert_close(torch.cat(stored, 1), cases["kv_store_logits"], rtol=0, atol=ATOL)
-    last = model(x[:, -bs:], past_key_values=cache, use_cache=False, return_dict=True).logits
+    last = model(x[:, -bs:], cache=cache, use_cache=False, return_dict=True).logits
     torch.testing.assert_close(last, cases["kv_block_logits"], rtol=0, atol=ATOL)
     assert cache.get_seq_length() == x.shape[1] - bs  # the noisy block was not committed
 

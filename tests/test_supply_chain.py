@@ -37,7 +37,7 @@ OUR_CODE = [REPO_ROOT / "hub_upload.py", *(
 # The standard-library modules the bundle may import; anything else (pickle, subprocess, socket, ...) needs review.
 BUNDLE_STDLIB = {
     "__future__", "collections", "contextlib", "contextvars", "copy", "dataclasses", "functools", "inspect", "math", "os",
-    "re", "time", "typing",
+    "re", "time", "typing", "warnings",
 }
 BUNDLE_THIRD_PARTY = {"torch", "transformers"}
 
