@@ -305,3 +305,24 @@ def test_gated_lora_config_refuses_the_dit_and_its_own_fields():
     reference, peft_model = _gated_setup()
     with pytest.raises(ValueError, match="target_modules"):
         gated_lora_config(peft_model.get_base_model(), target_modules=["q_proj"])
+
+
+def test_model_cards_record_clean_attention_and_a_gated_adapter(tmp_path):
+    from bd3lm_trainer import hub
+    from bd3lm_trainer.model_card import CardInfo, build_model_card
+
+    arch = {"block_size": 4, "model_length": 16, "vocab_size": 91, "mask_token_id": 90, "hidden_dim": 32,
+            "n_blocks": 2, "n_heads": 4, "noise_schedule": "loglinear", "parameters": 1, "clean_attention": "causal"}
+    text = build_model_card(CardInfo(repo_id="fake-user/tiny", architecture=arch)).text
+    assert "| Clean-stream attention | `causal` (clean tokens attend causally" in text
+    for gated in (True, False):
+        if gated:
+            _, peft_model = _gated_setup()
+        else:
+            from tests.test_causal_backbone import _convert
+
+            peft_model = get_peft_model(_convert("llama", 4)[1], LoraConfig(r=2, target_modules=["q_proj"]))
+        peft_model.save_pretrained(tmp_path / str(gated))
+        with hub.plan_upload(tmp_path / str(gated), "fake-user/tiny-lora", base_model="fake-user/tiny") as plan:
+            assert plan.card_info.adapter["gated"] is gated
+            assert ("| gated | `yes: acts only at noisy positions" in plan.card.text) is gated
