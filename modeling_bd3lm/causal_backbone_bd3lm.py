@@ -57,6 +57,7 @@ class CausalLMDenoiser(BD3LMDenoiser):
     network and the config, and no state of its own."""
 
     caches_after_positions = True
+    gates_adapters = True
 
     def __init__(self, backbone: torch.nn.Module, config: Any) -> None:
         self.backbone = backbone

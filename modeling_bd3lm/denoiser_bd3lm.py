@@ -52,6 +52,9 @@ class BD3LMDenoiser:
     # Keys are cached after the position embedding, so a window slides by re-running the kept committed tokens at
     # re-based positions (`CommittedWindow` re-prefills) instead of dropping the oldest cache entries.
     caches_after_positions: bool = False
+    # Its passes gate an activated-LoRA adapter to the noisy positions (`gating_bd3lm.adapter_gate`), so that a gated
+    # adapter (`bd3lm_trainer.gated_lora_config`) never acts at clean positions.
+    gates_adapters: bool = False
 
     @classmethod
     def build_backbone(cls, config: Any, backbone: torch.nn.Module | None = None) -> torch.nn.Module:

@@ -81,7 +81,8 @@ def gated_lora_config(model: Any, preset: str = "attention_mlp", r: int = 8, lor
     from peft import LoraConfig
 
     config = getattr(model, "config", None)
-    if getattr(config, "denoiser_type", None) != "causal_lm":
+    denoiser = getattr(model, "denoiser", None)
+    if not getattr(denoiser, "gates_adapters", False):
         raise ValueError(
             "gated_lora_config() needs a BD3-LM converted from a causal LM (`BD3LMForMaskedDiffusion.from_causal_lm`): "
             "only that denoiser gates its adapter; use a plain LoraConfig for the DiT."
