@@ -3,6 +3,7 @@
 
 from .cache_bd3lm import CACHE_FIELD, CommittedWindow, read_cache_layer, trim_cache_left
 from .configuration_bd3lm import BD3LMConfig
+from .gating_bd3lm import adapter_gate, has_gated_adapter
 from .generation_bd3lm import BD3LMGenerateOutput, BD3LMGenerationConfig, BD3LMGenerationMixin, BlockDenoiser
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .modeling_bd3lm import BD3LMForMaskedDiffusion, BD3LMModel, BD3LMOutput, BD3LMPreTrainedModel
@@ -17,6 +18,8 @@ __all__ = [
     "BD3LMGenerationMixin",
     "BlockDenoiser",
     "CommittedWindow",
+    "adapter_gate",
+    "has_gated_adapter",
     "BD3LMForMaskedDiffusion",
     "BD3LMModel",
     "BD3LMOutput",

@@ -6,9 +6,14 @@ The backbone is `AutoModelForCausalLM.from_config(config.backbone_config)` (or t
 (weights `backbone.model.layers...`, `backbone.lm_head`). [`CausalLMDenoiser`] runs the two passes of the denoiser
 interface (`denoiser_bd3lm.py`) through it, with its own attention kernels, fed a 4-D mask and explicit `position_ids`:
 
-* vectorised pass: tokens `x_t ⊕ x_0` (2L), positions 0..L-1 for both halves, the three-part block-diffusion mask of
-  `masks_bd3lm.block_diffusion_mask` with padded keys removed;
-* sampling pass: the window after the committed tokens of the backbone's own `Cache` (`DynamicCache`), block-causal.
+* vectorised pass: tokens `x_0 ⊕ x_t` (2L; clean half first, so that the noisy half is last, where a gated adapter
+  acts), positions 0..L-1 for both halves, the three-part block-diffusion mask of `masks_bd3lm.block_diffusion_mask`
+  (clean stream block-causal or causal, `config.clean_attention`) with padded keys removed;
+* sampling pass: the window after the committed tokens of the backbone's own `Cache` (`DynamicCache`), block-causal
+  (or, under `clean_attention="causal"`, causal with the last block bidirectional).
+
+A gated adapter (`gating_bd3lm.py`) acts on the `x_t` half of the vectorised pass and on the noisy block of a sampling
+pass (`masks_bd3lm.sampling_noisy_length`), never on clean tokens.
 
 Positions count real tokens (`cumsum(attention_mask) - 1`, as transformers' `generate()` does for left padding), so a
 row gets the same positions whatever the padding of its batch (this matters for absolute position embeddings, GPT-2).
@@ -38,7 +43,8 @@ from .cache_bd3lm import CACHE_FIELD
 from .checks_bd3lm import padded_keys
 from .configuration_bd3lm import check_decoder_only
 from .denoiser_bd3lm import BD3LMDenoiser
-from .masks_bd3lm import flex_block_mask, sampling_attention_mask, vectorised_attention_mask
+from .gating_bd3lm import adapter_gate
+from .masks_bd3lm import flex_block_mask, sampling_attention_mask, sampling_noisy_length, vectorised_attention_mask
 from .outputs_bd3lm import BD3LMOutput
 
 # Attention kernels that take a dense 4-D mask as is (boolean for SDPA; additive float for everything else).
@@ -51,6 +57,7 @@ class CausalLMDenoiser(BD3LMDenoiser):
     network and the config, and no state of its own."""
 
     caches_after_positions = True
+    gates_adapters = True
 
     def __init__(self, backbone: torch.nn.Module, config: Any) -> None:
         self.backbone = backbone
@@ -109,6 +116,7 @@ class CausalLMDenoiser(BD3LMDenoiser):
         output_hidden_states: bool | list[int] | None = None,
         output_attentions: bool | None = None,
         return_dict: bool = True,
+        output_clean_logits: bool = False,
     ) -> BD3LMOutput:
         """Both passes (`BD3LMDenoiser`). `timesteps` is unused: the config refuses `time_conditioning` for a causal
         LM. Attention weights come from the backbone itself: its eager kernel returns them, its fused kernels refuse
@@ -119,7 +127,9 @@ class CausalLMDenoiser(BD3LMDenoiser):
         output_attentions = bool(config.output_attentions if output_attentions is None else output_attentions)
         if noisy_input_ids is None:
             return self._sampling_pass(input_ids, attention_mask, cache, use_cache, output_hidden_states, output_attentions)
-        return self._vectorised_pass(input_ids, noisy_input_ids, attention_mask, output_hidden_states, output_attentions)
+        return self._vectorised_pass(
+            input_ids, noisy_input_ids, attention_mask, output_hidden_states, output_attentions, output_clean_logits
+        )
 
     @property
     def _flex(self) -> bool:
@@ -132,10 +142,13 @@ class CausalLMDenoiser(BD3LMDenoiser):
         attention_mask: torch.Tensor | None,
         output_hidden_states: bool | list[int],
         output_attentions: bool,
+        output_clean_logits: bool = False,
     ) -> BD3LMOutput:
-        """Logits `(batch, L, vocab)` of the vectorised `x_t ⊕ x_0` pass, aligned with the tokens (row i predicts token
-        i; under the shift row 0 is uniform), the `x_t` half of the hidden states and the attention weights of the
-        `x_t` queries over all 2L keys (as the DiT returns them)."""
+        """Logits `(batch, L, vocab)` of the vectorised pass, aligned with the tokens (row i predicts token i; under the
+        shift row 0 is uniform), the `x_t` half of the hidden states and the attention weights of the `x_t` queries
+        over all 2L keys, `x_t` keys first (as the DiT returns them). The network runs on `x_0 ⊕ x_t`; a gated
+        adapter acts on the `x_t` half only. With `output_clean_logits` also the raw outputs at the `x_0` positions
+        (`clean_logits`; under the shift row i predicts token i + 1, as the source's logits)."""
         config, backbone = self.config, self.backbone
         batch, seq_len = input_ids.shape
         device = input_ids.device
@@ -143,29 +156,41 @@ class CausalLMDenoiser(BD3LMDenoiser):
         positions = token_positions(key_padding, batch, seq_len, device).repeat(1, 2)
         if key_padding is not None:
             key_padding = key_padding.repeat(1, 2)
-        mask = vectorised_attention_mask(seq_len, config.block_size, key_padding, device, self._flex)
-        mask = mask if self._flex else dense_mask(mask, backbone)
-        keep = shifted_rows(seq_len, config.block_size, device) if config.token_shift else torch.arange(seq_len, device=device)
-        out, logits = _call_backbone(
-            backbone,
-            keep,
-            input_ids=torch.cat((noisy_input_ids, input_ids), dim=1),
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-            **({"output_attentions": True} if output_attentions else {}),
-            return_dict=True,
+        mask = vectorised_attention_mask(
+            seq_len, config.block_size, key_padding, device, self._flex, config.clean_attention, clean_first=True
         )
+        mask = mask if self._flex else dense_mask(mask, backbone)
+        arange = torch.arange(seq_len, device=device)
+        # rows of the 2L outputs (x_0 half first): the noisy predictions, then (when asked) the clean half
+        keep = shifted_rows(seq_len, config.block_size, device) if config.token_shift else seq_len + arange
+        if output_clean_logits:
+            keep = torch.cat((keep, arange))
+        with adapter_gate(backbone, seq_len):
+            out, logits = _call_backbone(
+                backbone,
+                keep,
+                input_ids=torch.cat((input_ids, noisy_input_ids), dim=1),
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+                output_hidden_states=output_hidden_states,
+                **({"output_attentions": True} if output_attentions else {}),
+                return_dict=True,
+            )
+        clean_logits = None
+        if output_clean_logits:
+            logits, clean_logits = logits[:, : -seq_len], logits[:, -seq_len:]
         if config.token_shift:
             logits = torch.cat((logits.new_zeros((batch, 1, logits.shape[-1])), logits), dim=1)
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
         if hidden is not None:  # entries not asked for (`output_hidden_states` a list of layer indices) are None
-            hidden = tuple(None if h is None else h[:, :seq_len] for h in hidden)
+            hidden = tuple(None if h is None else h[:, seq_len:] for h in hidden)
         attentions = getattr(out, "attentions", None) if output_attentions else None
         if attentions is not None:
-            attentions = tuple(w[:, :, :seq_len] for w in attentions)
-        return BD3LMOutput(logits=logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: None})
+            attentions = tuple(torch.cat((w[:, :, seq_len:, seq_len:], w[:, :, seq_len:, :seq_len]), -1) for w in attentions)
+        return BD3LMOutput(
+            logits=logits, hidden_states=hidden, attentions=attentions, clean_logits=clean_logits, **{CACHE_FIELD: None}
+        )
 
     def _sampling_pass(
         self,
@@ -176,27 +201,32 @@ class CausalLMDenoiser(BD3LMDenoiser):
         output_hidden_states: bool | list[int],
         output_attentions: bool,
     ) -> BD3LMOutput:
-        """Raw logits of the block-causal sampling pass over `input_ids` after the committed tokens of `cache` (under
-        the shift row j predicts token j + 1). With `use_cache` this call's keys and values are committed; otherwise
-        the cache is left as it was (the backbone writes them, they are cropped again)."""
+        """Raw logits of the sampling pass over `input_ids` after the committed tokens of `cache` (under the shift row j
+        predicts token j + 1). With `use_cache` this call's keys and values are committed; otherwise the cache is left
+        as it was (the backbone writes them, they are cropped again). A gated adapter acts on the noisy block only
+        (the trailing `sampling_noisy_length` tokens): tokens committed in the same call stay clean."""
         config, backbone = self.config, self.backbone
         batch, seq_len = input_ids.shape
         device = input_ids.device
         past_len = 0 if cache is None else cache.get_seq_length()
         key_padding = padded_keys(attention_mask)  # value-dependent only in eager mode (export, compile)
         positions = token_positions(key_padding, batch, past_len + seq_len, device)[:, past_len:]
-        mask = sampling_attention_mask(seq_len, config.block_size, past_len, key_padding, device, self._flex)
-        mask = mask if self._flex else dense_mask(mask, backbone)
-        out = backbone(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            **{cache_kwarg(backbone): cache},
-            use_cache=cache is not None,
-            output_hidden_states=output_hidden_states,
-            **({"output_attentions": True} if output_attentions else {}),
-            return_dict=True,
+        mask = sampling_attention_mask(
+            seq_len, config.block_size, past_len, key_padding, device, self._flex, config.clean_attention
         )
+        mask = mask if self._flex else dense_mask(mask, backbone)
+        noisy = sampling_noisy_length(seq_len, config.block_size, past_len, config.clean_attention)
+        with adapter_gate(backbone, noisy):
+            out = backbone(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                **{cache_kwarg(backbone): cache},
+                use_cache=cache is not None,
+                output_hidden_states=output_hidden_states,
+                **({"output_attentions": True} if output_attentions else {}),
+                return_dict=True,
+            )
         if cache is not None and not use_cache:
             cache.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
@@ -234,10 +264,10 @@ def dense_mask(allowed: torch.BoolTensor, backbone: torch.nn.Module) -> torch.Te
 
 
 def shifted_rows(seq_len: int, block_size: int, device: torch.device) -> torch.LongTensor:
-    """Rows of the 2L outputs that predict tokens 1..L-1 under the token shift: i - 1 (the `x_t` half) inside a block,
-    L + i - 1 (the last clean token of the previous block, `x_0` half) when i starts its block."""
+    """Rows of the 2L outputs (`x_0 ⊕ x_t`) that predict tokens 1..L-1 under the token shift: L + i - 1 (the `x_t`
+    half) inside a block, i - 1 (the last clean token of the previous block, `x_0` half) when i starts its block."""
     i = torch.arange(1, seq_len, device=device)
-    return torch.where(i % block_size == 0, seq_len + i - 1, i - 1)
+    return torch.where(i % block_size == 0, i - 1, seq_len + i - 1)
 
 
 def _call_backbone(backbone: torch.nn.Module, keep: torch.LongTensor | None, **kwargs: Any) -> Any:

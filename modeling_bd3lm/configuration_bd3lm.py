@@ -9,6 +9,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from .checks_bd3lm import is_int, is_real
+from .masks_bd3lm import CLEAN_ATTENTIONS
 from .noise_schedule_bd3lm import NOISE_SCHEDULES
 
 # Official `attn_backend` values and our HF `attn_implementation` names, both accepted.
@@ -108,6 +109,13 @@ class BD3LMConfig(PretrainedConfig):
             With a causal backbone: keep the AR head's meaning, the output at position i - 1 predicts token i (the
             first token of a block is predicted from the last clean token before it). `False` reads the prediction of
             token i at position i (SDAR-style, no shift). Unused by the DiT.
+        clean_attention (`str`, *optional*, defaults to `"block_causal"`):
+            How the clean tokens `x_0` attend to each other (`masks_bd3lm.py`). `"block_causal"` is the paper (every
+            released checkpoint): a clean token sees its whole block and the blocks before it. `"causal"` (a causal-LM
+            denoiser only): a clean token sees the clean tokens up to itself, as in Nemotron-Labs-Diffusion's mask, so
+            that with the backbone's weights untouched (or a gated adapter, `gating_bd3lm.py`) the clean stream is the
+            source model and the committed KV cache is the source's. The noisy blocks attend alike under both; the
+            NELBO is the same bound, with a different encoding of the clean context.
 
     Example:
 
@@ -157,11 +165,13 @@ class BD3LMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         backbone_config: PretrainedConfig | dict | None = None,
         token_shift: bool = True,
+        clean_attention: str = "block_causal",
         **kwargs: Any,
     ) -> None:
         backbone_config = build_backbone_config(backbone_config)
         self.backbone_config = backbone_config
         self.token_shift = token_shift
+        self.clean_attention = clean_attention
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.model_length = model_length
@@ -281,6 +291,11 @@ class BD3LMConfig(PretrainedConfig):
             )
         if self.causal:
             raise ValueError("`causal=True` (the official AR variant) is not supported; use `block_size=1` instead.")
+        if self.clean_attention not in CLEAN_ATTENTIONS:
+            raise ValueError(
+                f"`clean_attention`={self.clean_attention!r} is unknown; use one of {CLEAN_ATTENTIONS} (\"block_causal\", "
+                "the paper, is the default)."
+            )
         DENOISER_CONFIGS[self.denoiser_type].validate(self)
 
     @property
@@ -356,6 +371,11 @@ class _DiTConfig:
             )
         if not 0.0 <= config.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {config.dropout}.")
+        if config.clean_attention != "block_causal":
+            raise ValueError(
+                f"`clean_attention`={config.clean_attention!r} is for a causal-LM denoiser (`from_causal_lm`), whose "
+                "clean stream it keeps equal to the source model; the DiT supports only \"block_causal\" (the paper)."
+            )
 
 
 class _CausalLMConfig:

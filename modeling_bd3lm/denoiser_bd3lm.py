@@ -29,13 +29,18 @@ class BD3LMDenoiser:
     """The denoiser interface (a mixin: the DiT is an `nn.Module` with it, the causal-LM adapter a plain object).
 
     `__call__(input_ids, noisy_input_ids=None, attention_mask=None, timesteps=None, cache=None, use_cache=None,
-    output_hidden_states=None, output_attentions=None, return_dict=True) -> BD3LMOutput` runs one of two passes:
+    output_hidden_states=None, output_attentions=None, return_dict=True, output_clean_logits=False) -> BD3LMOutput`
+    runs one of two passes:
 
     * `noisy_input_ids` given: the vectorised `x_t ⊕ x_0` pass; logits `(batch, L, vocab)` aligned with the tokens
-      (row i predicts token i), hidden states and attention weights of the `x_t` half, no cache.
+      (row i predicts token i), hidden states and attention weights of the `x_t` half, no cache; with
+      `output_clean_logits` also `clean_logits`, the raw outputs at the `x_0` positions.
     * otherwise: the block-causal sampling pass over `input_ids` after the committed tokens of `cache`; raw logits (row
       j predicts token j + 1 when `predicts_next_token`, else token j); `use_cache=True` commits this call's keys and
       values to `cache`, otherwise `cache` is left as it was.
+
+    The clean stream attends block-causally or causally (`config.clean_attention`, masks in `masks_bd3lm.py`); a kind
+    that supports only one must make its config refuse the other.
 
     `timesteps` is σ, used only with `config.time_conditioning` (a kind that cannot use it must make its config refuse
     `time_conditioning=True`).
@@ -47,6 +52,9 @@ class BD3LMDenoiser:
     # Keys are cached after the position embedding, so a window slides by re-running the kept committed tokens at
     # re-based positions (`CommittedWindow` re-prefills) instead of dropping the oldest cache entries.
     caches_after_positions: bool = False
+    # Its passes gate an activated-LoRA adapter to the noisy positions (`gating_bd3lm.adapter_gate`), so that a gated
+    # adapter (`bd3lm_trainer.gated_lora_config`) never acts at clean positions.
+    gates_adapters: bool = False
 
     @classmethod
     def build_backbone(cls, config: Any, backbone: torch.nn.Module | None = None) -> torch.nn.Module:

@@ -24,6 +24,7 @@ from .checks_bd3lm import check_extra_kwargs, check_forward_inputs, check_genera
 from .configuration_bd3lm import BD3LMConfig
 from .conversion_bd3lm import from_causal_lm
 from .denoiser_bd3lm import BD3LMDenoiser
+from .gating_bd3lm import adapter_gate  # noqa: F401  (imported here so that 4.57 ships the file)
 from .tokenization_bd3lm import MASK_TOKEN  # noqa: F401  (imported here so that 4.57 ships the file)
 from .generation_bd3lm import BD3LMGenerationMixin
 from .generation_config_bd3lm import BD3LMGenerationConfig
@@ -132,6 +133,7 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         cache: Cache | None = None,
+        output_clean_logits: bool = False,
     ) -> BD3LMOutput | tuple:
         r"""
         Args:
@@ -153,6 +155,8 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
                 queries of the `x_t` half over the keys of both halves (`2·seq_len`), in the sampling pass the window
                 over the cached and new keys. The fused kernels (sdpa, flex) never form the weights, so such a call
                 runs with the eager kernel (same outputs up to float rounding).
+            output_clean_logits (`bool`, *optional*):
+                In the vectorised pass, also return the outputs at the `x_0` positions (`clean_logits`).
         """
         config = self.config
         cache = resolve_cache_kwarg(past_key_values, cache, type(self).__name__)
@@ -210,7 +214,10 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
                 all_hidden.append(x)
             if all_attentions is not None:
                 all_attentions.append(weights)
+        clean_logits = None
         if noisy_input_ids is not None:
+            if output_clean_logits:
+                clean_logits = self.output_layer(x[:, seq_len:], c)
             # The x_0 half only provides keys and values: skip its (vocabulary-sized) output projection.
             x = x[:, :seq_len]
             if all_hidden is not None:
@@ -223,7 +230,8 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
         if not return_dict:
             return tuple(v for v in (logits, hidden_states, attentions, past_key_values) if v is not None)
         return BD3LMOutput(
-            logits=logits, hidden_states=hidden_states, attentions=attentions, **{CACHE_FIELD: past_key_values}
+            logits=logits, hidden_states=hidden_states, attentions=attentions, clean_logits=clean_logits,
+            **{CACHE_FIELD: past_key_values},
         )
 
 
@@ -449,6 +457,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         return_dict: bool | None = None,
         generator: torch.Generator | None = None,
         cache: Cache | None = None,
+        output_clean_logits: bool = False,
         **kwargs,
     ) -> BD3LMOutput | tuple:
         r"""
@@ -474,6 +483,9 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 Return every layer's hidden states / attention weights (see [`BD3LMModel.forward`]).
             generator (`torch.Generator`, *optional*):
                 Randomness of the noise draw.
+            output_clean_logits (`bool`, *optional*):
+                Vectorised pass only: also return `clean_logits`, the raw outputs at the clean `x_0` positions (with
+                `clean_attention="causal"` and an untouched clean stream, a converted causal LM's are the source's).
         """
         config = self.config
         past_key_values = resolve_cache_kwarg(past_key_values, cache, type(self).__name__)
@@ -485,6 +497,11 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             config, input_ids, noisy_input_ids=noisy_input_ids, attention_mask=attention_mask, labels=labels,
             noise_levels=noise_levels, timesteps=timesteps, cache=past_key_values, use_cache=use_cache,
         )  # fmt: skip
+        if output_clean_logits and not vectorised:
+            raise ValueError(
+                "`output_clean_logits=True` needs the vectorised pass: pass `noisy_input_ids` (or `labels`), not a "
+                "sampling window."
+            )
         input_ids = input_ids.long()
         labels = None if labels is None else labels.long()
         denoiser = self.denoiser
@@ -507,6 +524,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
+            **({"output_clean_logits": True} if output_clean_logits else {}),
         )
         loss = token_loss = None
         if labels is not None:
@@ -532,6 +550,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             noisy_input_ids=noisy_input_ids if vectorised else None,
             noise_levels=noise_levels if vectorised else None,
             token_loss=token_loss,
+            clean_logits=outputs.clean_logits,
         )
 
 

@@ -40,11 +40,16 @@ class BD3LMOutput(with_cache_field(MaskedLMOutput)):
         token_loss (`torch.FloatTensor` of shape `(batch, seq_len)`, *optional*):
             The per-token NELBO term `loss_weight(t_b) · (-log p_θ(x_0^ℓ | x_t^b, x^{<b}))` at masked positions, zero
             elsewhere; block means of it feed the data-driven schedule search.
+        clean_logits (`torch.FloatTensor` of shape `(batch, seq_len, vocab_size)`, *optional*):
+            With `output_clean_logits=True` in the vectorised pass: the raw network outputs at the clean (`x_0`)
+            positions. For a converted causal LM row i predicts token i + 1 (the source's convention); with
+            `clean_attention="causal"` and the clean stream untouched they are the source model's logits.
     """
 
     noisy_input_ids: torch.LongTensor | None = None
     noise_levels: torch.FloatTensor | None = None
     token_loss: torch.FloatTensor | None = None
+    clean_logits: torch.FloatTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -127,9 +127,10 @@ def test_greedy_generate_at_block_size_1_is_the_source_greedy_generate(family, u
 # block_size = 4: vectorised pass, cache, ragged batches
 
 
+@pytest.mark.parametrize("clean_attention", ["block_causal", "causal"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_vectorised_pass_equals_a_per_block_loop_of_sampling_passes(family):
-    _, model = _convert(family, 4)
+def test_vectorised_pass_equals_a_per_block_loop_of_sampling_passes(family, clean_attention):
+    _, model = _convert(family, 4, clean_attention=clean_attention)
     x_0 = _tokens(2, LENGTH)
     x_t = torch.where(torch.rand(2, LENGTH, generator=torch.Generator().manual_seed(4)) < 0.5, VOCAB, x_0)
     with torch.no_grad():

@@ -132,3 +132,197 @@ def test_wrapping_raises_no_deprecation_warning():
     enable()
     assert model.is_gradient_checkpointing is True
     assert peft_model is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A gated adapter (activated LoRA): acts only where the model denoises, never at clean positions
+
+
+def _gated_setup(clean_attention: str = "causal", family: str = "llama", **lora):
+    from bd3lm_trainer import gated_lora_config
+
+    from tests.test_causal_backbone import _convert
+
+    reference, model = _convert(family, 4, clean_attention=clean_attention)
+    return reference, get_peft_model(model, gated_lora_config(model, r=4, **lora))
+
+
+def _clean_and_ar_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean-half logits of the vectorised pass (all of x_t masked) and the L'=1 t≡1 NELBO of `model`."""
+    from tests.test_causal_backbone import VOCAB
+
+    bd3lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    with torch.no_grad():
+        clean = model(input_ids=x, noisy_input_ids=torch.full_like(x, VOCAB), output_clean_logits=True).clean_logits
+        block_size, bd3lm.config.block_size = bd3lm.config.block_size, 1
+        try:
+            loss = model(input_ids=x, labels=x, noise_levels=torch.ones(x.shape)).loss
+        finally:
+            bd3lm.config.block_size = block_size
+    return clean[..., :VOCAB], loss
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_gated_adapter_trained_with_the_trainer_leaves_the_clean_stream_the_source(tmp_path, gated):
+    from bd3lm_trainer import gated_lora_config
+
+    from tests.test_causal_backbone import LENGTH, VOCAB, _convert, _tokens
+
+    reference, base = _convert("llama", 4, clean_attention="causal")
+    data = Dataset.from_dict({"input_ids": _tokens(16, LENGTH, seed=3).tolist()})
+    args = BD3LMTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2,
+        use_cpu=True, report_to=[], dataloader_num_workers=0, disable_tqdm=True, save_strategy="no",
+        schedule_search=False, seed=0,
+    )
+    lora = gated_lora_config(base, r=4, lora_dropout=0.0) if gated else LoraConfig(
+        r=4, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES["attention_mlp"]
+    )
+    trainer = BD3LMTrainer(base, args, train_dataset=data, peft_config=lora)
+    trainer.train()
+    trained = trainer.model.eval()
+    assert any(bool(p.abs().sum() > 0) for n, p in trained.named_parameters() if "lora_B" in n)  # it learned
+
+    x = _tokens(3, LENGTH, seed=11)
+    clean, ar_loss = _clean_and_ar_loss(trained, x)
+    with torch.no_grad():
+        source_logits, source_loss = reference(x).logits, reference(x, labels=x).loss
+        noisy = trained(input_ids=x, noisy_input_ids=torch.full_like(x, VOCAB)).logits
+        with trained.disable_adapter():
+            untouched = trained(input_ids=x, noisy_input_ids=torch.full_like(x, VOCAB)).logits
+    assert float((noisy - untouched).abs().max()) > 1e-3  # the adapter changed the denoiser
+    if gated:
+        torch.testing.assert_close(clean, source_logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ar_loss, source_loss, rtol=0, atol=1e-5)
+    else:  # a plain LoRA trained the same way changes the clean stream: the source is gone
+        assert float((clean - source_logits).abs().max()) > 1e-3
+        assert abs(float(ar_loss - source_loss)) > 1e-4
+    if not gated:
+        return
+
+    # save / load: the adapter config keeps the gate, the loaded adapter is the trained one
+    from bd3lm_trainer import merge_and_unload
+    from bd3lm_trainer.peft_presets import is_gated_adapter_config
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    _, fresh = _convert("llama", 4, clean_attention="causal")
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    assert is_gated_adapter_config(loaded.peft_config["default"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x, noisy_input_ids=torch.full_like(x, VOCAB)).logits, noisy)
+    torch.testing.assert_close(_clean_and_ar_loss(loaded, x)[0], source_logits, rtol=0, atol=1e-5)
+    # merging would lose the gate: refused (ours a ValueError naming the alternative; PEFT's own raises too)
+    with pytest.raises(ValueError, match="gated.*unmerged"):
+        merge_and_unload(loaded)
+    with pytest.raises(NotImplementedError, match="aLoRA"):
+        loaded.merge_and_unload()
+
+
+@pytest.mark.parametrize("clean_attention", ["block_causal", "causal"])
+def test_a_gated_adapter_keeps_the_vectorised_pass_equal_to_the_per_block_loop(clean_attention):
+    """The gate is on the same positions in both passes: the noisy half / the window's last block."""
+    from tests.test_causal_backbone import LENGTH, VOCAB, _tokens
+
+    _, peft_model = _gated_setup(clean_attention, init_lora_weights=False)  # random B: the adapter acts
+    peft_model.eval()
+    x_0 = _tokens(2, LENGTH)
+    x_t = torch.where(torch.rand(2, LENGTH, generator=torch.Generator().manual_seed(4)) < 0.5, VOCAB, x_0)
+    with torch.no_grad():
+        vectorised = peft_model(input_ids=x_0, noisy_input_ids=x_t).logits
+        with peft_model.disable_adapter():
+            assert float((peft_model(input_ids=x_0, noisy_input_ids=x_t).logits - vectorised).abs().max()) > 1e-3
+        for b in range(LENGTH // 4):
+            window = torch.cat((x_0[:, : 4 * b], x_t[:, 4 * b : 4 * b + 4]), dim=1)
+            raw = peft_model(input_ids=window).logits
+            first = max(4 * b, 1)
+            torch.testing.assert_close(
+                vectorised[:, first : 4 * b + 4], raw[:, first - 1 : 4 * b + 3], rtol=0, atol=1e-5
+            )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_with_a_gated_adapter_commits_the_source_kv_cache(family):
+    """PeftModel.generate and the model's own generate(): the adapter acts on the noisy block (other tokens than
+    without it) and the committed cache (prompt and clean blocks) is the source model's."""
+    from modeling_bd3lm import CACHE_FIELD
+
+    from tests.test_causal_backbone import _tokens
+
+    reference, peft_model = _gated_setup("causal", family, init_lora_weights=False)
+    peft_model.eval()
+    prompt = _tokens(1, 8, seed=9)
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, sampler="topk_confidence")
+    out = peft_model.generate(input_ids=prompt, use_cache=True, return_dict_in_generate=True, **kwargs)
+    own = peft_model.get_base_model().generate(prompt, use_cache=True, **kwargs)
+    uncached = peft_model.generate(input_ids=prompt, use_cache=False, **kwargs)
+    with peft_model.disable_adapter():
+        without = peft_model.generate(input_ids=prompt, **kwargs)
+    assert torch.equal(out.sequences, own) and torch.equal(out.sequences, uncached)
+    assert not torch.equal(out.sequences, without)
+    cache = getattr(out, CACHE_FIELD)
+    assert cache.get_seq_length() == 12
+    with torch.no_grad():
+        source = reference(out.sequences[:, :12], use_cache=True).past_key_values
+    for layer, source_layer in zip(cache.layers, source.layers):
+        torch.testing.assert_close(layer.keys, source_layer.keys, rtol=0, atol=1e-5)
+
+
+def test_adapter_gate_positions_and_refusals():
+    from modeling_bd3lm import adapter_gate
+
+    from tests.test_causal_backbone import _tokens
+
+    reference, peft_model = _gated_setup("causal", init_lora_weights=False)
+    backbone = peft_model.get_base_model().backbone
+    x = _tokens(2, 6)
+    with torch.no_grad():
+        source = reference(x).logits
+        with adapter_gate(backbone, 0):
+            off = backbone(x).logits
+        with adapter_gate(backbone, 2):
+            last_two = backbone(x).logits
+        outside = backbone(x).logits  # no gate: PEFT's aLoRA without offsets leaves the base network
+    torch.testing.assert_close(off[..., :90], source, rtol=0, atol=1e-5)
+    torch.testing.assert_close(outside[..., :90], source, rtol=0, atol=1e-5)
+    torch.testing.assert_close(last_two[:, :4, :90], source[:, :4], rtol=0, atol=1e-5)  # causal: earlier rows untouched
+    assert float((last_two[:, 4:, :90] - source[:, 4:]).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="active_last"):
+        with adapter_gate(backbone, -1):
+            pass
+    # gradient checkpointing would recompute the layers outside the gate: refused
+    bd3lm = peft_model.get_base_model()
+    (getattr(bd3lm, "activation_checkpointing_enable", None) or bd3lm.gradient_checkpointing_enable)()  # 5.x / 4.57
+    peft_model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        peft_model(input_ids=x[:, :4], noisy_input_ids=x[:, :4])
+
+
+def test_gated_lora_config_refuses_the_dit_and_its_own_fields():
+    from bd3lm_trainer import gated_lora_config
+
+    with pytest.raises(ValueError, match="from_causal_lm"):
+        gated_lora_config(random_model())
+    reference, peft_model = _gated_setup()
+    with pytest.raises(ValueError, match="target_modules"):
+        gated_lora_config(peft_model.get_base_model(), target_modules=["q_proj"])
+
+
+def test_model_cards_record_clean_attention_and_a_gated_adapter(tmp_path):
+    from bd3lm_trainer import hub
+    from bd3lm_trainer.model_card import CardInfo, build_model_card
+
+    arch = {"block_size": 4, "model_length": 16, "vocab_size": 91, "mask_token_id": 90, "hidden_dim": 32,
+            "n_blocks": 2, "n_heads": 4, "noise_schedule": "loglinear", "parameters": 1, "clean_attention": "causal"}
+    text = build_model_card(CardInfo(repo_id="fake-user/tiny", architecture=arch)).text
+    assert "| Clean-stream attention | `causal` (clean tokens attend causally" in text
+    for gated in (True, False):
+        if gated:
+            _, peft_model = _gated_setup()
+        else:
+            from tests.test_causal_backbone import _convert
+
+            peft_model = get_peft_model(_convert("llama", 4)[1], LoraConfig(r=2, target_modules=["q_proj"]))
+        peft_model.save_pretrained(tmp_path / str(gated))
+        with hub.plan_upload(tmp_path / str(gated), "fake-user/tiny-lora", base_model="fake-user/tiny") as plan:
+            assert plan.card_info.adapter["gated"] is gated
+            assert ("| gated | `yes: acts only at noisy positions" in plan.card.text) is gated

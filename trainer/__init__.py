@@ -18,7 +18,7 @@ from .callbacks import (
 from .data import BD3LMDataCollator, build_lm_dataset, load_text_dataset
 from .ema import EMACallback
 from .faults import NonFiniteLossError, checkpoint_problem, last_complete_checkpoint
-from .peft_presets import LORA_TARGET_MODULES, lora_target_modules
+from .peft_presets import LORA_TARGET_MODULES, gated_lora_config, lora_target_modules, merge_and_unload
 from .trainer import BD3LMTrainer, load_for_finetuning
 from .training_args import BD3LMTrainingArguments
 from .utils import noised_nelbo, per_block_nelbo, unwrap_bd3lm
@@ -36,10 +36,12 @@ __all__ = [
     "build_lm_dataset",
     "checkpoint_problem",
     "estimate_gradient_variance",
+    "gated_lora_config",
     "last_complete_checkpoint",
     "load_for_finetuning",
     "load_text_dataset",
     "lora_target_modules",
+    "merge_and_unload",
     "noise_interval_grid",
     "noised_nelbo",
     "per_block_nelbo",

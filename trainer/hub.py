@@ -30,6 +30,7 @@ from typing import Any
 from modeling_bd3lm.checks_bd3lm import is_int
 
 from .model_card import CardInfo, build_model_card, read_reports
+from .peft_presets import is_gated_adapter_config
 from .utils import check_repo_id, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -225,7 +226,7 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
         raw.get("auto_map", {}).get("AutoModelForMaskedLM")).endswith(".BD3LM")
     info.architecture = {name: getattr(config, name) for name in (
         "block_size", "model_length", "vocab_size", "mask_token_id", "hidden_dim", "n_blocks", "n_heads",
-        "noise_schedule")}
+        "noise_schedule", "clean_attention")}
     info.architecture["parameters"] = sum(p.numel() for p in model.parameters())
     if model.denoiser.description is not None:  # a denoiser other than the official DiT (a converted causal LM)
         info.architecture["denoiser"] = model.denoiser.description
@@ -262,7 +263,8 @@ def _assemble_adapter(model_dir: Path, staging: Path, base_model: str | None) ->
     shutil.copy2(weights, staging / weights.name)
     targets = config.get("target_modules")
     return {"peft_type": config.get("peft_type"), "r": rank, "lora_alpha": config.get("lora_alpha"),
-            "target_modules": sorted(targets) if isinstance(targets, list) else targets, "base_model": base}
+            "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+            "gated": is_gated_adapter_config(config), "base_model": base}
 
 
 def _copy_tokenizer(tokenizer_dirs: list[Path], staging: Path, vocab_size: int | None) -> list[Path]:

@@ -44,7 +44,7 @@ class CardInfo:
     evaluation: dict[str, Any] | None = None  # ppl, source
     training: dict[str, Any] = field(default_factory=dict)
     training_data: dict[str, Any] = field(default_factory=dict)  # `training_data.json`: {"train": {...}, ...}
-    adapter: dict[str, Any] | None = None  # peft_type, r, lora_alpha, target_modules
+    adapter: dict[str, Any] | None = None  # peft_type, r, lora_alpha, target_modules, gated
     has_tokenizer: bool = False
 
 
@@ -117,7 +117,10 @@ def _card_context(info: CardInfo) -> dict[str, Any]:
     }
     if adapter:
         context["peft_type"] = info.adapter.get("peft_type") or "PEFT"
-        context["adapter_rows"] = [(k, v) for k, v in info.adapter.items() if v is not None]
+        context["adapter_rows"] = [(k, v) for k, v in info.adapter.items() if v is not None and k != "gated"]
+        if info.adapter.get("gated") is not None:  # an activated LoRA acts only at noisy positions: never merge it
+            context["adapter_rows"].append(("gated", "yes: acts only at noisy positions (activated LoRA); keep it "
+                                            "unmerged" if info.adapter["gated"] else "no: acts at every position"))
     else:
         if info.has_tokenizer:
             tokenizer = "tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)"
@@ -133,6 +136,11 @@ def _card_context(info: CardInfo) -> dict[str, Any]:
                 ("Parameters", f"{arch['parameters']:,}"), ("Noise schedule", arch["noise_schedule"])]
         if arch.get("denoiser"):  # a converted causal LM: its class and whether the head keeps the token shift
             rows.insert(0, ("Denoiser", arch["denoiser"]))
+        if arch.get("clean_attention"):  # how the clean tokens attend: the paper's block-causal, or causal
+            rows.append(("Clean-stream attention", {
+                "block_causal": "`block_causal` (the paper)",
+                "causal": "`causal` (clean tokens attend causally: the clean stream is the source causal LM)",
+            }.get(arch["clean_attention"], f"`{arch['clean_attention']}`")))
         if lo is not None:
             rows.append(("Training noise interval [β, ω]", f"[{lo:.4g}, {hi:.4g}]"))
         settings = dict(info.sampler_defaults)
