@@ -131,6 +131,8 @@ class CleanStreamDecoder:
         self.acceptance = [[] for _ in range(batch)]
         self.prompt_lengths = request.prompt_mask.sum(dim=1)
         self.start_time = time.time()
+        if request.streamer is not None:
+            request.streamer.put(request.given.cpu())
 
     # ---- the network ----
 
