@@ -1,6 +1,10 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """Block-by-block generation for BD3-LM (Arriola et al., ICLR 2025), following the official block sampler.
 
+One `generate()` for every decoding mode: steps 1-2 below are shared, then `generation_mode` (a field of the generation
+config) picks the mode in `modes_bd3lm.DECODING_MODES`: `"diffusion"` (steps 3-5, the default), `"autoregressive"` or
+`"draft_verify"` (the clean stream as an autoregressive model: `autoregressive_bd3lm.py`, `draft_verify_bd3lm.py`).
+
 `generate()` outline (the numbered steps in the code follow it; keep both in sync):
 
 1. Resolve a `BD3LMGenerationConfig` from the model's config, the one passed in and the keyword arguments.
