@@ -234,6 +234,64 @@ class CausalLMDenoiser(BD3LMDenoiser):
         return BD3LMOutput(logits=out.logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: cache})
 
 
+    def causal_pass(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int | None = None,
+        allowed: torch.BoolTensor | None = None,
+        adapter_positions: int = 0,
+        position_ids: torch.LongTensor | None = None,
+    ) -> BD3LMOutput:
+        """The clean stream as an autoregressive model: `input_ids` after the committed tokens of `cache`, at the
+        positions that continue them (`cumsum(attention_mask) - 1`, as transformers' `generate()`), the gated adapter
+        off. Row j of the logits predicts token j + 1.
+
+        Without `allowed` the backbone gets the 2-D `attention_mask` (`(batch, past + new)`, zeros at padding and at
+        the holes a batched draft-and-verify leaves) and builds its own causal mask: the very call the source model's
+        `generate()` makes. `allowed` (`(batch, new, past + new)` boolean) replaces the causal pattern over the new
+        tokens for the draft passes of draft-and-verify (padded keys are still removed), `position_ids` (`(batch, new)`)
+        replaces the positions (draft groups share positions with the tokens they draft for), and `adapter_positions`
+        opens the adapter gate on the last that many positions (the draft positions). `use_cache=False` leaves `cache` as it
+        was; `logits_to_keep` projects only the last that many positions on the vocabulary."""
+        backbone = self.backbone
+        batch, seq_len = input_ids.shape
+        device = input_ids.device
+        past_len = 0 if cache is None else cache.get_seq_length()
+        if attention_mask is None:
+            attention_mask = torch.ones((batch, past_len + seq_len), dtype=torch.long, device=device)
+        positions = position_ids
+        if positions is None:
+            positions = token_positions(attention_mask, batch, past_len + seq_len, device)[:, past_len:]
+        mask: Any = attention_mask
+        if allowed is not None:
+            allowed = allowed & attention_mask.bool()[:, None, :]
+            diagonal = torch.arange(seq_len, device=device)
+            allowed[:, diagonal, past_len + diagonal] = True  # every query keeps itself: no empty softmax row
+            mask = dense_mask(allowed[:, None], backbone)
+        extra = {}
+        if logits_to_keep is not None and "logits_to_keep" in _forward_parameters(type(backbone)):
+            extra["logits_to_keep"] = logits_to_keep
+        with adapter_gate(backbone, adapter_positions):
+            out = backbone(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                **{cache_kwarg(backbone): cache},
+                use_cache=cache is not None,
+                return_dict=True,
+                **extra,
+            )
+        logits = out.logits
+        if logits_to_keep is not None and "logits_to_keep" not in extra:
+            logits = logits[:, -logits_to_keep:]
+        if cache is not None and not use_cache:
+            cache.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
+        return BD3LMOutput(logits=logits, **{CACHE_FIELD: cache})
+
+
 def attention_implementation(backbone: torch.nn.Module) -> str:
     return getattr(backbone.config, "_attn_implementation", None) or "eager"
 

@@ -79,6 +79,24 @@ class BD3LMDenoiser:
             return "generate() slides a window (re-prefilling the kept committed tokens)"
         return "generate() slides a window, or trim the cache with `trim_cache_left`"
 
+    def causal_pass(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = True,
+        logits_to_keep: int | None = None,
+        allowed: torch.BoolTensor | None = None,
+        adapter_positions: int = 0,
+        position_ids: torch.LongTensor | None = None,
+    ) -> Any:
+        """The clean stream run as an autoregressive model (`BD3LMForMaskedDiffusion.causal_forward`, the decoding
+        modes "autoregressive" and "draft_verify"): only a denoiser that `predicts_next_token` has one."""
+        raise ValueError(
+            f"The {type(self).__name__} denoiser has no autoregressive view (its clean stream has no next-token head); "
+            "use generation_mode='diffusion'."
+        )
+
     def check_attention(self) -> None:
         """Raise a one-line `ValueError` when the network's attention kernel cannot run the block-diffusion masks.
         Called once where the model is built or loaded, and when its attention kernel is switched."""

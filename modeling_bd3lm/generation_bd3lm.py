@@ -1,6 +1,10 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """Block-by-block generation for BD3-LM (Arriola et al., ICLR 2025), following the official block sampler.
 
+One `generate()` for every decoding mode: steps 1-2 below are shared, then `generation_mode` (a field of the generation
+config) picks the mode in `modes_bd3lm.DECODING_MODES`: `"diffusion"` (steps 3-5, the default), `"autoregressive"` or
+`"draft_verify"` (the clean stream as an autoregressive model: `autoregressive_bd3lm.py`, `draft_verify_bd3lm.py`).
+
 `generate()` outline (the numbered steps in the code follow it; keep both in sync):
 
 1. Resolve a `BD3LMGenerationConfig` from the model's config, the one passed in and the keyword arguments.
@@ -48,8 +52,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,18 +66,18 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from .checks_bd3lm import check_attention_mask, check_special_token_ids, check_token_ids, check_tokenizer_fits
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .cache_bd3lm import CACHE_FIELD, CommittedWindow
+from .decoding_bd3lm import BlockDenoiser, DecodingRequest
+from .modes_bd3lm import DECODING_MODES
 from .outputs_bd3lm import BD3LMGenerateOutput
 from .sampling_bd3lm import (
     SAMPLERS,
     BD3LMSampler,
     RandomSource,
     RowGenerators,
-    block_probabilities,
     build_logits_warpers,
     build_stopping_criteria,
     derive_seed,
     first_stops,
-    sample_categorical,
 )
 
 # HF defaults applied when a field is None (transformers 5 leaves them unset in the config).
@@ -87,79 +89,6 @@ GREEDY_SEED = 0
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation
-
-
-@dataclass(kw_only=True)
-class BlockDenoiser:
-    """How every block of one `generate` call is denoised (step 4): the sampler, the logits processors and sampling
-    warpers, the randomness, and the counters the output reports. `denoise` is the loop all samplers share.
-
-    Args:
-        sampler ([`BD3LMSampler`]): which masked positions take their candidate token at each step.
-        mask_token_id (`int`): the absorbing token m.
-        do_sample (`bool`): draw each candidate from the processed probabilities, else take the argmax.
-        logits_processor / warpers (`LogitsProcessorList`): applied to every position's float64 scores, in this order.
-        generator: a stream shared by the rows present, or [`RowGenerators`] over the whole batch (one per row, of
-            which the rows still generating draw).
-        nfe (`torch.LongTensor` of shape `(batch,)`): per row, the calls it needed (it still had masks and its block had
-            changed): the paper's NFE, updated in place.
-        all_logits (`list`, *optional*): receives each call's logits laid out over the whole batch (NaN for rows that
-            left it), with `output_logits=True`.
-    """
-
-    sampler: BD3LMSampler
-    mask_token_id: int
-    do_sample: bool
-    logits_processor: LogitsProcessorList
-    warpers: LogitsProcessorList
-    generator: RandomSource
-    nfe: torch.LongTensor
-    all_logits: list[torch.Tensor] | None = None
-
-    def denoise(
-        self, model: Any, block: torch.LongTensor, window: CommittedWindow, history: Callable[[], torch.LongTensor]
-    ) -> tuple[torch.LongTensor, int]:
-        """Denoise one block until no mask is left: a network call (only when the block changed) through the window,
-        SUBS-processed float64 probabilities, one candidate token per position (argmax, or a categorical draw), and the
-        sampler's choice of the positions that take their candidate. `history()` gives the rows so far, for logits
-        processors.
-
-        Returns:
-            The clean block and the number of network calls made.
-        """
-        generator = self.generator
-        if isinstance(generator, RowGenerators):  # the streams of the rows still generating
-            generator = generator.select(window.rows)
-        sampler, mask_token_id = self.sampler, self.mask_token_id
-        block_size = block.shape[1]
-        probs = None
-        changed = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
-        calls = 0
-        for step in range(sampler.max_steps(block_size)):
-            masked = block == mask_token_id
-            if not bool(masked.any()):
-                break
-            if probs is None or bool(changed.any()):
-                logits = window.block_logits(model, block)
-                calls += 1
-                self.nfe[window.rows] += (changed & masked.any(dim=1)).long()
-                if self.all_logits is not None:
-                    full = logits.new_full((self.nfe.shape[0], *logits.shape[1:]), float("nan"))
-                    full[window.rows] = logits
-                    self.all_logits.append(full)
-                probs = block_probabilities(logits, block, mask_token_id, self.logits_processor, self.warpers, history)
-            if self.do_sample:
-                tokens = sample_categorical(probs, generator, masked.any(dim=1))
-            else:
-                tokens = probs.argmax(dim=-1)
-            reveal = sampler.select(masked, probs, tokens, step, generator)
-            block = torch.where(reveal, tokens, block)
-            changed = reveal.any(dim=1) if sampler.reuses_probabilities else torch.ones_like(changed)
-        if bool((block == mask_token_id).any()):
-            raise RuntimeError(
-                f"Sampler {sampler.name!r} left masked tokens after {sampler.max_steps(block_size)} steps."
-            )
-        return block, calls
 
 
 class BD3LMGenerationMixin:
@@ -301,7 +230,6 @@ class BD3LMGenerationMixin:
         config = self._resolve_generation_config(generation_config, kwargs)
         model_config = self.config
         device = self.device
-        block_size, model_length = model_config.block_size, model_config.model_length
         mask_id = (
             config.mask_token_id if config.mask_token_id is not None else getattr(model_config, "mask_token_id", None)
         )
@@ -337,26 +265,41 @@ class BD3LMGenerationMixin:
                 )
         filler = pad_id if pad_id is not None else mask_id  # never attended; any valid id works
         out_pad = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else mask_id)
-        # 3. the prompt is the first committed window (prefilled by the first block's first call when cached)
-        cache = DynamicCache() if use_cache else None
-        denoiser = self.denoiser
-        window = CommittedWindow.from_prompt(
-            prompt,
-            prompt_mask,
-            block_size,
-            model_length,
-            filler,
-            cache,
-            shift=denoiser.predicts_next_token,
-            reprefill=denoiser.caches_after_positions,
-        )
-
         logits_processor, warpers = self._prepare_processors(config, logits_processor, do_sample)
         stop_strings = getattr(config, "stop_strings", None)
         if stop_strings and tokenizer is None:
             raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to generate().")
         criteria = build_stopping_criteria(
             stopping_criteria, tokenizer, stop_strings, config.entropy_stop, config.entropy_stop_window, prompt_len
+        )
+        request = DecodingRequest(
+            config=config, prompt=prompt, prompt_mask=prompt_mask, given=given, max_new_tokens=max_new_tokens,
+            mask_token_id=mask_id, eos_ids=eos_ids, out_pad=out_pad, filler=filler, do_sample=do_sample,
+            use_cache=use_cache, logits_processor=logits_processor, warpers=warpers, criteria=criteria,
+            streamer=streamer, generator=generator, sampler=sampler,
+        )  # fmt: skip
+        mode = DECODING_MODES[config.generation_mode]  # the config checked the name
+        mode.check(self, request)
+        return mode.run(self, request)
+
+    def _generate_blocks(self, request: DecodingRequest) -> torch.LongTensor | BD3LMGenerateOutput:
+        """Steps 3-5 of the outline: block diffusion (`generation_mode="diffusion"`)."""
+        config, prompt, prompt_mask, given = request.config, request.prompt, request.prompt_mask, request.given
+        streamer, max_new_tokens, out_pad, mask_id = request.streamer, request.max_new_tokens, request.out_pad, request.mask_token_id
+        block_size, model_length = self.config.block_size, self.config.model_length
+        batch, device = prompt.shape[0], prompt.device
+        # 3. the prompt is the first committed window (prefilled by the first block's first call when cached)
+        cache = DynamicCache() if request.use_cache else None
+        denoiser = self.denoiser
+        window = CommittedWindow.from_prompt(
+            prompt,
+            prompt_mask,
+            block_size,
+            model_length,
+            request.filler,
+            cache,
+            shift=denoiser.predicts_next_token,
+            reprefill=denoiser.caches_after_positions,
         )
         if streamer is not None:
             streamer.put(given.cpu())
@@ -367,16 +310,16 @@ class BD3LMGenerationMixin:
         new_tokens = torch.full((batch, num_blocks * block_size), out_pad, dtype=torch.long, device=device)
         new_lengths = torch.zeros(batch, dtype=torch.long, device=device)
         denoiser = BlockDenoiser(
-            sampler=sampler,
+            sampler=request.sampler,
             mask_token_id=mask_id,
-            do_sample=do_sample,
-            logits_processor=logits_processor,
-            warpers=warpers,
-            generator=generator,
+            do_sample=request.do_sample,
+            logits_processor=request.logits_processor,
+            warpers=request.warpers,
+            generator=request.generator,
             nfe=torch.zeros(batch, dtype=torch.long, device=device),
             all_logits=[] if config.output_logits else None,
         )
-        eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+        eos_tensor, criteria = request.eos_tensor, request.criteria
         max_time = getattr(config, "max_time", None)
         start_time = time.time()
         cache_rows = window.rows
@@ -434,6 +377,7 @@ class BD3LMGenerationMixin:
             tokens_per_forward=new_lengths.double() / denoiser.nfe.clamp_min(1).double(),
             logits=tuple(denoiser.all_logits) if denoiser.all_logits is not None else None,
             cache_rows=cache_rows,
+            generation_mode="diffusion",
             **{CACHE_FIELD: window.cache},
         )
 

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from transformers import GenerationConfig
 
 from .checks_bd3lm import is_int, is_real
+from .modes_bd3lm import DECODING_MODES, DRAFT_VARIANTS
 from .sampling_bd3lm import SAMPLERS
 
 # GenerationConfig fields that configure beam search, contrastive search, assisted decoding or processors that this
@@ -55,6 +56,8 @@ _BOOL = (lambda v: isinstance(v, bool), "must be a bool")
 
 # field -> (test of a set value, requirement). None means unset for every field but `_REQUIRED_FIELDS`.
 _FIELD_RULES = {
+    "generation_mode": (lambda v: v in DECODING_MODES, f"must be one of {sorted(DECODING_MODES)}"),
+    "draft_variant": (lambda v: v in DRAFT_VARIANTS, f"must be one of {list(DRAFT_VARIANTS)}"),
     "sampler": (lambda v: v in SAMPLERS, f"must be one of {sorted(SAMPLERS)}"),
     "num_steps": _POSITIVE_INT,
     "tokens_per_step": _POSITIVE_INT,
@@ -77,7 +80,7 @@ _FIELD_RULES = {
     "stop_strings": (_is_strings, "must be a string or a list of strings"),
     **dict.fromkeys(("do_sample", "use_cache", "return_dict_in_generate", "output_logits"), _BOOL),
 }
-_REQUIRED_FIELDS = ("tokens_per_step", "entropy_stop_window")
+_REQUIRED_FIELDS = ("generation_mode", "tokens_per_step", "entropy_stop_window")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -91,6 +94,21 @@ class BD3LMGenerationConfig(GenerationConfig):
     `generation_config.json`.
 
     Args:
+        > The decoding mode
+
+        generation_mode (`str`, *optional*, defaults to `"diffusion"`):
+            How `generate()` decodes (`modes_bd3lm.DECODING_MODES`): `"diffusion"` (block diffusion, the paper's
+            sampler, configured by the fields below), `"autoregressive"` (one token per call through the clean stream
+            run as an autoregressive model) or `"draft_verify"` (the diffusion view drafts a block, the clean stream
+            verifies it: the output is exactly the clean stream's autoregressive decoding). The last two need a
+            denoiser whose output j predicts token j + 1 (a converted causal LM with the token shift, not the DiT);
+            they decode the whole context (no window: `model_length` does not apply, the source's
+            `max_position_embeddings` does) and ignore the block-sampler fields. Sampling there draws every token
+            from a stream keyed by (seed, row, position) (`autoregressive_bd3lm.py`).
+        draft_variant (`str`, *optional*):
+            With `generation_mode="draft_verify"`: `"two_pass"` (a draft call and a verify call per cycle, the
+            default) or `"one_forward"` (one call verifies the drafts and drafts the next block for every outcome).
+
         > Parameters of the block sampler
 
         sampler (`str`, *optional*):
@@ -130,6 +148,8 @@ class BD3LMGenerationConfig(GenerationConfig):
     """
 
     _diffusion_defaults: ClassVar[dict[str, Any]] = {
+        "generation_mode": "diffusion",
+        "draft_variant": None,
         "sampler": None,
         "num_steps": None,
         "tokens_per_step": 1,
@@ -187,6 +207,11 @@ class BD3LMGenerationConfig(GenerationConfig):
             value = getattr(self, name, None)
             if (value is not None or name in _REQUIRED_FIELDS) and not test(value):
                 raise ValueError(f"`{name}` {requirement}, got {value!r}.")
+        if self.draft_variant is not None and self.generation_mode != "draft_verify":
+            raise ValueError(
+                f"`draft_variant` only applies to generation_mode='draft_verify', but `generation_mode`="
+                f"{self.generation_mode!r}; drop one of them."
+            )
         if self.sampler not in (None, "confidence_threshold") and self.confidence_threshold is not None:
             raise ValueError(
                 "`confidence_threshold` only applies to sampler='confidence_threshold', but "

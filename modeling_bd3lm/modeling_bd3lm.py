@@ -26,6 +26,11 @@ from .conversion_bd3lm import from_causal_lm
 from .denoiser_bd3lm import BD3LMDenoiser
 from .gating_bd3lm import adapter_gate  # noqa: F401  (imported here so that 4.57 ships the file)
 from .tokenization_bd3lm import MASK_TOKEN  # noqa: F401  (imported here so that 4.57 ships the file)
+from .autoregressive_bd3lm import AutoregressiveMode  # noqa: F401  (the decoding modes: shipped files)
+from .decoding_bd3lm import DecodingMode  # noqa: F401
+from .draft_verify_bd3lm import DraftVerifyMode  # noqa: F401
+from .gating_bd3lm import adapter_gate  # noqa: F401
+from .modes_bd3lm import DECODING_MODES  # noqa: F401
 from .generation_bd3lm import BD3LMGenerationMixin
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .layers_bd3lm import (
@@ -315,6 +320,42 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         ```
         """
         return from_causal_lm(cls, source, block_size, tokenizer, **kwargs)
+
+    @torch.no_grad()
+    def causal_forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int | None = None,
+    ) -> BD3LMOutput:
+        r"""The clean stream as an autoregressive model: `input_ids` after the tokens of `cache` under a causal mask,
+        at positions continuing the cache (`cumsum(attention_mask) - 1`), the gated adapter off. Row j of the logits
+        predicts token j + 1. While the clean stream is untouched (a fresh conversion, a frozen base with a gated
+        adapter) this is the source model's own forward.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, new)`): the tokens after the cache.
+            attention_mask (`torch.Tensor` of shape `(batch, past + new)`, *optional*): 0 at padding.
+            cache (`Cache`, *optional*): the causal KV cache (a `DynamicCache` is made when `use_cache` and none given).
+            use_cache (`bool`): write this call's keys and values to the cache; otherwise it is left as it was.
+            logits_to_keep (`int`, *optional*): project only the last that many positions on the vocabulary.
+        """
+        denoiser = self.denoiser
+        if not denoiser.predicts_next_token:
+            raise ValueError(
+                f"causal_forward needs a denoiser whose output j predicts token j + 1 (a converted causal LM with "
+                f"token_shift=True); this model's ({self.config.denoiser_type!r}, token_shift="
+                f"{self.config.token_shift}) has no autoregressive view. Use generation_mode='diffusion'."
+            )
+        check_forward_inputs(
+            self.config, input_ids, noisy_input_ids=None, attention_mask=attention_mask, labels=None,
+            noise_levels=None, timesteps=None, cache=cache, use_cache=use_cache,
+        )  # fmt: skip
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        return denoiser.causal_pass(input_ids.long(), attention_mask, cache, use_cache, logits_to_keep)
 
     @property
     def is_causal_backbone(self) -> bool:

@@ -64,6 +64,8 @@ class _BD3LMGenerateOutputBase(ModelOutput):
     tokens_per_forward: torch.FloatTensor | None = None
     logits: tuple[torch.FloatTensor, ...] | None = None
     cache_rows: torch.LongTensor | None = None
+    acceptance_lengths: tuple[torch.LongTensor, ...] | None = None
+    generation_mode: str | None = None
 
 
 @dataclass
@@ -77,7 +79,8 @@ class BD3LMGenerateOutput(with_cache_field(_BD3LMGenerateOutputBase)):
             a row holds `pad_token_id`. `new_len` is at most `max_new_tokens`.
         nfe (`torch.LongTensor` of shape `(batch,)`):
             Denoising network calls each row needed (the paper's NFE): calls made while the row had masked tokens
-            (for `ddpm`, only calls after the row's block changed).
+            (for `ddpm`, only calls after the row's block changed). In the clean-stream modes ("autoregressive",
+            "draft_verify") every call the row took part in, the prompt's prefill and the draft passes included.
         num_forwards (`int`):
             All network calls made for the batch (a batched call counts once). With the cache, the prompt and each
             committed block are written by the next block's first denoising call; only once the window slides beyond
@@ -89,6 +92,11 @@ class BD3LMGenerateOutput(with_cache_field(_BD3LMGenerateOutputBase)):
         cache_rows (`torch.LongTensor`):
             Rows (indices into `sequences`) held by the cache: rows that stopped early leave the batch, and their keys
             and values with it.
+        acceptance_lengths (`tuple(torch.LongTensor)`, *optional*):
+            With `generation_mode="draft_verify"`, per row the tokens each verify call accepted (the drafts that agreed
+            with the clean stream plus its own next token: 1 to `block_size`, before cutting at a stop).
+        generation_mode (`str`):
+            The decoding mode that produced the output.
         past_key_values / cache (`Cache`):
             Pre-rotary keys and values of the committed window of the rows in `cache_rows` (the last block is not
             committed, as the last token of an autoregressive decode). `cache` on transformers >= 5.24.

@@ -6,6 +6,9 @@ from __future__ import annotations
 EXIT_USAGE = 2
 # `modeling_bd3lm.SAMPLERS`, spelled out so that `--help` does not import torch (a test keeps them equal).
 SAMPLER_NAMES = ("first_hitting", "ddpm", "topk_confidence", "confidence_threshold", "margin", "entropy")
+# `modeling_bd3lm.DECODING_MODES` and `DRAFT_VARIANTS`, spelled out so that parsing the command line loads no model code.
+GENERATION_MODE_NAMES = ("diffusion", "autoregressive", "draft_verify")
+DRAFT_VARIANT_NAMES = ("two_pass", "one_forward")
 
 
 class CLIError(Exception):
@@ -18,4 +21,4 @@ def check_positive(name: str, value: int | float | None) -> None:
         raise CLIError(f"--{name} must be positive, got {value}")
 
 
-__all__ = ["EXIT_USAGE", "SAMPLER_NAMES", "CLIError", "check_positive"]
+__all__ = ["DRAFT_VARIANT_NAMES", "EXIT_USAGE", "GENERATION_MODE_NAMES", "SAMPLER_NAMES", "CLIError", "check_positive"]

@@ -7,13 +7,26 @@ import argparse
 from typing import Any
 
 from ..utils import check_model_reference
-from .common import SAMPLER_NAMES, CLIError, check_positive
+from .common import DRAFT_VARIANT_NAMES, GENERATION_MODE_NAMES, SAMPLER_NAMES, CLIError, check_positive
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a trained model folder or Hub id")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; none = unconditional)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    parser.add_argument(
+        "--generation-mode",
+        default=None,
+        choices=GENERATION_MODE_NAMES,
+        help="how to decode: %(choices)s (default: the model's generation config, else diffusion); autoregressive "
+        "and draft_verify decode through the clean stream (converted causal LMs only)",
+    )
+    parser.add_argument(
+        "--draft-variant",
+        default=None,
+        choices=DRAFT_VARIANT_NAMES,
+        help="with --generation-mode draft_verify: %(choices)s (default: two_pass)",
+    )
     parser.add_argument(
         "--sampler",
         default=None,
@@ -39,6 +52,8 @@ def run_generate(args: argparse.Namespace) -> int:
     check_positive("num-samples", args.num_samples)
     if args.greedy and any(getattr(args, name) is not None for name in ("temperature", "top_k", "top_p")):
         raise CLIError("--greedy takes the argmax: drop --temperature, --top-k and --top-p")
+    if args.draft_variant is not None and args.generation_mode != "draft_verify":
+        raise CLIError("--draft-variant applies to --generation-mode draft_verify only")
     check_model_reference(args.model, "model", need_config=True)
 
     import torch
@@ -51,7 +66,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model = BD3LMForMaskedDiffusion.from_pretrained(args.model, revision=args.revision).eval()
     tokenizer = resolve_tokenizer(args.model, revision=args.revision)
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "use_cache": not args.no_cache}
-    for name in ("sampler", "num_steps", "confidence_threshold", "tokens_per_step", "temperature", "top_k", "top_p"):
+    for name in ("generation_mode", "draft_variant", "sampler", "num_steps", "confidence_threshold", "tokens_per_step", "temperature", "top_k", "top_p"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     # Sampling unless --greedy: HF's do_sample defaults to False, which would silently drop the sampling options.
@@ -71,7 +86,10 @@ def run_generate(args: argparse.Namespace) -> int:
             if args.no_stream:
                 print(tokenizer.decode(out.sequences[0], skip_special_tokens=True))
             nfe = out.nfe[0].item() if hasattr(out.nfe, "__getitem__") else out.nfe
-            print(f"\n[{args.max_new_tokens} tokens, {nfe} network calls]", flush=True)
+            accepted = ""
+            if getattr(out, "acceptance_lengths", None) is not None and len(out.acceptance_lengths[0]) > 0:
+                accepted = f", {out.acceptance_lengths[0].double().mean().item():.2f} tokens accepted per verify call"
+            print(f"\n[{args.max_new_tokens} tokens, {nfe} network calls{accepted}]", flush=True)
     return 0
 
 

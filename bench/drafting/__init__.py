@@ -1,0 +1,1 @@
+"""Lossless block drafting: measurements."""
