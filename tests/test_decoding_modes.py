@@ -328,3 +328,38 @@ def test_pipeline_and_cli_use_the_mode(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "tokens accepted per verify call" in printed
     assert main(["generate", str(tmp_path / "model"), "--draft-variant", "two_pass"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The gated adapter (clean_attention="causal"): drafts change, the text stays the source's
+
+
+@pytest.mark.parametrize("variant", ["two_pass", "one_forward"])
+def test_a_gated_adapter_drafts_while_the_text_stays_the_source(variant):
+    """A gated LoRA with nonzero B changes the drafts (the diffusion view) but never the verifier: greedy draft-and-verify
+    is still the source's generate(); the same LoRA ungated (a plain LoraConfig) changes the text."""
+    from peft import LoraConfig, get_peft_model
+
+    from bd3lm_trainer import gated_lora_config
+
+    reference, model = _convert("llama", 4, clean_attention="causal")
+    prompts, attention = _padded_prompts()
+    expected = reference.generate(prompts, attention_mask=attention, max_new_tokens=16, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)  # fmt: skip
+    kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, generation_mode="draft_verify",
+                  draft_variant=variant, return_dict_in_generate=True)  # fmt: skip
+    plain = model.generate(prompts, attention_mask=attention, **kwargs)
+
+    torch.manual_seed(0)
+    gated = get_peft_model(model, gated_lora_config(model, preset="attention", r=4, init_lora_weights=False))
+    out = gated.base_model.model.generate(prompts, attention_mask=attention, **kwargs)
+    assert torch.equal(out.sequences, expected)
+    as_lists = [[t.tolist() for t in o.acceptance_lengths] for o in (out, plain)]
+    assert as_lists[0] != as_lists[1]  # the adapter really acted on the drafts
+
+    _, model = _convert("llama", 4, clean_attention="causal")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ungated = get_peft_model(model, lora)
+    assert not torch.equal(ungated.base_model.model.generate(prompts, attention_mask=attention, **kwargs).sequences,
+                           expected)  # fmt: skip
