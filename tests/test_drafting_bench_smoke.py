@@ -75,6 +75,7 @@ def test_ratios_and_break_even_are_the_medians_of_the_stage_file(study):
         row = summary[f"{kind}/float32/b2"][4]
         assert row["seconds"] == statistics.median(four)
         assert row["ratio"] == statistics.median(a / b for a, b in zip(four, one))
+        assert row["min_seconds"] == min(four) and row["min_ratio"] == min(four) / min(one)
     med = {name: statistics.median(t) for name, t in seconds.items()}
     rows = {(r["k"], r["variant"]): r for r in break_even(summary, "float32", 1, (2, 4))}
     step = med["source_last/float32/b1/n1"]

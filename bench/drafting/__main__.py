@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if needs_model:  # one load for both stages (SmolLM2 takes 20-50 s to dequantise)
         source, tokenizer = measures.load_source(cfg)
+    if "acceptance" in stages:  # first: minutes, where the cost curve takes tens of minutes at full size
+        measures.run_acceptance(cfg, work_dir, source, tokenizer)
     if "cost" in stages:
         measures.run_cost(cfg, work_dir, source, tokenizer)
-    if "acceptance" in stages:
-        measures.run_acceptance(cfg, work_dir, source, tokenizer)
     if "report" in stages:
         from .report import write_report
 
