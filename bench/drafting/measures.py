@@ -185,12 +185,16 @@ def run_cost(cfg: DraftingConfig, work_dir: Path, source: Any = None, tokenizer:
         model = models[("bd3" if kind == "bd3" else "source", dtype)]
         _call(kind, model, caches[(kind, dtype, batch)], inputs[(batch, n)])
 
+    log(f"cost curve: {len(settings)} settings x {cfg.repeats} repeats ({done} stored), {cfg.threads} torch threads")
+    for s in settings:  # warm-up of this process, resumed or not: every setting once (allocator, the BD3 attention
+        run(*s)  # probe, oneDNN kernels)
     if not out:
-        log(f"cost curve: {len(settings)} settings x {cfg.repeats} repeats, {cfg.threads} torch threads")
-        for s in settings:  # warm-up: every setting once (allocator, the BD3 attention probe, oneDNN kernels)
-            run(*s)
         out = {"key": cfg.key(), "config": cfg, "machine": _machine(), "load_average_before": load_average(),
                "uptime_before": _uptime(), "seconds": {_setting(*s): [] for s in settings}}  # fmt: skip
+    out["config"] = cfg  # a resumed curve may ask for more repeats
+    # each process that adds repeats (a sitting) records the load it started under
+    out.setdefault("sittings", []).append({"from_repeat": done, "load_average_before": load_average(),
+                                           "uptime_before": _uptime()})  # fmt: skip
     for r in range(done, cfg.repeats):
         start = time.perf_counter()
         shift = (r * 7) % len(settings)  # a different order every repeat
@@ -199,6 +203,7 @@ def run_cost(cfg: DraftingConfig, work_dir: Path, source: Any = None, tokenizer:
             run(*s)
             out["seconds"][_setting(*s)].append(time.perf_counter() - t0)
         out["load_average_after"], out["uptime_after"] = load_average(), _uptime()
+        out["sittings"][-1].update(load_average_after=out["load_average_after"], uptime_after=out["uptime_after"])
         write(path, out)
         log(f"repeat {r + 1}/{cfg.repeats} in {time.perf_counter() - start:.1f} s (load {out['load_average_after']})")
     return out

@@ -40,6 +40,10 @@ def _f(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _load(values: list[float] | None) -> str:
+    return "-" if values is None else " / ".join(f"{v:.2f}" for v in values)
+
+
 def cost_tables(results: dict[str, Any]) -> list[str]:
     cost, summary = results["cost"], results["cost_summary"]
     key = cost["key"]
@@ -50,9 +54,13 @@ def cost_tables(results: dict[str, Any]) -> list[str]:
         f"After a {key['prefix']}-token prefix; {repeats} repeats, every setting once per repeat in a rotated order, "
         f"medians; torch threads: {key['threads']}; machine: {cost['machine']['cpu']} ({cost['machine']['cpu_cores']} "
         f"cores), torch {cost['machine']['torch']}, transformers {cost['machine']['transformers']}. Load average "
-        f"(1/5/15 min) before: {cost.get('load_average_before')}, after: {cost.get('load_average_after')}.",
+        f"(1/5/15 min) before: {_load(cost.get('load_average_before'))}, after: "
+        f"{_load(cost.get('load_average_after'))}.",
         "",
     ]
+    for sitting in cost.get("sittings", [])[1:]:  # repeats added later by a resumed run
+        lines[-2] += (f" Repeats from {sitting['from_repeat'] + 1} were added later (load before "
+                      f"{_load(sitting['load_average_before'])}, after {_load(sitting.get('load_average_after'))}).")  # fmt: skip
     for dtype in key["dtypes"]:
         for batch in key["batches"]:
             lines += [f"### {dtype}, batch {batch}: median ms (cost(n)/cost(1)), min ms (min(n)/min(1))", "",
