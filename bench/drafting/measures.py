@@ -246,12 +246,13 @@ def summarise_cost(cost: dict[str, Any]) -> dict[str, Any]:
 
 
 def break_even(
-    curves: dict[str, Any], dtype: str, batch: int, ks: tuple[int, ...], stat: str = "seconds"
+    seconds: dict[str, list[float]], dtype: str, batch: int, ks: tuple[int, ...], stat: str = "median"
 ) -> list[dict[str, Any]]:
     """Tokens per cycle a draft-and-verify cycle must emit to match AR decoding, and the geometric α that gives
-    them (`geometric_alpha`; None when above k, i.e. out of reach), per k, from the measured medians (`stat=
-    "min_seconds"`: the minima). The AR step is
-    the source's cached 1-token call with `logits_to_keep=1` (what `generate()` runs).
+    them (`geometric_alpha`; None when above k, i.e. out of reach), per k, from the timed calls `seconds` (the cost
+    stage's `{setting: [seconds per repeat]}`). The AR step is the source's cached 1-token call with
+    `logits_to_keep=1` (what `generate()` runs). `stat="median"`: the median over repeats of (cycle cost / AR step)
+    within each repeat (paired, as the curve's ratios: a busy spell hits both); `"min"`: the minima's ratio.
 
     * 2-pass: a BD3 drafting call over k positions + a source verify call over k positions (logits at all of them).
     * one-forward: one BD3 call over 2k positions (verify [s, d_1..d_{k-1}] + k masks pre-drafting the next block);
@@ -259,26 +260,32 @@ def break_even(
     * quadratic (TiDAR-style): one BD3 call over k + k^2 positions (a mask group per accept length), drafts always
       ready; only where k + k^2 was measured.
     """
+    import statistics
+
     from bd3lm_trainer.evaluation import geometric_alpha
 
-    def seconds(kind: str, n: int) -> float | None:
-        row = curves.get(f"{kind}/{dtype}/b{batch}", {})
-        row = {int(m): v for m, v in row.items()}
-        return row[n][stat] if n in row else None
+    if stat not in ("median", "min"):
+        raise ValueError(f"`stat` must be 'median' or 'min', got {stat!r}.")
 
-    step = seconds("source_last", 1)
+    def times(kind: str, n: int) -> list[float] | None:
+        return seconds.get(_setting(kind, dtype, batch, n))
+
+    step = times("source_last", 1)
     out = []
     for k in ks:
         variants = {
-            "2-pass": (seconds("bd3", k), seconds("source_all", k)),
-            "one-forward": (seconds("bd3", 2 * k),),
-            "quadratic": (seconds("bd3", k + k * k),),
+            "2-pass": [times("bd3", k), times("source_all", k)],
+            "one-forward": [times("bd3", 2 * k)],
+            "quadratic": [times("bd3", k + k * k)],
         }
         for name, parts in variants.items():
             if step is None or any(p is None for p in parts):
                 out.append({"k": k, "variant": name, "positions": None, "cycle_vs_ar": None, "alpha": None})
                 continue
-            tokens = sum(parts) / step
+            if stat == "median":
+                tokens = statistics.median(sum(p[r] for p in parts) / step[r] for r in range(len(step)))
+            else:
+                tokens = sum(min(p) for p in parts) / min(step)
             alpha = geometric_alpha(max(tokens, 1.0), k) if tokens <= k else None
             positions = {"2-pass": f"{k} + {k}", "one-forward": str(2 * k), "quadratic": str(k + k * k)}[name]
             out.append({"k": k, "variant": name, "positions": positions, "cycle_vs_ar": tokens, "alpha": alpha})
