@@ -10,6 +10,8 @@
 * [`generative_perplexity`] (`generative_perplexity.py`): sample quality judged by a causal LM (the paper uses GPT-2
   large), with a sliding window and the corpus-level exp(total NLL / total tokens), plus unigram entropy and network
   calls per token.
+* [`estimate_acceptance`] (`drafting.py`): how often a BD3-LM's one-step block drafts equal its AR source's greedy
+  tokens (lossless draft-and-verify), in one vectorised pass; [`greedy_continuations`] gives the AR tokens.
 * `lm_eval_adapter.py`: the lm-evaluation-harness model `bd3lm` (optional extra, imported on its own);
   `metrics/bd3lm_nelbo/`: the per-token NELBO as an `evaluate` metric ([`NELBO_METRIC_PATH`]).
 
@@ -22,6 +24,7 @@ import os
 import warnings
 from typing import Any
 
+from .drafting import AcceptanceEstimate, estimate_acceptance, geometric_alpha, greedy_continuations
 from .generative_perplexity import (
     GenerativePerplexityResult,
     generative_perplexity,
@@ -72,12 +75,16 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AcceptanceEstimate",
     "GenerativePerplexityResult",
     "NELBOOutput",
     "NELBO_METRIC_PATH",
     "PerplexityResult",
     "dataset_perplexity",
+    "estimate_acceptance",
     "generative_perplexity",
+    "geometric_alpha",
+    "greedy_continuations",
     "judge_continuations",
     "judge_windows",
     "load_eval_dataset",
