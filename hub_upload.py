@@ -19,8 +19,21 @@ from bd3lm_trainer.hub import LeftOut, PlannedFile, UploadPlan, UploadResult, pl
 from bd3lm_trainer.model_card import CardInfo, build_model_card
 from bd3lm_trainer.utils import check_repo_id
 
-__all__ = ["CardInfo", "LeftOut", "PlannedFile", "UploadPlan", "UploadResult", "add_arguments", "build_model_card",
-           "check_repo_id", "main", "plan_upload", "resolve_token", "run", "upload"]
+__all__ = [
+    "CardInfo",
+    "LeftOut",
+    "PlannedFile",
+    "UploadPlan",
+    "UploadResult",
+    "add_arguments",
+    "build_model_card",
+    "check_repo_id",
+    "main",
+    "plan_upload",
+    "resolve_token",
+    "run",
+    "upload",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

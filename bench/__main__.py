@@ -33,13 +33,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="small settings and few repeats (about 1 minute)")
     parser.add_argument("--only", choices=SECTIONS, help="run one section only")
-    parser.add_argument("--model", help="a trained checkpoint folder for the generation `samplers` rows (the "
-                        "confidence targets need one; default: the tiny preset with random weights)")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        help="a trained checkpoint folder for the generation `samplers` rows (the "
+        "confidence targets need one; default: the tiny preset with random weights)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default: {RESULTS_DIR})")
-    parser.add_argument("--device", nargs="+", choices=("cpu", "cuda"),
-                        help="devices to measure (default: cpu, and cuda when available)")  # fmt: skip
-    parser.add_argument("--threads", type=int, help="torch CPU threads of the training section (default: torch's "
-                        "default, one per core; generation always uses 1: its small calls only slow down with more)")
+    parser.add_argument(
+        "--device",
+        nargs="+",
+        choices=("cpu", "cuda"),
+        help="devices to measure (default: cpu, and cuda when available)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads of the training section (default: torch's "
+        "default, one per core; generation always uses 1: its small calls only slow down with more)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the test suite's tiny setting
     args = parser.parse_args(argv)
@@ -74,11 +85,16 @@ def run(args: argparse.Namespace) -> dict:
         "generation": previous.get("generation", []),
     }
     sections = [args.only] if args.only else list(SECTIONS)
-    log = lambda message: print(message, flush=True)
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if torch.get_num_threads() > 1 and load > 0.5:
-        log(f"warning: load average {load:.1f} on {os.cpu_count()} cores. With {torch.get_num_threads()} threads a "
-            "training step mostly waits for descheduled threads; on a shared machine use --threads 1.")  # fmt: skip
+        log(
+            f"warning: load average {load:.1f} on {os.cpu_count()} cores. With {torch.get_num_threads()} threads a "
+            "training step mostly waits for descheduled threads; on a shared machine use --threads 1."
+        )
     for name in sections:
         measured = []
         for device in args.devices:

@@ -185,8 +185,11 @@ def time_modes(
             "forwards_per_token": results[mode]["forwards"] / new_tokens,
             "tokens_per_call": new_tokens / results[mode]["nfe_per_row"],
         }
-        for reference, key in (("uncached", "speedup_vs_uncached"), ("cached", "speedup_vs_cached"),
-                               (AR_MODE, "speedup_vs_ar")):  # fmt: skip
+        for reference, key in (
+            ("uncached", "speedup_vs_uncached"),
+            ("cached", "speedup_vs_cached"),
+            (AR_MODE, "speedup_vs_ar"),
+        ):
             if reference in times and reference != mode:
                 row[key] = median_ratio(times[reference], times[mode])  # time ratio = tokens/s ratio
         rows.append(row)
@@ -319,8 +322,9 @@ def measure_memory(
     return result
 
 
-def memory_in_child(path: str | None, preset: str, block_size: int, model_length: int, new_tokens: int,
-                    device: str) -> dict:  # fmt: skip
+def memory_in_child(
+    path: str | None, preset: str, block_size: int, model_length: int, new_tokens: int, device: str
+) -> dict:
     code = (
         "import json, sys; from bench.bench_generation import measure_memory; "
         "print(json.dumps(measure_memory(*json.loads(sys.argv[1]))))"
@@ -343,22 +347,28 @@ def generation_plan(mode: str, model_path: str | None) -> dict:
     """Settings of the three measurements for `full`, `quick` and `smoke` runs (module docstring)."""
     every = [*MODES, AR_MODE]
     if mode == "smoke":
-        return dict(preset="test", cache=dict(model_length=32, new_tokens=16, block_sizes=[4], repeats=1),
-                    samplers=dict(model_length=32, new_tokens=8, block_sizes=[4], batches=[2], modes=every,
-                                  repeats=1),
-                    rng=dict(model_length=32, block_size=4, batch=2, new_tokens=8, repeats=1),
-                    memory=dict(model_length=16, block_size=4, multiples=[1, 4, 10], subprocess=False))  # fmt: skip
+        return dict(
+            preset="test",
+            cache=dict(model_length=32, new_tokens=16, block_sizes=[4], repeats=1),
+            samplers=dict(model_length=32, new_tokens=8, block_sizes=[4], batches=[2], modes=every, repeats=1),
+            rng=dict(model_length=32, block_size=4, batch=2, new_tokens=8, repeats=1),
+            memory=dict(model_length=16, block_size=4, multiples=[1, 4, 10], subprocess=False),
+        )
     if mode == "quick":
-        return dict(preset="tiny", cache=dict(model_length=256, new_tokens=256, block_sizes=[4], repeats=2),
-                    samplers=dict(model_length=128, new_tokens=128, block_sizes=[4], batches=[1, 8], modes=every,
-                                  repeats=2),
-                    rng=dict(model_length=128, block_size=4, batch=8, new_tokens=64, repeats=2),
-                    memory=dict(model_length=128, block_size=4, multiples=[1, 4, 10], subprocess=True))  # fmt: skip
-    return dict(preset="tiny", cache=dict(model_length=1024, new_tokens=1024, block_sizes=[4], repeats=3),
-                samplers=dict(model_length=128, new_tokens=256, block_sizes=[4, 8, 16], batches=[1, 8], modes=every,
-                              repeats=3),
-                rng=dict(model_length=128, block_size=4, batch=8, new_tokens=256, repeats=5),
-                memory=dict(model_length=1024, block_size=4, multiples=[1, 4, 10], subprocess=True))  # fmt: skip
+        return dict(
+            preset="tiny",
+            cache=dict(model_length=256, new_tokens=256, block_sizes=[4], repeats=2),
+            samplers=dict(model_length=128, new_tokens=128, block_sizes=[4], batches=[1, 8], modes=every, repeats=2),
+            rng=dict(model_length=128, block_size=4, batch=8, new_tokens=64, repeats=2),
+            memory=dict(model_length=128, block_size=4, multiples=[1, 4, 10], subprocess=True),
+        )
+    return dict(
+        preset="tiny",
+        cache=dict(model_length=1024, new_tokens=1024, block_sizes=[4], repeats=3),
+        samplers=dict(model_length=128, new_tokens=256, block_sizes=[4, 8, 16], batches=[1, 8], modes=every, repeats=3),
+        rng=dict(model_length=128, block_size=4, batch=8, new_tokens=256, repeats=5),
+        memory=dict(model_length=1024, block_size=4, multiples=[1, 4, 10], subprocess=True),
+    )
 
 
 def run_generation(
@@ -372,17 +382,22 @@ def run_generation(
         preset, rows = plan["preset"], []
         cache = plan["cache"]
         for bs in cache["block_sizes"]:
-            models = {"bd3lm": load_model(None, bs, cache["model_length"], preset, device),
-                      "ar": load_model(None, 1, cache["model_length"], preset, device)}  # fmt: skip
-            for row in time_modes(models, ["uncached", "cached", AR_MODE], 1, cache["new_tokens"], cache["repeats"],
-                                  device):  # fmt: skip
+            models = {
+                "bd3lm": load_model(None, bs, cache["model_length"], preset, device),
+                "ar": load_model(None, 1, cache["model_length"], preset, device),
+            }
+            for row in time_modes(
+                models, ["uncached", "cached", AR_MODE], 1, cache["new_tokens"], cache["repeats"], device
+            ):
                 rows.append({"group": "cache", "model": f"{preset} (random weights)", **row})
                 log_row(log, rows[-1])
         grid = plan["samplers"]
         model_name = model_path or f"{preset} (random weights)"
         for bs in grid["block_sizes"]:
-            models = {"bd3lm": load_model(model_path, bs, grid["model_length"], preset, device),
-                      "ar": load_model(model_path, 1, grid["model_length"], preset, device)}  # fmt: skip
+            models = {
+                "bd3lm": load_model(model_path, bs, grid["model_length"], preset, device),
+                "ar": load_model(model_path, 1, grid["model_length"], preset, device),
+            }
             for batch in grid["batches"]:
                 for row in time_modes(models, grid["modes"], batch, grid["new_tokens"], grid["repeats"], device):
                     rows.append({"group": "samplers", "model": model_name, "trained": model_path is not None, **row})
@@ -391,8 +406,14 @@ def run_generation(
         memory = []
         spec = plan["memory"]
         for multiple in spec["multiples"]:
-            args = (None, preset, spec["block_size"], spec["model_length"], multiple * spec["model_length"],
-                    device.type)  # fmt: skip
+            args = (
+                None,
+                preset,
+                spec["block_size"],
+                spec["model_length"],
+                multiple * spec["model_length"],
+                device.type,
+            )
             result = memory_in_child(*args) if spec["subprocess"] else measure_memory(*args)
             memory.append({"multiple": multiple, "fresh_process": spec["subprocess"], "device": device.type, **result})
             log(
@@ -402,12 +423,19 @@ def run_generation(
     finally:
         torch.set_num_threads(threads)
     native = BD3LMConfig.from_pretrained(model_path).block_size if model_path else None
-    return {"device": device.type, "torch_threads": 1, "model": model_name, "native_block_size": native, "rows": rows,
-            "memory": memory}  # fmt: skip
+    return {
+        "device": device.type,
+        "torch_threads": 1,
+        "model": model_name,
+        "native_block_size": native,
+        "rows": rows,
+        "memory": memory,
+    }
 
 
-def run_rng(plan: dict | str, device: torch.device | str, model_path: str | None = None,
-            log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+def run_rng(
+    plan: dict | str, device: torch.device | str, model_path: str | None = None, log: Callable[[str], None] = print
+) -> list[dict]:
     """The `rng` rows of `plan` (or of the plan named `full`, `quick`, `smoke`), one torch thread."""
     plan = generation_plan(plan, model_path) if isinstance(plan, str) else plan
     device = torch.device(device)
@@ -418,8 +446,10 @@ def run_rng(plan: dict | str, device: torch.device | str, model_path: str | None
         name = model_path or f"{plan['preset']} (random weights)"
         rows = []
         draws = rng_draw_cost(spec["batch"], spec["block_size"], repeats=spec["repeats"])
-        log(f"  random draws per step at batch {spec['batch']}: {draws['per_row_us_per_step']:.1f} us with per-row "
-            f"streams, {draws['shared_us_per_step']:.1f} us with one shared stream (CPU time)")  # fmt: skip
+        log(
+            f"  random draws per step at batch {spec['batch']}: {draws['per_row_us_per_step']:.1f} us with per-row "
+            f"streams, {draws['shared_us_per_step']:.1f} us with one shared stream (CPU time)"
+        )
         for row in time_rng(model, spec["batch"], spec["new_tokens"], spec["repeats"], device):
             if "per_row_over_shared" in row:
                 row["draw_cost"] = draws
@@ -455,4 +485,3 @@ __all__ = [
     "time_modes",
     "time_rng",
 ]
-

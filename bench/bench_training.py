@@ -72,7 +72,15 @@ def per_block_step(model: BD3LMForMaskedDiffusion, x_0: torch.LongTensor) -> Non
 
 
 def make_step(
-    kind: str, preset: str, length: int, block_size: int, batch: int, attn: str, *, state: dict, device: torch.device,
+    kind: str,
+    preset: str,
+    length: int,
+    block_size: int,
+    batch: int,
+    attn: str,
+    *,
+    state: dict,
+    device: torch.device,
     compile_backend: str = "inductor",
 ) -> tuple[Callable[[], None], int]:
     """The step closure of one pass (its model loaded with the shared `state` weights) and its counted FLOPs."""
@@ -113,27 +121,89 @@ def training_plan(mode: str, device: torch.device) -> list[dict]:
     kernels = ["sdpa", "eager"] + (["flex_attention"] if device.type == "cuda" else [])
     if mode == "smoke":  # the compile group with the aot_eager backend: the code path without inductor's build time
         return [
-            dict(name="kernels", preset="test", length=32, block_size=4, batch=2, passes=["vectorised", "ar", "mdlm"],
-                 attn=kernels, repeats=1, warmup=0),
-            dict(name="per-block loop", preset="test", length=32, block_size=4, batch=2,
-                 passes=["per_block_loop", "vectorised"], attn=["sdpa"], repeats=1, warmup=0),
-            dict(name="compile", preset="test", length=32, block_size=4, batch=2, passes=["compiled", "vectorised"],
-                 attn=["sdpa"], repeats=1, warmup=1, compile_backend="aot_eager"),
-        ]  # fmt: skip
+            dict(
+                name="kernels",
+                preset="test",
+                length=32,
+                block_size=4,
+                batch=2,
+                passes=["vectorised", "ar", "mdlm"],
+                attn=kernels,
+                repeats=1,
+                warmup=0,
+            ),
+            dict(
+                name="per-block loop",
+                preset="test",
+                length=32,
+                block_size=4,
+                batch=2,
+                passes=["per_block_loop", "vectorised"],
+                attn=["sdpa"],
+                repeats=1,
+                warmup=0,
+            ),
+            dict(
+                name="compile",
+                preset="test",
+                length=32,
+                block_size=4,
+                batch=2,
+                passes=["compiled", "vectorised"],
+                attn=["sdpa"],
+                repeats=1,
+                warmup=1,
+                compile_backend="aot_eager",
+            ),
+        ]
     if mode == "quick":
         return [
-            dict(name="kernels", preset="tiny", length=128, block_size=4, batch=2, passes=["vectorised", "ar", "mdlm"],
-                 attn=kernels, repeats=3, warmup=1),
-            dict(name="per-block loop", preset="tiny", length=64, block_size=4, batch=2,
-                 passes=["per_block_loop", "vectorised"], attn=["sdpa"], repeats=3, warmup=1),
-            dict(name="compile", preset="tiny", length=128, block_size=4, batch=2, passes=["compiled", "vectorised"],
-                 attn=["sdpa"], repeats=3, warmup=2),
-        ]  # fmt: skip
+            dict(
+                name="kernels",
+                preset="tiny",
+                length=128,
+                block_size=4,
+                batch=2,
+                passes=["vectorised", "ar", "mdlm"],
+                attn=kernels,
+                repeats=3,
+                warmup=1,
+            ),
+            dict(
+                name="per-block loop",
+                preset="tiny",
+                length=64,
+                block_size=4,
+                batch=2,
+                passes=["per_block_loop", "vectorised"],
+                attn=["sdpa"],
+                repeats=3,
+                warmup=1,
+            ),
+            dict(
+                name="compile",
+                preset="tiny",
+                length=128,
+                block_size=4,
+                batch=2,
+                passes=["compiled", "vectorised"],
+                attn=["sdpa"],
+                repeats=3,
+                warmup=2,
+            ),
+        ]
     base = dict(preset="tiny", length=256, block_size=4, batch=2, attn=["sdpa"], repeats=5, warmup=1)
     plan = [dict(base, name="kernels", passes=["vectorised", "ar", "mdlm"], attn=kernels, repeats=7)]
     for length in (128, 512, 1024):
-        plan.append(dict(base, name="length", length=length, passes=["vectorised", "ar", "mdlm"],
-                         repeats=3 if length == 1024 else 5))  # fmt: skip
+        plan.append(
+            dict(
+                base,
+                name="length",
+                length=length,
+                passes=["vectorised", "ar", "mdlm"],
+                repeats=3 if length == 1024 else 5,
+            )
+        )
     for block_size in (8, 16):
         plan.append(dict(base, name="block size", block_size=block_size, passes=["vectorised", "ar"]))
     for batch in (1, 4, 8):
@@ -156,8 +226,15 @@ def run_group(group: dict, device: torch.device, states: dict) -> list[dict]:
         for kind in group["passes"]:
             key = f"{kind}/{attn}"
             steps[key], flops[key] = make_step(
-                kind, preset, group["length"], group["block_size"], group["batch"], attn, state=states[preset],
-                device=device, compile_backend=group.get("compile_backend", "inductor"),
+                kind,
+                preset,
+                group["length"],
+                group["block_size"],
+                group["batch"],
+                attn,
+                state=states[preset],
+                device=device,
+                compile_backend=group.get("compile_backend", "inductor"),
             )
     times, _ = interleaved_times(steps, group["repeats"], group["warmup"], device)
     rows = []
@@ -205,8 +282,13 @@ def run_training(mode: str, device: torch.device, log: Callable[[str], None] = p
     for row in rows:
         row["flops_per_s"] = row["flops"] / row["seconds"]
         row["mfu"] = row["flops_per_s"] / peak
-    return {"device": device.type, "torch_threads": torch.get_num_threads(), "matmul_peak": peaks,
-            "peak_flops_per_s": peak, "rows": rows}  # fmt: skip
+    return {
+        "device": device.type,
+        "torch_threads": torch.get_num_threads(),
+        "matmul_peak": peaks,
+        "peak_flops_per_s": peak,
+        "rows": rows,
+    }
 
 
 __all__ = [
@@ -220,4 +302,3 @@ __all__ = [
     "training_plan",
     "vectorised_step",
 ]
-

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bd3lm_configuration import load_preset
 
+from bd3lm_configuration import load_preset
 from modeling_bd3lm import BD3LMConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -25,8 +25,13 @@ def plot_training(plt, section: dict, path: Path) -> Path | None:
     for kind, points in sorted(by_length.items()):
         lengths = sorted(points)
         left.plot(lengths, [points[n] for n in lengths], marker="o", label=kind)
-    left.set(xscale="log", yscale="log", xlabel="L (tokens)", ylabel="step time (ms)",
-             title=f"training step, {section['device']} (L'=4, batch 2, sdpa)")  # fmt: skip
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="L (tokens)",
+        ylabel="step time (ms)",
+        title=f"training step, {section['device']} (L'=4, batch 2, sdpa)",
+    )
     left.legend()
     labels = [f"{r['preset']} L={r['L']} L'={r['block_size']} B={r['batch']} {r['attn']}" for r in ratios]
     right.barh(range(len(ratios)), [r["over_ar"] for r in ratios], color="tab:blue")
@@ -51,8 +56,17 @@ def plot_generation(plt, section: dict, path: Path) -> Path | None:
         sizes = sorted({r["block_size"] for r in rows if r["batch"] == batch})
         width = 0.8 / max(len(modes), 1)
         for i, mode in enumerate(modes):
-            values = [next((r["speedup_vs_ar"] for r in rows if r["batch"] == batch and r["block_size"] == bs
-                            and r["mode"] == mode), 0.0) for bs in sizes]  # fmt: skip
+            values = [
+                next(
+                    (
+                        r["speedup_vs_ar"]
+                        for r in rows
+                        if r["batch"] == batch and r["block_size"] == bs and r["mode"] == mode
+                    ),
+                    0.0,
+                )
+                for bs in sizes
+            ]
             ax.bar([j + i * width for j in range(len(sizes))], values, width, label=mode)
         ax.axhline(1.0, color="black", linestyle="--", label="AR decode (KV cache)")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [f"L'={bs}" for bs in sizes])
@@ -70,14 +84,17 @@ def plot_memory(plt, section: dict, path: Path) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     tokens = [m["new_tokens"] for m in memory]
     left.plot(tokens, [m["peak_mib"] for m in memory], marker="o")
-    left.set(xscale="log", xlabel="new tokens", ylabel="MiB", ylim=(0, None),
-             title=f"peak memory ({memory[0]['measure']})")  # fmt: skip
+    left.set(
+        xscale="log", xlabel="new tokens", ylabel="MiB", ylim=(0, None), title=f"peak memory ({memory[0]['measure']})"
+    )
     right.plot(tokens, [m["growth_mib"] for m in memory], marker="s", label="growth during generate")
     right.plot(tokens, [m["kv_bytes"] / 2**20 for m in memory], marker="^", label="KV cache")
     right.set(xscale="log", xlabel="new tokens", ylabel="MiB", ylim=(0, None), title="generation's own memory")
     right.legend()
-    fig.suptitle(f"cached generation, L={memory[0]['model_length']}, L'={memory[0]['block_size']}, "
-                 f"{section['device']}", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"cached generation, L={memory[0]['model_length']}, L'={memory[0]['block_size']}, {section['device']}",
+        fontsize=9,
+    )
     return save_figure(fig, path)
 
 

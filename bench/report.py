@@ -26,58 +26,103 @@ def evaluate_targets(results: dict) -> list[dict]:
         for preset in ("tiny", "small"):
             row = _first(rows, preset=preset, L=256, block_size=4, attn="sdpa", **{"pass": "vectorised"})
             if row is None or "over_ar" not in row:
-                targets.append(_target(f"vectorised / AR step, {preset}", "<= 2.2 at L=256", "not measured", None,
-                                       device, "run without --quick"))  # fmt: skip
+                targets.append(
+                    _target(
+                        f"vectorised / AR step, {preset}",
+                        "<= 2.2 at L=256",
+                        "not measured",
+                        None,
+                        device,
+                        "run without --quick",
+                    )
+                )
                 continue
-            targets.append(_target(
-                f"vectorised / AR step, {preset}", "<= 2.2 at L=256", f"{row['over_ar']:.2f}", row["over_ar"] <= 2.2,
-                f"{device}, L'=4, batch {row['batch']}, sdpa",
-            ))  # fmt: skip
+            targets.append(
+                _target(
+                    f"vectorised / AR step, {preset}",
+                    "<= 2.2 at L=256",
+                    f"{row['over_ar']:.2f}",
+                    row["over_ar"] <= 2.2,
+                    f"{device}, L'=4, batch {row['batch']}, sdpa",
+                )
+            )
     for section in results.get("generation", []):
         rows, device = section["rows"], section["device"]
         row = _first(rows, group="cache", mode="cached")
         if row is not None:
             speedup = row["speedup_vs_uncached"]
             full = row["new_tokens"] >= 1024
-            targets.append(_target(
-                "cached / uncached tokens/s", ">= 5x for 1024 new tokens", f"{speedup:.1f}x",
-                (speedup >= 5) if full else None,
-                f"{device}, L={row['model_length']}, L'={row['block_size']}, {row['new_tokens']} new tokens, batch 1",
-                "" if full else "quick setting: shorter window than the target's",
-            ))  # fmt: skip
+            targets.append(
+                _target(
+                    "cached / uncached tokens/s",
+                    ">= 5x for 1024 new tokens",
+                    f"{speedup:.1f}x",
+                    (speedup >= 5) if full else None,
+                    f"{device}, L={row['model_length']}, L'={row['block_size']}, {row['new_tokens']} new tokens, batch 1",
+                    "" if full else "quick setting: shorter window than the target's",
+                )
+            )
         memory = section.get("memory", [])
         if memory:
             worst = max(memory, key=lambda m: abs(m["kv_bytes_per_token"] / m["formula_bytes_per_token"] - 1))
             off = worst["kv_bytes_per_token"] / worst["formula_bytes_per_token"] - 1
-            targets.append(_target(
-                "KV-cache bytes per token", "within 5% of 2·layers·hidden·bytes",
-                f"{worst['kv_bytes_per_token']:.0f} vs {worst['formula_bytes_per_token']} ({off:+.1%})",
-                abs(off) <= 0.05, f"{device}, worst of {len(memory)} runs",
-            ))  # fmt: skip
+            targets.append(
+                _target(
+                    "KV-cache bytes per token",
+                    "within 5% of 2·layers·hidden·bytes",
+                    f"{worst['kv_bytes_per_token']:.0f} vs {worst['formula_bytes_per_token']} ({off:+.1%})",
+                    abs(off) <= 0.05,
+                    f"{device}, worst of {len(memory)} runs",
+                )
+            )
             one, ten = _first(memory, multiple=1), _first(memory, multiple=10)
             if one and ten:
                 change = ten["peak_mib"] / one["peak_mib"] - 1
-                targets.append(_target(
-                    "peak memory at 10x vs 1x model_length", "within 10%",
-                    f"{ten['peak_mib']:.1f} vs {one['peak_mib']:.1f} MiB ({change:+.1%})", abs(change) <= 0.10,
-                    f"{device}, L={one['model_length']}, {one['measure']}",
-                    f"generation's own growth above the loaded model: {one['growth_mib']:.1f} -> "
-                    f"{ten['growth_mib']:.1f} MiB",
-                ))  # fmt: skip
+                targets.append(
+                    _target(
+                        "peak memory at 10x vs 1x model_length",
+                        "within 10%",
+                        f"{ten['peak_mib']:.1f} vs {one['peak_mib']:.1f} MiB ({change:+.1%})",
+                        abs(change) <= 0.10,
+                        f"{device}, L={one['model_length']}, {one['measure']}",
+                        f"generation's own growth above the loaded model: {one['growth_mib']:.1f} -> "
+                        f"{ten['growth_mib']:.1f} MiB",
+                    )
+                )
         trained = [r for r in rows if r["group"] == "samplers" and r.get("trained")]
         native = section.get("native_block_size")
         row = _first(trained, mode="threshold 0.9", batch=1, block_size=native)
         if row is None:
-            targets.append(_target(
-                "confidence_threshold 0.9, trained model", ">= 2 tokens/call and faster than AR", "not measured",
-                None, device, "pass --model PATH (a trained checkpoint)",
-            ))  # fmt: skip
+            targets.append(
+                _target(
+                    "confidence_threshold 0.9, trained model",
+                    ">= 2 tokens/call and faster than AR",
+                    "not measured",
+                    None,
+                    device,
+                    "pass --model PATH (a trained checkpoint)",
+                )
+            )
         else:
             where = f"{device}, {row['model']}, L'={row['block_size']}, batch 1"
-            targets.append(_target("confidence_threshold 0.9: tokens per call", ">= 2",
-                                   f"{row['tokens_per_call']:.2f}", row["tokens_per_call"] >= 2, where))  # fmt: skip
-            targets.append(_target("confidence_threshold 0.9: tokens/s vs AR decode", "> 1x",
-                                   f"{row['speedup_vs_ar']:.2f}x", row["speedup_vs_ar"] > 1, where))  # fmt: skip
+            targets.append(
+                _target(
+                    "confidence_threshold 0.9: tokens per call",
+                    ">= 2",
+                    f"{row['tokens_per_call']:.2f}",
+                    row["tokens_per_call"] >= 2,
+                    where,
+                )
+            )
+            targets.append(
+                _target(
+                    "confidence_threshold 0.9: tokens/s vs AR decode",
+                    "> 1x",
+                    f"{row['speedup_vs_ar']:.2f}x",
+                    row["speedup_vs_ar"] > 1,
+                    where,
+                )
+            )
     return targets
 
 
@@ -91,7 +136,8 @@ def markdown(results: dict) -> str:
         f"# Benchmark results: `{results['machine_name']}`",
         "",
         (
-            f"Machine: {m['cpu']}, {m['cpu_cores']} cores" + (f", {m['cuda']}" if m.get("cuda") else "")
+            f"Machine: {m['cpu']}, {m['cpu_cores']} cores"
+            + (f", {m['cuda']}" if m.get("cuda") else "")
             + f"; torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['platform']}."
         ),
         "",
@@ -106,8 +152,9 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {_fmt_met(t['met'])} | {t['where']} | "
-                     f"{t['note']} |")  # fmt: skip
+        lines.append(
+            f"| {t['target']} | {t['goal']} | {t['measured']} | {_fmt_met(t['met'])} | {t['where']} | {t['note']} |"
+        )
     for section in results.get("training", []):
         lines += [
             "",
@@ -155,8 +202,12 @@ def markdown(results: dict) -> str:
             )
         rng = [r for r in section["rows"] if "per_row_over_shared" in r]
         if rng:
-            lines += ["", "| `rng`: sampler | batch | L' | time with per-row streams / with one shared stream | "
-                      "random draws per step, per-row / shared (us) |", "|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "",
+                "| `rng`: sampler | batch | L' | time with per-row streams / with one shared stream | "
+                "random draws per step, per-row / shared (us) |",
+                "|---|---|---|---|---|",
+            ]
             for r in rng:
                 sampler = r["mode"].replace(", per-row streams", "")
                 draws = r.get("draw_cost") or {}

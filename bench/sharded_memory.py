@@ -58,8 +58,16 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(0)
-    config = BD3LMConfig(vocab_size=args.vocab, hidden_dim=args.hidden, cond_dim=128, n_blocks=args.blocks,
-                         n_heads=8, model_length=args.length, block_size=4, dropout=0.0)
+    config = BD3LMConfig(
+        vocab_size=args.vocab,
+        hidden_dim=args.hidden,
+        cond_dim=128,
+        n_blocks=args.blocks,
+        n_heads=8,
+        model_length=args.length,
+        block_size=4,
+        dropout=0.0,
+    )
     model = BD3LMForMaskedDiffusion(config).to(device).train()
     num_params = sum(p.numel() for p in model.parameters())
     if args.mode == "fsdp2":
@@ -82,7 +90,9 @@ def main() -> None:
     params = local_bytes(model.parameters())
     grads = local_bytes(p.grad for p in model.parameters())
     states = local_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
-    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     now = torch.cuda.memory_allocated(device) if cuda else resident_bytes()
     row = torch.tensor([params, grads, states, peak, now], dtype=torch.float64, device=device)
     rows = [torch.zeros_like(row) for _ in range(world)]
@@ -90,12 +100,23 @@ def main() -> None:
     if rank == 0:
         mib = 2**20
         record = {
-            "mode": args.mode, "world": world, "device": "cuda" if cuda else "cpu", "parameters": num_params,
-            "batch_per_rank": args.batch, "length": args.length,
-            "per_rank_mib": [{"params": r[0].item() / mib, "grads": r[1].item() / mib, "adamw": r[2].item() / mib,
-                              "state_total": (r[0] + r[1] + r[2]).item() / mib,
-                              "peak_rss" if not cuda else "peak_allocated": r[3].item() / mib,
-                              "rss_after" if not cuda else "allocated_after": r[4].item() / mib} for r in rows],
+            "mode": args.mode,
+            "world": world,
+            "device": "cuda" if cuda else "cpu",
+            "parameters": num_params,
+            "batch_per_rank": args.batch,
+            "length": args.length,
+            "per_rank_mib": [
+                {
+                    "params": r[0].item() / mib,
+                    "grads": r[1].item() / mib,
+                    "adamw": r[2].item() / mib,
+                    "state_total": (r[0] + r[1] + r[2]).item() / mib,
+                    "peak_rss" if not cuda else "peak_allocated": r[3].item() / mib,
+                    "rss_after" if not cuda else "allocated_after": r[4].item() / mib,
+                }
+                for r in rows
+            ],
         }
         line = json.dumps(record)
         print(line, flush=True)

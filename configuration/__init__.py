@@ -48,9 +48,7 @@ def load_preset(size: str = "tiny", block: str | None = None, tokenizer: Any = N
         kwargs.update(block_kwargs)
     if tokenizer is not None:
         if getattr(tokenizer, "mask_token_id", None) is None:
-            raise ValueError(
-                "tokenizer has no mask token: call bd3lm_trainer.corpus.add_mask_token(tokenizer) first."
-            )
+            raise ValueError("tokenizer has no mask token: call bd3lm_trainer.corpus.add_mask_token(tokenizer) first.")
         kwargs["vocab_size"] = len(tokenizer)
         kwargs.update({k: v for k, v in special_token_ids(tokenizer).items() if v is not None})
     kwargs.update(overrides)

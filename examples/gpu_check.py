@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -45,8 +44,17 @@ STEPS, SAVE_AT, PER_DEVICE, ACCUMULATION, LR, DECAY = 8, 4, 2, 2, 1e-3, 0.9
 def make_model(seed: int, **overrides) -> BD3LMForMaskedDiffusion:
     """~13M parameters; odd vocabulary and conditioning sizes so that shards split unevenly."""
     torch.manual_seed(seed)
-    config = BD3LMConfig(vocab_size=4097, hidden_dim=256, cond_dim=127, n_blocks=4, n_heads=4, model_length=128,
-                         block_size=4, dropout=0.0, **overrides)
+    config = BD3LMConfig(
+        vocab_size=4097,
+        hidden_dim=256,
+        cond_dim=127,
+        n_blocks=4,
+        n_heads=4,
+        model_length=128,
+        block_size=4,
+        dropout=0.0,
+        **overrides,
+    )
     model = BD3LMForMaskedDiffusion(config)
     with torch.no_grad():  # the zero inits (adaLN, output layer) would hide a wrong shard
         for param in model.parameters():
@@ -62,12 +70,33 @@ def make_data(num: int, seed: int) -> Dataset:
 
 def arguments(output_dir: str, bf16: bool, **overrides) -> BD3LMTrainingArguments:
     kwargs = dict(
-        output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=PER_DEVICE, per_device_eval_batch_size=2,
-        gradient_accumulation_steps=ACCUMULATION, learning_rate=LR, lr_scheduler_type="constant", optim="adamw_torch",
-        weight_decay=0.0, max_grad_norm=1.0, use_ema=True, ema_decay=DECAY, eval_strategy="steps", eval_steps=SAVE_AT,
-        save_strategy="steps", save_steps=SAVE_AT, logging_steps=1, schedule_search_widths=[0.5, 0.9],
-        schedule_search_step=0.25, schedule_search_batches=2, train_sampling_strategy="sequential", seed=0,
-        report_to=[], disable_tqdm=True, dataloader_num_workers=0, bf16=bf16, use_cpu=not torch.cuda.is_available(),
+        output_dir=output_dir,
+        max_steps=STEPS,
+        per_device_train_batch_size=PER_DEVICE,
+        per_device_eval_batch_size=2,
+        gradient_accumulation_steps=ACCUMULATION,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        use_ema=True,
+        ema_decay=DECAY,
+        eval_strategy="steps",
+        eval_steps=SAVE_AT,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        logging_steps=1,
+        schedule_search_widths=[0.5, 0.9],
+        schedule_search_step=0.25,
+        schedule_search_batches=2,
+        train_sampling_strategy="sequential",
+        seed=0,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
     )
     return BD3LMTrainingArguments(**{**kwargs, **overrides})
 
@@ -107,7 +136,7 @@ def single_process_reference(
     losses = []
     per_step = PER_DEVICE * ACCUMULATION * world
     for step in range(STEPS):
-        rows = train[step * per_step:(step + 1) * per_step]["input_ids"]
+        rows = train[step * per_step : (step + 1) * per_step]["input_ids"]
         batch = {k: v.to(device) for k, v in collator([{"input_ids": r} for r in rows]).items()}
         loss = model(**batch).loss  # the token mean over every rank's tokens of the step
         loss.backward()
@@ -134,8 +163,13 @@ def main() -> None:
     train, valid = make_data(STEPS * PER_DEVICE * ACCUMULATION * 64, seed=1), make_data(12, seed=2)
 
     probe = LayoutProbe()
-    trainer = BD3LMTrainer(make_model(0, always_mask=True), arguments(str(out / "run"), args.bf16),
-                           train_dataset=train, eval_dataset=valid, callbacks=[probe])
+    trainer = BD3LMTrainer(
+        make_model(0, always_mask=True),
+        arguments(str(out / "run"), args.bf16),
+        train_dataset=train,
+        eval_dataset=valid,
+        callbacks=[probe],
+    )
     world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -144,13 +178,21 @@ def main() -> None:
         ema_weights = gathered(trainer)
     trainer.save_model(str(out / "saved"))
 
-    resumed = BD3LMTrainer(make_model(1, always_mask=True), arguments(str(out / "resumed"), args.bf16),
-                           train_dataset=train, eval_dataset=valid)
+    resumed = BD3LMTrainer(
+        make_model(1, always_mask=True),
+        arguments(str(out / "resumed"), args.bf16),
+        train_dataset=train,
+        eval_dataset=valid,
+    )
     resumed.train(resume_from_checkpoint=str(out / "run" / f"checkpoint-{SAVE_AT}"))
     resumed_online = gathered(resumed)
 
-    searched = BD3LMTrainer(make_model(0), arguments(str(out / "search"), args.bf16, max_steps=SAVE_AT, save_strategy="no"),
-                            train_dataset=train, eval_dataset=valid)
+    searched = BD3LMTrainer(
+        make_model(0),
+        arguments(str(out / "search"), args.bf16, max_steps=SAVE_AT, save_strategy="no"),
+        train_dataset=train,
+        eval_dataset=valid,
+    )
     searched.train()
     interval = torch.tensor(unwrap_bd3lm(searched.model).training_noise_interval(), device=searched.args.device)
     intervals = searched.accelerator.gather(interval[None]).view(-1, 2).tolist()
@@ -162,8 +204,10 @@ def main() -> None:
     if world > 1:
         expected_layout = "zero3" if trainer.is_deepspeed_enabled else "fsdp2"
         if found["layout"] != expected_layout:
-            problems.append(f"parameters are {found['layout']!r}, expected {expected_layout!r} shards "
-                            f"(distributed type {trainer.accelerator.distributed_type})")
+            problems.append(
+                f"parameters are {found['layout']!r}, expected {expected_layout!r} shards "
+                f"(distributed type {trainer.accelerator.distributed_type})"
+            )
         if not found["embedding_local_numel"] <= math.ceil(numel / world) + 256:
             problems.append(f"rank {rank} holds {found['embedding_local_numel']} of {numel} embedding elements")
     if trainer.is_fsdp_enabled and not found["activation_checkpointing"]:
@@ -171,8 +215,13 @@ def main() -> None:
     if len({tuple(i) for i in intervals}) != 1 or search.history == []:
         problems.append(f"searched intervals differ across ranks: {intervals}")
 
-    figures = {"world": world, "layout": found, "distributed_type": str(trainer.accelerator.distributed_type),
-               "losses": losses, "intervals": intervals}
+    figures = {
+        "world": world,
+        "layout": found,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "losses": losses,
+        "intervals": intervals,
+    }
     if torch.cuda.is_available():
         figures["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if rank == 0:
@@ -190,8 +239,9 @@ def main() -> None:
                 problems.append(f"the saved folder does not hold the gathered EMA weights ({name})")
                 break
         if not args.bf16:
-            ref_losses, ref_online, ref_ema = single_process_reference(train, world, trainer.args.device,
-                                                                       trainer.data_collator)
+            ref_losses, ref_online, ref_ema = single_process_reference(
+                train, world, trainer.args.device, trainer.data_collator
+            )
             figures["reference_losses"] = ref_losses
             if not all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses, ref_losses)):
                 problems.append(f"losses {losses} differ from one process on the union {ref_losses}")

@@ -5,9 +5,9 @@ from .cache_bd3lm import CACHE_FIELD, CommittedWindow, read_cache_layer, trim_ca
 from .configuration_bd3lm import BD3LMConfig
 from .gating_bd3lm import adapter_gate, has_gated_adapter
 from .generation_bd3lm import BD3LMGenerateOutput, BD3LMGenerationConfig, BD3LMGenerationMixin, BlockDenoiser
-from .modes_bd3lm import DECODING_MODES
 from .masks_bd3lm import block_causal_mask, block_diffusion_mask, block_diffusion_mask_mod
 from .modeling_bd3lm import BD3LMForMaskedDiffusion, BD3LMModel, BD3LMOutput, BD3LMPreTrainedModel
+from .modes_bd3lm import DECODING_MODES
 from .noise_schedule_bd3lm import BD3LMNoiseSchedule, add_noise, draw_noise, nelbo_valid_mask, sample_noise_levels
 from .tokenization_bd3lm import MASK_TOKEN, add_mask_token, set_special_token_ids, special_token_ids
 

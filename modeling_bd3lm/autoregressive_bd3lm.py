@@ -167,9 +167,15 @@ class CleanStreamDecoder:
             full = torch.ones((rows, width, past + width), dtype=torch.bool, device=input_ids.device)
             full[:, :, past:] = allowed
         out = self.model.denoiser.causal_pass(
-            input_ids, mask, self.cache, write, None, allowed=full, adapter_positions=adapter_positions,
+            input_ids,
+            mask,
+            self.cache,
+            write,
+            None,
+            allowed=full,
+            adapter_positions=adapter_positions,
             position_ids=position_ids,
-        )  # fmt: skip
+        )
         if write:
             self.mask = mask
         self._count()
@@ -248,7 +254,9 @@ class CleanStreamDecoder:
             nfe=self.nfe,
             num_forwards=self.num_forwards,
             tokens_per_forward=self.new_lengths.double() / self.nfe.clamp_min(1).double(),
-            acceptance_lengths=tuple(torch.tensor(a, dtype=torch.long) for a in self.acceptance) if acceptance else None,
+            acceptance_lengths=tuple(torch.tensor(a, dtype=torch.long) for a in self.acceptance)
+            if acceptance
+            else None,
             generation_mode=request.config.generation_mode,
             cache_rows=self.rows,
             **{CACHE_FIELD: self.cache},
@@ -299,7 +307,9 @@ class AutoregressiveMode(DecodingMode):
     @classmethod
     def run(cls, model: Any, request: DecodingRequest) -> torch.LongTensor | BD3LMGenerateOutput:
         state = CleanStreamDecoder(model, request)
-        chooser = TokenChooser(request, draw_row_seeds(request.generator, len(state.rows)) if request.do_sample else None)
+        chooser = TokenChooser(
+            request, draw_row_seeds(request.generator, len(state.rows)) if request.do_sample else None
+        )
         logits = state.prefill()
         while True:
             rows = state.rows.tolist()

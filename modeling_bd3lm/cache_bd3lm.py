@@ -48,6 +48,7 @@ def with_cache_field(base: type[ModelOutput]) -> type[ModelOutput]:
 # ----------------------------------------------------------------------------------------------------------------------
 # The cache a forward receives, and what a layer reads
 
+
 def resolve_cache_kwarg(past_key_values: Cache | None, cache: Cache | None, owner: str) -> Cache | None:
     """The KV cache a forward received: `cache` (transformers 5's name, which our forward also takes on 4.57), or the
     deprecated `past_key_values`, with the `FutureWarning` transformers' own models give for it."""
@@ -119,6 +120,7 @@ def open_window(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The committed window of generation
+
 
 def select_cache_rows(cache: Cache, index: torch.LongTensor) -> None:
     """Keep only the batch rows `index` of every layer of a dynamic cache."""

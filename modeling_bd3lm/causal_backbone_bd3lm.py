@@ -126,7 +126,9 @@ class CausalLMDenoiser(BD3LMDenoiser):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = bool(config.output_attentions if output_attentions is None else output_attentions)
         if noisy_input_ids is None:
-            return self._sampling_pass(input_ids, attention_mask, cache, use_cache, output_hidden_states, output_attentions)
+            return self._sampling_pass(
+                input_ids, attention_mask, cache, use_cache, output_hidden_states, output_attentions
+            )
         return self._vectorised_pass(
             input_ids, noisy_input_ids, attention_mask, output_hidden_states, output_attentions, output_clean_logits
         )
@@ -179,7 +181,7 @@ class CausalLMDenoiser(BD3LMDenoiser):
             )
         clean_logits = None
         if output_clean_logits:
-            logits, clean_logits = logits[:, : -seq_len], logits[:, -seq_len:]
+            logits, clean_logits = logits[:, :-seq_len], logits[:, -seq_len:]
         if config.token_shift:
             logits = torch.cat((logits.new_zeros((batch, 1, logits.shape[-1])), logits), dim=1)
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
@@ -187,7 +189,9 @@ class CausalLMDenoiser(BD3LMDenoiser):
             hidden = tuple(None if h is None else h[:, seq_len:] for h in hidden)
         attentions = getattr(out, "attentions", None) if output_attentions else None
         if attentions is not None:
-            attentions = tuple(torch.cat((w[:, :, seq_len:, seq_len:], w[:, :, seq_len:, :seq_len]), -1) for w in attentions)
+            attentions = tuple(
+                torch.cat((w[:, :, seq_len:, seq_len:], w[:, :, seq_len:, :seq_len]), -1) for w in attentions
+            )
         return BD3LMOutput(
             logits=logits, hidden_states=hidden, attentions=attentions, clean_logits=clean_logits, **{CACHE_FIELD: None}
         )
@@ -232,7 +236,6 @@ class CausalLMDenoiser(BD3LMDenoiser):
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
         attentions = getattr(out, "attentions", None) if output_attentions else None
         return BD3LMOutput(logits=out.logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: cache})
-
 
     def causal_pass(
         self,
@@ -316,9 +319,7 @@ def dense_mask(allowed: torch.BoolTensor, backbone: torch.nn.Module) -> torch.Te
     if attention_implementation(backbone) in _BOOLEAN_MASK_KERNELS:
         return allowed
     dtype = backbone_dtype(backbone)
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def shifted_rows(seq_len: int, block_size: int, device: torch.device) -> torch.LongTensor:
@@ -337,7 +338,7 @@ def _call_backbone(backbone: torch.nn.Module, keep: torch.LongTensor | None, **k
     return out, out.logits if keep is None else out.logits[:, keep]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_parameters(backbone_class: type) -> frozenset[str]:
     """The argument names of a backbone class's `forward`, read once per class."""
     import inspect
@@ -360,7 +361,10 @@ def cache_kwarg(backbone: torch.nn.Module) -> str:
 
 
 def _probe_outputs(backbone: torch.nn.Module, tokens: torch.LongTensor, mask: Any) -> torch.Tensor:
-    kwargs = {"input_ids": tokens, "position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)}
+    kwargs = {
+        "input_ids": tokens,
+        "position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
+    }
     if mask is not None:
         kwargs["attention_mask"] = mask
     return backbone(use_cache=False, return_dict=True, **kwargs).logits.float()

@@ -303,16 +303,21 @@ def check_loading_info(
             config initialises).
         allow_size_mismatch: the caller passed `ignore_mismatched_sizes=True` on purpose.
     """
+
     def keys(name: str, tolerated: tuple[str, ...]) -> list[str]:
         found = info.get(name) or []
         return sorted(k for k in found if not any(re.search(pattern, k) for pattern in tolerated))
 
     missing = keys("missing_keys", tolerated_missing)
     unexpected = keys("unexpected_keys", tolerated_unexpected)
-    mismatched = [] if allow_size_mismatch else sorted(
-        # transformers 5 reports (key, shape in the weights, shape of the model), 4.57 only the key
-        entry if isinstance(entry, str) else f"{entry[0]} {tuple(entry[1])} in the weights vs {tuple(entry[2])}"
-        for entry in (info.get("mismatched_keys") or [])
+    mismatched = (
+        []
+        if allow_size_mismatch
+        else sorted(
+            # transformers 5 reports (key, shape in the weights, shape of the model), 4.57 only the key
+            entry if isinstance(entry, str) else f"{entry[0]} {tuple(entry[1])} in the weights vs {tuple(entry[2])}"
+            for entry in (info.get("mismatched_keys") or [])
+        )
     )
     problems = [
         f"{label}: {', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''}"

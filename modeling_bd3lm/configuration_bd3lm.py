@@ -20,7 +20,14 @@ _ATTN_BACKENDS = {
     "eager": "eager",
 }
 _BOOL_FIELDS = (
-    "cross_attn", "adaln", "causal", "time_conditioning", "var_min", "always_mask", "antithetic_sampling", "resample",
+    "cross_attn",
+    "adaln",
+    "causal",
+    "time_conditioning",
+    "var_min",
+    "always_mask",
+    "antithetic_sampling",
+    "resample",
     "ignore_bos",
 )
 
@@ -204,9 +211,7 @@ class BD3LMConfig(PretrainedConfig):
             self.mask_token_id = self.vocab_size - 1
         self._take_hf_names(kwargs)
         if attn_backend not in _ATTN_BACKENDS:
-            raise ValueError(
-                f"`attn_backend`={attn_backend!r} is not supported; use one of {sorted(_ATTN_BACKENDS)}."
-            )
+            raise ValueError(f"`attn_backend`={attn_backend!r} is not supported; use one of {sorted(_ATTN_BACKENDS)}.")
         if kwargs.get("attn_implementation") is None:
             if kwargs.get("output_attentions"):
                 # Attention weights exist only in the eager kernel: asking for them picks it, as for HF's own models.
@@ -293,7 +298,7 @@ class BD3LMConfig(PretrainedConfig):
             raise ValueError("`causal=True` (the official AR variant) is not supported; use `block_size=1` instead.")
         if self.clean_attention not in CLEAN_ATTENTIONS:
             raise ValueError(
-                f"`clean_attention`={self.clean_attention!r} is unknown; use one of {CLEAN_ATTENTIONS} (\"block_causal\", "
+                f'`clean_attention`={self.clean_attention!r} is unknown; use one of {CLEAN_ATTENTIONS} ("block_causal", '
                 "the paper, is the default)."
             )
         DENOISER_CONFIGS[self.denoiser_type].validate(self)
@@ -312,7 +317,6 @@ class BD3LMConfig(PretrainedConfig):
         else `"dit"` (the official DiT). The one place this is decided: the model builds `DENOISERS[denoiser_type]`
         (`modeling_bd3lm.py`), and this config applies `DENOISER_CONFIGS[denoiser_type]`."""
         return "dit" if getattr(self, "backbone_config", None) is None else "causal_lm"
-
 
     @property
     def head_dim(self) -> int:
@@ -350,7 +354,9 @@ class _DiTConfig:
             if not is_int(value) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if config.vocab_size < 2:
-            raise ValueError(f"`vocab_size` must be >= 2 (at least one token besides the mask), got {config.vocab_size}.")
+            raise ValueError(
+                f"`vocab_size` must be >= 2 (at least one token besides the mask), got {config.vocab_size}."
+            )
         for name in ("rope_theta", "initializer_range", "dropout"):
             value = getattr(config, name)
             if not is_real(value) or not math.isfinite(value):
@@ -358,7 +364,9 @@ class _DiTConfig:
         if config.rope_theta <= 0:
             raise ValueError(f"`rope_theta` must be > 0 (the base of the rotary frequencies), got {config.rope_theta}.")
         if config.initializer_range < 0:
-            raise ValueError(f"`initializer_range` must be >= 0 (a standard deviation), got {config.initializer_range}.")
+            raise ValueError(
+                f"`initializer_range` must be >= 0 (a standard deviation), got {config.initializer_range}."
+            )
         if config.hidden_dim % config.n_heads != 0:
             raise ValueError(
                 f"`hidden_dim` (hidden_size)={config.hidden_dim} must be divisible by `n_heads` "
@@ -374,7 +382,7 @@ class _DiTConfig:
         if config.clean_attention != "block_causal":
             raise ValueError(
                 f"`clean_attention`={config.clean_attention!r} is for a causal-LM denoiser (`from_causal_lm`), whose "
-                "clean stream it keeps equal to the source model; the DiT supports only \"block_causal\" (the paper)."
+                'clean stream it keeps equal to the source model; the DiT supports only "block_causal" (the paper).'
             )
 
 
@@ -467,7 +475,11 @@ def build_backbone_config(backbone_config: PretrainedConfig | dict | None) -> Pr
 
     values.pop("transformers_version", None)
     rope = values.get("rope_parameters")
-    if isinstance(rope, dict) and model_type in CONFIG_MAPPING and not _knows_rope_parameters(CONFIG_MAPPING[model_type]):
+    if (
+        isinstance(rope, dict)
+        and model_type in CONFIG_MAPPING
+        and not _knows_rope_parameters(CONFIG_MAPPING[model_type])
+    ):
         # Saved by transformers 5 (`rope_parameters`), read by 4.x, which only knows `rope_theta` / `rope_scaling`.
         values.pop("rope_parameters")
         rope = dict(rope)

@@ -29,7 +29,15 @@ from .tokenization_bd3lm import (
 )
 
 # `from_pretrained` arguments that also decide how the tokenizer is found.
-_TOKENIZER_KWARGS = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "subfolder", "trust_remote_code")
+_TOKENIZER_KWARGS = (
+    "gguf_file",
+    "revision",
+    "cache_dir",
+    "token",
+    "local_files_only",
+    "subfolder",
+    "trust_remote_code",
+)
 _DEFAULT_MODEL_LENGTH = 1024
 
 
@@ -51,7 +59,9 @@ def load_source(source: Any, pretrained_kwargs: dict[str, Any]) -> torch.nn.Modu
         implementation = pretrained_kwargs.pop("attn_implementation", None)
         unused = sorted(k for k in pretrained_kwargs if k not in ("dtype", "torch_dtype"))
         if unused:
-            raise ValueError(f"from_causal_lm() got {unused} with a model object; they only apply to a folder or Hub id.")
+            raise ValueError(
+                f"from_causal_lm() got {unused} with a model object; they only apply to a folder or Hub id."
+            )
         dtype = pretrained_kwargs.get("dtype", pretrained_kwargs.get("torch_dtype"))
         if dtype is not None:
             source = source.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
@@ -62,9 +72,7 @@ def load_source(source: Any, pretrained_kwargs: dict[str, Any]) -> torch.nn.Modu
                 source.config._attn_implementation = implementation
         return source
     if not isinstance(source, (str, os.PathLike)):
-        raise ValueError(
-            f"`source` must be a causal LM object, a folder or a Hub id, got {type(source).__name__}."
-        )
+        raise ValueError(f"`source` must be a causal LM object, a folder or a Hub id, got {type(source).__name__}.")
     source = os.fspath(source)
     if pretrained_kwargs.get("gguf_file"):
         # GGUF files hold decoder-only LMs, and reading their config alone takes as long as a small model's load

@@ -81,7 +81,9 @@ class DraftVerifyMode(DecodingMode):
         block_size = model.config.block_size
         one_forward = (request.config.draft_variant or DRAFT_VARIANTS[0]) == "one_forward"
         state = CleanStreamDecoder(model, request)
-        chooser = TokenChooser(request, draw_row_seeds(request.generator, len(state.rows)) if request.do_sample else None)
+        chooser = TokenChooser(
+            request, draw_row_seeds(request.generator, len(state.rows)) if request.do_sample else None
+        )
         logits = state.prefill()
         rows = state.rows.tolist()
         seed = chooser.choose(logits, rows, state.positions().tolist(), lambda i: state.history(rows[i]))

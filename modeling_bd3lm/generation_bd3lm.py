@@ -63,10 +63,10 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
-from .checks_bd3lm import check_attention_mask, check_special_token_ids, check_token_ids, check_tokenizer_fits
-from .generation_config_bd3lm import BD3LMGenerationConfig
 from .cache_bd3lm import CACHE_FIELD, CommittedWindow
+from .checks_bd3lm import check_attention_mask, check_special_token_ids, check_token_ids, check_tokenizer_fits
 from .decoding_bd3lm import BlockDenoiser, DecodingRequest
+from .generation_config_bd3lm import BD3LMGenerationConfig
 from .modes_bd3lm import DECODING_MODES
 from .outputs_bd3lm import BD3LMGenerateOutput
 from .sampling_bd3lm import (
@@ -273,11 +273,24 @@ class BD3LMGenerationMixin:
             stopping_criteria, tokenizer, stop_strings, config.entropy_stop, config.entropy_stop_window, prompt_len
         )
         request = DecodingRequest(
-            config=config, prompt=prompt, prompt_mask=prompt_mask, given=given, max_new_tokens=max_new_tokens,
-            mask_token_id=mask_id, eos_ids=eos_ids, out_pad=out_pad, filler=filler, do_sample=do_sample,
-            use_cache=use_cache, logits_processor=logits_processor, warpers=warpers, criteria=criteria,
-            streamer=streamer, generator=generator, sampler=sampler,
-        )  # fmt: skip
+            config=config,
+            prompt=prompt,
+            prompt_mask=prompt_mask,
+            given=given,
+            max_new_tokens=max_new_tokens,
+            mask_token_id=mask_id,
+            eos_ids=eos_ids,
+            out_pad=out_pad,
+            filler=filler,
+            do_sample=do_sample,
+            use_cache=use_cache,
+            logits_processor=logits_processor,
+            warpers=warpers,
+            criteria=criteria,
+            streamer=streamer,
+            generator=generator,
+            sampler=sampler,
+        )
         mode = DECODING_MODES[config.generation_mode]  # the config checked the name
         mode.check(self, request)
         return mode.run(self, request)
@@ -285,7 +298,12 @@ class BD3LMGenerationMixin:
     def _generate_blocks(self, request: DecodingRequest) -> torch.LongTensor | BD3LMGenerateOutput:
         """Steps 3-5 of the outline: block diffusion (`generation_mode="diffusion"`)."""
         config, prompt, prompt_mask, given = request.config, request.prompt, request.prompt_mask, request.given
-        streamer, max_new_tokens, out_pad, mask_id = request.streamer, request.max_new_tokens, request.out_pad, request.mask_token_id
+        streamer, max_new_tokens, out_pad, mask_id = (
+            request.streamer,
+            request.max_new_tokens,
+            request.out_pad,
+            request.mask_token_id,
+        )
         block_size, model_length = self.config.block_size, self.config.model_length
         batch, device = prompt.shape[0], prompt.device
         # 3. the prompt is the first committed window (prefilled by the first block's first call when cached)
@@ -329,7 +347,9 @@ class BD3LMGenerationMixin:
             # a. denoise the block from all-mask
             block = torch.full((len(window.rows), block_size), mask_id, dtype=torch.long, device=device)
             block, calls = denoiser.denoise(
-                self, block, window,
+                self,
+                block,
+                window,
                 lambda begin=begin: torch.cat((prompt[window.rows], new_tokens[window.rows, :begin]), 1),
             )
             num_forwards += calls

@@ -8,7 +8,7 @@ Class and parameter names reproduce the official checkpoints key for key (`norm1
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -30,10 +30,9 @@ Both denoisers (the DiT and a causal-LM backbone) take their masks from here, wi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-
 
 # The attention patterns of the clean stream (`BD3LMConfig.clean_attention`); the first is the paper's.
 CLEAN_ATTENTIONS = ("block_causal", "causal")
@@ -161,7 +160,9 @@ def vectorised_attention_mask(
     if flex:
         mask_mod = block_diffusion_mask_mod(seq_len, block_size, clean_attention, clean_first)
         return flex_block_mask(mask_mod, key_padding, 2 * seq_len, 2 * seq_len, device)
-    return with_key_padding(block_diffusion_mask(seq_len, block_size, device, clean_attention, clean_first), key_padding)
+    return with_key_padding(
+        block_diffusion_mask(seq_len, block_size, device, clean_attention, clean_first), key_padding
+    )
 
 
 def sampling_attention_mask(

@@ -16,21 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
+from .autoregressive_bd3lm import AutoregressiveMode  # noqa: F401  (the decoding modes: shipped files)
+
 # transformers 4.57 copies just the direct relative imports of this file when it loads a checkpoint from a local folder
 # with trust_remote_code, so every bundled module is imported here (some only for that).
 from .cache_bd3lm import CACHE_FIELD, open_window, read_cache_layer, resolve_cache_kwarg, trim_cache_left
 from .causal_backbone_bd3lm import CausalLMDenoiser
-from .checks_bd3lm import check_extra_kwargs, check_forward_inputs, check_generator, checking_values, padded_keys
+from .checks_bd3lm import check_extra_kwargs, check_forward_inputs, check_generator, padded_keys
 from .configuration_bd3lm import BD3LMConfig
 from .conversion_bd3lm import from_causal_lm
-from .denoiser_bd3lm import BD3LMDenoiser
-from .gating_bd3lm import adapter_gate  # noqa: F401  (imported here so that 4.57 ships the file)
-from .tokenization_bd3lm import MASK_TOKEN  # noqa: F401  (imported here so that 4.57 ships the file)
-from .autoregressive_bd3lm import AutoregressiveMode  # noqa: F401  (the decoding modes: shipped files)
 from .decoding_bd3lm import DecodingMode  # noqa: F401
+from .denoiser_bd3lm import BD3LMDenoiser
 from .draft_verify_bd3lm import DraftVerifyMode  # noqa: F401
-from .gating_bd3lm import adapter_gate  # noqa: F401
-from .modes_bd3lm import DECODING_MODES  # noqa: F401
+from .gating_bd3lm import adapter_gate  # noqa: F401  (imported here so that 4.57 ships the file)
 from .generation_bd3lm import BD3LMGenerationMixin
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .layers_bd3lm import (
@@ -43,21 +41,21 @@ from .layers_bd3lm import (
     checkpoint_key,
     parameter_name,
 )
+from .loss_bd3lm import block_nelbo
 from .masks_bd3lm import sampling_attention_mask, vectorised_attention_mask
+from .modes_bd3lm import DECODING_MODES  # noqa: F401
 from .noise_schedule_bd3lm import (
     EVAL_NOISE_INTERVAL,
     BD3LMNoiseSchedule,
     draw_noise,
     maskable_positions,
-    nelbo_valid_mask,
 )
 from .outputs_bd3lm import BD3LMOutput
 from .pretrained_bd3lm import AUTO_MAP, BD3LMPreTrainedModel
-from .sampling_bd3lm import suppress_mask_logit
-
+from .sampling_bd3lm import SAMPLERS  # noqa: F401  (imported here so that 4.57 ships the file)
+from .tokenization_bd3lm import MASK_TOKEN  # noqa: F401  (imported here so that 4.57 ships the file)
 
 # Largest NELBO weight (≈ 1/t) accepted: beyond it weight × cross-entropy may overflow float32.
-_MAX_LOSS_WEIGHT = 1e30
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Models
@@ -212,7 +210,13 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
         all_attentions = [] if output_attentions else None
         for block in self.blocks:
             x, weights = block(
-                x, c, rotary, mask, attention_fn, cache=past_key_values, use_cache=bool(use_cache),
+                x,
+                c,
+                rotary,
+                mask,
+                attention_fn,
+                cache=past_key_values,
+                use_cache=bool(use_cache),
                 output_attentions=output_attentions,
             )
             if all_hidden is not None:
@@ -235,7 +239,10 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
         if not return_dict:
             return tuple(v for v in (logits, hidden_states, attentions, past_key_values) if v is not None)
         return BD3LMOutput(
-            logits=logits, hidden_states=hidden_states, attentions=attentions, clean_logits=clean_logits,
+            logits=logits,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            clean_logits=clean_logits,
             **{CACHE_FIELD: past_key_values},
         )
 
@@ -350,9 +357,16 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 f"{self.config.token_shift}) has no autoregressive view. Use generation_mode='diffusion'."
             )
         check_forward_inputs(
-            self.config, input_ids, noisy_input_ids=None, attention_mask=attention_mask, labels=None,
-            noise_levels=None, timesteps=None, cache=cache, use_cache=use_cache,
-        )  # fmt: skip
+            self.config,
+            input_ids,
+            noisy_input_ids=None,
+            attention_mask=attention_mask,
+            labels=None,
+            noise_levels=None,
+            timesteps=None,
+            cache=cache,
+            use_cache=use_cache,
+        )
         if use_cache and cache is None:
             cache = DynamicCache()
         return denoiser.causal_pass(input_ids.long(), attention_mask, cache, use_cache, logits_to_keep)
@@ -405,7 +419,9 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
     def set_noise_interval(self, eps_min: float, eps_max: float) -> None:
         """Write a (searched) clipped interval into the buffers so that checkpoints carry it."""
         if not 0.0 <= eps_min <= eps_max <= 1.0:
-            raise ValueError(f"The noise interval must satisfy 0 <= eps_min <= eps_max <= 1, got ({eps_min}, {eps_max}).")
+            raise ValueError(
+                f"The noise interval must satisfy 0 <= eps_min <= eps_max <= 1, got ({eps_min}, {eps_max})."
+            )
         if not self.config.var_min:
             raise ValueError("This model has no `sampling_eps_*` buffers (`config.var_min=False`).")
         self.sampling_eps_min.fill_(eps_min)
@@ -444,44 +460,11 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         noise_levels: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block NELBO (Eq. (8) of Arriola et al., 2025) under the SUBS parameterisation.
-
-        L_BD(x; θ) = Σ_b E_t E_q [ -α'_t / (1 - α_t) · log p_θ(x^b | x_t^b, x^{<b}) ], where only masked positions
-        contribute (carry-over gives unmasked tokens log-probability 0) and the mask logit is suppressed.
-
-        Returns:
-            `(loss, token_loss)`: the token mean over non-padding (and, with `ignore_bos`, non-first) positions, and
-            the per-token terms of shape `(batch, seq_len)`.
-        """
-        config = self.config
-        # SUBS: zero masking probability (out of place: the caller's logits are returned raw)
-        log_probs = torch.log_softmax(suppress_mask_logit(logits.float(), config.mask_token_id), dim=-1)
-        valid = nelbo_valid_mask(labels, attention_mask, config.ignore_bos)
-        if checking_values() and bool(((labels == config.mask_token_id) & valid).any()):
-            raise ValueError(
-                f"`labels` contain the mask token id {config.mask_token_id}, which the model can never predict (SUBS "
-                "gives it probability 0, so the loss is infinite); the data must not contain the mask token: check "
-                "the tokenizer and `mask_token_id`, or set those labels to -100."
-            )
-        targets = torch.where(valid, labels, torch.zeros_like(labels))
-        nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
-        if config.always_mask:
-            weight = torch.ones_like(noise_levels)
-        else:
-            weight = self.noise_schedule.loss_weight(noise_levels.float())
-        weight = weight.repeat_interleave(config.block_size, dim=1)
-        is_masked = (noisy_input_ids == config.mask_token_id) & valid
-        # Zero the weight, not only the term, off the masked positions: an infinite weight there (t = 0) would turn
-        # the zero gradient of an unused term into NaN.
-        weight = torch.where(is_masked, weight, torch.zeros_like(weight))
-        if checking_values() and not bool((weight <= _MAX_LOSS_WEIGHT).all()):  # also catches inf and NaN
-            raise ValueError(
-                "`noisy_input_ids` has mask tokens in a block whose `noise_levels` entry is (nearly) 0, where the NELBO "
-                f"weight overflows (t = 0 masks nothing); use t > {1 / _MAX_LOSS_WEIGHT:g} for blocks with masked tokens."
-            )
-        token_loss = torch.where(is_masked, weight * nll, torch.zeros_like(nll))
-        loss = token_loss.sum() / valid.sum().clamp_min(1)
-        return loss, token_loss
+        """The block NELBO (Eq. (8) of Arriola et al., 2025) of this model's config and noise schedule:
+        `(loss, token_loss)`, see [`loss_bd3lm.block_nelbo`]."""
+        return block_nelbo(
+            self.config, self.noise_schedule, logits, labels, noisy_input_ids, noise_levels, attention_mask
+        )
 
     def forward(
         self,
@@ -535,9 +518,16 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         return_dict = config.return_dict if return_dict is None else return_dict
         # Every input is checked here, once, for every kind of denoiser (which trusts what it is given).
         vectorised = check_forward_inputs(
-            config, input_ids, noisy_input_ids=noisy_input_ids, attention_mask=attention_mask, labels=labels,
-            noise_levels=noise_levels, timesteps=timesteps, cache=past_key_values, use_cache=use_cache,
-        )  # fmt: skip
+            config,
+            input_ids,
+            noisy_input_ids=noisy_input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            noise_levels=noise_levels,
+            timesteps=timesteps,
+            cache=past_key_values,
+            use_cache=use_cache,
+        )
         if output_clean_logits and not vectorised:
             raise ValueError(
                 "`output_clean_logits=True` needs the vectorised pass: pass `noisy_input_ids` (or `labels`), not a "
@@ -579,7 +569,10 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
 
         if not return_dict:
             return BD3LMOutput(
-                loss=loss, logits=outputs.logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                loss=loss,
+                logits=outputs.logits,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
                 **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             ).to_tuple()
         return BD3LMOutput(

@@ -69,14 +69,19 @@ class BD3LMPreTrainedModel(PreTrainedModel):
         corrupted weights file, or weights that do not fit the config (missing, unexpected or resized tensors), raise
         a `ValueError` that says so instead of loading a partly random model."""
         if kwargs.get("use_safetensors") is False:
-            raise ValueError("BD3-LM loads weights from safetensors only (pickles can run code): drop use_safetensors=False.")
+            raise ValueError(
+                "BD3-LM loads weights from safetensors only (pickles can run code): drop use_safetensors=False."
+            )
         kwargs["use_safetensors"] = True
         return_info = kwargs.pop("output_loading_info", False)
         allow_size_mismatch = bool(kwargs.pop("ignore_mismatched_sizes", False))
         try:
             # Let transformers report resized tensors instead of raising (its message differs per release).
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
                 **kwargs,
             )
         except Exception as error:

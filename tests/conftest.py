@@ -45,7 +45,9 @@ def random_model(seed: int = 0, **overrides) -> BD3LMForMaskedDiffusion:
 @pytest.fixture
 def official_fixture_dir() -> Path:
     if not OFFICIAL_FIXTURE.is_dir():
-        pytest.fail(f"The official fixture is missing at {OFFICIAL_FIXTURE}; set BD3LM_SHARED_DIR to the shared/ folder.")
+        pytest.fail(
+            f"The official fixture is missing at {OFFICIAL_FIXTURE}; set BD3LM_SHARED_DIR to the shared/ folder."
+        )
     return OFFICIAL_FIXTURE
 
 
@@ -77,7 +79,12 @@ def run_python_without_project(
             child_env[key] = value
     script = HIDE_PROJECT_PREAMBLE.format(repo=str(REPO_ROOT)) + code
     return subprocess.run(
-        [str(python), "-c", script], cwd=cwd, env=child_env, capture_output=True, text=True, timeout=timeout,
+        [str(python), "-c", script],
+        cwd=cwd,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         check=False,
     )
 
@@ -99,9 +106,17 @@ def tiny_training_args(tmp_path, **overrides):
     """CPU-only, silent `BD3LMTrainingArguments` for the tiny model; tests override what they exercise."""
     from bd3lm_trainer import BD3LMTrainingArguments
 
-    kwargs = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], dataloader_num_workers=0,
-                  disable_tqdm=True, save_strategy="no", per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                  seed=0)
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        seed=0,
+    )
     kwargs.update(overrides)
     return BD3LMTrainingArguments(**kwargs)
 

@@ -29,8 +29,11 @@ from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from bd3lm_trainer import BD3LMTrainer, BD3LMTrainingArguments  # noqa: E402
-from bd3lm_trainer import sharding  # noqa: E402
+from bd3lm_trainer import (  # noqa: E402
+    BD3LMTrainer,
+    BD3LMTrainingArguments,
+    sharding,  # noqa: E402
+)
 from bd3lm_trainer.callbacks import NoiseScheduleSearchCallback, unwrap_bd3lm  # noqa: E402
 from bd3lm_trainer.ema import EMACallback  # noqa: E402
 from tests.conftest import random_model  # noqa: E402
@@ -49,11 +52,29 @@ def uneven_dataset(n: int, seed: int) -> Dataset:
 def run_arguments(output_dir: str, **overrides) -> BD3LMTrainingArguments:
     """The deterministic run the tests replay in one process (per-device batch doubled)."""
     kwargs = dict(
-        output_dir=output_dir, use_cpu=True, report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0,
-        train_sampling_strategy="sequential", per_device_train_batch_size=2, per_device_eval_batch_size=2,
-        gradient_accumulation_steps=2, max_steps=4, learning_rate=1e-2, lr_scheduler_type="constant",
-        optim="adamw_torch", max_grad_norm=1.0, use_ema=True, ema_decay=0.9, eval_strategy="steps", eval_steps=2,
-        save_strategy="steps", save_steps=2, logging_steps=1, schedule_search=False,
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        train_sampling_strategy="sequential",
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        use_ema=True,
+        ema_decay=0.9,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        schedule_search=False,
     )
     kwargs.update(overrides)
     return BD3LMTrainingArguments(**kwargs)
@@ -115,8 +136,9 @@ def sharded_trainer_run(out: Path) -> None:
     train, valid = uneven_dataset(32, seed=1), uneven_dataset(6, seed=2)
     model = random_model(0, always_mask=True, **MODEL).train()
     probe = LayoutProbe()
-    trainer = WorkerTrainer(model, run_arguments(str(out / "run")), train_dataset=train, eval_dataset=valid,
-                            callbacks=[probe])
+    trainer = WorkerTrainer(
+        model, run_arguments(str(out / "run")), train_dataset=train, eval_dataset=valid, callbacks=[probe]
+    )
     trainer.train()
     online = full_weights(trainer)
     trainer.save_model(str(out / "saved"))  # EMA weights, gathered
@@ -138,14 +160,26 @@ def sharded_trainer_run(out: Path) -> None:
 
     # The noise-schedule search: noisy training, one evaluation; every rank must end with the same buffers.
     searched = random_model(0, **MODEL).train()
-    args = run_arguments(str(out / "search"), max_steps=1, eval_steps=1, save_strategy="no", use_ema=False,
-                         schedule_search=True, schedule_search_widths=[0.5, 0.9], schedule_search_step=0.25,
-                         schedule_search_batches=2)
+    args = run_arguments(
+        str(out / "search"),
+        max_steps=1,
+        eval_steps=1,
+        save_strategy="no",
+        use_ema=False,
+        schedule_search=True,
+        schedule_search_widths=[0.5, 0.9],
+        schedule_search_step=0.25,
+        schedule_search_batches=2,
+    )
     search_trainer = WorkerTrainer(searched, args, train_dataset=train, eval_dataset=valid)
     search_trainer.train()
-    callback = next(cb for cb in search_trainer.callback_handler.callbacks if isinstance(cb, NoiseScheduleSearchCallback))
-    record["search"] = {"interval": list(unwrap_bd3lm(search_trainer.model).training_noise_interval()),
-                        "table": callback.last_table}
+    callback = next(
+        cb for cb in search_trainer.callback_handler.callbacks if isinstance(cb, NoiseScheduleSearchCallback)
+    )
+    record["search"] = {
+        "interval": list(unwrap_bd3lm(search_trainer.model).training_noise_interval()),
+        "table": callback.last_table,
+    }
     with open(out / f"rank{rank()}.json", "w") as f:
         json.dump(record, f)
     if rank() == 0:
@@ -155,13 +189,25 @@ def sharded_trainer_run(out: Path) -> None:
 
 def ddp_sgd_step(out: Path) -> None:
     model = random_model(0, always_mask=True, **MODEL).train()
-    args = run_arguments(str(out / "run"), per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=1,
-                         optim="sgd", learning_rate=0.5, max_grad_norm=0.0, use_ema=False, eval_strategy="no",
-                         save_strategy="no")
+    args = run_arguments(
+        str(out / "run"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+        use_ema=False,
+        eval_strategy="no",
+        save_strategy="no",
+    )
     trainer = BD3LMTrainer(model, args, train_dataset=uneven_dataset(8, seed=3))
     trainer.train()
-    record = {"world": trainer.accelerator.num_processes, "distributed_type": str(trainer.accelerator.distributed_type),
-              "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+    record = {
+        "world": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+    }
     with open(out / f"rank{rank()}.json", "w") as f:
         json.dump(record, f)
     if rank() == 0:
@@ -198,11 +244,21 @@ def fully_shard_loop(out: Path) -> None:
             mine = slice(r * per_rank, (r + 1) * per_rank)
             total = mask[step].sum()
             # FSDP2 averages gradients over ranks: the rank's token sum / the global count, times the world size
-            out_s = sharded(input_ids=x_0[step, mine], noisy_input_ids=x_t[step, mine], noise_levels=t[step, mine],
-                            labels=x_0[step, mine], attention_mask=mask[step, mine])
+            out_s = sharded(
+                input_ids=x_0[step, mine],
+                noisy_input_ids=x_t[step, mine],
+                noise_levels=t[step, mine],
+                labels=x_0[step, mine],
+                attention_mask=mask[step, mine],
+            )
             (out_s.token_loss.sum() / total * world).backward()
-            out_r = reference(input_ids=x_0[step], noisy_input_ids=x_t[step], noise_levels=t[step], labels=x_0[step],
-                              attention_mask=mask[step])
+            out_r = reference(
+                input_ids=x_0[step],
+                noisy_input_ids=x_t[step],
+                noise_levels=t[step],
+                labels=x_0[step],
+                attention_mask=mask[step],
+            )
             (out_r.token_loss.sum() / total).backward()
             loss_s = out_s.token_loss.detach().sum()
             torch.distributed.all_reduce(loss_s)
@@ -223,11 +279,21 @@ def fully_shard_loop(out: Path) -> None:
 
             def evaluate() -> list[float]:  # one no-grad forward, both models: FSDP2 keeps the root gathered after it
                 with torch.no_grad():
-                    loss_s = sharded(input_ids=x_0[0, mine], noisy_input_ids=x_t[0, mine], noise_levels=t[0, mine],
-                                     labels=x_0[0, mine], attention_mask=mask[0, mine]).token_loss.sum()
+                    loss_s = sharded(
+                        input_ids=x_0[0, mine],
+                        noisy_input_ids=x_t[0, mine],
+                        noise_levels=t[0, mine],
+                        labels=x_0[0, mine],
+                        attention_mask=mask[0, mine],
+                    ).token_loss.sum()
                     torch.distributed.all_reduce(loss_s)
-                    loss_r = reference(input_ids=x_0[0], noisy_input_ids=x_t[0], noise_levels=t[0], labels=x_0[0],
-                                       attention_mask=mask[0]).token_loss.sum()
+                    loss_r = reference(
+                        input_ids=x_0[0],
+                        noisy_input_ids=x_t[0],
+                        noise_levels=t[0],
+                        labels=x_0[0],
+                        attention_mask=mask[0],
+                    ).token_loss.sum()
                 return [float(loss_s), float(loss_r)]
 
             sharded.eval()
@@ -241,15 +307,21 @@ def fully_shard_loop(out: Path) -> None:
                 full = sharding.full_state_dict(sharded)  # save_model's gather, EMA weights in
                 if r == 0:
                     sharded.save_pretrained(out / "saved", state_dict=full)
-                    save_file({n: p.detach().clone().contiguous() for n, p in reference.named_parameters()},
-                              str(out / "reference_ema_weights.safetensors"))
+                    save_file(
+                        {n: p.detach().clone().contiguous() for n, p in reference.named_parameters()},
+                        str(out / "reference_ema_weights.safetensors"),
+                    )
         online = sharding.full_state_dict(sharded)  # after the swap: the online weights again
         if r == 0:
             tag = "ema" if use_ema else "plain"
-            save_file({k: v.contiguous() for k, v in online.items() if k in dict(reference.named_parameters())},
-                      str(out / f"sharded_{tag}.safetensors"))
-            save_file({n: p.detach().contiguous() for n, p in reference.named_parameters()},
-                      str(out / f"reference_{tag}.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in online.items() if k in dict(reference.named_parameters())},
+                str(out / f"sharded_{tag}.safetensors"),
+            )
+            save_file(
+                {n: p.detach().contiguous() for n, p in reference.named_parameters()},
+                str(out / f"reference_{tag}.safetensors"),
+            )
         results["ema" if use_ema else "plain"] = record
     with open(out / f"rank{r}.json", "w") as f:
         json.dump(results, f)

@@ -142,7 +142,9 @@ class FakeHubHandler(BaseHTTPRequestHandler):
     def _log(self) -> None:
         with _LOCK, open(self.root / "requests.jsonl", "a") as f:
             path = urlsplit(self.path).path
-            f.write(json.dumps({"method": self.command, "path": unquote(path), "authorized": self._authorized()}) + "\n")
+            f.write(
+                json.dumps({"method": self.command, "path": unquote(path), "authorized": self._authorized()}) + "\n"
+            )
 
     def _route(self) -> None:
         self._log()
@@ -223,7 +225,9 @@ class FakeHubHandler(BaseHTTPRequestHandler):
         payload = json.loads(self._body())
         if self._repo_or_404(repo, write=True) is None:
             return
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in payload["files"]]
+        files = [
+            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in payload["files"]
+        ]
         self._json(200, {"files": files, "commitOid": None})
 
     def commit(self, repo, rev, query) -> None:
@@ -276,8 +280,14 @@ class FakeHubHandler(BaseHTTPRequestHandler):
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         self._json(
             200,
-            {"id": repo, "modelId": repo, "sha": folder.name, "private": meta["private"], "tags": [],
-             "siblings": [{"rfilename": name} for name in files]},
+            {
+                "id": repo,
+                "modelId": repo,
+                "sha": folder.name,
+                "private": meta["private"],
+                "tags": [],
+                "siblings": [{"rfilename": name} for name in files],
+            },
         )
 
     def resolve(self, repo, rev, file, query) -> None:
@@ -293,8 +303,11 @@ class FakeHubHandler(BaseHTTPRequestHandler):
         if not path.is_file():
             return self._json(404, {"error": "Entry not found"}, "EntryNotFound")
         content = path.read_bytes()
-        headers = {"X-Repo-Commit": folder.name, "ETag": f'"{hashlib.sha256(content).hexdigest()}"',
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": folder.name,
+            "ETag": f'"{hashlib.sha256(content).hexdigest()}"',
+            "Content-Type": "application/octet-stream",
+        }
         self._send(200, content, headers, head=head)
 
     def _url(self, repo_id: str) -> str:

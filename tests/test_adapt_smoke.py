@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from bd3lm_trainer.evaluation import judge_continuations
-
 from bench.adapt import measures
 from bench.adapt.__main__ import main
 from bench.adapt.study import QUICK, CPUBudgetCallback, convert, load_source
@@ -152,8 +151,9 @@ def test_samples_have_exactly_the_new_tokens_and_no_special_token(tiny):
     model = convert(QUICK, __import__("copy").deepcopy(source), tokenizer)
     specials = set(measures.special_ids(tokenizer))
     for setting in (measures.Setting("topk_confidence", 2, True), measures.Setting("confidence_threshold", 0.3, False)):
-        out = measures.bd3_samples(model, tokenizer, ["And God said,", "To be"], 8, setting, top_p=0.9, temperature=1.0,
-                                   seed=0)
+        out = measures.bd3_samples(
+            model, tokenizer, ["And God said,", "To be"], 8, setting, top_p=0.9, temperature=1.0, seed=0
+        )
         assert [len(c) for c in out["continuations"]] == [8, 8]
         assert not specials & {t for c in out["continuations"] for t in c}
         if setting.sampler == "topk_confidence":  # k=2 reveals two per call: 4 calls per row for 8 tokens at L'=4
@@ -181,11 +181,15 @@ def test_profile_of_a_one_token_block_model_is_the_ar_loss(tiny):
 
 def test_settings_map_to_generate_arguments():
     assert measures.Setting("confidence_threshold", 0.7, False).kwargs() == {
-        "sampler": "confidence_threshold", "do_sample": False, "confidence_threshold": 0.7
-    }  # fmt: skip
+        "sampler": "confidence_threshold",
+        "do_sample": False,
+        "confidence_threshold": 0.7,
+    }
     assert measures.Setting("topk_confidence", 3).kwargs() == {
-        "sampler": "topk_confidence", "do_sample": True, "tokens_per_step": 3
-    }  # fmt: skip
+        "sampler": "topk_confidence",
+        "do_sample": True,
+        "tokens_per_step": 3,
+    }
     assert measures.Setting("confidence_threshold", 0.9, False).name == "thr0.9_greedy"
     names = [s.name for s in QUICK.settings(True)]
     assert len(names) == len(set(names)) and "one_sampled" in names
@@ -193,9 +197,17 @@ def test_settings_map_to_generate_arguments():
 
 def test_cpu_budget_resumes_from_the_checkpoint_ledger(tmp_path, monkeypatch):
     ledger = tmp_path / "ledger.json"
-    ledger.write_text(json.dumps({"checkpoints": {"7": {"cpu_s": 120.0, "wall_s": 300.0, "step": 7}}, "log": [
-        {"step": 5, "loss": 3.0, "cpu_s": 90.0, "wall_s": 1.0}, {"step": 9, "loss": 2.0, "cpu_s": 150.0, "wall_s": 2.0}
-    ]}))  # fmt: skip
+    ledger.write_text(
+        json.dumps(
+            {
+                "checkpoints": {"7": {"cpu_s": 120.0, "wall_s": 300.0, "step": 7}},
+                "log": [
+                    {"step": 5, "loss": 3.0, "cpu_s": 90.0, "wall_s": 1.0},
+                    {"step": 9, "loss": 2.0, "cpu_s": 150.0, "wall_s": 2.0},
+                ],
+            }
+        )
+    )
     clock = [1000.0]
     monkeypatch.setattr("bench.adapt.study.time.process_time", lambda: clock[0])
     callback = CPUBudgetCallback(200.0, [60.0, 180.0], ledger, tokens_per_step=8)
@@ -216,7 +228,6 @@ def test_cpu_budget_resumes_from_the_checkpoint_ledger(tmp_path, monkeypatch):
     assert control.should_save and control.should_training_stop
 
 
-
 def test_converting_twice_with_one_tokenizer_without_a_mask_token():
     """The evaluation converts a fresh copy of the source for every checkpoint with the same tokenizer: the conversion
     must not leave `<|mask|>` in it (SmolLM2's tokenizer has no mask token; a tiny Llama with its vocabulary here)."""
@@ -228,8 +239,16 @@ def test_converting_twice_with_one_tokenizer_without_a_mask_token():
 
     _, tokenizer = load_smollm2(tokenizer_only=True)
     torch.manual_seed(0)
-    source = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()  # fmt: skip
+    source = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
     first = convert(QUICK, copy.deepcopy(source), tokenizer)
     second = convert(QUICK, copy.deepcopy(source), tokenizer)
     assert tokenizer.mask_token is None and len(tokenizer) == 49152

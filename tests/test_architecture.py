@@ -28,8 +28,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # import name -> folder (pyproject's `package-dir`), plus the top-level module and the benchmarks.
-PACKAGES = {"modeling_bd3lm": "modeling_bd3lm", "bd3lm_configuration": "configuration", "bd3lm_trainer": "trainer",
-            "bench": "bench"}
+PACKAGES = {
+    "modeling_bd3lm": "modeling_bd3lm",
+    "bd3lm_configuration": "configuration",
+    "bd3lm_trainer": "trainer",
+    "bench": "bench",
+}
 MODULES = {"hub_upload": "hub_upload.py"}
 # Files that must name their own package absolutely, with the reason.
 STANDALONE = {
@@ -168,9 +172,7 @@ def package_graph(graph: dict[str, set[str]], level: Callable[[str], str | None]
         source = level(module)
         if source is None:
             continue
-        packages.setdefault(source, set()).update(
-            t for t in map(level, targets) if t is not None and t != source
-        )
+        packages.setdefault(source, set()).update(t for t in map(level, targets) if t is not None and t != source)
     return packages
 
 
@@ -250,8 +252,13 @@ def private_uses(path: Path) -> list[tuple[int, str]]:
             parts = (node.module or "").split(".") + [a.name for a in node.names]
             uses += [(node.lineno, p) for p in parts if _is_private(p)]
         elif isinstance(node, ast.Import):
-            uses += [(node.lineno, p) for a in node.names if top_level(a.name) in PACKAGE_NAMES
-                     for p in a.name.split(".") if _is_private(p)]
+            uses += [
+                (node.lineno, p)
+                for a in node.names
+                if top_level(a.name) in PACKAGE_NAMES
+                for p in a.name.split(".")
+                if _is_private(p)
+            ]
         elif isinstance(node, ast.Attribute) and _is_private(node.attr) and node.attr not in FOREIGN_PRIVATE:
             if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
                 uses.append((node.lineno, node.attr))
@@ -263,8 +270,10 @@ def test_private_uses_are_found() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "user.py"
-        path.write_text("from bd3lm_trainer.trainer import _pad_token_id, BD3LMTrainer\nimport modeling_bd3lm._x\n"
-                        "from bench.common import _own\nmodel._probe = 1\nself._fine = cls._fine\n")
+        path.write_text(
+            "from bd3lm_trainer.trainer import _pad_token_id, BD3LMTrainer\nimport modeling_bd3lm._x\n"
+            "from bench.common import _own\nmodel._probe = 1\nself._fine = cls._fine\n"
+        )
         assert private_uses(path) == [(1, "_pad_token_id"), (2, "_x"), (4, "_probe")]
 
 
@@ -275,7 +284,9 @@ def test_bench_and_examples_use_public_names_only() -> None:
     for path in sorted([*(ROOT / "bench").rglob("*.py"), *(ROOT / "examples").rglob("*.py")]):
         for line, name in private_uses(path):
             found.setdefault((path.relative_to(ROOT).as_posix(), name), []).append(line)
-    unexplained = {f"{file}:{lines} {name}" for (file, name), lines in found.items() if (file, name) not in PENDING_PRIVATE}
+    unexplained = {
+        f"{file}:{lines} {name}" for (file, name), lines in found.items() if (file, name) not in PENDING_PRIVATE
+    }
     stale = sorted(set(PENDING_PRIVATE) - set(found))
     assert unexplained == set() and stale == []
 
@@ -289,33 +300,45 @@ def test_a_package_refers_to_itself_by_relative_imports_only(package: str) -> No
         if name.split(".")[0] != package or path.relative_to(ROOT).as_posix() in STANDALONE:
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            )
             absolute += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] == package]
     assert absolute == []
 
 
 def test_pyproject_installs_every_package_and_the_console_script_exists() -> None:
     import importlib
+
     import tomllib
 
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = set(setup["tool"]["setuptools"]["packages"])
-    folders = {name for name, path in module_files().items()
-               if path.name == "__init__.py" and name.split(".")[0] in setup["tool"]["setuptools"]["package-dir"]}
+    folders = {
+        name
+        for name, path in module_files().items()
+        if path.name == "__init__.py" and name.split(".")[0] in setup["tool"]["setuptools"]["package-dir"]
+    }
     assert folders == listed
     module, function = setup["project"]["scripts"]["bd3lm"].split(":")
     assert callable(getattr(importlib.import_module(module), function))
 
 
 # Modules allowed past MAX_LINES, with the reason.
-LONG_MODULES: dict[str, str] = {}
+LONG_MODULES: dict[str, str] = {
+    "bench/adapt/study.py": "a finished study's stages in one file (576 lines hand-wrapped, 687 after the ruff pass); "
+    "split it (training stage into its own module) when the study is next changed",
+}
 MAX_LINES = 620  # "about 600": a docstring paragraph of slack before a module has to be split or explained
 
 
 def test_no_module_is_longer_than_about_600_lines_without_a_reason() -> None:
-    long = {path.relative_to(ROOT).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
-            for path in module_files().values()}
+    long = {
+        path.relative_to(ROOT).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+        for path in module_files().values()
+    }
     over = {path: n for path, n in long.items() if n > MAX_LINES and path not in LONG_MODULES}
     assert over == {}
 
@@ -328,7 +351,7 @@ def test_no_function_needs_more_than_about_six_positional_arguments() -> None:
     """Arguments without a default that can be passed by position (self and cls aside). `generate`'s block loop used to
     call `denoise_block` with 13 of them; it is now `BlockDenoiser.denoise(model, block, window, history)`."""
     crowded = []
-    for name, path in module_files().items():
+    for _name, path in module_files().items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 positional = [a for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
@@ -348,8 +371,11 @@ def test_generation_reads_outward_from_the_mixin() -> None:
     assert {"modeling_bd3lm.sampling_bd3lm", "modeling_bd3lm.cache_bd3lm"} <= generation
     shipped = {f"modeling_bd3lm.{path.stem}" for path in (ROOT / "modeling_bd3lm").glob("*_bd3lm.py")}
     modeling = ROOT / "modeling_bd3lm" / "modeling_bd3lm.py"
-    direct = {f"modeling_bd3lm.{node.module}" for node in ast.walk(ast.parse(modeling.read_text(encoding="utf-8")))
-              if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    direct = {
+        f"modeling_bd3lm.{node.module}"
+        for node in ast.walk(ast.parse(modeling.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+    }
     assert shipped - {"modeling_bd3lm.modeling_bd3lm"} == direct
 
 

@@ -12,8 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.__main__ import main, parse_args
 from bench.bench_generation import AR_MODE, MODES, RNG_MODES
 from bench.bench_training import make_step
-from bench.common import build_config
-from bench.common import interleaved_times, median_ratio
+from bench.common import build_config, interleaved_times, median_ratio
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 
 

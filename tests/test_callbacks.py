@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from bd3lm_configuration import BLOCK_PRESETS, SIZE_PRESETS, load_preset
 from bd3lm_trainer import (
     BD3LMTrainer,
     BD3LMTrainingArguments,
@@ -24,12 +26,8 @@ from bd3lm_trainer import (
 )
 from bd3lm_trainer import utils as utils_module
 from bd3lm_trainer.utils import diagnostic_generator, take_batches
-
-from bd3lm_configuration import BLOCK_PRESETS, SIZE_PRESETS, load_preset
 from modeling_bd3lm import BD3LMForMaskedDiffusion, nelbo_valid_mask
-
 from tests.conftest import random_token_dataset, tiny_train_model, tiny_training_args
-
 
 tiny_model = tiny_train_model
 random_dataset = random_token_dataset
@@ -54,8 +52,10 @@ def test_grid_is_the_upstream_grid():
     for lo, hi in grid[1:]:
         assert 1e-3 <= lo < hi <= 1.0
         assert round(hi - (0.0 if lo == 1e-3 else lo), 6) in (0.5, 0.6, 0.7, 0.8, 0.9)
-    per_width = [sum(1 for lo, hi in grid[1:] if round(hi - (0.0 if lo == 1e-3 else lo), 6) == w)
-                 for w in (0.5, 0.6, 0.7, 0.8, 0.9)]
+    per_width = [
+        sum(1 for lo, hi in grid[1:] if round(hi - (0.0 if lo == 1e-3 else lo), 6) == w)
+        for w in (0.5, 0.6, 0.7, 0.8, 0.9)
+    ]
     assert per_width == [11, 9, 7, 5, 3]
 
 
@@ -110,8 +110,18 @@ def preset_model(size: str, block: str | None) -> BD3LMForMaskedDiffusion:
     """The preset's noise settings (block size, interval, resampling, t ≡ 1, schedule, antithetic draws) on a network
     small enough for a test (vocabulary 64, L = 32; the MDLM preset's one block is then 32 tokens)."""
     torch.manual_seed(0)
-    config = load_preset(size, block=block, vocab_size=64, mask_token_id=63, hidden_dim=32, cond_dim=16, n_blocks=1,
-                         n_heads=2, model_length=32, dropout=0.0)
+    config = load_preset(
+        size,
+        block=block,
+        vocab_size=64,
+        mask_token_id=63,
+        hidden_dim=32,
+        cond_dim=16,
+        n_blocks=1,
+        n_heads=2,
+        model_length=32,
+        dropout=0.0,
+    )
     return BD3LMForMaskedDiffusion(config)
 
 
@@ -177,8 +187,12 @@ def test_schedule_search_draws_exactly_the_training_noise_of_every_candidate(siz
     assert len(measured) == len(batches) * len(candidates)
 
     generator = diagnostic_generator(torch.device("cpu"), args.seed, state.global_step, 0)
-    expected = [draw for batch in batches for interval in candidates
-                for draw in training_draws(model, [batch], generator, interval)]
+    expected = [
+        draw
+        for batch in batches
+        for interval in candidates
+        for draw in training_draws(model, [batch], generator, interval)
+    ]
     assert_same_draws(measured, expected)
 
 
@@ -362,8 +376,9 @@ def test_trainer_evaluates_and_saves_the_ema_weights(tmp_path):
     with torch.no_grad():
         for name, param in averaged.named_parameters():
             param.copy_(ema.shadow[name])
-    plain = BD3LMTrainer(averaged, make_args(tmp_path / "plain", schedule_search=False),
-                         eval_dataset=random_dataset(8, seed=2))
+    plain = BD3LMTrainer(
+        averaged, make_args(tmp_path / "plain", schedule_search=False), eval_dataset=random_dataset(8, seed=2)
+    )
     assert plain.evaluate()["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
 
     trainer.save_model(str(tmp_path / "saved"))

@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
 
@@ -25,24 +33,38 @@ def _source(family: str, seed: int = 0, tie: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     rotary = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         max_position_embeddings=64,
     )
     if family == "llama":  # rope_theta 1e5 as SmolLM2 (transformers 4.57 must read it from `rope_parameters`)
-        model = LlamaForCausalLM(LlamaConfig(**rotary, **common, rope_parameters={"rope_type": "default", "rope_theta": 1e5}))
+        model = LlamaForCausalLM(
+            LlamaConfig(**rotary, **common, rope_parameters={"rope_type": "default", "rope_theta": 1e5})
+        )
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**rotary, **common))
     elif family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**rotary, head_dim=8, **common))
     elif family == "gpt2":
         model = GPT2LMHeadModel(
-            GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                       **common)
+            GPT2Config(
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                **common,
+            )
         )
     else:
         raise ValueError(family)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.mul_(5.0)
     return model.eval()
@@ -179,8 +201,7 @@ def test_a_row_of_a_ragged_batch_generates_what_it_generates_alone(family):
     kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, sampler="topk_confidence")  # deterministic
     batch = model.generate(prompts, attention_mask=attention, **kwargs)
     for row in range(3):
-        alone = model.generate(
-            prompts[row : row + 1, attention[row].argmax() :], **kwargs)
+        alone = model.generate(prompts[row : row + 1, attention[row].argmax() :], **kwargs)
         assert torch.equal(batch[row, -12:], alone[0, -12:]), row
 
 
@@ -230,8 +251,9 @@ def test_resize_token_embeddings_on_a_converted_model_adds_a_token_and_generatio
     again = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, logits_processor=suppress)
     assert torch.equal(again, generated)
     # the new token is an ordinary input: a prompt holding it generates, and the vocabulary covers the output
-    with_new = model.generate(torch.cat((prompt, torch.full((2, 1), new_id)), 1)[:, 1:], max_new_tokens=8,
-                              do_sample=False, eos_token_id=None)
+    with_new = model.generate(
+        torch.cat((prompt, torch.full((2, 1), new_id)), 1)[:, 1:], max_new_tokens=8, do_sample=False, eos_token_id=None
+    )
     assert with_new.shape == (2, 12) and int(with_new.max()) < VOCAB + 2 and not bool((with_new[:, 4:] == VOCAB).any())
 
     model.save_pretrained(tmp_path)
@@ -259,9 +281,19 @@ def _training_args(tmp_path, **overrides):
     from bd3lm_trainer import BD3LMTrainingArguments
 
     values = dict(
-        output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3,
-        warmup_steps=0, use_cpu=True, report_to=[], dataloader_num_workers=0, disable_tqdm=True, save_strategy="no",
-        schedule_search=False, seed=0, logging_steps=1,
+        output_dir=str(tmp_path / "run"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=0,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_strategy="no",
+        schedule_search=False,
+        seed=0,
+        logging_steps=1,
     )
     values.update(overrides)
     return BD3LMTrainingArguments(**values)
@@ -335,16 +367,18 @@ LORA_EXPECTED = {
 def test_lora_presets_train_save_reload_merge_generate(family, preset, tmp_path):
     import warnings
 
-    from bd3lm_trainer import LORA_TARGET_MODULES, BD3LMTrainer
     from peft import LoraConfig, PeftModel
+
+    from bd3lm_trainer import LORA_TARGET_MODULES, BD3LMTrainer
 
     _, base = _convert(family, 4)
     base.save_pretrained(tmp_path / "base")
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES[preset])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # PEFT on GPT-2's Conv1D: "fan_in_fan_out" is set for it
-        trainer = BD3LMTrainer(base, _training_args(tmp_path, max_steps=3, learning_rate=5e-2), train_dataset=_dataset(),
-                               peft_config=lora)
+        trainer = BD3LMTrainer(
+            base, _training_args(tmp_path, max_steps=3, learning_rate=5e-2), train_dataset=_dataset(), peft_config=lora
+        )
     trained = trainer.model
     layers = "backbone.transformer.h" if family == "gpt2" else "backbone.model.layers"
     expected = LORA_EXPECTED[("gpt2" if family == "gpt2" else "rotary", preset)]
@@ -395,7 +429,10 @@ def test_from_a_folder_the_tokenizer_gets_a_mask_token_and_is_saved(tmp_path):
     reference.save_pretrained(tmp_path / "source")
     _word_tokenizer().save_pretrained(tmp_path / "source")
     model = BD3LMForMaskedDiffusion.from_causal_lm(tmp_path / "source", block_size=4, model_length=LENGTH)
-    assert model.tokenizer.mask_token == "<|mask|>" and model.tokenizer.mask_token_id == VOCAB == model.config.mask_token_id
+    assert (
+        model.tokenizer.mask_token == "<|mask|>"
+        and model.tokenizer.mask_token_id == VOCAB == model.config.mask_token_id
+    )
     assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (1, 2, 0)
     model.save_pretrained(tmp_path / "bd3lm")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "bd3lm")
@@ -433,14 +470,17 @@ def test_no_shift_flag_reads_position_i_for_token_i():
             torch.testing.assert_close(vectorised[:, 4 * b : 4 * b + 4], raw[:, 4 * b :], rtol=0, atol=1e-5)
     prompts = _tokens(2, 5, seed=6)
     kwargs = dict(max_new_tokens=30, do_sample=True, eos_token_id=None)
-    assert torch.equal(model.generate(prompts, seed=3, **kwargs), model.generate(prompts, seed=3, use_cache=False, **kwargs))
+    assert torch.equal(
+        model.generate(prompts, seed=3, **kwargs), model.generate(prompts, seed=3, use_cache=False, **kwargs)
+    )
 
 
 def test_encoders_and_encoder_decoders_are_refused(tmp_path):
     from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
 
-    bert = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      intermediate_size=64)).eval()
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    ).eval()
     with pytest.raises(ValueError, match=r"^The source \(BertForMaskedLM.*attends to later tokens"):
         BD3LMForMaskedDiffusion.from_causal_lm(bert, block_size=4)
     bert.save_pretrained(tmp_path / "bert")
@@ -494,8 +534,9 @@ def test_bad_sizes_and_tokenizers_are_one_line_errors():
         BD3LMConfig(backbone_config=backbone, model_length=LENGTH, ignore_bos=False)
     with pytest.raises(ValueError, match="sliding-window attention layers"):
         BD3LMConfig(
-            backbone_config=Qwen2Config(vocab_size=VOCAB, use_sliding_window=True, sliding_window=8, max_window_layers=0,
-                                        num_hidden_layers=2),
+            backbone_config=Qwen2Config(
+                vocab_size=VOCAB, use_sliding_window=True, sliding_window=8, max_window_layers=0, num_hidden_layers=2
+            ),
             model_length=LENGTH,
         )
 
@@ -564,8 +605,9 @@ def test_converted_checkpoints_load_with_remote_code_without_this_project(python
                 "x_t": x_t,
                 "train": model(input_ids=x_0, noisy_input_ids=x_t).logits,
                 "sample": model(input_ids=x_t).logits,
-                "generated": model.generate(x_0[:, :5], max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                            sampler="topk_confidence"),
+                "generated": model.generate(
+                    x_0[:, :5], max_new_tokens=8, do_sample=False, eos_token_id=None, sampler="topk_confidence"
+                ),
             }
         save_file({k: v.contiguous() for k, v in io.items()}, tmp_path / family / "io.safetensors")
     code = REMOTE_CHILD.replace("FAMILIES", repr(json.dumps(FAMILIES))).replace("ROOT", repr(str(tmp_path)))
@@ -593,7 +635,9 @@ def test_cli_convert_writes_a_complete_folder_or_nothing(source_folder, tmp_path
     out = tmp_path / "converted"
     assert main(["convert", str(source_folder), str(out), "--block-size", "4", "--model-length", "16"]) == 0
     assert "mask token id 90" in capsys.readouterr().out
-    assert {"config.json", "model.safetensors", "tokenizer.json", "causal_backbone_bd3lm.py"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "causal_backbone_bd3lm.py"} <= {
+        p.name for p in out.iterdir()
+    }
     model = BD3LMForMaskedDiffusion.from_pretrained(out)
     assert model.config.block_size == 4 and model.config.backbone_config.model_type == "llama"
     assert AutoTokenizer.from_pretrained(out).mask_token_id == model.config.mask_token_id == VOCAB
@@ -616,9 +660,30 @@ def test_cli_train_init_from_a_causal_lm(source_folder, tmp_path, capsys):
     words = _tokens(40, 20, seed=14).tolist()
     data.write_text("".join(json.dumps({"text": " ".join(f"t{i}" for i in row)}) + "\n" for row in words))
     out = tmp_path / "run"
-    argv = ["train", "--init-from", str(source_folder), "--dataset", str(data), "--output-dir", str(out),
-            "--model-length", "16", "--max-steps", "2", "--batch-size", "2", "--warmup-steps", "0", "--eval-steps", "2",
-            "--save-steps", "2", "--eval-batches", "1", "--no-schedule-search"]  # fmt: skip
+    argv = [
+        "train",
+        "--init-from",
+        str(source_folder),
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--model-length",
+        "16",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--eval-steps",
+        "2",
+        "--save-steps",
+        "2",
+        "--eval-batches",
+        "1",
+        "--no-schedule-search",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     model = BD3LMForMaskedDiffusion.from_pretrained(out)
     assert model.is_causal_backbone and model.config.block_size == 4 and model.config.mask_token_id == VOCAB
@@ -691,7 +756,9 @@ def test_time_conditioning_is_refused_for_a_causal_backbone():
     with pytest.raises(ValueError, match=r"`time_conditioning=True` needs a noise-level input"):
         BD3LMConfig(backbone_config=_source("llama").config, model_length=LENGTH, time_conditioning=True)
     with pytest.raises(ValueError, match=r"`time_conditioning=True` needs a noise-level input"):
-        BD3LMForMaskedDiffusion.from_causal_lm(_source("llama"), block_size=4, model_length=LENGTH, time_conditioning=True)
+        BD3LMForMaskedDiffusion.from_causal_lm(
+            _source("llama"), block_size=4, model_length=LENGTH, time_conditioning=True
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -710,7 +777,10 @@ def test_cached_calls_log_no_cache_deprecation(family):
     x = _tokens(2, 8)
     hf_logging.warning_once.cache_clear()  # an earlier test may have logged it once already
     # transformers says it both ways: its logger (a renamed output field or kwarg) and a FutureWarning (deprecate_kwarg)
-    with CaptureLogger(hf_logging.get_logger("transformers")) as captured, warnings.catch_warnings(record=True) as raised:
+    with (
+        CaptureLogger(hf_logging.get_logger("transformers")) as captured,
+        warnings.catch_warnings(record=True) as raised,
+    ):
         warnings.simplefilter("always")
         with torch.no_grad():
             cache = DynamicCache()

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
 from modeling_bd3lm.masks_bd3lm import (
-    block_causal_mask,
     block_diffusion_mask,
     causal_sampling_mask,
     sampling_noisy_length,
@@ -157,7 +156,12 @@ def test_causal_sampling_pass_commits_the_source_kv_cache(family):
     reference, model = _convert(family, 4, clean_attention="causal", model_length=32)
     prompt = _tokens(1, 8, seed=9)
     out = model.generate(
-        prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, use_cache=True, return_dict_in_generate=True,
+        prompt,
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        use_cache=True,
+        return_dict_in_generate=True,
         sampler="topk_confidence",
     )
     from modeling_bd3lm import CACHE_FIELD
@@ -200,14 +204,24 @@ def test_causal_and_block_causal_differ_in_what_the_noisy_block_sees():
 
 
 def test_trainer_step_under_causal(tmp_path):
-    from bd3lm_trainer import BD3LMTrainer, BD3LMTrainingArguments
     from datasets import Dataset
+
+    from bd3lm_trainer import BD3LMTrainer, BD3LMTrainingArguments
 
     _, model = _convert("llama", 4, clean_attention="causal")
     data = Dataset.from_dict({"input_ids": _tokens(8, LENGTH).tolist()})
     args = BD3LMTrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True,
-        report_to=[], dataloader_num_workers=0, disable_tqdm=True, save_strategy="no", schedule_search=False, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_strategy="no",
+        schedule_search=False,
+        seed=0,
     )
     before = _source("llama").model.layers[0].self_attn.q_proj.weight.clone()
     BD3LMTrainer(model.train(), args, train_dataset=data).train()

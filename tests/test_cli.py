@@ -18,9 +18,23 @@ from bd3lm_trainer.corpus import load_corpus, load_tokenizer
 
 SUBCOMMANDS = ("demo", "train", "generate", "eval")
 FAST_TRAIN = [
-    "--model-length", "32", "--max-steps", "3", "--batch-size", "2", "--warmup-steps", "1", "--eval-steps", "3",
-    "--save-steps", "3", "--eval-batches", "1", "--search-batches", "1",
-]  # fmt: skip
+    "--model-length",
+    "32",
+    "--max-steps",
+    "3",
+    "--batch-size",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--eval-steps",
+    "3",
+    "--save-steps",
+    "3",
+    "--eval-batches",
+    "1",
+    "--search-batches",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +94,17 @@ def test_upload_help_is_hub_uploads(capsys: pytest.CaptureFixture) -> None:
 def test_console_script_runs(tmp_path: Path) -> None:
     """The installed `bd3lm` entry point (not just `main`) starts and reports a user mistake in one line."""
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from bd3lm_trainer.cli import main; sys.exit(main())", "generate",
-         str(tmp_path / "missing")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys; from bd3lm_trainer.cli import main; sys.exit(main())",
+            "generate",
+            str(tmp_path / "missing"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"bd3lm generate: error: model {str(tmp_path / 'missing')!r} is neither a folder nor a Hub id (owner/name)"
@@ -110,7 +131,9 @@ def test_console_script_runs(tmp_path: Path) -> None:
         (["generate", ".", "--greedy", "--top-p", "0.9"], "--greedy takes the argmax"),
     ],
 )
-def test_user_mistakes_are_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+def test_user_mistakes_are_one_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     argv = [a.replace("no/such", str(tmp_path / "no/such")) for a in argv]
     needle = needle.replace("no/such", str(tmp_path / "no/such"))
     assert main(argv) == 2
@@ -121,16 +144,31 @@ def test_user_mistakes_are_one_line(argv: list[str], needle: str, capsys: pytest
 
 def test_folder_without_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["generate", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"bd3lm generate: error: {tmp_path} has no config.json; is it a trained model folder?"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"bd3lm generate: error: {tmp_path} has no config.json; is it a trained model folder?"
+    )
 
 
 def test_resume_without_checkpoint_is_one_line(
     tmp_path: Path, text_files: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:
     train, validation = text_files
-    argv = ["train", "--dataset", str(train), "--eval-dataset", str(validation), "--output-dir", str(tmp_path), "--resume"]
+    argv = [
+        "train",
+        "--dataset",
+        str(train),
+        "--eval-dataset",
+        str(validation),
+        "--output-dir",
+        str(tmp_path),
+        "--resume",
+    ]
     assert main(argv + FAST_TRAIN) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"bd3lm train: error: --resume: no complete checkpoint-* folder in {tmp_path}"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"bd3lm train: error: --resume: no complete checkpoint-* folder in {tmp_path}"
+    )
 
 
 def test_train_writes_a_loadable_model(trained: Path) -> None:
@@ -149,17 +187,31 @@ def test_train_records_its_data(trained: Path, text_files: tuple[Path, Path]) ->
     assert str(text_files[0].parent) not in text  # no directory of the user's machine
     chunks = len(build_lm_dataset(str(text_files[0]), load_tokenizer(), 32))
     assert json.loads(text) == {
-        "train": {"name": "train.jsonl", "description": "a local file", "license": None, "chunks": chunks,
-                  "tokens": 32 * chunks},
-        "evaluation": {"name": "validation.jsonl", "description": "a local file", "license": None, "chunks": 2,
-                       "tokens": 64},  # --eval-batches 1 x --batch-size 2
+        "train": {
+            "name": "train.jsonl",
+            "description": "a local file",
+            "license": None,
+            "chunks": chunks,
+            "tokens": 32 * chunks,
+        },
+        "evaluation": {
+            "name": "validation.jsonl",
+            "description": "a local file",
+            "license": None,
+            "chunks": 2,
+            "tokens": 64,
+        },  # --eval-batches 1 x --batch-size 2
     }
 
 
 def test_embedded_corpus_record() -> None:
     assert _data_record(None, "train", range(5), 32) == {
-        "name": "bd3lm-corpus", "description": "King James Bible + Shakespeare, the embedded English corpus of the "
-        "bd3lm package", "license": "public domain", "split": "train", "chunks": 5, "tokens": 160,
+        "name": "bd3lm-corpus",
+        "description": "King James Bible + Shakespeare, the embedded English corpus of the bd3lm package",
+        "license": "public domain",
+        "split": "train",
+        "chunks": 5,
+        "tokens": 160,
     }
 
 
@@ -234,11 +286,20 @@ def test_demo_end_to_end(tmp_path: Path, text_files: tuple[Path, Path], capsys: 
     assert "perplexity bound" in out and "network calls per token" in out and "tokens/s" in out
     assert "same tokens from the same seed" in out
     hub = output / "hub"
-    for name in ("README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "modeling_bd3lm.py", "configuration_bd3lm.py"):  # fmt: skip
+    for name in (
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "modeling_bd3lm.py",
+        "configuration_bd3lm.py",
+    ):
         assert (hub / name).is_file(), name
     assert not (hub / "training_args.bin").exists() and not list(hub.glob("optimizer*"))
-    assert json.loads((hub / "config.json").read_text())["auto_map"]["AutoModelForMaskedLM"].startswith("modeling_bd3lm.")
+    assert json.loads((hub / "config.json").read_text())["auto_map"]["AutoModelForMaskedLM"].startswith(
+        "modeling_bd3lm."
+    )
     assert (output / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (hub / "README.md").read_text()
     assert "- Training data: `train.jsonl` (a local file); licence: not recorded;" in card

@@ -209,9 +209,30 @@ def test_cli_trains_with_a_tokenizer_that_had_no_mask(tmp_path: Path) -> None:
     data = tmp_path / "train.txt"
     data.write_text(_raw_texts("validation")[0][:3000])
     out = tmp_path / "run"
-    argv = ["train", "--tokenizer", str(folder), "--dataset", str(data), "--eval-dataset", str(data), "--output-dir",
-            str(out), "--model-length", "16", "--max-steps", "1", "--batch-size", "2", "--warmup-steps", "0",
-            "--eval-batches", "1", "--search-batches", "1", "--no-schedule-search"]  # fmt: skip
+    argv = [
+        "train",
+        "--tokenizer",
+        str(folder),
+        "--dataset",
+        str(data),
+        "--eval-dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--model-length",
+        "16",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--eval-batches",
+        "1",
+        "--search-batches",
+        "1",
+        "--no-schedule-search",
+    ]
     assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     saved = json.loads((out / "tokenizer_config.json").read_text())

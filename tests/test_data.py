@@ -9,11 +9,12 @@ import json
 import datasets
 import pytest
 import torch
-from bd3lm_trainer import BD3LMDataCollator, build_lm_dataset, load_text_dataset
-from bd3lm_trainer import data as data_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
+
+from bd3lm_trainer import BD3LMDataCollator, build_lm_dataset, load_text_dataset
+from bd3lm_trainer import data as data_module
 
 DOCS = ["hello world", "a b c", "", "the quick brown fox jumps", "xyz"]
 

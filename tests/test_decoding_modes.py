@@ -44,8 +44,14 @@ def _char_tokenizer():
     backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)} | {"<mask>": VOCAB}, unk_token=chars[3]))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=chars[0], bos_token=chars[1],
-                                   eos_token=chars[2], unk_token=chars[3], mask_token="<mask>")  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=chars[0],
+        bos_token=chars[1],
+        eos_token=chars[2],
+        unk_token=chars[3],
+        mask_token="<mask>",
+    )
 
 
 class Recorder(BaseStreamer):
@@ -75,9 +81,14 @@ def test_greedy_equals_the_source_generate_alone_batched_and_beyond_model_length
             ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
         )
         got = model.generate(
-            ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None, generation_mode=mode,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=None,
+            generation_mode=mode,
             **extra,
-        )  # fmt: skip
+        )
         assert got.shape[1] == 6 + new > LENGTH
         assert torch.equal(got, expected), (got, expected)
 
@@ -87,29 +98,33 @@ def test_greedy_equals_the_source_generate_alone_batched_and_beyond_model_length
 def test_greedy_with_eos_processors_and_streamer_equals_the_source(family, mode, extra):
     reference, model = _convert(family, 4)
     prompts, attention = _padded_prompts()
-    free = reference.generate(prompts, attention_mask=attention, max_new_tokens=20, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)  # fmt: skip
+    free = reference.generate(
+        prompts, attention_mask=attention, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     suppress = int(free[0, 6 + 2])
 
     def processors():
         return LogitsProcessorList([SuppressTokensLogitsProcessor([suppress])])
 
     common = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, repetition_penalty=1.3)
-    free = reference.generate(prompts, attention_mask=attention, logits_processor=processors(), eos_token_id=None,
-                              **common)  # fmt: skip
+    free = reference.generate(
+        prompts, attention_mask=attention, logits_processor=processors(), eos_token_id=None, **common
+    )
     common["eos_token_id"] = int(free[1, 6 + 7])  # a token row 1 produces: rows then stop at different lengths
     eos = common["eos_token_id"]
 
     expected = reference.generate(prompts, attention_mask=attention, logits_processor=processors(), **common)
-    got = model.generate(prompts, attention_mask=attention, logits_processor=processors(), generation_mode=mode,
-                         **extra, **common)  # fmt: skip
+    got = model.generate(
+        prompts, attention_mask=attention, logits_processor=processors(), generation_mode=mode, **extra, **common
+    )
     assert torch.equal(got, expected), (got, expected)
     assert bool((got == eos).any()) and not bool((got[:, 6:] == suppress).any())
     # the streamer (batch 1): the prompt then every new token, then end(); as the source's
     theirs, ours = Recorder(), Recorder()
     expected = reference.generate(prompts[:1], streamer=theirs, logits_processor=processors(), **common)
-    got = model.generate(prompts[:1], streamer=ours, logits_processor=processors(), generation_mode=mode, **extra,
-                         **common)  # fmt: skip
+    got = model.generate(
+        prompts[:1], streamer=ours, logits_processor=processors(), generation_mode=mode, **extra, **common
+    )
     assert torch.equal(got, expected) and ours.tokens == theirs.tokens == got[0].tolist() and ours.ended
 
 
@@ -118,12 +133,14 @@ def test_greedy_with_stop_strings_equals_the_source(mode, extra):
     reference, model = _convert("qwen3", 4)
     tokenizer = _char_tokenizer()
     prompts, attention = _padded_prompts()
-    free = reference.generate(prompts, attention_mask=attention, max_new_tokens=16, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)  # fmt: skip
+    free = reference.generate(
+        prompts, attention_mask=attention, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     stop = tokenizer.decode(free[2, 6 + 4 : 6 + 6])  # two characters row 2 generates
     # with an EOS id transformers pads a row that stopped (without one it lets the row run on): EOS 2 as the model's
-    common = dict(max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=0, stop_strings=[stop],
-                  tokenizer=tokenizer)  # fmt: skip
+    common = dict(
+        max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=0, stop_strings=[stop], tokenizer=tokenizer
+    )
     expected = reference.generate(prompts, attention_mask=attention, **common)
     got = model.generate(prompts, attention_mask=attention, generation_mode=mode, **extra, **common)
     assert torch.equal(got, expected) and bool((got[2, 12:] == 0).all())  # row 2 stopped at the string
@@ -136,14 +153,21 @@ def test_poor_drafts_change_the_speed_not_the_output(variant, monkeypatch):
 
     reference, model = _convert("llama", 4)
     prompts, attention = _padded_prompts()
-    kwargs = dict(max_new_tokens=24, do_sample=False, eos_token_id=None, generation_mode="draft_verify",
-                  draft_variant=variant, return_dict_in_generate=True)  # fmt: skip
+    kwargs = dict(
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=None,
+        generation_mode="draft_verify",
+        draft_variant=variant,
+        return_dict_in_generate=True,
+    )
     good = model.generate(prompts, attention_mask=attention, **kwargs)
     noise = torch.Generator().manual_seed(0)
     monkeypatch.setattr(dv, "suppress_mask_logit", lambda logits, _: torch.randn(logits.shape, generator=noise))
     poor = model.generate(prompts, attention_mask=attention, **kwargs)
-    expected = reference.generate(prompts, attention_mask=attention, max_new_tokens=24, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)  # fmt: skip
+    expected = reference.generate(
+        prompts, attention_mask=attention, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     assert torch.equal(poor.sequences, expected) and torch.equal(good.sequences, expected)
     mean = lambda out: torch.cat(out.acceptance_lengths).double().mean()  # noqa: E731
     assert mean(poor) < mean(good)
@@ -158,8 +182,9 @@ def test_a_wrong_verifier_breaks_the_equality(monkeypatch):
 
     reference, model = _convert("llama", 4)
     prompts, attention = _padded_prompts()
-    expected = reference.generate(prompts, attention_mask=attention, max_new_tokens=16, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)  # fmt: skip
+    expected = reference.generate(
+        prompts, attention_mask=attention, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, generation_mode="draft_verify")
     assert torch.equal(model.generate(prompts, attention_mask=attention, **kwargs), expected)
 
@@ -190,15 +215,22 @@ def test_draft_verify_sampling_is_autoregressive_sampling_with_the_same_seed(fam
     common = dict(max_new_tokens=24, do_sample=True, temperature=1.3, top_k=40, eos_token_id=None, seed=[3, 4, 5])
     ar = model.generate(prompts, attention_mask=attention, generation_mode="autoregressive", **common)
     for variant in ("two_pass", "one_forward"):
-        dv = model.generate(prompts, attention_mask=attention, generation_mode="draft_verify", draft_variant=variant,
-                            return_dict_in_generate=True, **common)  # fmt: skip
+        dv = model.generate(
+            prompts,
+            attention_mask=attention,
+            generation_mode="draft_verify",
+            draft_variant=variant,
+            return_dict_in_generate=True,
+            **common,
+        )
         assert torch.equal(dv.sequences, ar), variant
         assert int(torch.cat(dv.acceptance_lengths).max()) > 1  # drafts were accepted: fewer calls, same tokens
     # a row's draws depend on its own seed and positions only: alone it samples what it samples in the batch
     alone = model.generate(prompts[2:, 4:], generation_mode="autoregressive", **{**common, "seed": 5})
     assert torch.equal(alone[0, 2:], ar[2, 6:])
-    other = model.generate(prompts, attention_mask=attention, generation_mode="autoregressive",
-                           **{**common, "seed": [6, 7, 8]})  # fmt: skip
+    other = model.generate(
+        prompts, attention_mask=attention, generation_mode="autoregressive", **{**common, "seed": [6, 7, 8]}
+    )
     assert not torch.equal(other, ar)
 
 
@@ -210,14 +242,39 @@ def test_autoregressive_sampling_follows_the_source_distribution():
     with torch.no_grad():
         probs = (reference(prompt).logits[0, -1] / 0.5).softmax(-1).double()
     draws = 400
-    firsts = torch.tensor([int(model.generate(prompt, max_new_tokens=1, do_sample=True, top_k=0, temperature=0.5,
-                                              seed=s, generation_mode="autoregressive")[0, -1])
-                           for s in range(draws)])  # fmt: skip
+    firsts = torch.tensor(
+        [
+            int(
+                model.generate(
+                    prompt,
+                    max_new_tokens=1,
+                    do_sample=True,
+                    top_k=0,
+                    temperature=0.5,
+                    seed=s,
+                    generation_mode="autoregressive",
+                )[0, -1]
+            )
+            for s in range(draws)
+        ]
+    )
     distance = float((torch.bincount(firsts, minlength=VOCAB) / draws - probs).abs().sum())
     # the same distance for exact multinomial draws (its spread), and for draws from a wrong distribution
-    simulated = torch.stack([(torch.bincount(torch.multinomial(probs, draws, replacement=True,
-                                                               generator=torch.Generator().manual_seed(s)),
-                                             minlength=VOCAB) / draws - probs).abs().sum() for s in range(50)])  # fmt: skip
+    simulated = torch.stack(
+        [
+            (
+                torch.bincount(
+                    torch.multinomial(probs, draws, replacement=True, generator=torch.Generator().manual_seed(s)),
+                    minlength=VOCAB,
+                )
+                / draws
+                - probs
+            )
+            .abs()
+            .sum()
+            for s in range(50)
+        ]
+    )
     assert distance < float(simulated.max()) * 1.2, (distance, simulated.max())
     flat = torch.full_like(probs, 1 / VOCAB)
     assert float((flat - probs).abs().sum()) > 2 * float(simulated.max())  # the check can tell a wrong distribution
@@ -322,8 +379,20 @@ def test_pipeline_and_cli_use_the_mode(tmp_path, capsys):
 
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    argv = ["generate", str(tmp_path / "model"), "--prompt", text, "--max-new-tokens", "6", "--greedy",
-            "--generation-mode", "draft_verify", "--draft-variant", "one_forward", "--no-stream"]  # fmt: skip
+    argv = [
+        "generate",
+        str(tmp_path / "model"),
+        "--prompt",
+        text,
+        "--max-new-tokens",
+        "6",
+        "--greedy",
+        "--generation-mode",
+        "draft_verify",
+        "--draft-variant",
+        "one_forward",
+        "--no-stream",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tokens accepted per verify call" in printed
@@ -344,10 +413,17 @@ def test_a_gated_adapter_drafts_while_the_text_stays_the_source(variant):
 
     reference, model = _convert("llama", 4, clean_attention="causal")
     prompts, attention = _padded_prompts()
-    expected = reference.generate(prompts, attention_mask=attention, max_new_tokens=16, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)  # fmt: skip
-    kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, generation_mode="draft_verify",
-                  draft_variant=variant, return_dict_in_generate=True)  # fmt: skip
+    expected = reference.generate(
+        prompts, attention_mask=attention, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    kwargs = dict(
+        max_new_tokens=16,
+        do_sample=False,
+        eos_token_id=None,
+        generation_mode="draft_verify",
+        draft_variant=variant,
+        return_dict_in_generate=True,
+    )
     plain = model.generate(prompts, attention_mask=attention, **kwargs)
 
     torch.manual_seed(0)
@@ -361,5 +437,6 @@ def test_a_gated_adapter_drafts_while_the_text_stays_the_source(variant):
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     ungated = get_peft_model(model, lora)
-    assert not torch.equal(ungated.base_model.model.generate(prompts, attention_mask=attention, **kwargs).sequences,
-                           expected)  # fmt: skip
+    assert not torch.equal(
+        ungated.base_model.model.generate(prompts, attention_mask=attention, **kwargs).sequences, expected
+    )

@@ -79,7 +79,9 @@ def test_the_old_cache_name_warns_like_transformers_models(family: str) -> None:
 def test_a_training_step_logs_no_deprecation(tmp_path) -> None:
     with no_deprecation_messages():
         trainer = BD3LMTrainer(
-            tiny_train_model(), tiny_training_args(tmp_path, max_steps=2), train_dataset=random_token_dataset(8),
+            tiny_train_model(),
+            tiny_training_args(tmp_path, max_steps=2),
+            train_dataset=random_token_dataset(8),
             eval_dataset=random_token_dataset(4),
         )
         trainer.train()

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from bd3lm_trainer import BD3LMTrainer
-from bd3lm_trainer.faults import checkpoint_problem
 from safetensors.torch import load_file
 
+from bd3lm_trainer import BD3LMTrainer
+from bd3lm_trainer.faults import checkpoint_problem
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 from tests.conftest import REPO_ROOT, random_model
 from tests.distributed_worker import MODEL, run_arguments, uneven_dataset
@@ -29,15 +29,33 @@ pytestmark = pytest.mark.slow
 
 def launch(mode: str, out: Path, config: str | None = None, timeout: float = 420) -> list[dict]:
     """Run the worker in 2 processes (torchrun, or `accelerate launch` with a shipped config); each rank's JSON."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     if config is None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:  # the YAML as shipped, but 2 CPU processes in fp32
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-                   "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
-    proc = subprocess.run(command + [str(WORKER), mode, str(out)], env=env, cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / config),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            "0",
+        ]
+    proc = subprocess.run(
+        command + [str(WORKER), mode, str(out)], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -45,7 +63,9 @@ def launch(mode: str, out: Path, config: str | None = None, timeout: float = 420
 def assert_weights_close(actual: dict, expected: dict, **tolerance) -> None:
     assert set(expected) <= set(actual), sorted(set(expected) - set(actual))
     for name, value in expected.items():
-        torch.testing.assert_close(actual[name].float(), value.float(), msg=lambda m, name=name: f"{name}: {m}", **tolerance)
+        torch.testing.assert_close(
+            actual[name].float(), value.float(), msg=lambda m, name=name: f"{name}: {m}", **tolerance
+        )
 
 
 def assert_updates_close(actual: dict, expected: dict, start: dict, rel: float = 1e-3) -> None:
@@ -74,9 +94,18 @@ def test_ddp_sgd_step_equals_one_process_on_the_union(tmp_path):
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
 
     model = random_model(0, always_mask=True, **MODEL).train()
-    args = run_arguments(str(tmp_path / "ref"), per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                         max_steps=1, optim="sgd", learning_rate=0.5, max_grad_norm=0.0, use_ema=False,
-                         eval_strategy="no", save_strategy="no")
+    args = run_arguments(
+        str(tmp_path / "ref"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+        use_ema=False,
+        eval_strategy="no",
+        save_strategy="no",
+    )
     reference = BD3LMTrainer(model, args, train_dataset=uneven_dataset(8, seed=3))
     reference.train()
     expected_loss = [e["loss"] for e in reference.state.log_history if "loss" in e]
@@ -97,7 +126,9 @@ def single_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     model = random_model(0, always_mask=True, **MODEL).train()
     args = run_arguments(str(out), per_device_train_batch_size=4, per_device_eval_batch_size=4, save_strategy="no")
-    trainer = BD3LMTrainer(model, args, train_dataset=uneven_dataset(32, seed=1), eval_dataset=uneven_dataset(6, seed=2))
+    trainer = BD3LMTrainer(
+        model, args, train_dataset=uneven_dataset(32, seed=1), eval_dataset=uneven_dataset(6, seed=2)
+    )
     trainer.train()
     return {
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
@@ -131,7 +162,9 @@ def check_sharded_run(out: Path, ranks: list[dict], reference: dict, layout: str
     # resuming from the step-2 checkpoint (engine state + one EMA file per rank) ends where the full run ended
     checkpoint = out / "run" / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.glob("ema_state*")) == [
-        "ema_state-rank00000-of-00002.safetensors", "ema_state-rank00001-of-00002.safetensors"]
+        "ema_state-rank00000-of-00002.safetensors",
+        "ema_state-rank00001-of-00002.safetensors",
+    ]
     assert checkpoint_problem(checkpoint) is None
     assert_weights_close(load_file(str(out / "resumed_online.safetensors")), online, rtol=1e-6, atol=1e-7)
     resumed_ema = BD3LMForMaskedDiffusion.from_pretrained(out / "resumed_saved")
@@ -152,7 +185,9 @@ def test_fsdp2_through_accelerate_equals_one_process(tmp_path, single_process_ru
     assert (out / "run" / "checkpoint-2" / "pytorch_model_fsdp_0" / ".metadata").is_file()  # sharded checkpoints
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (bd3lm[deepspeed])")
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (bd3lm[deepspeed])"
+)
 def test_deepspeed_zero3_through_accelerate_equals_one_process(tmp_path, single_process_run):
     out = tmp_path / "zero3"
     ranks = launch("zero3", out, config="deepspeed_zero3.yaml")
@@ -173,8 +208,12 @@ def test_fully_shard_with_and_without_ema_equals_unsharded(tmp_path):
         record = ranks[0][tag]
         for sharded, unsharded in record["losses"]:
             assert sharded == pytest.approx(unsharded, rel=1e-5)
-        assert_weights_close(load_file(str(out / f"sharded_{tag}.safetensors")),
-                             load_file(str(out / f"reference_{tag}.safetensors")), rtol=1e-5, atol=1e-6)
+        assert_weights_close(
+            load_file(str(out / f"sharded_{tag}.safetensors")),
+            load_file(str(out / f"reference_{tag}.safetensors")),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     start = random_model(0, **MODEL).state_dict()
     reference = load_file(str(out / "reference_plain.safetensors"))
     assert max(float((reference[n] - start[n]).abs().max()) for n in reference) > 1e-3  # the steps moved the weights

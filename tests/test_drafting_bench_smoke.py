@@ -25,15 +25,18 @@ def study(tmp_path_factory):
 def test_every_stage_writes_its_results(study):
     root, results = study
     cost = results["cost"]
-    assert set(cost["seconds"]) == {f"{k}/{d}/b{b}/n{n}" for k in KINDS for d in TINY.dtypes for b in TINY.batches
-                                    for n in TINY.ns}  # fmt: skip
+    assert set(cost["seconds"]) == {
+        f"{k}/{d}/b{b}/n{n}" for k in KINDS for d in TINY.dtypes for b in TINY.batches for n in TINY.ns
+    }
     assert all(len(times) == TINY.repeats and min(times) > 0 for times in cost["seconds"].values())
     assert len(cost["load_average_before"]) == 3 and len(cost["load_average_after"]) == 3
     assert cost["config"]["threads"] == TINY.threads
     for curve in results["cost_summary"].values():
         assert curve["1"]["ratio"] == 1.0
     acc = results["acceptance"]
-    assert set(acc["drafters"]) == {"converted"} and set(acc["drafters"]["converted"]) == {str(k) for k in TINY.draft_ks}
+    assert set(acc["drafters"]) == {"converted"} and set(acc["drafters"]["converted"]) == {
+        str(k) for k in TINY.draft_ks
+    }
     for k, est in acc["drafters"]["converted"].items():
         assert est["blocks"] == sum(est["blocks_per_row"]) > 0 and len(est["match_rate"]) == int(k) - 1
     assert len(acc["continuations"]) == len(TINY.prompts)

@@ -9,13 +9,12 @@ import math
 
 import pytest
 import torch
+
 from bd3lm_trainer.cli.eval import add_eval_arguments, evaluate_from_args, run_eval
 from bd3lm_trainer.corpus import load_corpus, load_tokenizer
 from bd3lm_trainer.evaluation import dataset_perplexity, resolve_device, wrap_documents
-
 from tests.conftest import random_model
 from tests.test_likelihood import TEXTS, ar_nll
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Datasets and perplexity
@@ -29,8 +28,9 @@ def test_wrap_documents_appends_eos_and_keeps_the_remainder():
 @pytest.fixture(scope="module")
 def corpus_model():
     """A block-size-1 model over the shipped 8192-id tokenizer (mask = 8191 = the tokenizer's mask id)."""
-    return random_model(vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=1,
-                        always_mask=True)
+    return random_model(
+        vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=1, always_mask=True
+    )
 
 
 def test_dataset_perplexity_is_the_token_mean_over_wrapped_chunks(corpus_model):
@@ -90,11 +90,22 @@ def test_run_eval_prints_a_table_and_writes_json(tmp_path, corpus_model, capsys)
     (tmp_path / "samples.txt").write_text("\n".join(TEXTS) + "\n")
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     parser = add_eval_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([
-        str(tmp_path / "model"), "--dataset", str(tmp_path / "docs.jsonl"), "--judge", str(tmp_path / "judge"),
-        "--samples", str(tmp_path / "samples.txt"), "--output", str(tmp_path / "out" / "results.json"),
-        "--device", "cpu", "--no-progress",
-    ])
+    args = parser.parse_args(
+        [
+            str(tmp_path / "model"),
+            "--dataset",
+            str(tmp_path / "docs.jsonl"),
+            "--judge",
+            str(tmp_path / "judge"),
+            "--samples",
+            str(tmp_path / "samples.txt"),
+            "--output",
+            str(tmp_path / "out" / "results.json"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     results = evaluate_from_args(args)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written == json.loads(json.dumps(results))
@@ -156,8 +167,9 @@ def test_generated_samples_depend_on_their_index_not_on_the_batch_size():
     tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2)
 
     def samples(batch_size: int) -> list:
-        args = argparse.Namespace(gen_kwargs="{}", gen_length=8, num_gen_samples=4, gen_batch_size=batch_size, seed=3,
-                                  no_progress=True)  # fmt: skip
+        args = argparse.Namespace(
+            gen_kwargs="{}", gen_length=8, num_gen_samples=4, gen_batch_size=batch_size, seed=3, no_progress=True
+        )
         return _generate_samples(model, tokenizer, args)[0]
 
     four = samples(4)

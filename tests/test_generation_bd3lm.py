@@ -200,8 +200,15 @@ def test_seeded_sampling_is_batch_invariant(sampler, use_cache):
     lengths = [1, 6, 11, 6]
     seeds = [5, 6, 7, 8]
     ids, mask = prompts(lengths, seed=6)
-    kwargs = {"max_new_tokens": 45, "do_sample": True, "temperature": 1.5, "top_k": 0, "sampler": sampler,
-              "use_cache": use_cache, **SAMPLER_KWARGS[sampler]}  # fmt: skip
+    kwargs = {
+        "max_new_tokens": 45,
+        "do_sample": True,
+        "temperature": 1.5,
+        "top_k": 0,
+        "sampler": sampler,
+        "use_cache": use_cache,
+        **SAMPLER_KWARGS[sampler],
+    }
     torch.manual_seed(1)
     state = torch.random.get_rng_state()
     same_seed = model.generate(ids, attention_mask=mask, seed=11, **kwargs)
@@ -659,5 +666,3 @@ def test_generate_through_peft(task_type):
                 param.normal_(0, 0.5)
     changed = peft_model.generate(max_new_tokens=8, do_sample=True, seed=0, return_dict_in_generate=True)
     assert changed.sequences.shape == expected.shape
-
-

@@ -8,6 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
 from bd3lm_trainer.corpus import load_tokenizer
 from bd3lm_trainer.evaluation.generative_perplexity import (
     generative_perplexity,
@@ -15,9 +19,6 @@ from bd3lm_trainer.evaluation.generative_perplexity import (
     network_calls_per_token,
     unigram_entropy,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 TEXTS = [
     "In the beginning God created the heaven and the earth.",
@@ -32,8 +33,15 @@ def tokenizer():
 
 def _judge(tokenizer, n_positions: int = 64, scale: float = 1.0, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     judge = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         judge.transformer.wte.weight.mul_(scale)  # tied output head: a larger scale gives peakier predictions
@@ -174,8 +182,9 @@ def test_gen_ppl_of_generated_samples_reports_network_calls(tokenizer):
         out = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=True, return_dict_in_generate=True, seed=0)
     except NotImplementedError:
         pytest.skip("generate() has not landed yet")
-    result = generative_perplexity(out.sequences, _judge(tokenizer), tokenizer, tokenizer=tokenizer,
-                                   generation_outputs=out)
+    result = generative_perplexity(
+        out.sequences, _judge(tokenizer), tokenizer, tokenizer=tokenizer, generation_outputs=out
+    )
     new_tokens = (out.tokens_per_forward * out.nfe.clamp_min(1)).sum()
     assert result.nfe_per_token == pytest.approx(float(out.nfe.sum() / new_tokens))
     assert result.num_samples == 2

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
 from bd3lm_trainer import BD3LMTrainer
 from bd3lm_trainer.faults import (
     NonFiniteLossError,
     checkpoint_problem,
     last_complete_checkpoint,
 )
-from safetensors.torch import load_file
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
-
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 from tests.conftest import (
     REPO_ROOT,
@@ -70,7 +70,12 @@ CHILD = textwrap.dedent(
     """
 )
 RUN_ARGS = dict(
-    max_steps=MAX_STEPS, save_strategy="steps", save_steps=1, schedule_search=False, use_ema=True, ema_decay=0.9,
+    max_steps=MAX_STEPS,
+    save_strategy="steps",
+    save_steps=1,
+    schedule_search=False,
+    use_ema=True,
+    ema_decay=0.9,
     learning_rate=1e-2,
 )
 
@@ -85,7 +90,10 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD.replace("{ARGS}", repr(RUN_ARGS)), str(tmp_path), str(KILL_AT)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 240
     while not (tmp_path / "killing").exists():
@@ -105,12 +113,14 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_
     assert last_complete_checkpoint(out) == str(out / f"checkpoint-{KILL_AT - 1}")
 
     # Resume in this process; the reference is the same run never interrupted.
-    resumed = BD3LMTrainer(tiny_train_model(), tiny_training_args(tmp_path, **RUN_ARGS),
-                           train_dataset=random_token_dataset(64))
+    resumed = BD3LMTrainer(
+        tiny_train_model(), tiny_training_args(tmp_path, **RUN_ARGS), train_dataset=random_token_dataset(64)
+    )
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == MAX_STEPS
-    reference = BD3LMTrainer(tiny_train_model(), tiny_training_args(tmp_path / "ref", **RUN_ARGS),
-                             train_dataset=random_token_dataset(64))
+    reference = BD3LMTrainer(
+        tiny_train_model(), tiny_training_args(tmp_path / "ref", **RUN_ARGS), train_dataset=random_token_dataset(64)
+    )
     reference.train()
     expected, got = _weights(reference.model), _weights(resumed.model)
     for name in expected:
@@ -131,8 +141,9 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_
 def complete_run(tmp_path_factory) -> Path:
     """Two complete checkpoints (steps 1 and 2) with EMA state, optimizer, scheduler and RNG state."""
     tmp = tmp_path_factory.mktemp("run")
-    args = tiny_training_args(tmp, max_steps=2, save_strategy="steps", save_steps=1, schedule_search=False,
-                              use_ema=True)
+    args = tiny_training_args(
+        tmp, max_steps=2, save_strategy="steps", save_steps=1, schedule_search=False, use_ema=True
+    )
     BD3LMTrainer(tiny_train_model(), args, train_dataset=random_token_dataset(16)).train()
     return tmp / "out"
 
@@ -146,7 +157,8 @@ DAMAGE = {
     "no trainer_state.json": (lambda d: (d / "trainer_state.json").unlink(), "no trainer_state.json"),
     "truncated trainer_state.json": (lambda d: _truncate(d / "trainer_state.json"), "unreadable"),
     "trainer_state of another step": (
-        lambda d: (d / "trainer_state.json").write_text(json.dumps({"global_step": 7})), "does not describe step"
+        lambda d: (d / "trainer_state.json").write_text(json.dumps({"global_step": 7})),
+        "does not describe step",
     ),
     "truncated model.safetensors": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors"),
     "no model.safetensors": (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
@@ -224,8 +236,9 @@ def _same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("fault, reason", [("nan loss", "loss is nan"), ("inf loss", "loss is"),
-                                           ("nan gradient", "gradient norm")])
+@pytest.mark.parametrize(
+    "fault, reason", [("nan loss", "loss is nan"), ("inf loss", "loss is"), ("nan gradient", "gradient norm")]
+)
 def test_stop_policy_raises_naming_the_step_before_the_weights_change(fault, reason, tmp_path):
     trainer, snapshots = _poisoned_trainer(tmp_path, "stop", fault)
     with pytest.raises(NonFiniteLossError, match=f"{reason}.*global step {BAD_STEP}|global step {BAD_STEP}"):
@@ -275,8 +288,10 @@ LOAD_FAULTS = {
     "more layers": (lambda d: _edit_config(d, n_blocks=3), "do not match its config.*missing: backbone.blocks.2"),
     "fewer layers": (lambda d: _edit_config(d, n_blocks=1), "do not match its config.*unexpected: backbone.blocks.1"),
     "pickle weights only": (
-        lambda d: (torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin"),
-                   (d / "model.safetensors").unlink()),
+        lambda d: (
+            torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin"),
+            (d / "model.safetensors").unlink(),
+        ),
         "pickle weights.*safetensors only",
     ),
 }
@@ -391,9 +406,28 @@ def test_cli_resume_skips_a_torn_checkpoint(tmp_path, capsys):
     data = tmp_path / "data.txt"
     data.write_text("In the beginning God created the heaven and the earth.\n" * 40)
     out = tmp_path / "run"
-    fast = ["train", "--dataset", str(data), "--output-dir", str(out), "--model-length", "32", "--batch-size", "2",
-            "--warmup-steps", "1", "--eval-steps", "100", "--save-steps", "1", "--eval-batches", "1",
-            "--search-batches", "1", "--no-schedule-search"]
+    fast = [
+        "train",
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--model-length",
+        "32",
+        "--batch-size",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--eval-steps",
+        "100",
+        "--save-steps",
+        "1",
+        "--eval-batches",
+        "1",
+        "--search-batches",
+        "1",
+        "--no-schedule-search",
+    ]
     assert main([*fast, "--max-steps", "2"]) == 0
     (out / "checkpoint-2" / "trainer_state.json").unlink()  # as a kill during the save of step 2 leaves it
     assert main([*fast, "--max-steps", "3", "--resume"]) == 0, capsys.readouterr().err[-2000:]

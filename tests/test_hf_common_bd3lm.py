@@ -17,7 +17,6 @@ Adding another backbone (a model converted from a causal LM, say): subclass `BD3
 
 from __future__ import annotations
 
-import copy
 import json
 import unittest
 
@@ -33,7 +32,6 @@ if mismatch_reason(transformers.__version__):
 
 from tests.hf_common.test_configuration_common import ConfigTester
 from tests.hf_common.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
-
 
 # The mask token of the testers: id 0 rather than the last id, so that the mixin's resize tests, which shrink the
 # vocabulary by 15 rows, keep it (resize_token_embeddings refuses to drop the mask token's row).
@@ -192,13 +190,20 @@ class CausalBackboneModelTester(BD3LMModelTester):
         from transformers import LlamaConfig, Qwen3Config
 
         backbone = dict(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=2 * self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=2, max_position_embeddings=self.model_length, tie_word_embeddings=False,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=2 * self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=2,
+            max_position_embeddings=self.model_length,
+            tie_word_embeddings=False,
         )
         backbone_config = (LlamaConfig if self.family == "llama" else Qwen3Config)(**backbone)
         return BD3LMConfig(
-            backbone_config=backbone_config, block_size=self.block_size, model_length=self.model_length,
+            backbone_config=backbone_config,
+            block_size=self.block_size,
+            model_length=self.model_length,
             mask_token_id=MASK_ID,
         )
 

@@ -44,7 +44,9 @@ def hub(tmp_path_factory):
     log = open(root / "server.log", "wb")  # a file, not a pipe: a full pipe would block the server
     process = subprocess.Popen(
         [sys.executable, str(Path(fake_hub.__file__)), "--root", str(root / "store"), "--port-file", str(port_file)],
-        env=env, stdout=log, stderr=log,
+        env=env,
+        stdout=log,
+        stderr=log,
     )
     deadline = time.monotonic() + 30
     while not port_file.exists():
@@ -52,8 +54,9 @@ def hub(tmp_path_factory):
             process.kill()
             pytest.fail(f"the fake Hub did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.02)
-    yield type("Hub", (), {"endpoint": f"http://127.0.0.1:{port_file.read_text()}", "root": root / "store",
-                           "pid": process.pid})
+    yield type(
+        "Hub", (), {"endpoint": f"http://127.0.0.1:{port_file.read_text()}", "root": root / "store", "pid": process.pid}
+    )
     os.kill(process.pid, signal.SIGTERM)
     process.wait(timeout=10)
     log.close()
@@ -86,8 +89,13 @@ def make_tokenizer(folder: Path) -> None:
     vocab = {"<|endoftext|>": 0, "<|pad|>": 1, **{f"w{i}": i for i in range(2, 63)}, "<|mask|>": 63}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            pad_token="<|pad|>", mask_token="<|mask|>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        mask_token="<|mask|>",
+    ).save_pretrained(folder)
 
 
 def make_trainer_output(folder: Path, seed: int = 0) -> BD3LMForMaskedDiffusion:
@@ -99,10 +107,20 @@ def make_trainer_output(folder: Path, seed: int = 0) -> BD3LMForMaskedDiffusion:
     make_tokenizer(folder)
     (folder / "eval_results.json").write_text(json.dumps({"eval_loss": 4.05, "eval_ppl": EVAL_PPL}))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 20, "epoch": 2.0, "train_batch_size": 4}))
-    (folder / "schedule_search.json").write_text(json.dumps({
-        "step": 20, "num_batches": 3, "best": [0.45, 0.95], "applied": True,
-        "table": [{"eps_min": 0.45, "eps_max": 0.95, "nelbo_var": 1.0}, {"eps_min": 0.001, "eps_max": 1.0,
-                                                                           "nelbo_var": 2.0}]}))
+    (folder / "schedule_search.json").write_text(
+        json.dumps(
+            {
+                "step": 20,
+                "num_batches": 3,
+                "best": [0.45, 0.95],
+                "applied": True,
+                "table": [
+                    {"eps_min": 0.45, "eps_max": 0.95, "nelbo_var": 1.0},
+                    {"eps_min": 0.001, "eps_max": 1.0, "nelbo_var": 2.0},
+                ],
+            }
+        )
+    )
     (folder / "training_args.json").write_text(json.dumps({"learning_rate": 3e-4, "seed": 7}))
     (folder / "training_args.bin").write_bytes(b"\x80\x04pickle")
     (folder / ".env").write_text(f"HF_TOKEN={FAKE_TOKEN}\n")
@@ -149,8 +167,17 @@ def test_plan_is_exactly_the_allow_list_and_says_what_stayed_behind(trainer_outp
         assert {f.path for f in plan.files} == expected == set(files_under(plan.staging))
         assert {f.path: f.size for f in plan.files} == {k: len(v) for k, v in files_under(plan.staging).items()}
         left = {item.path: item.reason for item in plan.left_out}
-        assert set(left) == {".env", "training_args.bin", "notes.txt", "runs/", "checkpoint-10/", "eval_results.json",
-                             "trainer_state.json", "schedule_search.json", "training_args.json"}
+        assert set(left) == {
+            ".env",
+            "training_args.bin",
+            "notes.txt",
+            "runs/",
+            "checkpoint-10/",
+            "eval_results.json",
+            "trainer_state.json",
+            "schedule_search.json",
+            "training_args.json",
+        }
         assert "secrets" in left[".env"] and "pickle" in left["training_args.bin"]
         assert "--checkpoint checkpoint-10" in left["checkpoint-10/"]
         config = json.loads((plan.staging / "config.json").read_text())
@@ -189,14 +216,21 @@ def test_sharded_weights_round_trip(tmp_path):
         assert len(shards) > 1 and "model.safetensors.index.json" in names and "model.safetensors" not in names
         # Sharded input plans too.
         with hub_upload.plan_upload(plan.staging, "fake-user/tiny", nfe_tokens=0) as again:
-            assert {f.path for f in again.files} == {"README.md", "model.safetensors"} | (names - shards -
-                                                                                           {"README.md", "model.safetensors.index.json"})
+            assert {f.path for f in again.files} == {"README.md", "model.safetensors"} | (
+                names - shards - {"README.md", "model.safetensors.index.json"}
+            )
 
 
 def test_card_metadata_and_body(trainer_output):
     folder, _ = trainer_output
-    with hub_upload.plan_upload(folder, "fake-user/tiny", datasets=["fake-user/corpus"], license="apache-2.0",
-                                base_model="fake-user/tiny-base", nfe_tokens=8) as plan:
+    with hub_upload.plan_upload(
+        folder,
+        "fake-user/tiny",
+        datasets=["fake-user/corpus"],
+        license="apache-2.0",
+        base_model="fake-user/tiny-base",
+        nfe_tokens=8,
+    ) as plan:
         card = ModelCard.load(plan.staging / "README.md")
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
@@ -208,10 +242,21 @@ def test_card_metadata_and_body(trainer_output):
     assert result.dataset_type == "fake-user/corpus"
     assert data.to_dict() == plan.card.data.to_dict()  # round trip through the file
     text = card.text
-    for needle in ("trust_remote_code=True", "revision=revision", "model.generate(", "Block size L' | 4",
-                   "[0.45, 0.95]", "at step 20 over 2 candidate intervals, 3 validation batches each",
-                   "Network calls per token", "Limitations", "@inproceedings{arriola2025block", "steps: 20",
-                   "learning rate: 0.0003", "AutoTokenizer.from_pretrained(repo", 'pipeline("text-generation"'):
+    for needle in (
+        "trust_remote_code=True",
+        "revision=revision",
+        "model.generate(",
+        "Block size L' | 4",
+        "[0.45, 0.95]",
+        "at step 20 over 2 candidate intervals, 3 validation batches each",
+        "Network calls per token",
+        "Limitations",
+        "@inproceedings{arriola2025block",
+        "steps: 20",
+        "learning rate: 0.0003",
+        "AutoTokenizer.from_pretrained(repo",
+        'pipeline("text-generation"',
+    ):
         assert needle in text, needle
     calls = plan.card_info.network_calls
     if calls is not None:  # generate() exists in this build: the card states the measured figure and how
@@ -228,10 +273,20 @@ def test_card_states_the_recorded_training_data(trainer_output):
     """`training_data.json` (as `bd3lm train` writes it) becomes the card's data lines: name, licence, tokens."""
     folder, _ = trainer_output
     corpus = {"name": "bd3lm-corpus", "description": "King James Bible + Shakespeare", "license": "public domain"}
-    (folder / "training_data.json").write_text(json.dumps({
-        "train": {**corpus, "split": "train", "chunks": 62117, "tokens": 1987744},
-        "evaluation": {"name": "valid.jsonl", "description": "a local file", "license": None, "chunks": 4,
-                       "tokens": 128}}))
+    (folder / "training_data.json").write_text(
+        json.dumps(
+            {
+                "train": {**corpus, "split": "train", "chunks": 62117, "tokens": 1987744},
+                "evaluation": {
+                    "name": "valid.jsonl",
+                    "description": "a local file",
+                    "license": None,
+                    "chunks": 4,
+                    "tokens": 128,
+                },
+            }
+        )
+    )
     with hub_upload.plan_upload(folder, "fake-user/tiny", nfe_tokens=0) as plan:
         text = plan.card.text
         assert "training_data.json" not in {f.path for f in plan.files}  # read into the card, not published
@@ -248,17 +303,26 @@ def test_card_lists_only_sampler_settings_that_differ_from_the_defaults(tmp_path
     model.save_pretrained(tmp_path / "plain")
     with hub_upload.plan_upload(tmp_path / "plain", "fake-user/tiny", nfe_tokens=0) as plan:
         table = _section(plan.card.text, "Sampler defaults (`generation_config.json`)").strip().splitlines()
-    assert table == ["| setting | value |", "|---|---|",
-                     "| `sampler` | `first_hitting` (none stored: the built-in default) |",
-                     "| `bos_token_id` | `0` |", "| `eos_token_id` | `0` |", "| `pad_token_id` | `1` |", "",
-                     "Every other setting is the built-in default of `BD3LMGenerationConfig`."]
+    assert table == [
+        "| setting | value |",
+        "|---|---|",
+        "| `sampler` | `first_hitting` (none stored: the built-in default) |",
+        "| `bos_token_id` | `0` |",
+        "| `eos_token_id` | `0` |",
+        "| `pad_token_id` | `1` |",
+        "",
+        "Every other setting is the built-in default of `BD3LMGenerationConfig`.",
+    ]
     model.generation_config.update(confidence_threshold=0.8, nucleus_p=0.9)
     model.save_pretrained(tmp_path / "threshold")
     with hub_upload.plan_upload(tmp_path / "threshold", "fake-user/tiny", nfe_tokens=0) as plan:
         table = _section(plan.card.text, "Sampler defaults (`generation_config.json`)").strip().splitlines()
-    assert table[2:6] == ["| `sampler` | `confidence_threshold` (none stored: chosen because `confidence_threshold` "
-                          "is set) |", "| `bos_token_id` | `0` |", "| `confidence_threshold` | `0.8` |",
-                          "| `eos_token_id` | `0` |"]
+    assert table[2:6] == [
+        "| `sampler` | `confidence_threshold` (none stored: chosen because `confidence_threshold` is set) |",
+        "| `bos_token_id` | `0` |",
+        "| `confidence_threshold` | `0.8` |",
+        "| `eos_token_id` | `0` |",
+    ]
     assert table[6:8] == ["| `nucleus_p` | `0.9` |", "| `pad_token_id` | `1` |"]
     model.generation_config.update(confidence_threshold=None, sampler="ddpm", num_steps=8)
     model.save_pretrained(tmp_path / "ddpm")
@@ -278,9 +342,19 @@ def test_dry_run_prints_the_plan_and_sends_nothing(trainer_output, hub_env, capf
     out, err = capfd.readouterr()
     assert len(fake_hub.requests_log(hub_env.root)) == before
     assert fake_hub.read_repo(hub_env.root, "fake-user/dry") is None
-    for needle in ("model.safetensors", "config.json", "modeling_bd3lm.py", "tokenizer.json", "Left out", ".env",
-                   "training_args.bin", "checkpoint-10/", "README.md (model card)", "library_name: transformers",
-                   "nothing was sent"):
+    for needle in (
+        "model.safetensors",
+        "config.json",
+        "modeling_bd3lm.py",
+        "tokenizer.json",
+        "Left out",
+        ".env",
+        "training_args.bin",
+        "checkpoint-10/",
+        "README.md (model card)",
+        "library_name: transformers",
+        "nothing was sent",
+    ):
         assert needle in out, needle
     assert FAKE_TOKEN not in out + err
 
@@ -295,8 +369,10 @@ def test_dry_run_lists_the_trainer_reports_as_read_into_the_card_not_as_left_out
     left_out = plan_text.split("Left out")[1].split("Read into the model card")[0]
     read = [line for line in plan_text.splitlines() if line.startswith("Read into the model card, not published")]
     assert "training_data.json" not in left_out and "notes.txt" in left_out
-    assert read == ["Read into the model card, not published (5): eval_results.json, schedule_search.json, "
-                    "trainer_state.json, training_args.json, training_data.json"]
+    assert read == [
+        "Read into the model card, not published (5): eval_results.json, schedule_search.json, "
+        "trainer_state.json, training_args.json, training_data.json"
+    ]
 
 
 def test_upload_arrives_exactly_as_planned(trainer_output, hub_env, capfd):
@@ -382,37 +458,74 @@ def published(hub, tmp_path_factory):
     path = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))  # this checkout first
     env.update(HF_ENDPOINT=hub.endpoint, HF_TOKEN=FAKE_TOKEN, HF_HOME=str(tmp / "hf-home"), PYTHONPATH=path)
     cli = subprocess.run(
-        [sys.executable, "-m", "hub_upload", str(tmp / "out"), "fake-user/trained-bd3lm", "--dataset",
-         "fake-user/corpus", "--license", "apache-2.0", "--commit-message", "first release", "--nfe-tokens", "0"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "hub_upload",
+            str(tmp / "out"),
+            "fake-user/trained-bd3lm",
+            "--dataset",
+            "fake-user/corpus",
+            "--license",
+            "apache-2.0",
+            "--commit-message",
+            "first release",
+            "--nfe-tokens",
+            "0",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert cli.returncode == 0, cli.stderr[-3000:]
     jobs, plans = {}, {}
     oid = fake_hub.read_repo(hub.root, "fake-user/trained-bd3lm")["refs"]["main"]
-    jobs["trained"] = {"folder": str(fake_hub.tree(hub.root, "fake-user/trained-bd3lm", oid)),
-                       "repo_id": "fake-user/trained-bd3lm", "revision": oid}
+    jobs["trained"] = {
+        "folder": str(fake_hub.tree(hub.root, "fake-user/trained-bd3lm", oid)),
+        "repo_id": "fake-user/trained-bd3lm",
+        "revision": oid,
+    }
     with pytest.MonkeyPatch.context() as mp:
         _point_at(mp, hub, tmp)
         with hub_upload.plan_upload(OFFICIAL_FIXTURE, "fake-user/official-bd3lm", nfe_tokens=0) as plan:
             result = hub_upload.upload(plan, "fake-user/official-bd3lm")
             plans["official"] = plan
         arrived = fake_hub.tree(hub.root, "fake-user/official-bd3lm", result.commit_oid)
-        jobs["official"] = {"folder": str(arrived), "repo_id": "fake-user/official-bd3lm", "revision": result.commit_oid}
+        jobs["official"] = {
+            "folder": str(arrived),
+            "repo_id": "fake-user/official-bd3lm",
+            "revision": result.commit_oid,
+        }
     g = torch.Generator().manual_seed(0)
     x_t = torch.randint(0, 63, (2, 32), generator=g)
     x_t[:, 8:] = 63
     save_file({"x_t": x_t, "prompt": x_t[:1, :4].clone()}, tmp / "inputs.safetensors")
     child = run_python_without_project(
-        CHILD, cwd=tmp,
-        env={"JOBS": json.dumps(jobs), "INPUTS": str(tmp / "inputs.safetensors"), "HF_HUB_OFFLINE": None,
-             "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": None, "HF_HOME": str(tmp / "hf-home")},
+        CHILD,
+        cwd=tmp,
+        env={
+            "JOBS": json.dumps(jobs),
+            "INPUTS": str(tmp / "inputs.safetensors"),
+            "HF_HUB_OFFLINE": None,
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_TOKEN": None,
+            "HF_HOME": str(tmp / "hf-home"),
+        },
     )
     assert child.returncode == 0, child.stderr[-4000:]
     with torch.no_grad():
         expected = {"trained": model(x_t, return_dict=True).logits, "official": official(x_t, return_dict=True).logits}
-    return {"jobs": jobs, "plans": plans, "expected": expected, "cli": cli,
-            "logits": load_file(tmp / "child_logits.safetensors"),
-            "report": json.loads((tmp / "child_report.json").read_text())}
+    return {
+        "jobs": jobs,
+        "plans": plans,
+        "expected": expected,
+        "cli": cli,
+        "logits": load_file(tmp / "child_logits.safetensors"),
+        "report": json.loads((tmp / "child_report.json").read_text()),
+    }
 
 
 def test_command_line_upload_output_lists_what_arrived_and_never_the_token(published):
@@ -429,8 +542,9 @@ def test_command_line_upload_output_lists_what_arrived_and_never_the_token(publi
 def test_uploaded_repository_loads_in_a_fresh_process_without_this_project(published):
     for name in ("trained", "official"):
         for how in ("folder", "hub"):
-            torch.testing.assert_close(published["logits"][f"{name}.{how}"], published["expected"][name],
-                                       rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                published["logits"][f"{name}.{how}"], published["expected"][name], rtol=0, atol=1e-5
+            )
 
 
 def test_official_checkpoint_converts_into_a_repository_with_our_code_and_card(published):
@@ -474,8 +588,9 @@ def test_lora_adapter_publishes_with_a_card_naming_the_base_model(tmp_path, hub_
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base = random_model(seed=5)
-    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["attn_qkv", "attn_out"],
-                                                 init_lora_weights=False)).eval()
+    peft_model = get_peft_model(
+        base, LoraConfig(r=2, lora_alpha=4, target_modules=["attn_qkv", "attn_out"], init_lora_weights=False)
+    ).eval()
     peft_model.save_pretrained(tmp_path / "adapter")
     (tmp_path / "adapter" / "optimizer.pt").write_bytes(b"state")
     with pytest.raises(ValueError, match="--base-model"):  # saved from an in-memory base: no Hub id to name
@@ -497,7 +612,9 @@ def test_lora_adapter_publishes_with_a_card_naming_the_base_model(tmp_path, hub_
     card = ModelCard.load(arrived / "README.md")
     assert card.data.base_model == "fake-user/tiny-bd3lm" and card.data.library_name == "peft"
     assert {"lora", "bd3lm"} <= set(card.data.tags) and "PeftModel.from_pretrained" in card.text
-    assert json.loads((arrived / "adapter_config.json").read_text())["base_model_name_or_path"] == "fake-user/tiny-bd3lm"
+    assert (
+        json.loads((arrived / "adapter_config.json").read_text())["base_model_name_or_path"] == "fake-user/tiny-bd3lm"
+    )
     x = torch.randint(0, 63, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = peft_model(input_ids=x).logits
@@ -537,11 +654,17 @@ def _half_written(tmp: Path, case: str) -> Path:
 
 @pytest.mark.parametrize(
     "case, message",
-    [("missing", "does not exist"), ("no-weights", "no file named model.safetensors"),
-     ("truncated-weights", "truncated or corrupted"), ("missing-shard", "No such file.*model-00002"),
-     ("no-config", "neither config.json"), ("broken-config", "not a valid JSON"),
-     ("more-layers", "do not match its config.*missing"), ("wider", "do not match its config.*wrong shape"),
-     ("pickle-weights", "pickle")],
+    [
+        ("missing", "does not exist"),
+        ("no-weights", "no file named model.safetensors"),
+        ("truncated-weights", "truncated or corrupted"),
+        ("missing-shard", "No such file.*model-00002"),
+        ("no-config", "neither config.json"),
+        ("broken-config", "not a valid JSON"),
+        ("more-layers", "do not match its config.*missing"),
+        ("wider", "do not match its config.*wrong shape"),
+        ("pickle-weights", "pickle"),
+    ],
 )
 def test_bad_folders_fail_clearly_and_send_nothing(case, message, tmp_path, hub_env, capsys):
     folder = tmp_path / "missing" if case == "missing" else _half_written(tmp_path, case)
@@ -569,8 +692,10 @@ def test_no_token_fails_clearly_and_sends_nothing(trainer_output, hub, monkeypat
     before = len(fake_hub.requests_log(hub.root))
     assert hub_upload.main([str(folder), "fake-user/no-token"]) == 2
     assert "No Hugging Face token" in capsys.readouterr().err
-    with hub_upload.plan_upload(folder, "fake-user/no-token", nfe_tokens=0) as plan, \
-            pytest.raises(ValueError, match="HF_TOKEN"):
+    with (
+        hub_upload.plan_upload(folder, "fake-user/no-token", nfe_tokens=0) as plan,
+        pytest.raises(ValueError, match="HF_TOKEN"),
+    ):
         hub_upload.upload(plan, "fake-user/no-token")
     assert len(fake_hub.requests_log(hub.root)) == before
 
@@ -584,8 +709,9 @@ def test_a_file_holding_the_token_is_never_uploaded(trainer_output, hub_env, cap
     assert len(fake_hub.requests_log(hub_env.root)) == before
 
 
-def test_a_wrong_token_is_refused_by_the_hub_before_the_repository_exists(trainer_output, hub, monkeypatch, tmp_path,
-                                                                          capsys):
+def test_a_wrong_token_is_refused_by_the_hub_before_the_repository_exists(
+    trainer_output, hub, monkeypatch, tmp_path, capsys
+):
     folder, _ = trainer_output
     wrong = "hf_WrongTokenForTests_9876543210"
     _point_at(monkeypatch, hub, tmp_path, token=wrong)

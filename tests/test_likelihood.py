@@ -8,6 +8,9 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from bd3lm_trainer.corpus import load_tokenizer
 from bd3lm_trainer.evaluation import (
     dataset_perplexity,
@@ -16,9 +19,6 @@ from bd3lm_trainer.evaluation import (
     score_continuations,
     stratified_noise_levels,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from tests.conftest import random_model
 
 ATOL = 1e-5
@@ -155,8 +155,10 @@ def test_conditional_score_is_the_exact_autoregressive_conditional_at_block_size
     assert value == pytest.approx(float(ar[7:].sum()), abs=1e-4)
     # is_greedy: every target token is the argmax of its AR prediction
     mask_id = model.config.mask_token_id
-    greedy_ids = [model(torch.cat((x[:, :i], torch.full((1, 1), mask_id)), 1)).logits[0, -1, :mask_id].argmax()
-                  for i in range(7, 20)]
+    greedy_ids = [
+        model(torch.cat((x[:, :i], torch.full((1, 1), mask_id)), 1)).logits[0, -1, :mask_id].argmax()
+        for i in range(7, 20)
+    ]
     assert greedy == all(int(g) == int(t) for g, t in zip(greedy_ids, x[0, 7:]))
     target = [int(g) for g in greedy_ids[:1]]  # the greedy first token alone is greedy
     assert score_continuations(model, [(x[0, :7].tolist(), target)], check_greedy=True)[0][1] is True
@@ -223,8 +225,9 @@ def test_evaluation_does_not_read_the_searched_training_interval():
     """Evaluation is always at t ∼ U[1e-3, 1]: a model whose training interval was searched (here clipped to
     [0.3, 0.8] with resampling, as the schedule search writes it, and left in training mode) scores exactly as before.
     With the default interval an evaluation that wrongly read the training interval would differ by 0.1% only."""
-    model = random_model(vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=4,
-                         resample=True)
+    model = random_model(
+        vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=4, resample=True
+    )
     tokenizer = load_tokenizer()
     ids = torch.randint(0, 8191, (3, 32), generator=torch.Generator().manual_seed(4))
     pairs = [(ids[0, :5].tolist(), ids[0, 5:20].tolist()), (ids[1, :9].tolist(), ids[1, 9:13].tolist())]

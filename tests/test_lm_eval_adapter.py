@@ -13,12 +13,12 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `bd3lm[eval]`")
 
-from bd3lm_trainer.corpus import load_tokenizer  # noqa: E402
-from bd3lm_trainer.evaluation import score_continuations  # noqa: E402
-from bd3lm_trainer.evaluation.lm_eval_adapter import BD3LMEvalHarness  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from bd3lm_trainer.corpus import load_tokenizer  # noqa: E402
+from bd3lm_trainer.evaluation import score_continuations  # noqa: E402
+from bd3lm_trainer.evaluation.lm_eval_adapter import BD3LMEvalHarness  # noqa: E402
 from tests.conftest import random_model  # noqa: E402
 
 QUESTIONS = [
@@ -31,8 +31,9 @@ DOCUMENTS = [{"text": "In the beginning God created the heaven and the earth."},
 
 
 def _tiny(block_size: int, **overrides):
-    return random_model(vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=block_size,
-                        **overrides)
+    return random_model(
+        vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=block_size, **overrides
+    )
 
 
 def _requests(kind: str, arguments: list[tuple]) -> list[Instance]:
@@ -92,8 +93,9 @@ def test_small_blocks_default_to_the_exact_expectation_over_the_noise():
     pairs = [("In the beginning", " God created the heaven")]
     [(value, _)] = harness.loglikelihood(_requests("loglikelihood", pairs))
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    [(reference, _)] = score_continuations(model, [(enc("In the beginning"), enc(" God created the heaven"))],
-                                           exact=True)
+    [(reference, _)] = score_continuations(
+        model, [(enc("In the beginning"), enc(" God created the heaven"))], exact=True
+    )
     assert value == pytest.approx(-reference, abs=1e-5) and value < 0
     assert harness.loglikelihood(_requests("loglikelihood", pairs))[0][0] == value  # deterministic
 
@@ -135,8 +137,9 @@ def _write_tasks(tmp_path) -> str:
 def _accuracy(model, tokenizer) -> float:
     """The harness' accuracy on QUESTIONS: our argmax over the choices' log-likelihoods."""
     harness = BD3LMEvalHarness(model, tokenizer)
-    scores = harness.loglikelihood(_requests("loglikelihood", [(q["question"], c) for q in QUESTIONS
-                                                               for c in q["choices"]]))
+    scores = harness.loglikelihood(
+        _requests("loglikelihood", [(q["question"], c) for q in QUESTIONS for c in q["choices"]])
+    )
     acc, k = 0, 0
     for q in QUESTIONS:
         values = [v for v, _ in scores[k : k + len(q["choices"])]]
@@ -153,9 +156,22 @@ def test_readme_command_falls_back_to_the_cpu_without_cuda(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     include = _write_tasks(tmp_path)
-    command = [sys.executable, "-m", "bd3lm_trainer.evaluation.lm_eval_adapter", "run", "--model", "bd3lm",
-               "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "bd3lm_tiny_mc",  # the docs', then:
-               "--include_path", include, "--output_path", str(tmp_path / "results")]
+    command = [
+        sys.executable,
+        "-m",
+        "bd3lm_trainer.evaluation.lm_eval_adapter",
+        "run",
+        "--model",
+        "bd3lm",
+        "--model_args",
+        f"pretrained={tmp_path / 'model'}",
+        "--tasks",
+        "bd3lm_tiny_mc",  # the docs', then:
+        "--include_path",
+        include,
+        "--output_path",
+        str(tmp_path / "results"),
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -175,7 +191,8 @@ def test_simple_evaluate_runs_offline_on_tiny_local_tasks(tmp_path):
     tokenizer.save_pretrained(tmp_path / "model")
     include = _write_tasks(tmp_path)
     out = lm_eval.simple_evaluate(
-        model="bd3lm", model_args=f"pretrained={tmp_path / 'model'},device=cpu,batch_size=4",
+        model="bd3lm",
+        model_args=f"pretrained={tmp_path / 'model'},device=cpu,batch_size=4",
         tasks=["bd3lm_tiny_mc", "bd3lm_tiny_rolling"],
         task_manager=TaskManager(include_path=include, include_defaults=False),
     )
@@ -192,10 +209,13 @@ def test_simple_evaluate_runs_offline_on_tiny_local_tasks(tmp_path):
 def test_generate_until_uses_generate_and_stops_at_the_stop_strings(tmp_path):
     model, tokenizer = _tiny(4), load_tokenizer()
     harness = BD3LMEvalHarness(model, tokenizer, batch_size=2)
-    requests = _requests("generate_until", [
-        ("In the beginning", {"until": ["e"], "max_gen_toks": 4, "do_sample": False}),
-        ("To be", {"until": ["e"], "max_gen_toks": 4, "do_sample": False}),
-    ])
+    requests = _requests(
+        "generate_until",
+        [
+            ("In the beginning", {"until": ["e"], "max_gen_toks": 4, "do_sample": False}),
+            ("To be", {"until": ["e"], "max_gen_toks": 4, "do_sample": False}),
+        ],
+    )
     try:
         texts = harness.generate_until(requests)
     except NotImplementedError:
@@ -203,13 +223,19 @@ def test_generate_until_uses_generate_and_stops_at_the_stop_strings(tmp_path):
     for (context, _), text in zip([r.args for r in requests], texts):
         assert "e" not in text
         ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=4, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        full = tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=4,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        full = tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
         assert full.split("e")[0] == text  # the same greedy generation, cut at the stop string
     include = _write_tasks(tmp_path)
-    results = lm_eval.simple_evaluate(model=harness, tasks=["bd3lm_tiny_gen"],
-                                      task_manager=TaskManager(include_path=include, include_defaults=False))["results"]
+    results = lm_eval.simple_evaluate(
+        model=harness, tasks=["bd3lm_tiny_gen"], task_manager=TaskManager(include_path=include, include_defaults=False)
+    )["results"]
     assert results["bd3lm_tiny_gen"]["exact_match,none"] in (0.0, 1.0)
 
 

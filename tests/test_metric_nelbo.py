@@ -7,9 +7,9 @@ import math
 import evaluate
 import pytest
 import torch
+
 from bd3lm_trainer.corpus import load_tokenizer
 from bd3lm_trainer.evaluation import NELBO_METRIC_PATH, nelbo
-
 from tests.conftest import random_model
 
 TEXTS = ["In the beginning God created the heaven and the earth.", "To be, or not to be"]
@@ -17,8 +17,9 @@ TEXTS = ["In the beginning God created the heaven and the earth.", "To be, or no
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = random_model(vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=1,
-                         always_mask=True)
+    model = random_model(
+        vocab_size=8192, hidden_dim=32, n_heads=2, n_blocks=1, cond_dim=16, block_size=1, always_mask=True
+    )
     path = tmp_path_factory.mktemp("bd3lm")
     model.save_pretrained(path)
     load_tokenizer().save_pretrained(path)

@@ -240,7 +240,9 @@ def test_resampling_keeps_every_block_in_the_interval():
     assert torch.all((fractions >= 0.45) & (fractions <= 0.95))  # only 2 or 3 masked tokens per block
 
 
-@pytest.mark.parametrize(("interval", "enforced"), [((1e-3, 1.0), None), ((1e-3, 0.8), (0.0, 0.8)), ((0.3, 1.0), (0.3, 1.0))])
+@pytest.mark.parametrize(
+    ("interval", "enforced"), [((1e-3, 1.0), None), ((1e-3, 0.8), (0.0, 0.8)), ((0.3, 1.0), (0.3, 1.0))]
+)
 def test_resampling_leaves_the_default_ends_unenforced(monkeypatch, interval, enforced):
     """1e-3 read back from the float32 buffers is 0.0010000000475; it must still count as the unclipped floor (else
     every block would need a masked token even at t ~ 1e-3, and the rejection loop would run out of rounds)."""
@@ -309,16 +311,31 @@ def test_hidden_states_and_return_dict():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"input_ids": torch.zeros(1, 40, dtype=torch.long), "labels": torch.zeros(1, 40, dtype=torch.long)}, "model_length"),
-        ({"input_ids": torch.zeros(1, 30, dtype=torch.long), "labels": torch.zeros(1, 30, dtype=torch.long)}, "multiple of `block_size`"),
-        ({"input_ids": torch.zeros(1, 32, dtype=torch.long), "noisy_input_ids": torch.zeros(1, 28, dtype=torch.long)}, "noisy_input_ids"),
+        (
+            {"input_ids": torch.zeros(1, 40, dtype=torch.long), "labels": torch.zeros(1, 40, dtype=torch.long)},
+            "model_length",
+        ),
+        (
+            {"input_ids": torch.zeros(1, 30, dtype=torch.long), "labels": torch.zeros(1, 30, dtype=torch.long)},
+            "multiple of `block_size`",
+        ),
+        (
+            {
+                "input_ids": torch.zeros(1, 32, dtype=torch.long),
+                "noisy_input_ids": torch.zeros(1, 28, dtype=torch.long),
+            },
+            "noisy_input_ids",
+        ),
         ({"input_ids": torch.zeros(1, 32, dtype=torch.long), "noise_levels": torch.full((1, 8), 1.5)}, r"\[0, 1\]"),
         ({"input_ids": torch.zeros(1, 32, dtype=torch.long), "noise_levels": torch.full((1, 7), 0.5)}, "noise_levels"),
         ({"input_ids": torch.full((1, 32), 64, dtype=torch.long)}, "outside"),
         ({"input_ids": torch.zeros(1, 33, dtype=torch.long)}, "model_length"),
         (
-            {"input_ids": torch.zeros(1, 32, dtype=torch.long), "noisy_input_ids": torch.zeros(1, 32, dtype=torch.long),
-             "labels": torch.zeros(1, 32, dtype=torch.long)},
+            {
+                "input_ids": torch.zeros(1, 32, dtype=torch.long),
+                "noisy_input_ids": torch.zeros(1, 32, dtype=torch.long),
+                "labels": torch.zeros(1, 32, dtype=torch.long),
+            },
             "noise_levels",
         ),
     ],

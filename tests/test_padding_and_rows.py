@@ -51,7 +51,10 @@ def test_left_padded_row_scores_as_the_unpadded_row_under_the_shift(family):
     with torch.no_grad():
         alone = model(input_ids=x_0, noisy_input_ids=x_t, labels=x_0, noise_levels=t)
         padded = model(
-            input_ids=padded_x_0, noisy_input_ids=padded_x_t, attention_mask=mask, labels=padded_x_0,
+            input_ids=padded_x_0,
+            noisy_input_ids=padded_x_t,
+            attention_mask=mask,
+            labels=padded_x_0,
             noise_levels=padded_t,
         )
     assert padded.token_loss[0, 4] == 0  # the first real token: masked, but it has no predictor
@@ -68,8 +71,13 @@ def test_a_token_right_after_padding_inside_a_row_is_not_scored_under_the_shift(
     mask = torch.ones_like(x_0)
     mask[0, 4:8] = 0
     with torch.no_grad():
-        out = model(input_ids=x_0, noisy_input_ids=torch.full_like(x_0, VOCAB), attention_mask=mask, labels=x_0,
-                    noise_levels=torch.ones(1, LENGTH // 4))
+        out = model(
+            input_ids=x_0,
+            noisy_input_ids=torch.full_like(x_0, VOCAB),
+            attention_mask=mask,
+            labels=x_0,
+            noise_levels=torch.ones(1, LENGTH // 4),
+        )
     assert out.token_loss[0, 8] == 0
     assert bool((out.token_loss[0, 9:] > 0).all()) and bool((out.token_loss[0, 1:4] > 0).all())
 
@@ -120,8 +128,9 @@ def _first_block_losses(model, x_0: torch.LongTensor, block_size: int) -> tuple[
     blocks = x_0.shape[1] // block_size
     with torch.no_grad():
         alone = model(input_ids=x_0, labels=x_0, noise_levels=torch.ones(1, blocks))
-        padded = model(input_ids=padded_x_0, attention_mask=mask, labels=padded_x_0,
-                       noise_levels=torch.ones(1, blocks + 1))
+        padded = model(
+            input_ids=padded_x_0, attention_mask=mask, labels=padded_x_0, noise_levels=torch.ones(1, blocks + 1)
+        )
     assert padded.noisy_input_ids[0, block_size] == x_0[0, 0]  # kept clean, as column 0 of the unpadded row
     assert torch.equal(padded.noisy_input_ids[:, block_size:], alone.noisy_input_ids)
     torch.testing.assert_close(padded.loss, alone.loss, rtol=0, atol=1e-5)
@@ -230,8 +239,13 @@ def test_a_row_that_stops_is_charged_nothing_more_and_the_others_generate_as_alo
     ids, mask = _prompts([3, 6, 2, 5], seed=11)
     ids[0, -1] = VOCAB - 1  # row 0 is marked (the other prompts' tokens are < 60)
     kwargs = dict(
-        max_new_tokens=12, sampler="confidence_threshold", confidence_threshold=THRESHOLD["llama"], eos_token_id=2,
-        logits_processor=[_StopMarkedRows(VOCAB - 1, 2)], use_cache=use_cache, return_dict_in_generate=True,
+        max_new_tokens=12,
+        sampler="confidence_threshold",
+        confidence_threshold=THRESHOLD["llama"],
+        eos_token_id=2,
+        logits_processor=[_StopMarkedRows(VOCAB - 1, 2)],
+        use_cache=use_cache,
+        return_dict_in_generate=True,
     )
     batch = model.generate(ids, attention_mask=mask, **kwargs)
     alone = [model.generate(ids[r : r + 1, int(mask[r].argmax()) :], **kwargs) for r in range(len(ids))]

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bd3lm_trainer import LORA_TARGET_MODULES, BD3LMTrainer, BD3LMTrainingArguments, lora_target_modules
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForMaskedLM
 
+from bd3lm_trainer import LORA_TARGET_MODULES, BD3LMTrainer, BD3LMTrainingArguments, lora_target_modules
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
 from tests.conftest import random_model
 
@@ -58,9 +58,17 @@ def test_lora_train_save_load_merge_generate(tmp_path):
     g = torch.Generator().manual_seed(0)
     train = Dataset.from_dict({"input_ids": torch.randint(0, 63, (16, 32), generator=g).tolist()})
     args = BD3LMTrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2,
-        use_cpu=True, report_to=[], dataloader_num_workers=0, disable_tqdm=True, save_strategy="no",
-        schedule_search=False, seed=0,
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_strategy="no",
+        schedule_search=False,
+        seed=0,
     )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES["attention_mlp"])
     trainer = BD3LMTrainer(base, args, train_dataset=train, peft_config=lora)
@@ -103,9 +111,21 @@ def test_lora_with_schedule_search_and_ema(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = Dataset.from_dict({"input_ids": torch.randint(0, 63, (8, 32), generator=g).tolist()})
     args = BD3LMTrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        eval_strategy="steps", eval_steps=2, use_cpu=True, report_to=[], dataloader_num_workers=0, disable_tqdm=True,
-        save_strategy="no", seed=0, use_ema=True, schedule_search_widths=[0.5], schedule_search_step=0.25,
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        use_ema=True,
+        schedule_search_widths=[0.5],
+        schedule_search_step=0.25,
         schedule_search_batches=1,
     )
     lora = LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGET_MODULES["attention"])
@@ -128,7 +148,9 @@ def test_wrapping_raises_no_deprecation_warning():
         warnings.simplefilter("error", FutureWarning)
         peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=LORA_TARGET_MODULES["attention"]))
     assert model.is_gradient_checkpointing is False
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # 5.x / 4.57
+    enable = (
+        getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    )  # 5.x / 4.57
     enable()
     assert model.is_gradient_checkpointing is True
     assert peft_model is not None
@@ -140,7 +162,6 @@ def test_wrapping_raises_no_deprecation_warning():
 
 def _gated_setup(clean_attention: str = "causal", family: str = "llama", **lora):
     from bd3lm_trainer import gated_lora_config
-
     from tests.test_causal_backbone import _convert
 
     reference, model = _convert(family, 4, clean_attention=clean_attention)
@@ -165,18 +186,27 @@ def _clean_and_ar_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 @pytest.mark.parametrize("gated", [True, False])
 def test_a_gated_adapter_trained_with_the_trainer_leaves_the_clean_stream_the_source(tmp_path, gated):
     from bd3lm_trainer import gated_lora_config
-
     from tests.test_causal_backbone import LENGTH, VOCAB, _convert, _tokens
 
     reference, base = _convert("llama", 4, clean_attention="causal")
     data = Dataset.from_dict({"input_ids": _tokens(16, LENGTH, seed=3).tolist()})
     args = BD3LMTrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2,
-        use_cpu=True, report_to=[], dataloader_num_workers=0, disable_tqdm=True, save_strategy="no",
-        schedule_search=False, seed=0,
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_strategy="no",
+        schedule_search=False,
+        seed=0,
     )
-    lora = gated_lora_config(base, r=4, lora_dropout=0.0) if gated else LoraConfig(
-        r=4, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES["attention_mlp"]
+    lora = (
+        gated_lora_config(base, r=4, lora_dropout=0.0)
+        if gated
+        else LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES["attention_mlp"])
     )
     trainer = BD3LMTrainer(base, args, train_dataset=data, peft_config=lora)
     trainer.train()
@@ -245,7 +275,6 @@ def test_generate_with_a_gated_adapter_commits_the_source_kv_cache(family):
     """PeftModel.generate and the model's own generate(): the adapter acts on the noisy block (other tokens than
     without it) and the committed cache (prompt and clean blocks) is the source model's."""
     from modeling_bd3lm import CACHE_FIELD
-
     from tests.test_causal_backbone import _tokens
 
     reference, peft_model = _gated_setup("causal", family, init_lora_weights=False)
@@ -269,7 +298,6 @@ def test_generate_with_a_gated_adapter_commits_the_source_kv_cache(family):
 
 def test_adapter_gate_positions_and_refusals():
     from modeling_bd3lm import adapter_gate
-
     from tests.test_causal_backbone import _tokens
 
     reference, peft_model = _gated_setup("causal", init_lora_weights=False)
@@ -311,8 +339,18 @@ def test_model_cards_record_clean_attention_and_a_gated_adapter(tmp_path):
     from bd3lm_trainer import hub
     from bd3lm_trainer.model_card import CardInfo, build_model_card
 
-    arch = {"block_size": 4, "model_length": 16, "vocab_size": 91, "mask_token_id": 90, "hidden_dim": 32,
-            "n_blocks": 2, "n_heads": 4, "noise_schedule": "loglinear", "parameters": 1, "clean_attention": "causal"}
+    arch = {
+        "block_size": 4,
+        "model_length": 16,
+        "vocab_size": 91,
+        "mask_token_id": 90,
+        "hidden_dim": 32,
+        "n_blocks": 2,
+        "n_heads": 4,
+        "noise_schedule": "loglinear",
+        "parameters": 1,
+        "clean_attention": "causal",
+    }
     text = build_model_card(CardInfo(repo_id="fake-user/tiny", architecture=arch)).text
     assert "| Clean-stream attention | `causal` (clean tokens attend causally" in text
     for gated in (True, False):

@@ -91,16 +91,28 @@ def test_text_generation_pipeline_from_a_saved_folder(python, tmp_path):
     assert [texts(r) for r in out["greedy"]] == [[t] for t in greedy]  # batched: padded on either side
     assert [texts(r) for r in out["greedy_one_by_one"]] == [[t] for t in greedy]
     assert len(set(greedy)) == len(PROMPTS)
-    sampled = [_new_text(model, tokenizer, p, max_new_tokens=10, do_sample=True, temperature=0.7, seed=4)[0]
-               for p in PROMPTS]  # fmt: skip
+    sampled = [
+        _new_text(model, tokenizer, p, max_new_tokens=10, do_sample=True, temperature=0.7, seed=4)[0] for p in PROMPTS
+    ]
     assert [texts(r) for r in out["sampled"]] == [[t] for t in sampled]
     threshold = [p + _new_text(model, tokenizer, p, max_new_tokens=10, confidence_threshold=0.3)[0] for p in PROMPTS]
     assert [texts(r) for r in out["threshold"]] == [[t] for t in threshold]
-    topk = _new_text(model, tokenizer, PROMPTS[0], max_new_tokens=10, do_sample=True, temperature=1.2, top_k=8,
-                     seed=2, sampler="topk_confidence", tokens_per_step=2)  # fmt: skip
+    topk = _new_text(
+        model,
+        tokenizer,
+        PROMPTS[0],
+        max_new_tokens=10,
+        do_sample=True,
+        temperature=1.2,
+        top_k=8,
+        seed=2,
+        sampler="topk_confidence",
+        tokens_per_step=2,
+    )
     assert texts(out["topk"]) == [PROMPTS[0] + topk[0]]
-    repeats = _new_text(model, tokenizer, PROMPTS[1], max_new_tokens=8, do_sample=True, temperature=0.7, seed=3,
-                        num_return_sequences=2)  # fmt: skip
+    repeats = _new_text(
+        model, tokenizer, PROMPTS[1], max_new_tokens=8, do_sample=True, temperature=0.7, seed=3, num_return_sequences=2
+    )
     assert texts(out["repeats"]) == [PROMPTS[1] + t for t in repeats] and len(set(repeats)) == 2
 
     # the streamer gets the prompt, then each committed block, then end(); as from generate()

@@ -92,8 +92,16 @@ def test_fidelity_second_judge_retokenises_with_the_smollm2_tokenizer() -> None:
     _, judge_tokenizer = load_smollm2(tokenizer_only=True)
     judge_tokenizer.bos_token = judge_tokenizer.eos_token = judge_tokenizer.pad_token = "<|endoftext|>"
     torch.manual_seed(0)
-    judge = LlamaForCausalLM(LlamaConfig(vocab_size=len(judge_tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()  # fmt: skip
+    judge = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(judge_tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
     corpus_tokenizer = load_tokenizer()
     text = "And God said, Let there be light: and there was light."
     sample = [corpus_tokenizer.bos_token_id, *corpus_tokenizer(text, add_special_tokens=False)["input_ids"]]

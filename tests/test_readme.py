@@ -76,9 +76,11 @@ def test_the_first_two_blocks_are_the_main_job_and_the_tests() -> None:
 def test_python_snippets_parse_and_import_real_names(page: Path, code: str) -> None:
     tree = ast.parse(code)
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
-            "modeling_bd3lm", "bd3lm_trainer", "bd3lm_configuration", "hub_upload"
-        ):  # fmt: skip
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] in ("modeling_bd3lm", "bd3lm_trainer", "bd3lm_configuration", "hub_upload")
+        ):
             module = importlib.import_module(node.module)
             for alias in node.names:
                 assert hasattr(module, alias.name), (

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from bd3lm_trainer import BD3LMTrainer
 from bd3lm_trainer.ema import EMA_SHARD_TEMPLATE, EMA_STATE_NAME, EMACallback, ema_shard_files
 from bd3lm_trainer.faults import checkpoint_problem, last_complete_checkpoint
 from bd3lm_trainer.sharding import canonical_name, describe
-from safetensors.torch import save_file
-
 from tests.conftest import random_token_dataset, tiny_train_model, tiny_training_args
 from tests.test_causal_backbone import _convert
 
@@ -55,16 +55,23 @@ def _as_deepspeed(folder: Path) -> None:
 
 def _with_ema_shards(folder: Path, world: int = 2) -> None:
     for rank in range(world):
-        save_file({"shadow.w": torch.zeros(3)}, str(folder / EMA_SHARD_TEMPLATE.format(rank=rank, world=world)),
-                  metadata={"layout": "fsdp2", "num_updates": "1"})
+        save_file(
+            {"shadow.w": torch.zeros(3)},
+            str(folder / EMA_SHARD_TEMPLATE.format(rank=rank, world=world)),
+            metadata={"layout": "fsdp2", "num_updates": "1"},
+        )
 
 
 ENGINE_DAMAGE = {
     "fsdp model without .metadata": (
-        _as_fsdp_sharded, lambda d: (d / "pytorch_model_fsdp_0" / ".metadata").unlink(), "pytorch_model_fsdp_0/ has no"
+        _as_fsdp_sharded,
+        lambda d: (d / "pytorch_model_fsdp_0" / ".metadata").unlink(),
+        "pytorch_model_fsdp_0/ has no",
     ),
     "fsdp optimizer without .metadata": (
-        _as_fsdp_sharded, lambda d: (d / "optimizer_0" / ".metadata").unlink(), "optimizer_0/ has no .metadata"
+        _as_fsdp_sharded,
+        lambda d: (d / "optimizer_0" / ".metadata").unlink(),
+        "optimizer_0/ has no .metadata",
     ),
     "deepspeed truncated state": (
         _as_deepspeed,
@@ -72,10 +79,14 @@ ENGINE_DAMAGE = {
         "is truncated",
     ),
     "deepspeed latest names nothing": (
-        _as_deepspeed, lambda d: (d / "latest").write_text("global_step9"), "`latest` names 'global_step9'"
+        _as_deepspeed,
+        lambda d: (d / "latest").write_text("global_step9"),
+        "`latest` names 'global_step9'",
     ),
     "an EMA shard missing": (
-        _with_ema_shards, lambda d: (d / EMA_SHARD_TEMPLATE.format(rank=1, world=2)).unlink(), "ranks [1] of 2"
+        _with_ema_shards,
+        lambda d: (d / EMA_SHARD_TEMPLATE.format(rank=1, world=2)).unlink(),
+        "ranks [1] of 2",
     ),
     "an EMA shard truncated": (
         _with_ema_shards,
@@ -83,7 +94,9 @@ ENGINE_DAMAGE = {
         "is not a whole safetensors file",
     ),
     "EMA shards of two process counts": (
-        _with_ema_shards, lambda d: _with_ema_shards(d, world=3), "several process counts"
+        _with_ema_shards,
+        lambda d: _with_ema_shards(d, world=3),
+        "several process counts",
     ),
 }
 
@@ -110,7 +123,10 @@ def test_a_sharded_ema_is_refused_by_an_unsharded_run(checkpoint, tmp_path):
 
 
 def test_parameter_names_drop_wrapper_segments_and_plain_parameters_are_whole():
-    assert canonical_name("backbone.blocks.0._checkpoint_wrapped_module.attn_qkv.weight") == "backbone.blocks.0.attn_qkv.weight"
+    assert (
+        canonical_name("backbone.blocks.0._checkpoint_wrapped_module.attn_qkv.weight")
+        == "backbone.blocks.0.attn_qkv.weight"
+    )
     assert canonical_name("_orig_mod.backbone._fsdp_wrapped_module.vocab_embed.embedding") == (
         "backbone.vocab_embed.embedding"
     )

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from bd3lm_trainer import BD3LMTrainer
 
 import hub_upload
+from bd3lm_trainer import BD3LMTrainer
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 from modeling_bd3lm.sampling_bd3lm import SAMPLERS
 from tests.conftest import (
@@ -30,14 +30,30 @@ from tests.conftest import (
     tiny_training_args,
 )
 
-OUR_CODE = [REPO_ROOT / "hub_upload.py", *(
-    path for folder in ("modeling_bd3lm", "trainer", "configuration", "bench")
-    for path in sorted((REPO_ROOT / folder).rglob("*.py"))
-)]
+OUR_CODE = [
+    REPO_ROOT / "hub_upload.py",
+    *(
+        path
+        for folder in ("modeling_bd3lm", "trainer", "configuration", "bench")
+        for path in sorted((REPO_ROOT / folder).rglob("*.py"))
+    ),
+]
 # The standard-library modules the bundle may import; anything else (pickle, subprocess, socket, ...) needs review.
 BUNDLE_STDLIB = {
-    "__future__", "collections", "contextlib", "contextvars", "copy", "dataclasses", "functools", "inspect", "math", "os",
-    "re", "time", "typing", "warnings",
+    "__future__",
+    "collections",
+    "contextlib",
+    "contextvars",
+    "copy",
+    "dataclasses",
+    "functools",
+    "inspect",
+    "math",
+    "os",
+    "re",
+    "time",
+    "typing",
+    "warnings",
 }
 BUNDLE_THIRD_PARTY = {"torch", "transformers"}
 
@@ -79,16 +95,20 @@ def test_our_code_never_unpickles_nor_writes_pickles():
     for path in OUR_CODE:
         tree = ast.parse(path.read_text(), filename=str(path))
         offences += [f"{path}: imports {m}" for _, m in _imports(tree) if m.split(".")[0] in PICKLE_MODULES]
-        offences += [f"{path}: {call}" for call in _calls(tree)
-                     if call in FORBIDDEN_CALLS | FORBIDDEN_KEYWORDS or "pickle" in call.split("=")[0].lower()]
+        offences += [
+            f"{path}: {call}"
+            for call in _calls(tree)
+            if call in FORBIDDEN_CALLS | FORBIDDEN_KEYWORDS or "pickle" in call.split("=")[0].lower()
+        ]
     assert offences == []
 
 
 def test_saved_models_and_checkpoints_hold_safetensors_only(tmp_path):
     random_model().save_pretrained(tmp_path / "model")
     assert {p.suffix for p in (tmp_path / "model").iterdir()} <= {".json", ".py", ".safetensors"}
-    args = tiny_training_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, schedule_search=False,
-                              use_ema=True)
+    args = tiny_training_args(
+        tmp_path, max_steps=1, save_strategy="steps", save_steps=1, schedule_search=False, use_ema=True
+    )
     BD3LMTrainer(tiny_train_model(), args, train_dataset=random_token_dataset(8)).train()
     files = {p.name for p in (tmp_path / "out" / "checkpoint-1").iterdir()}
     assert {"model.safetensors", "ema_state.safetensors"} <= files
@@ -126,7 +146,7 @@ def test_the_checkpoint_bundle_imports_only_torch_transformers_and_itself(tmp_pa
 # custom_generate: none shipped, none published, none run
 
 
-CUSTOM_GENERATE = '''
+CUSTOM_GENERATE = """
 from pathlib import Path
 
 Path(__file__).with_name("RAN").write_text("custom generate code ran")
@@ -135,13 +155,16 @@ Path(__file__).with_name("RAN").write_text("custom generate code ran")
 def generate(model, *args, **kwargs):
     Path(__file__).with_name("RAN").write_text("custom generate() ran")
     raise SystemExit("custom generate() ran")
-'''
+"""
 
 
 def _custom_generate_folders() -> list[Path]:
     """custom_generate/ folders in the repository top level and in the shipped packages."""
-    found = [path for name in ("modeling_bd3lm", "trainer", "configuration") for path in
-             (REPO_ROOT / name).rglob("custom_generate")]
+    found = [
+        path
+        for name in ("modeling_bd3lm", "trainer", "configuration")
+        for path in (REPO_ROOT / name).rglob("custom_generate")
+    ]
     return found + [REPO_ROOT / "custom_generate"] * (REPO_ROOT / "custom_generate").exists()
 
 
@@ -168,8 +191,9 @@ def test_hub_upload_never_publishes_a_custom_generate_folder(folder_with_custom_
 
 def test_hub_upload_refuses_to_include_custom_generate_on_request(folder_with_custom_generate):
     with pytest.raises(ValueError, match="custom_generate"):
-        with hub_upload.plan_upload(folder_with_custom_generate, "user/model", nfe_tokens=0,
-                                    include=["custom_generate/*"]):
+        with hub_upload.plan_upload(
+            folder_with_custom_generate, "user/model", nfe_tokens=0, include=["custom_generate/*"]
+        ):
             pass
 
 
@@ -232,8 +256,9 @@ def test_the_same_seed_gives_the_same_loss():
 
 def test_the_same_seed_gives_the_same_training_run(tmp_path):
     def run(seed: int, name: str):
-        args = tiny_training_args(tmp_path / name, max_steps=3, logging_steps=1, seed=seed, schedule_search=False,
-                                  learning_rate=1e-2)
+        args = tiny_training_args(
+            tmp_path / name, max_steps=3, logging_steps=1, seed=seed, schedule_search=False, learning_rate=1e-2
+        )
         trainer = BD3LMTrainer(tiny_train_model(), args, train_dataset=random_token_dataset(32))
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -34,9 +34,10 @@ def test_the_test_command_installs_the_pins() -> None:
     assert 'pip install -q -c tests/constraints.txt "torch==2.13.0" -e ".[test,eval,gguf]"' in ci
     assert "bash tests/newest_releases.sh" in ci
     tf4 = pinned_versions(REPO_ROOT / "tests" / "constraints-tf457.txt")
-    assert tf4["transformers"].startswith("4.57.") and "constraints-tf457.txt" in (
-        REPO_ROOT / "tests" / "make_tf4_env.sh"
-    ).read_text()
+    assert (
+        tf4["transformers"].startswith("4.57.")
+        and "constraints-tf457.txt" in (REPO_ROOT / "tests" / "make_tf4_env.sh").read_text()
+    )
 
 
 def test_the_mismatch_reason_names_the_revendor_command() -> None:

@@ -38,9 +38,19 @@ def _tokenizer(size: int = VOCAB, pad: bool = False):
 
 def _causal_lm(vocab: int = VOCAB, tie: bool = False, pad_token_id: int | None = None) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=1, pad_token_id=pad_token_id)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=pad_token_id,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -108,14 +118,19 @@ def test_the_pad_rule_is_the_tokenizers_pad_else_the_configs_else_eos() -> None:
     assert ids == {"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 1, "mask_token_id": None}
     # no tokenizer: the config's own ids, the same pad rule
     config = BD3LMConfig(vocab_size=VOCAB + 1, bos_token_id=3, eos_token_id=4, pad_token_id=None)
-    assert special_token_ids(None, config) == {"bos_token_id": 3, "eos_token_id": 4, "pad_token_id": 4,
-                                               "mask_token_id": VOCAB}
+    assert special_token_ids(None, config) == {
+        "bos_token_id": 3,
+        "eos_token_id": 4,
+        "pad_token_id": 4,
+        "mask_token_id": VOCAB,
+    }
 
 
 def test_set_special_token_ids_writes_what_is_known_onto_both_configs() -> None:
     config, generation = BD3LMConfig(bos_token_id=5, vocab_size=VOCAB + 1), GenerationConfig()
-    set_special_token_ids(config, {"bos_token_id": None, "eos_token_id": 1, "pad_token_id": 0, "mask_token_id": VOCAB},
-                          generation)
+    set_special_token_ids(
+        config, {"bos_token_id": None, "eos_token_id": 1, "pad_token_id": 0, "mask_token_id": VOCAB}, generation
+    )
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id, config.mask_token_id) == (5, 1, 0, VOCAB)
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (None, 1, 0)
     assert getattr(generation, "mask_token_id", None) is None  # the generation config reads the model's
@@ -172,6 +187,9 @@ def test_only_the_owner_spells_the_mask_token_or_sets_a_pad_token() -> None:
             if isinstance(node, ast.Constant) and node.value == MASK_TOKEN:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {MASK_TOKEN!r}")
             targets = node.targets if isinstance(node, ast.Assign) else []
-            found += [f"{path.relative_to(ROOT)}:{node.lineno} .pad_token =" for t in targets
-                      if isinstance(t, ast.Attribute) and t.attr in ("pad_token", "pad_token_id")]
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno} .pad_token ="
+                for t in targets
+                if isinstance(t, ast.Attribute) and t.attr in ("pad_token", "pad_token_id")
+            ]
     assert found == []

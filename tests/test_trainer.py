@@ -15,6 +15,10 @@ import warnings
 
 import pytest
 import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainingArguments
+
 from bd3lm_trainer import (
     BD3LMTrainer,
     BD3LMTrainingArguments,
@@ -22,13 +26,8 @@ from bd3lm_trainer import (
     load_for_finetuning,
 )
 from bd3lm_trainer.callbacks import EMA_STATE_NAME, per_block_nelbo
-from datasets import Dataset
-from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainingArguments
-
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 from tests.conftest import REPO_ROOT, random_token_dataset, tiny_train_model, tiny_training_args
-
 
 tiny_model = tiny_train_model
 random_dataset = random_token_dataset
@@ -103,13 +102,18 @@ def test_gradient_accumulation_with_padding_matches_one_large_batch(tmp_path):
     g = torch.Generator().manual_seed(3)
     lengths = [32, 5, 17, 9, 30, 12, 3, 21]
     data = Dataset.from_dict({"input_ids": [torch.randint(0, 63, (n,), generator=g).tolist() for n in lengths]})
-    common = dict(max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0,
-                  logging_steps=1)
+    common = dict(
+        max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1
+    )
     finals = []
     for batch_size, accumulation in ((8, 1), (4, 2), (2, 4)):
         model = tiny_model(always_mask=True)
-        args = make_args(tmp_path / f"ga{accumulation}", per_device_train_batch_size=batch_size,
-                         gradient_accumulation_steps=accumulation, **common)
+        args = make_args(
+            tmp_path / f"ga{accumulation}",
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            **common,
+        )
         BD3LMTrainer(model, args, train_dataset=data).train()
         finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
@@ -132,8 +136,12 @@ def test_training_logs_mask_rate_and_the_noise_interval(tmp_path):
         def on_log(self, args, state, control, logs=None, **kwargs):
             reported.append(dict(logs))
 
-    trainer = BD3LMTrainer(model, make_args(tmp_path, max_steps=2, logging_steps=1), train_dataset=random_dataset(8),
-                           callbacks=[Reporter()])
+    trainer = BD3LMTrainer(
+        model,
+        make_args(tmp_path, max_steps=2, logging_steps=1),
+        train_dataset=random_dataset(8),
+        callbacks=[Reporter()],
+    )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry for entry in reported if "loss" in entry] == [
@@ -180,8 +188,13 @@ def test_evaluation_reports_the_unbiased_nelbo_bound_and_variance(tmp_path):
 
 
 def test_several_eval_datasets_search_once(tmp_path):
-    args = make_args(tmp_path, schedule_search=True, schedule_search_widths=[0.5], schedule_search_step=0.5,
-                     schedule_search_batches=1)
+    args = make_args(
+        tmp_path,
+        schedule_search=True,
+        schedule_search_widths=[0.5],
+        schedule_search_step=0.5,
+        schedule_search_batches=1,
+    )
     trainer = BD3LMTrainer(tiny_model(), args, eval_dataset={"a": random_dataset(4), "b": random_dataset(4, seed=2)})
     metrics = trainer.evaluate()
     assert {"eval_a_loss", "eval_b_loss", "eval_a_ppl", "eval_b_nelbo_var"} <= set(metrics)
@@ -220,9 +233,18 @@ def test_resume_from_checkpoint_continues_exactly_with_ema(tmp_path):
 
 def test_searched_interval_travels_in_checkpoints(tmp_path):
     model = tiny_model()
-    args = make_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-                     schedule_search=True, schedule_search_widths=[0.5], schedule_search_step=0.25,
-                     schedule_search_batches=1)
+    args = make_args(
+        tmp_path,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        schedule_search=True,
+        schedule_search_widths=[0.5],
+        schedule_search_step=0.25,
+        schedule_search_batches=1,
+    )
     BD3LMTrainer(model, args, train_dataset=random_dataset(8), eval_dataset=random_dataset(4)).train()
     reloaded = BD3LMForMaskedDiffusion.from_pretrained(tmp_path / "out" / "checkpoint-2")
     assert reloaded.training_noise_interval() == model.training_noise_interval()
@@ -335,7 +357,7 @@ def test_official_checkpoint_finetunes_at_another_block_size(tmp_path, official_
 # Two processes
 
 
-_WORKER = r'''
+_WORKER = r"""
 import json, os, sys
 import torch
 from datasets import Dataset
@@ -387,17 +409,30 @@ result = {
 }
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
-'''
+"""
 
 
 @pytest.mark.slow
 def test_two_process_training_agrees_on_the_searched_interval(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(_WORKER))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               str(tmp_path / "out")]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
@@ -427,10 +462,19 @@ def test_plain_trainer_does_not_pass_num_items_in_batch(tmp_path):
             return super().forward(*args, **kwargs)
 
     model = Recording(tiny_train_model().config).train()
-    args = TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=1, use_cpu=True, report_to=[],
-                             per_device_train_batch_size=4, gradient_accumulation_steps=2, disable_tqdm=True,
-                             remove_unused_columns=False)
-    plain = Trainer(model=model, args=args, train_dataset=random_token_dataset(8).map(lambda r: {"labels": r["input_ids"]}))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "plain"),
+        max_steps=1,
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    plain = Trainer(
+        model=model, args=args, train_dataset=random_token_dataset(8).map(lambda r: {"labels": r["input_ids"]})
+    )
     assert plain.model_accepts_loss_kwargs is False
     plain.train()
     assert seen and all("num_items_in_batch" not in keys for keys in seen)

@@ -199,8 +199,13 @@ class NoiseScheduleSearchCallback(TrainerBoundCallback):
         lines.append(f"  -> [{chosen[0]:g}, {chosen[1]:g}]" + (" (fixed interval: not applied)" if self.fixed else ""))
         logger.info("\n".join(lines))
         os.makedirs(args.output_dir, exist_ok=True)
-        record = {"step": state.global_step, "num_batches": num_batches, "best": list(chosen),
-                  "applied": not self.fixed, "table": table}
+        record = {
+            "step": state.global_step,
+            "num_batches": num_batches,
+            "best": list(chosen),
+            "applied": not self.fixed,
+            "table": table,
+        }
         with open(os.path.join(args.output_dir, SCHEDULE_SEARCH_JSON), "w") as f:
             json.dump(record, f, indent=2)
         plot_schedule_search(table, chosen, os.path.join(args.output_dir, SCHEDULE_SEARCH_PNG), state.global_step)

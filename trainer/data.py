@@ -161,8 +161,12 @@ def build_lm_dataset(
     if map_batch_size < 1:
         raise ValueError(f"`map_batch_size` must be >= 1, got {map_batch_size}.")
     dataset = load_text_dataset(
-        dataset_or_path, split=split, text_column=text_column, dataset_config_name=dataset_config_name,
-        streaming=streaming, **load_kwargs,
+        dataset_or_path,
+        split=split,
+        text_column=text_column,
+        dataset_config_name=dataset_config_name,
+        streaming=streaming,
+        **load_kwargs,
     )
     # A streamed dataset may not know its columns before the first row; then trust `text_column`.
     columns = list(dataset.column_names) if dataset.column_names is not None else [text_column]

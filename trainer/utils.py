@@ -63,8 +63,12 @@ def noised_nelbo(
     attention_mask = batch.get("attention_mask")
     x_t, noise_levels = unwrap_bd3lm(model).draw_noise(x_0, attention_mask, generator=generator, interval=interval)
     return model(
-        input_ids=x_0, noisy_input_ids=x_t, noise_levels=noise_levels, labels=batch.get("labels", x_0),
-        attention_mask=attention_mask, return_dict=True,
+        input_ids=x_0,
+        noisy_input_ids=x_t,
+        noise_levels=noise_levels,
+        labels=batch.get("labels", x_0),
+        attention_mask=attention_mask,
+        return_dict=True,
     )
 
 
@@ -126,8 +130,10 @@ def check_repo_id(repo_id: str, *, name: str = "repo_id", namespace: bool = True
         if not repo_id or (namespace and "/" not in repo_id):
             raise HFValidationError("it needs a namespace.")
     except HFValidationError as error:
-        raise ValueError(f"{name}={repo_id!r} is not a valid Hub repository id: {error} Use 'namespace/name' "
-                         "(letters, digits, '-', '_', '.').") from None
+        raise ValueError(
+            f"{name}={repo_id!r} is not a valid Hub repository id: {error} Use 'namespace/name' "
+            "(letters, digits, '-', '_', '.')."
+        ) from None
     return repo_id
 
 

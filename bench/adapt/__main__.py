@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     budget = None if args.cpu_budget is None else {m: args.cpu_budget for m in ("lora", "full")}
-    overrides = {"methods": tuple(args.methods) if args.methods else None, "cpu_budget_s": budget,
-                 "threads": args.threads}  # fmt: skip
+    overrides = {
+        "methods": tuple(args.methods) if args.methods else None,
+        "cpu_budget_s": budget,
+        "threads": args.threads,
+    }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     from . import study
 

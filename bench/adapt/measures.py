@@ -18,7 +18,6 @@ with the source's tokenizer (the conversion keeps it, plus a mask token):
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
 
-from bd3lm_trainer.evaluation import judge_continuations, nelbo, unigram_entropy
+from bd3lm_trainer.evaluation import judge_continuations, nelbo
 from bench.common import interleaved_times
 from bench.stats import evenly_spaced, paired_difference, summarise, wrapped_chunks
 
@@ -71,8 +70,15 @@ def summarise_nll(sums: torch.Tensor, tokens_per_chunk: int) -> dict[str, float]
     """Token-mean NLL, its standard error over chunks and the perplexity exp(mean) with its ±1 SE range
     (`bench.stats.summarise` of equal-length chunks, under this study's key names)."""
     shared = summarise(sums, torch.full_like(sums, float(tokens_per_chunk)))
-    return {"nll": shared["nelbo"], "nll_se": shared["nelbo_se"], "ppl": shared["ppl"], "ppl_lo": shared["ppl_lo"],
-            "ppl_hi": shared["ppl_hi"], "chunks": shared["num_chunks"], "tokens": shared["num_tokens"]}  # fmt: skip
+    return {
+        "nll": shared["nelbo"],
+        "nll_se": shared["nelbo_se"],
+        "ppl": shared["ppl"],
+        "ppl_lo": shared["ppl_lo"],
+        "ppl_hi": shared["ppl_hi"],
+        "chunks": shared["num_chunks"],
+        "tokens": shared["num_tokens"],
+    }
 
 
 def paired_ratio(sums_a: torch.Tensor, sums_b: torch.Tensor, tokens_per_chunk: int) -> dict[str, float]:
@@ -128,11 +134,21 @@ def block_position_profile(model, chunks: Sequence[Sequence[int]], batch_size: i
     rows = []
     for k in range(size):
         sel = scored & (offset == k)
-        rows.append({"offset": k, "all_masked": float(all_masked[:, sel].mean()),
-                     "left_revealed": float(left[:, sel].mean()), "ar": float(ar[:, sel].mean()),
-                     "tokens": int(sel.sum()) * len(x0)})  # fmt: skip
-    return {"by_offset": rows, "all_masked": float(all_masked[:, scored].mean()),
-            "left_revealed": float(left[:, scored].mean()), "ar": float(ar[:, scored].mean())}  # fmt: skip
+        rows.append(
+            {
+                "offset": k,
+                "all_masked": float(all_masked[:, sel].mean()),
+                "left_revealed": float(left[:, sel].mean()),
+                "ar": float(ar[:, sel].mean()),
+                "tokens": int(sel.sum()) * len(x0),
+            }
+        )
+    return {
+        "by_offset": rows,
+        "all_masked": float(all_masked[:, scored].mean()),
+        "left_revealed": float(left[:, scored].mean()),
+        "ar": float(ar[:, scored].mean()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,7 +200,14 @@ def _suppress(tokenizer: Any) -> LogitsProcessorList:
 
 @torch.no_grad()
 def ar_samples(
-    model, tokenizer, prompts: Sequence[str], new_tokens: int, do_sample: bool, *, top_p: float, temperature: float,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    new_tokens: int,
+    do_sample: bool,
+    *,
+    top_p: float,
+    temperature: float,
     seed: int,
 ) -> dict[str, Any]:
     """Continuations of every prompt by HF `generate()` with the KV cache (one row per prompt, left-padded)."""
@@ -192,15 +215,26 @@ def ar_samples(
     torch.manual_seed(seed)  # HF sampling draws from the global generator
     kwargs = {"top_p": top_p, "temperature": temperature, "top_k": 0} if do_sample else {}
     out = model.generate(
-        **inputs, max_new_tokens=new_tokens, do_sample=do_sample, logits_processor=_suppress(tokenizer),
-        pad_token_id=tokenizer.pad_token_id, **kwargs,
-    )  # fmt: skip
+        **inputs,
+        max_new_tokens=new_tokens,
+        do_sample=do_sample,
+        logits_processor=_suppress(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
     return {"continuations": out[:, inputs["input_ids"].shape[1] :].tolist(), "calls": new_tokens * len(prompts)}
 
 
 @torch.no_grad()
 def bd3_samples(
-    model, tokenizer, prompts: Sequence[str], new_tokens: int, setting: Setting, *, top_p: float, temperature: float,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    new_tokens: int,
+    setting: Setting,
+    *,
+    top_p: float,
+    temperature: float,
     seed: int,
 ) -> dict[str, Any]:
     """Continuations by the adapted model's `generate()` (blocks left to right on the KV cache) under one setting;
@@ -208,9 +242,14 @@ def bd3_samples(
     inputs = encode_prompts(tokenizer, prompts)
     kwargs = {"top_p": top_p, "temperature": temperature, "top_k": 0} if setting.do_sample else {}
     out = model.generate(
-        **inputs, max_new_tokens=new_tokens, logits_processor=_suppress(tokenizer), seed=seed,
-        return_dict_in_generate=True, **setting.kwargs(), **kwargs,
-    )  # fmt: skip
+        **inputs,
+        max_new_tokens=new_tokens,
+        logits_processor=_suppress(tokenizer),
+        seed=seed,
+        return_dict_in_generate=True,
+        **setting.kwargs(),
+        **kwargs,
+    )
     continuations = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
     if any(len(c) != new_tokens for c in continuations):
         raise RuntimeError(f"{setting.name}: expected {new_tokens} new tokens per row")
@@ -219,7 +258,11 @@ def bd3_samples(
 
 @torch.no_grad()
 def sample_and_judge(
-    sampler: Callable[[int], dict[str, Any]], judge, tokenizer, prompts: Sequence[str], seeds: Sequence[int],
+    sampler: Callable[[int], dict[str, Any]],
+    judge,
+    tokenizer,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
     new_tokens: int,
 ) -> dict[str, Any]:
     """Run `sampler(seed)` for every seed (one batch of all prompts each), judge every continuation, and report
@@ -233,9 +276,16 @@ def sample_and_judge(
     all_prompts = list(prompts) * len(seeds)
     judged = judge_continuations(judge, tokenizer, all_prompts, conts)
     judged.pop("per_sample_ppl")
-    examples = [all_prompts[i] + tokenizer.decode(conts[i], skip_special_tokens=True) for i in range(min(2, len(conts)))]
-    return {"tokens_per_call": len(conts) * new_tokens / calls, "samples": len(conts), "seconds": seconds, **judged,
-            "examples": examples}  # fmt: skip
+    examples = [
+        all_prompts[i] + tokenizer.decode(conts[i], skip_special_tokens=True) for i in range(min(2, len(conts)))
+    ]
+    return {
+        "tokens_per_call": len(conts) * new_tokens / calls,
+        "samples": len(conts),
+        "seconds": seconds,
+        **judged,
+        "examples": examples,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -249,8 +299,11 @@ def decode_speed(
     and new tokens per second; each candidate makes `new_tokens_per_call` new tokens (all rows together)."""
     times, _ = interleaved_times(candidates, repeats=repeats, warmup=1, warmup_candidates=warmups)
     return {
-        name: {"seconds": statistics.median(t), "tokens_per_s": new_tokens_per_call / statistics.median(t),
-               "all_seconds": t}  # fmt: skip
+        name: {
+            "seconds": statistics.median(t),
+            "tokens_per_s": new_tokens_per_call / statistics.median(t),
+            "all_seconds": t,
+        }
         for name, t in times.items()
     }
 

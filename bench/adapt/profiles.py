@@ -36,9 +36,13 @@ def run_profile(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
     for name, method, ckpt in todo:
         model = load_adapted(cfg, method, ckpt, source, tokenizer)
         out[name] = measures.block_position_profile(model, chunks, cfg.eval_batch_size, ar)
-        log(f"profile {name}: " + ", ".join(
-            f"k={r['offset']} all-masked {r['all_masked']:.2f} left-revealed {r['left_revealed']:.2f} AR {r['ar']:.2f}"
-            for r in out[name]["by_offset"]))  # fmt: skip
+        log(
+            f"profile {name}: "
+            + ", ".join(
+                f"k={r['offset']} all-masked {r['all_masked']:.2f} left-revealed {r['left_revealed']:.2f} AR {r['ar']:.2f}"
+                for r in out[name]["by_offset"]
+            )
+        )
         write(path, out)
         del model
     return out
@@ -63,13 +67,19 @@ def run_call_cost(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
     for batch in cfg.speed_batches:
         prompts = cfg.speed_prompts(batch)
         runs = {
-            "ar": (lambda: measures.ar_samples(source, tokenizer, prompts, n, False, top_p=cfg.top_p,
-                                               temperature=cfg.temperature, seed=0),
-                   {"model": source, "trunk": source.model}),
-            "bd3": (lambda: measures.bd3_samples(model, tokenizer, prompts, n, setting, top_p=cfg.top_p,
-                                                 temperature=cfg.temperature, seed=0),
-                    {"model": model, "trunk": model.backbone.model}),
-        }  # fmt: skip
+            "ar": (
+                lambda: measures.ar_samples(
+                    source, tokenizer, prompts, n, False, top_p=cfg.top_p, temperature=cfg.temperature, seed=0
+                ),
+                {"model": source, "trunk": source.model},
+            ),
+            "bd3": (
+                lambda: measures.bd3_samples(
+                    model, tokenizer, prompts, n, setting, top_p=cfg.top_p, temperature=cfg.temperature, seed=0
+                ),
+                {"model": model, "trunk": model.backbone.model},
+            ),
+        }
         for fn, _ in runs.values():
             fn()  # warm-up
         repeats: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
@@ -80,14 +90,20 @@ def run_call_cost(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
         for name, measured in repeats.items():
             median = {k: statistics.median(m[k] for m in measured) for k in measured[0]}
             calls = median["model_calls"]
-            row[name] = {**median, "new_tokens": n * batch, "network_s_per_call": median["model_s"] / calls,
-                         "trunk_s_per_call": median["trunk_s"] / calls,
-                         "outside_network_s_per_call": (median["total_s"] - median["model_s"]) / calls}  # fmt: skip
+            row[name] = {
+                **median,
+                "new_tokens": n * batch,
+                "network_s_per_call": median["model_s"] / calls,
+                "trunk_s_per_call": median["trunk_s"] / calls,
+                "outside_network_s_per_call": (median["total_s"] - median["model_s"]) / calls,
+            }
         row["bd3_call_vs_ar_step"] = row["bd3"]["network_s_per_call"] / row["ar"]["network_s_per_call"]
         row["bd3_trunk_call_vs_ar_step"] = row["bd3"]["trunk_s_per_call"] / row["ar"]["trunk_s_per_call"]
         out[f"batch{batch}"] = row
-        log(f"call cost, batch {batch}: BD3 call {row['bd3_call_vs_ar_step']:.2f}x an AR step in the network "
+        log(
+            f"call cost, batch {batch}: BD3 call {row['bd3_call_vs_ar_step']:.2f}x an AR step in the network "
             f"(trunk {row['bd3_trunk_call_vs_ar_step']:.2f}x); outside it per call: BD3 "
-            f"{row['bd3']['outside_network_s_per_call'] * 1e3:.1f} ms, AR {row['ar']['outside_network_s_per_call'] * 1e3:.1f} ms")  # fmt: skip
+            f"{row['bd3']['outside_network_s_per_call'] * 1e3:.1f} ms, AR {row['ar']['outside_network_s_per_call'] * 1e3:.1f} ms"
+        )
     write(path, out)
     return out

@@ -111,10 +111,26 @@ class AdaptConfig:
 #: The smoke test's study: a random 2-layer Llama with the embedded tokenizer, seconds of compute; the 1e-6 s mark saves
 #: a checkpoint after the first step, so an intermediate checkpoint is evaluated too.
 QUICK = AdaptConfig(
-    source="tiny-random", model_length=32, batch_size=2, cpu_budget_s={"lora": 3.0, "full": 3.0},
-    checkpoint_cpu_s=(1e-6, 3.0), bf16=False, max_steps=4, max_train_documents=2, eval_chunks=4, nelbo_draws=1, eval_batch_size=4, prompts=PROMPTS[:2],
-    new_tokens=8, seeds=(0,), thresholds=(0.5,), topk=(2,), speed_batches=(1, 2), speed_new_tokens=8, speed_repeats=1,
-)  # fmt: skip
+    source="tiny-random",
+    model_length=32,
+    batch_size=2,
+    cpu_budget_s={"lora": 3.0, "full": 3.0},
+    checkpoint_cpu_s=(1e-6, 3.0),
+    bf16=False,
+    max_steps=4,
+    max_train_documents=2,
+    eval_chunks=4,
+    nelbo_draws=1,
+    eval_batch_size=4,
+    prompts=PROMPTS[:2],
+    new_tokens=8,
+    seeds=(0,),
+    thresholds=(0.5,),
+    topk=(2,),
+    speed_batches=(1, 2),
+    speed_new_tokens=8,
+    speed_repeats=1,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -136,11 +152,18 @@ def load_source(cfg: AdaptConfig) -> tuple[Any, Any]:
         tokenizer = load_tokenizer()
         torch.manual_seed(cfg.seed)
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
+        )
         return LlamaForCausalLM(config).eval(), tokenizer
     raise ValueError(f"`source` must be 'smollm2' or 'tiny-random', got {cfg.source!r}")
 
@@ -199,11 +222,21 @@ def run_source(cfg: AdaptConfig, work_dir: Path) -> dict[str, Any]:
     for name, (do_sample, seeds) in _sample_settings_source(cfg).items():
         out["samples"][name] = measures.sample_and_judge(
             lambda seed, s=do_sample: measures.ar_samples(
-                source, tokenizer, cfg.prompts, cfg.new_tokens, s, top_p=cfg.top_p, temperature=cfg.temperature,
+                source,
+                tokenizer,
+                cfg.prompts,
+                cfg.new_tokens,
+                s,
+                top_p=cfg.top_p,
+                temperature=cfg.temperature,
                 seed=seed,
             ),
-            source, tokenizer, cfg.prompts, seeds, cfg.new_tokens,
-        )  # fmt: skip
+            source,
+            tokenizer,
+            cfg.prompts,
+            seeds,
+            cfg.new_tokens,
+        )
     out["speed"] = speed(cfg, source, tokenizer, None, [])
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
     write(path, out)
@@ -238,9 +271,13 @@ def speed(
         timing = measures.decode_speed(candidates, n * batch, cfg.speed_repeats)
         calls = {}
         for s in settings:  # tokens per call of the timed run (seed 0)
-            calls[s.name] = n * batch / measures.bd3_samples(
-                model, tokenizer, prompts, n, s, top_p=cfg.top_p, temperature=cfg.temperature, seed=0
-            )["calls"]
+            calls[s.name] = (
+                n
+                * batch
+                / measures.bd3_samples(
+                    model, tokenizer, prompts, n, s, top_p=cfg.top_p, temperature=cfg.temperature, seed=0
+                )["calls"]
+            )
         for name, row in timing.items():
             row["tokens_per_call"] = calls.get(name, 1.0)
             ref = timing["ar_sampled" if name.endswith("sampled") else "ar_greedy"]
@@ -290,14 +327,23 @@ class CPUBudgetCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.log.append({"step": state.global_step, "loss": float(logs["loss"]), "cpu_s": self.spent(),
-                             "wall_s": time.perf_counter() - self.wall})  # fmt: skip
+            self.log.append(
+                {
+                    "step": state.global_step,
+                    "loss": float(logs["loss"]),
+                    "cpu_s": self.spent(),
+                    "wall_s": time.perf_counter() - self.wall,
+                }
+            )
 
     def on_save(self, args, state, control, **kwargs):
         self.records["checkpoints"][str(state.global_step)] = {
-            "cpu_s": self.spent(), "wall_s": time.perf_counter() - self.wall, "step": state.global_step,
-            "tokens": state.global_step * self.tokens_per_step, "load_average": os.getloadavg(),
-        }  # fmt: skip
+            "cpu_s": self.spent(),
+            "wall_s": time.perf_counter() - self.wall,
+            "step": state.global_step,
+            "tokens": state.global_step * self.tokens_per_step,
+            "load_average": os.getloadavg(),
+        }
         write(self.ledger, self.records)
 
 
@@ -317,9 +363,12 @@ def lora_config(cfg: AdaptConfig, mask_token_id: int):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(LLAMA_LORA_MODULES),
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(LLAMA_LORA_MODULES),
         trainable_token_indices={"embed_tokens": [mask_token_id]},
-    )  # fmt: skip
+    )
 
 
 def run_training(cfg: AdaptConfig, method: str, work_dir: Path) -> Path:
@@ -343,19 +392,36 @@ def run_training(cfg: AdaptConfig, method: str, work_dir: Path) -> Path:
     del source
     train = training_data(cfg, tokenizer)
     args = BD3LMTrainingArguments(
-        str(folder), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate[method], warmup_steps=cfg.warmup_steps, weight_decay=0.0,
-        logging_steps=5, save_strategy="no", seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, report_to=[],
-        schedule_search=False, noise_interval=list(cfg.noise_interval), dataloader_num_workers=0,
-        save_only_model=False, disable_tqdm=True, bf16=cfg.bf16,
-    )  # fmt: skip
+        str(folder),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate[method],
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=0.0,
+        logging_steps=5,
+        save_strategy="no",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=True,
+        report_to=[],
+        schedule_search=False,
+        noise_interval=list(cfg.noise_interval),
+        dataloader_num_workers=0,
+        save_only_model=False,
+        disable_tqdm=True,
+        bf16=cfg.bf16,
+    )
     budget = cfg.cpu_budget_s[method]
     marks = [m for m in cfg.checkpoint_cpu_s if m <= budget]
     callback = CPUBudgetCallback(budget, marks, ledger, cfg.batch_size * cfg.model_length)
     trainer = BD3LMTrainer(
-        model, args, train_dataset=train, processing_class=tokenizer, callbacks=[callback],
+        model,
+        args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=[callback],
         peft_config=lora_config(cfg, model.config.mask_token_id) if method == "lora" else None,
-    )  # fmt: skip
+    )
     resume = last_complete_checkpoint(str(folder)) if folder.exists() else None
     trainer.train(resume_from_checkpoint=resume)
     callback.records["finished"] = True
@@ -413,7 +479,15 @@ def within_quality_bar(name: str, row: dict[str, Any], source_samples: dict[str,
 
 
 def evaluate(
-    cfg: AdaptConfig, model, source, tokenizer, chunks, source_result: dict, *, full_sweep: bool, with_speed: bool,
+    cfg: AdaptConfig,
+    model,
+    source,
+    tokenizer,
+    chunks,
+    source_result: dict,
+    *,
+    full_sweep: bool,
+    with_speed: bool,
     every_setting: bool | None = None,
 ) -> dict[str, Any]:
     """NELBO bound vs the source's AR NLL (same tokens), the sampler sweep judged by the source (every seed with
@@ -425,8 +499,10 @@ def evaluate(
     sums = measures.bd3_nelbo_per_chunk(model, chunks, cfg.nelbo_draws, cfg.seed, cfg.eval_batch_size)
     ar = torch.tensor(source_result["heldout"]["per_chunk"], dtype=torch.float64)
     out: dict[str, Any] = {
-        "heldout": {**measures.summarise_nll(sums, cfg.model_length - 1),
-                    "vs_ar": measures.paired_ratio(sums, ar, cfg.model_length - 1)},  # fmt: skip
+        "heldout": {
+            **measures.summarise_nll(sums, cfg.model_length - 1),
+            "vs_ar": measures.paired_ratio(sums, ar, cfg.model_length - 1),
+        },
         "samples": {},
         "full_sweep": full_sweep,
     }
@@ -435,16 +511,31 @@ def evaluate(
         seeds = cfg.seeds if s.do_sample and full_sweep else cfg.seeds[:1]
         out["samples"][s.name] = r = measures.sample_and_judge(
             lambda seed, s=s: measures.bd3_samples(
-                model, tokenizer, cfg.prompts, cfg.new_tokens, s, top_p=cfg.top_p, temperature=cfg.temperature,
+                model,
+                tokenizer,
+                cfg.prompts,
+                cfg.new_tokens,
+                s,
+                top_p=cfg.top_p,
+                temperature=cfg.temperature,
                 seed=seed,
             ),
-            source, tokenizer, cfg.prompts, seeds, cfg.new_tokens,
-        )  # fmt: skip
-        log(f"  {s.name}: {r['tokens_per_call']:.2f} tokens/call, gen-PPL {r['gen_ppl']:.2f}, "
-            f"entropy {r['unigram_entropy']:.2f}")  # fmt: skip
+            source,
+            tokenizer,
+            cfg.prompts,
+            seeds,
+            cfg.new_tokens,
+        )
+        log(
+            f"  {s.name}: {r['tokens_per_call']:.2f} tokens/call, gen-PPL {r['gen_ppl']:.2f}, "
+            f"entropy {r['unigram_entropy']:.2f}"
+        )
     if with_speed:
-        good = [(r["tokens_per_call"], n) for n, r in out["samples"].items()
-                if r["tokens_per_call"] > 1.0 and within_quality_bar(n, r, source_result["samples"])]  # fmt: skip
+        good = [
+            (r["tokens_per_call"], n)
+            for n, r in out["samples"].items()
+            if r["tokens_per_call"] > 1.0 and within_quality_bar(n, r, source_result["samples"])
+        ]
         fastest = {n for _, n in sorted(good, reverse=True)[:3]}  # the most parallel settings within the bar
         chosen = [s for s in cfg.settings(True) if s.name in fastest or s.name in ("thr0.9_greedy", "one_sampled")]
         batches = cfg.speed_batches if full_sweep else cfg.interim_speed_batches
@@ -486,8 +577,17 @@ def run_eval(cfg: AdaptConfig, method: str, work_dir: Path, follow: bool = False
             model = load_adapted(cfg, method, ckpt, source, tokenizer)
             # a checkpoint before the last: every setting on the first seed, batch-1 speed (tokens per call and speed
             # along training); the last: every seed and both batch sizes
-            result = evaluate(cfg, model, source, tokenizer, chunks, source_result, full_sweep=final, with_speed=True,
-                              every_setting=True)  # fmt: skip
+            result = evaluate(
+                cfg,
+                model,
+                source,
+                tokenizer,
+                chunks,
+                source_result,
+                full_sweep=final,
+                with_speed=True,
+                every_setting=True,
+            )
             result["checkpoint"] = ckpt.name
             write(path, result)
             done[path.name] = result
@@ -515,8 +615,9 @@ def run_ship(cfg: AdaptConfig, work_dir: Path, target: Path | None = None) -> Pa
     ledger = json.loads((folder / "ledger.json").read_text()) if (folder / "ledger.json").exists() else {}
     found = checkpoints(folder)
     if not ledger.get("finished") or not found:
-        raise FileNotFoundError(f"No finished LoRA training in {folder}; run: python -m bench.adapt --stage train "
-                                "--methods lora")  # fmt: skip
+        raise FileNotFoundError(
+            f"No finished LoRA training in {folder}; run: python -m bench.adapt --stage train --methods lora"
+        )
     last = found[-1]
     target = Path(target or work_dir / "adapter")
     target.mkdir(parents=True, exist_ok=True)
@@ -527,17 +628,22 @@ def run_ship(cfg: AdaptConfig, work_dir: Path, target: Path | None = None) -> Pa
     step = last.name.split("-")[1]
     record = ledger["checkpoints"].get(step, {})
     evaluation = folder / f"eval-{step}.json"
-    summary = (f"LoRA r={cfg.lora_r} on {'/'.join(LLAMA_LORA_MODULES)} + the mask row, {record.get('step')} steps, "
-               f"{record.get('tokens', 0) / 1e3:.0f}k tokens, {record.get('cpu_s', 0) / 60:.0f} CPU-min")  # fmt: skip
-    write(target / "training_log.json", {
-        "command": "python -m bench.adapt --methods lora --stage ship",
-        "summary": summary,
-        "checkpoint": last.name,
-        "config": cfg,
-        "meta": meta(),
-        "ledger": ledger,
-        "evaluation": json.loads(evaluation.read_text()) if evaluation.exists() else None,
-    })  # fmt: skip
+    summary = (
+        f"LoRA r={cfg.lora_r} on {'/'.join(LLAMA_LORA_MODULES)} + the mask row, {record.get('step')} steps, "
+        f"{record.get('tokens', 0) / 1e3:.0f}k tokens, {record.get('cpu_s', 0) / 60:.0f} CPU-min"
+    )
+    write(
+        target / "training_log.json",
+        {
+            "command": "python -m bench.adapt --methods lora --stage ship",
+            "summary": summary,
+            "checkpoint": last.name,
+            "config": cfg,
+            "meta": meta(),
+            "ledger": ledger,
+            "evaluation": json.loads(evaluation.read_text()) if evaluation.exists() else None,
+        },
+    )
     log(f"exported {last} -> {target} ({summary})")
     return target
 
@@ -571,5 +677,11 @@ def meta() -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
-    return {"git_commit": commit, "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+    return {
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }

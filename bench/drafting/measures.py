@@ -59,14 +59,25 @@ class DraftingConfig:
 
     def key(self) -> dict[str, Any]:
         """What a stored cost curve must match to be resumed."""
-        return {k: v for k, v in asdict(self).items() if k in ("source", "ns", "batches", "dtypes", "prefix", "threads")}
+        return {
+            k: v for k, v in asdict(self).items() if k in ("source", "ns", "batches", "dtypes", "prefix", "threads")
+        }
 
 
 #: Your own runs on a busy machine: a handful of n, 3 repeats (still SmolLM2).
 QUICK = DraftingConfig(ns=(1, 4, 8, 16, 32), repeats=3)
 #: The smoke test: a random 2-layer Llama with the embedded tokenizer, seconds.
-TINY = DraftingConfig(source="tiny-random", model_length=32, ns=(1, 2, 4, 8), batches=(1, 2), prefix=8, repeats=2,
-                      threads=1, draft_ks=(2, 4), adapter=None)  # fmt: skip
+TINY = DraftingConfig(
+    source="tiny-random",
+    model_length=32,
+    ns=(1, 2, 4, 8),
+    batches=(1, 2),
+    prefix=8,
+    repeats=2,
+    threads=1,
+    draft_ks=(2, 4),
+    adapter=None,
+)
 
 
 def log(message: str) -> None:
@@ -94,9 +105,11 @@ def convert(cfg: DraftingConfig, source: Any, tokenizer: Any) -> Any:
     from modeling_bd3lm import BD3LMForMaskedDiffusion
 
     return BD3LMForMaskedDiffusion.from_causal_lm(
-        copy.deepcopy(source), block_size=cfg.block_size, tokenizer=copy.deepcopy(tokenizer),
+        copy.deepcopy(source),
+        block_size=cfg.block_size,
+        tokenizer=copy.deepcopy(tokenizer),
         model_length=cfg.model_length,
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 def load_average() -> list[float] | None:
@@ -153,8 +166,10 @@ def run_cost(cfg: DraftingConfig, work_dir: Path, source: Any = None, tokenizer:
     path = work_dir / "cost.json"
     out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if out and out.get("key") != json.loads(json.dumps(cfg.key())):
-        raise ValueError(f"{path} holds a cost curve measured with {out.get('key')}, not {cfg.key()}; pass another "
-                         "--work-dir or delete the file.")  # fmt: skip
+        raise ValueError(
+            f"{path} holds a cost curve measured with {out.get('key')}, not {cfg.key()}; pass another "
+            "--work-dir or delete the file."
+        )
     done = len(next(iter(out["seconds"].values()))) if out else 0
     if done >= cfg.repeats:
         return out
@@ -178,8 +193,9 @@ def run_cost(cfg: DraftingConfig, work_dir: Path, source: Any = None, tokenizer:
             for dtype in cfg.dtypes:
                 model = models[("bd3" if kind == "bd3" else "source", dtype)]
                 caches[(kind, dtype, batch)] = _prefill(kind, model, prefix)
-    settings = [(kind, dtype, batch, n) for batch in cfg.batches for dtype in cfg.dtypes for kind in KINDS
-                for n in cfg.ns]  # fmt: skip
+    settings = [
+        (kind, dtype, batch, n) for batch in cfg.batches for dtype in cfg.dtypes for kind in KINDS for n in cfg.ns
+    ]
 
     def run(kind: str, dtype: str, batch: int, n: int) -> None:
         model = models[("bd3" if kind == "bd3" else "source", dtype)]
@@ -189,12 +205,19 @@ def run_cost(cfg: DraftingConfig, work_dir: Path, source: Any = None, tokenizer:
     for s in settings:  # warm-up of this process, resumed or not: every setting once (allocator, the BD3 attention
         run(*s)  # probe, oneDNN kernels)
     if not out:
-        out = {"key": cfg.key(), "config": cfg, "machine": _machine(), "load_average_before": load_average(),
-               "uptime_before": _uptime(), "seconds": {_setting(*s): [] for s in settings}}  # fmt: skip
+        out = {
+            "key": cfg.key(),
+            "config": cfg,
+            "machine": _machine(),
+            "load_average_before": load_average(),
+            "uptime_before": _uptime(),
+            "seconds": {_setting(*s): [] for s in settings},
+        }
     out["config"] = cfg  # a resumed curve may ask for more repeats
     # each process that adds repeats (a sitting) records the load it started under
-    out.setdefault("sittings", []).append({"from_repeat": done, "load_average_before": load_average(),
-                                           "uptime_before": _uptime()})  # fmt: skip
+    out.setdefault("sittings", []).append(
+        {"from_repeat": done, "load_average_before": load_average(), "uptime_before": _uptime()}
+    )
     for r in range(done, cfg.repeats):
         start = time.perf_counter()
         shift = (r * 7) % len(settings)  # a different order every repeat
@@ -238,9 +261,12 @@ def summarise_cost(cost: dict[str, Any]) -> dict[str, Any]:
                 for n in cfg["ns"]:
                     times = cost["seconds"][_setting(kind, dtype, batch, n)]
                     # the minimum: the quietest repeat (on a loaded machine noise only adds time)
-                    curve[n] = {"seconds": statistics.median(times), "min_seconds": min(times),
-                                "ratio": statistics.median(a / b for a, b in zip(times, one)),
-                                "min_ratio": min(times) / min(one)}  # fmt: skip
+                    curve[n] = {
+                        "seconds": statistics.median(times),
+                        "min_seconds": min(times),
+                        "ratio": statistics.median(a / b for a, b in zip(times, one)),
+                        "min_ratio": min(times) / min(one),
+                    }
                 rows[f"{kind}/{dtype}/b{batch}"] = curve
     return rows
 
@@ -300,8 +326,14 @@ def chat_prompts(cfg: DraftingConfig, tokenizer: Any) -> list[list[int]]:
     """The prompts as token ids: through the tokenizer's chat template with the assistant turn opened when it has
     one (SmolLM2-Instruct), plain text otherwise (the tiny model's tokenizer)."""
     if getattr(tokenizer, "chat_template", None):
-        return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)) for p in cfg.prompts]  # fmt: skip
+        return [
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+            for p in cfg.prompts
+        ]
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in cfg.prompts]
 
 
@@ -331,15 +363,20 @@ def run_acceptance(cfg: DraftingConfig, work_dir: Path, source: Any = None, toke
     prompts = chat_prompts(cfg, tokenizer)
     # each answer runs to the end of the model's window (its prompt padded to a block boundary, as generate() does)
     budgets = [cfg.model_length - (len(p) + (-len(p)) % cfg.block_size) for p in prompts]
-    eos = {tokenizer.eos_token_id} | {i for i in [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-                                      if isinstance(i, int) and i != tokenizer.unk_token_id}  # fmt: skip
+    eos = {tokenizer.eos_token_id} | {
+        i for i in [tokenizer.convert_tokens_to_ids("<|im_end|>")] if isinstance(i, int) and i != tokenizer.unk_token_id
+    }
     continuations = greedy_continuations(source, prompts, budgets, eos_token_id=sorted(eos))
     rows = [p + c for p, c in zip(prompts, continuations)]
     out: dict[str, Any] = {
-        "config": cfg, "machine": _machine(), "prompts": list(cfg.prompts),
-        "prompt_tokens": [len(p) for p in prompts], "continuation_tokens": [len(c) for c in continuations],
-        "continuations": [tokenizer.decode(c) for c in continuations], "drafters": {},
-    }  # fmt: skip
+        "config": cfg,
+        "machine": _machine(),
+        "prompts": list(cfg.prompts),
+        "prompt_tokens": [len(p) for p in prompts],
+        "continuation_tokens": [len(c) for c in continuations],
+        "continuations": [tokenizer.decode(c) for c in continuations],
+        "drafters": {},
+    }
     drafters = {"converted": None} if cfg.adapter is None else {"lora (bench/adapt)": cfg.adapter, "converted": None}
     for name, adapter in drafters.items():
         model = load_drafter(cfg, source, tokenizer, adapter)
@@ -349,8 +386,10 @@ def run_acceptance(cfg: DraftingConfig, work_dir: Path, source: Any = None, toke
             fitted = [r[: cfg.model_length - (-len(p)) % k] for p, r in zip(prompts, rows)]
             est = estimate_acceptance(model, fitted, [len(p) for p in prompts], block_size=k)
             out["drafters"][name][str(k)] = est.as_dict()
-            log(f"{name}, k={k}: match rate {[round(x, 3) for x in est.match_rate]}, "
-                f"{est.tokens_per_cycle:.3f} tokens per cycle over {est.blocks} blocks, alpha {est.alpha:.3f}")  # fmt: skip
+            log(
+                f"{name}, k={k}: match rate {[round(x, 3) for x in est.match_rate]}, "
+                f"{est.tokens_per_cycle:.3f} tokens per cycle over {est.blocks} blocks, alpha {est.alpha:.3f}"
+            )
         del model
     out["seconds"] = time.perf_counter() - start
     write(path, out)

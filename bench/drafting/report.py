@@ -30,8 +30,11 @@ def gather(work_dir: Path) -> dict[str, Any]:
         cost = out["cost"]
         out["cost_summary"] = summarise_cost(cost)
         for name, stat in (("break_even", "median"), ("break_even_min", "min")):
-            out[name] = {f"{dtype}/b{batch}": break_even(cost["seconds"], dtype, batch, tuple(cost["config"]["ks"]), stat)
-                         for dtype in cost["key"]["dtypes"] for batch in cost["key"]["batches"]}  # fmt: skip
+            out[name] = {
+                f"{dtype}/b{batch}": break_even(cost["seconds"], dtype, batch, tuple(cost["config"]["ks"]), stat)
+                for dtype in cost["key"]["dtypes"]
+                for batch in cost["key"]["batches"]
+            }
     return out
 
 
@@ -58,18 +61,26 @@ def cost_tables(results: dict[str, Any]) -> list[str]:
         "",
     ]
     for sitting in cost.get("sittings", [])[1:]:  # repeats added later by a resumed run
-        lines[-2] += (f" Repeats from {sitting['from_repeat'] + 1} were added later (load before "
-                      f"{_load(sitting['load_average_before'])}, after {_load(sitting.get('load_average_after'))}).")  # fmt: skip
+        lines[-2] += (
+            f" Repeats from {sitting['from_repeat'] + 1} were added later (load before "
+            f"{_load(sitting['load_average_before'])}, after {_load(sitting.get('load_average_after'))})."
+        )
     for dtype in key["dtypes"]:
         for batch in key["batches"]:
-            lines += [f"### {dtype}, batch {batch}: median ms (cost(n)/cost(1)), min ms (min(n)/min(1))", "",
-                      "| n | " + " | ".join(LABELS[k] for k in KINDS) + " |", "|---|" + "---|" * len(KINDS)]  # fmt: skip
+            lines += [
+                f"### {dtype}, batch {batch}: median ms (cost(n)/cost(1)), min ms (min(n)/min(1))",
+                "",
+                "| n | " + " | ".join(LABELS[k] for k in KINDS) + " |",
+                "|---|" + "---|" * len(KINDS),
+            ]
             for n in key["ns"]:
                 cells = []
                 for kind in KINDS:
                     row = {int(m): v for m, v in summary[f"{kind}/{dtype}/b{batch}"].items()}[n]
-                    cells.append(f"{row['seconds'] * 1e3:.1f} ({row['ratio']:.2f}), {row['min_seconds'] * 1e3:.1f} "
-                                 f"({row['min_ratio']:.2f})")  # fmt: skip
+                    cells.append(
+                        f"{row['seconds'] * 1e3:.1f} ({row['ratio']:.2f}), {row['min_seconds'] * 1e3:.1f} "
+                        f"({row['min_ratio']:.2f})"
+                    )
                 lines.append(f"| {n} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += [
@@ -92,8 +103,10 @@ def cost_tables(results: dict[str, Any]) -> list[str]:
 
     for setting, rows in results["break_even"].items():
         for row, low in zip(rows, results["break_even_min"][setting]):
-            lines.append(f"| {setting} | {row['k']} | {row['variant']} | {row['positions'] or '-'} | "
-                         f"{_f(row['cycle_vs_ar'])} | {alpha(row)} | {_f(low['cycle_vs_ar'])} | {alpha(low)} |")  # fmt: skip
+            lines.append(
+                f"| {setting} | {row['k']} | {row['variant']} | {row['positions'] or '-'} | "
+                f"{_f(row['cycle_vs_ar'])} | {alpha(row)} | {_f(low['cycle_vs_ar'])} | {alpha(low)} |"
+            )
     return lines + [""]
 
 
@@ -111,9 +124,11 @@ def acceptance_tables(results: dict[str, Any]) -> list[str]:
     ]
     for name, by_k in acc["drafters"].items():
         for k, est in by_k.items():
-            lines.append(f"| {name} | {k} | {est['blocks']} | {' / '.join(_f(x) for x in est['match_rate'])} | "
-                         f"{' / '.join(_f(x) for x in est['conditional_acceptance'])} | "
-                         f"{est['tokens_per_cycle']:.3f} | {est['alpha']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {k} | {est['blocks']} | {' / '.join(_f(x) for x in est['match_rate'])} | "
+                f"{' / '.join(_f(x) for x in est['conditional_acceptance'])} | "
+                f"{est['tokens_per_cycle']:.3f} | {est['alpha']:.3f} |"
+            )
     return lines + [""]
 
 
@@ -131,8 +146,15 @@ def plot_cost(results: dict[str, Any], path: Path) -> Path | None:
             for dtype in cost["key"]["dtypes"]:
                 curve = {int(m): v for m, v in summary[f"{kind}/{dtype}/b{batch}"].items()}
                 ns = sorted(curve)
-                ax.plot(ns, [curve[n]["ratio"] for n in ns], styles.get(dtype, ":"), marker="o", markersize=3,
-                        color=colours[kind], label=f"{LABELS[kind]}, {dtype}")  # fmt: skip
+                ax.plot(
+                    ns,
+                    [curve[n]["ratio"] for n in ns],
+                    styles.get(dtype, ":"),
+                    marker="o",
+                    markersize=3,
+                    color=colours[kind],
+                    label=f"{LABELS[kind]}, {dtype}",
+                )
         ax.set_xlabel("new positions n in one cached call")
         ax.set_ylabel("cost(n) / cost(1)")
         ax.set_title(f"batch {batch}, {cost['key']['threads']} torch threads")

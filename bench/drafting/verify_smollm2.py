@@ -56,8 +56,13 @@ def main() -> None:
         common = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
         reference.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
         expected, source_s = _timed(lambda: reference.generate(ids, attention_mask=torch.ones_like(ids), **common))
-        row = {"prompt": text, "prompt_tokens": ids.shape[1], "new_tokens": expected.shape[1] - ids.shape[1],
-               "source_s": source_s, "text": tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)}
+        row = {
+            "prompt": text,
+            "prompt_tokens": ids.shape[1],
+            "new_tokens": expected.shape[1] - ids.shape[1],
+            "source_s": source_s,
+            "text": tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True),
+        }
         for name, kwargs in MODES:
             kwargs = {"generation_mode": name, **kwargs}
             model.generate(ids, max_new_tokens=4, do_sample=False, **kwargs)  # warm-up

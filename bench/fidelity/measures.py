@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList
 
-from bd3lm_trainer.utils import noised_nelbo
 from bd3lm_trainer.evaluation import generative_perplexity, nelbo
-from bench.stats import paired_difference, summarise, wrapped_chunks
+from bd3lm_trainer.utils import noised_nelbo
+from bench.stats import wrapped_chunks
 from modeling_bd3lm import BlockDenoiser, CommittedWindow
 from modeling_bd3lm.sampling_bd3lm import SAMPLERS, build_logits_warpers, sample_categorical, suppress_mask_logit
 
@@ -251,8 +251,12 @@ def _single_block_samples(
     empty = torch.zeros(num, 0, dtype=torch.long)  # no committed context: the block is the whole window
     window = CommittedWindow.from_prompt(empty, empty.bool(), size, config.model_length, filler=mask_id)
     denoiser = BlockDenoiser(
-        sampler=sampler, mask_token_id=mask_id, do_sample=True, logits_processor=LogitsProcessorList(),
-        warpers=build_logits_warpers(1.0, 0, 1.0, nucleus_p), generator=generator,
+        sampler=sampler,
+        mask_token_id=mask_id,
+        do_sample=True,
+        logits_processor=LogitsProcessorList(),
+        warpers=build_logits_warpers(1.0, 0, 1.0, nucleus_p),
+        generator=generator,
         nfe=torch.zeros(num, dtype=torch.long),
     )
     block, _ = denoiser.denoise(model, block, window, lambda: torch.zeros(num, 0, dtype=torch.long))

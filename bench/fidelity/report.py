@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from bd3lm_trainer.utils import pyplot, save_figure
 
 from .measures import paired_difference
@@ -150,7 +151,7 @@ def tables(results: dict[str, Any]) -> str:
             "interval | search statistic linear → chosen | PPL bound | paper (Table 8) var linear → clipped |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for name, row in var_rows:
+        for _name, row in var_rows:
             v = row["variance"]
             lin = v["linear"]
             other = v.get("searched") or v.get("t≡1")
@@ -344,7 +345,7 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
     searched = [(n, r) for n, r in rows.items() if r["train"].get("search")]
     if searched:
         fig, axes = plt.subplots(1, len(searched), figsize=(3.6 * len(searched), 3.4), squeeze=False)
-        for ax, (name, row) in zip(axes[0], searched):
+        for ax, (_name, row) in zip(axes[0], searched):
             table = row["train"]["search"]["table"]
             widths = sorted({round(t["eps_max"] - t["eps_min"], 2) for t in table[1:]})
             for w in widths:
@@ -364,7 +365,7 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
     gen_rows = [(n, r) for n, r in rows.items() if r.get("generation")]
     if gen_rows:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for name, row in gen_rows:
+        for _name, row in gen_rows:
             pts = sorted((g["nfe_per_token"], g["gen_ppl"]) for g in row["generation"])
             ax.plot(*zip(*pts), marker="o", label=row["label"].replace("BD3-LM ", ""))
         ref = results.get("reference_text")
@@ -380,7 +381,7 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
 
     # 5. learning curves (in-training evaluation on the first validation chunks)
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, row in rows.items():
+    for _name, row in rows.items():
         pts = [
             (e["step"], e["eval_ppl"] if "eval_ppl" in e else math.exp(e["eval_loss"])) for e in row["train"]["eval"]
         ]

@@ -376,7 +376,13 @@ def generation_sweep(
             (
                 s.name,
                 measures.generate_samples(
-                    model, cfg.gen_samples, cfg.gen_length, bos, s, nucleus_p=cfg.nucleus_p, seed=cfg.seed + 7,
+                    model,
+                    cfg.gen_samples,
+                    cfg.gen_length,
+                    bos,
+                    s,
+                    nucleus_p=cfg.nucleus_p,
+                    seed=cfg.seed + 7,
                     batch_size=cfg.gen_batch_size,
                 ),
             )
@@ -503,9 +509,12 @@ def run_study(
             reference = measures.judge_samples(data["judge_reference"], judge, data["tokenizer"], cfg.gen_batch_size)
             if "second_judge" in data:
                 reference[cfg.second_judge] = measures.judge_samples(
-                    data["judge_reference"], data["second_judge"][0], data["tokenizer"], cfg.gen_batch_size,
+                    data["judge_reference"],
+                    data["second_judge"][0],
+                    data["tokenizer"],
+                    cfg.gen_batch_size,
                     judge_tokenizer=data["second_judge"][1],
-                )  # fmt: skip
+                )
             results["reference_text"] = reference
         elif judge is None and (work_dir / "ar" / "train_record.json").is_file():
             judge = measures.CausalJudge(BD3LMForMaskedDiffusion.from_pretrained(str(work_dir / "ar")).eval())

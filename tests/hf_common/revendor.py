@@ -40,8 +40,19 @@ def download_sdist(version: str, into: Path) -> Path:
     """The release's sdist, fetched through pip so that the registry configured for pip is the one used."""
     if not re.fullmatch(r"\d+\.\d+(\.\d+)?(rc\d+|\.dev\d+)?", version):
         raise SystemExit(f"version must look like 5.25.0, got {version!r}")
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(into),
-           f"transformers=={version}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "-d",
+        str(into),
+        f"transformers=={version}",
+    ]
     subprocess.run(cmd, check=True)
     found = sorted(into.glob(f"transformers-{version}.tar.gz"))
     if not found:
@@ -83,8 +94,10 @@ def revendor(version: str) -> dict:
             "origin": f"pip download --no-deps --no-binary :all: transformers=={version}",
             "sdist": {"name": sdist.name, "sha256": sha256(sdist.read_bytes())},
             "licence": "Apache-2.0 (© The HuggingFace Team; the header of each file)",
-            "files": {name: {"from": f"transformers-{version}/tests/{name}", "sha256": sha256(data)}
-                      for name, data in contents.items()},  # fmt: skip
+            "files": {
+                name: {"from": f"transformers-{version}/tests/{name}", "sha256": sha256(data)}
+                for name, data in contents.items()
+            },
             "vendored_on": datetime.date.today().isoformat(),
         }
     for name, data in contents.items():

@@ -50,7 +50,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.9,
         help="threshold of the parallel-decoding pass (default: 0.9)",
     )
-    demo.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of every revealed token (default: 0.9)")
+    demo.add_argument(
+        "--top-p", type=float, default=0.9, help="nucleus sampling of every revealed token (default: 0.9)"
+    )
     demo.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG (no matplotlib needed)")
 
 
@@ -93,9 +95,7 @@ def _hub_folder(output_dir: Path, nfe_tokens: int) -> Path:
     from ..hub import plan_upload
 
     target = output_dir / "hub"
-    with plan_upload(
-        output_dir, DEMO_REPO_ID, license="apache-2.0", nfe_tokens=nfe_tokens
-    ) as plan:
+    with plan_upload(output_dir, DEMO_REPO_ID, license="apache-2.0", nfe_tokens=nfe_tokens) as plan:
         tmp = Path(tempfile.mkdtemp(prefix=".hub-", dir=output_dir))
         shutil.copytree(plan.staging, tmp, dirs_exist_ok=True)
         if target.exists():

@@ -28,27 +28,36 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--output", help="Write all results to this JSON file.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
     g = parser.add_argument_group("likelihood (perplexity bound)")
-    g.add_argument("--dataset", action="append", help="Repeatable: a local file/folder, a Hub name or `bd3lm-corpus` "
-                   "(the default when no --dataset, --judge or --tasks is given: its validation split).")
+    g.add_argument(
+        "--dataset",
+        action="append",
+        help="Repeatable: a local file/folder, a Hub name or `bd3lm-corpus` "
+        "(the default when no --dataset, --judge or --tasks is given: its validation split).",
+    )
     g.add_argument("--split", help="Dataset split (default: test, then validation, then train).")
     g.add_argument("--dataset-config", help="Hub dataset configuration name.")
     g.add_argument("--text-column", default="text", help="Column holding the documents (default: text).")
     g.add_argument("--num-samples", type=int, default=1, help="K Monte-Carlo noise draws per sequence (default 1).")
     g.add_argument("--exact", action="store_true", help="Exact expectation over the noise (2^L' - 1 passes, L' <= 8).")
     g.add_argument("--batch-size", type=int, default=8, help="Sequences per likelihood forward (default 8).")
-    g.add_argument("--ignore-bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="Exclude each chunk's first token (default: the model config's `ignore_bos`).")
+    g.add_argument(
+        "--ignore-bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Exclude each chunk's first token (default: the model config's `ignore_bos`).",
+    )
     g.add_argument("--no-wrap", action="store_true", help="Score each document alone instead of wrapping them.")
     g.add_argument("--max-documents", type=int, help="Evaluate only the first N documents.")
     g = parser.add_argument_group("generative perplexity")
     g.add_argument("--judge", help="Causal LM judge: folder or Hub id (the paper: gpt2-large). Enables gen-PPL.")
     g.add_argument("--judge-tokenizer", help="The judge's tokenizer (default: the judge's folder).")
-    g.add_argument("--samples", help="Score these samples (.txt: one per line, .jsonl: a `text` field) instead of "
-                   "generating them.")
+    g.add_argument(
+        "--samples", help="Score these samples (.txt: one per line, .jsonl: a `text` field) instead of generating them."
+    )
     g.add_argument("--num-gen-samples", type=int, default=8, help="Samples to generate (default 8; the paper: 300).")
     g.add_argument("--gen-length", type=int, help="New tokens per sample (default: model_length).")
     g.add_argument("--gen-batch-size", type=int, default=4, help="Samples generated together (default 4).")
-    g.add_argument("--gen-kwargs", default="{}", help='JSON of extra generate() arguments: \'{"nucleus_p": 0.9}\'.')
+    g.add_argument("--gen-kwargs", default="{}", help="JSON of extra generate() arguments: '{\"nucleus_p\": 0.9}'.")
     g.add_argument("--judge-batch-size", type=int, default=8, help="Samples scored together by the judge (default 8).")
     g.add_argument("--judge-max-length", type=int, help="Judge context (default: from its config).")
     g.add_argument("--judge-stride", type=int, help="Sliding-window stride (default: half the judge context).")
@@ -100,14 +109,28 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
         # What a user most likely wants first, and what `bd3lm train` trains on by default: the held-out split of the
         # embedded corpus (offline, no option needed).
         datasets = [CORPUS_NAME]
-        print(f"bd3lm eval: no --dataset, --judge or --tasks given: the perplexity bound on `{CORPUS_NAME}` "
-              f"({CORPUS_DESCRIPTION}), {args.split or 'validation'} split", flush=True)
+        print(
+            f"bd3lm eval: no --dataset, --judge or --tasks given: the perplexity bound on `{CORPUS_NAME}` "
+            f"({CORPUS_DESCRIPTION}), {args.split or 'validation'} split",
+            flush=True,
+        )
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
     results: dict[str, Any] = {"model": args.model, "block_size": model.config.block_size}
     for name in datasets:
         result = dataset_perplexity(
-            model, name, tokenizer, args.batch_size, args.num_samples, args.seed, args.ignore_bos, args.split,
-            args.text_column, args.dataset_config, not args.no_wrap, args.max_documents, not args.no_progress,
+            model,
+            name,
+            tokenizer,
+            args.batch_size,
+            args.num_samples,
+            args.seed,
+            args.ignore_bos,
+            args.split,
+            args.text_column,
+            args.dataset_config,
+            not args.no_wrap,
+            args.max_documents,
+            not args.no_progress,
             args.exact,
         )
         results.setdefault("perplexity", {})[name] = result.to_dict()
@@ -118,16 +141,32 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
         else:
             samples, outputs = _generate_samples(model, tokenizer, args)
         gen = generative_perplexity(
-            samples, args.judge, args.judge_tokenizer, tokenizer, args.judge_batch_size, args.judge_max_length,
-            args.judge_stride, model.device, generation_outputs=outputs, progress=not args.no_progress,
+            samples,
+            args.judge,
+            args.judge_tokenizer,
+            tokenizer,
+            args.judge_batch_size,
+            args.judge_max_length,
+            args.judge_stride,
+            model.device,
+            generation_outputs=outputs,
+            progress=not args.no_progress,
         )
         results["generative_perplexity"] = {k: v for k, v in gen.to_dict().items() if not k.startswith("per_sample")}
     if args.tasks:
         from ..evaluation.lm_eval_adapter import run_lm_eval  # lm-eval is an optional extra
 
         results["lm_eval"] = run_lm_eval(
-            model, tokenizer, args.tasks.split(","), args.include_path, args.num_fewshot, args.limit,
-            args.batch_size, args.mc_samples, args.seed, True if args.exact else None,
+            model,
+            tokenizer,
+            args.tasks.split(","),
+            args.include_path,
+            args.num_fewshot,
+            args.limit,
+            args.batch_size,
+            args.mc_samples,
+            args.seed,
+            True if args.exact else None,
         )
     print(format_results(results))
     if args.output:

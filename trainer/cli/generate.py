@@ -66,7 +66,17 @@ def run_generate(args: argparse.Namespace) -> int:
     model = BD3LMForMaskedDiffusion.from_pretrained(args.model, revision=args.revision).eval()
     tokenizer = resolve_tokenizer(args.model, revision=args.revision)
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "use_cache": not args.no_cache}
-    for name in ("generation_mode", "draft_variant", "sampler", "num_steps", "confidence_threshold", "tokens_per_step", "temperature", "top_k", "top_p"):
+    for name in (
+        "generation_mode",
+        "draft_variant",
+        "sampler",
+        "num_steps",
+        "confidence_threshold",
+        "tokens_per_step",
+        "temperature",
+        "top_k",
+        "top_p",
+    ):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     # Sampling unless --greedy: HF's do_sample defaults to False, which would silently drop the sampling options.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .common import EXIT_USAGE, CLIError
 from .convert import add_convert_arguments, run_convert
@@ -29,7 +29,9 @@ from .upload import add_upload_arguments, run_upload
 
 def build_parser() -> argparse.ArgumentParser:
     """The `bd3lm` parser: one subparser per command, each module adding its own options."""
-    parser = argparse.ArgumentParser(prog="bd3lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bd3lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,upload,convert}")
     demo = sub.add_parser(
         "demo",
@@ -48,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="NELBO perplexity bound, generative perplexity, lm-eval tasks")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)
-    convert = sub.add_parser("convert", help="turn a pretrained causal LM into a BD3-LM folder (see `bd3lm convert -h`)")
+    convert = sub.add_parser(
+        "convert", help="turn a pretrained causal LM into a BD3-LM folder (see `bd3lm convert -h`)"
+    )
     add_convert_arguments(convert)
     convert.set_defaults(func=run_convert)
     upload = sub.add_parser(

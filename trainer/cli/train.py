@@ -14,6 +14,7 @@ from .common import CLIError, check_positive
 #: Written by `bd3lm train` next to the model: what it was trained and evaluated on; `bd3lm upload` puts it in the card.
 TRAINING_DATA_FILE = "training_data.json"
 
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from bd3lm_configuration import BLOCK_PRESETS, SIZE_PRESETS
 
@@ -45,7 +46,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default="runs/bd3lm", help="where checkpoints and the final model go")
-    run.add_argument("--max-steps", type=int, default=600, help="optimizer steps (default: 600, about 5 minutes for tiny on 2 CPU cores)")
+    run.add_argument(
+        "--max-steps",
+        type=int,
+        default=600,
+        help="optimizer steps (default: 600, about 5 minutes for tiny on 2 CPU cores)",
+    )
     run.add_argument("--batch-size", type=int, default=16, help="sequences per step and device (default: 16)")
     run.add_argument(
         "--gradient-accumulation-steps", type=int, default=1, help="batches accumulated per optimizer step (default: 1)"
@@ -98,8 +104,15 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, Any, dict[str, float
         `(trainer, tokenizer, metrics)`: the finished `BD3LMTrainer`, the tokenizer, and the last evaluation's
         `eval_*` metrics (an evaluation of the final weights is run when the last periodic one is older).
     """
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "eval_steps", "eval_batches",
-                 "save_steps"):
+    for name in (
+        "max_steps",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "eval_steps",
+        "eval_batches",
+        "save_steps",
+    ):
         check_positive(name.replace("_", "-"), getattr(args, name))
     check_positive("block-size", args.block_size)
     check_positive("model-length", args.model_length)

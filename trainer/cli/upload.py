@@ -27,16 +27,24 @@ def add_upload_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--revision", help="branch to commit to (created from main if missing)")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit-message", help="summary line of the commit")
-    parser.add_argument("--checkpoint", help="publish this checkpoint-* folder (or 'latest') instead of the final model")
-    parser.add_argument("--include", action="append", default=[], metavar="GLOB",
-                        help="also publish files matching GLOB (relative to the model folder); repeatable")
+    parser.add_argument(
+        "--checkpoint", help="publish this checkpoint-* folder (or 'latest') instead of the final model"
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="also publish files matching GLOB (relative to the model folder); repeatable",
+    )
     parser.add_argument("--tokenizer", help="take tokenizer files from this folder")
     parser.add_argument("--max-shard-size", default="5GB", help="shard safetensors above this size (default 5GB)")
     parser.add_argument("--base-model", help="Hub id of the model this one was fine-tuned from (adapters: the base)")
     parser.add_argument("--dataset", action="append", default=[], help="Hub id of a training dataset; repeatable")
     parser.add_argument("--license", default="unknown", help="licence identifier for the card (default: unknown)")
-    parser.add_argument("--nfe-tokens", type=int, default=64,
-                        help="tokens to generate when measuring network calls per token (0 skips)")
+    parser.add_argument(
+        "--nfe-tokens", type=int, default=64, help="tokens to generate when measuring network calls per token (0 skips)"
+    )
     return parser
 
 
@@ -48,16 +56,32 @@ def run_upload(args: argparse.Namespace) -> int:
         check_repo_id(args.repo_id)
         if not args.dry_run:
             token = resolve_token()
-        with plan_upload(args.folder, args.repo_id, checkpoint=args.checkpoint, include=args.include,
-                         tokenizer=args.tokenizer, max_shard_size=args.max_shard_size, base_model=args.base_model,
-                         datasets=args.dataset, license=args.license, nfe_tokens=args.nfe_tokens) as plan:
+        with plan_upload(
+            args.folder,
+            args.repo_id,
+            checkpoint=args.checkpoint,
+            include=args.include,
+            tokenizer=args.tokenizer,
+            max_shard_size=args.max_shard_size,
+            base_model=args.base_model,
+            datasets=args.dataset,
+            license=args.license,
+            nfe_tokens=args.nfe_tokens,
+        ) as plan:
             if args.dry_run:
                 print(plan.describe())
                 print("\nDry run: nothing was sent.")
                 return 0
             print(plan.describe(with_card=False))
-            result = upload(plan, args.repo_id, token=token, private=args.private, revision=args.revision,
-                            create_pr=args.create_pr, commit_message=args.commit_message)
+            result = upload(
+                plan,
+                args.repo_id,
+                token=token,
+                private=args.private,
+                revision=args.revision,
+                create_pr=args.create_pr,
+                commit_message=args.commit_message,
+            )
     except ValueError as error:
         print(f"error: {_redact(str(error), token)}", file=sys.stderr)
         return 2

@@ -25,8 +25,20 @@ if TYPE_CHECKING:  # heavy imports stay lazy: importing this package costs nothi
     import datasets
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-__all__ = ["CORPUS_DESCRIPTION", "CORPUS_LICENSE", "CORPUS_NAME", "MASK_TOKEN", "SPLITS", "add_mask_token",
-           "corpus_files", "load_corpus", "load_gpt2_tokenizer", "load_tokenizer", "resolve_tokenizer", "tokenizer_path"]
+__all__ = [
+    "CORPUS_DESCRIPTION",
+    "CORPUS_LICENSE",
+    "CORPUS_NAME",
+    "MASK_TOKEN",
+    "SPLITS",
+    "add_mask_token",
+    "corpus_files",
+    "load_corpus",
+    "load_gpt2_tokenizer",
+    "load_tokenizer",
+    "resolve_tokenizer",
+    "tokenizer_path",
+]
 
 _HERE = Path(__file__).resolve().parent
 

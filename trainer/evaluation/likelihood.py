@@ -203,8 +203,14 @@ def nelbo(
         for k in range(draws):
             t = levels[k]
             x_t = _draw_x_t(model, x_0, t, counted, generator)
-            out = model(x_0, noisy_input_ids=x_t, attention_mask=mask, labels=labels, noise_levels=t.to(device),
-                        return_dict=True)
+            out = model(
+                x_0,
+                noisy_input_ids=x_t,
+                attention_mask=mask,
+                labels=labels,
+                noise_levels=t.to(device),
+                return_dict=True,
+            )
             token_loss = out.token_loss.float()
             total += token_loss
             per_draw.append(token_loss.sum(1))
@@ -275,14 +281,27 @@ def _draw_x_t(model, x_0, noise_levels, maskable, generator: Generators) -> torc
         for i, g in enumerate(generator):
             # only up to the row's last maskable block: the draws must not depend on the batch's padded width
             n = _round_up(int(maskable[i].nonzero().max()) + 1, block_size) if maskable[i].any() else 0
-            row = draw_noise(x_0[i : i + 1, :n].to(g.device), config, EVAL_NOISE_INTERVAL,
-                             maskable[i : i + 1, :n].to(g.device), noise_levels[i : i + 1, : n // block_size].to(g.device),
-                             g, schedule)[0]
+            row = draw_noise(
+                x_0[i : i + 1, :n].to(g.device),
+                config,
+                EVAL_NOISE_INTERVAL,
+                maskable[i : i + 1, :n].to(g.device),
+                noise_levels[i : i + 1, : n // block_size].to(g.device),
+                g,
+                schedule,
+            )[0]
             x_t[i, :n] = row[0]
         return x_t
     noise_device = generator.device if generator is not None else torch.device("cpu")
-    x_t, _ = draw_noise(x_0.to(noise_device), config, EVAL_NOISE_INTERVAL, maskable.to(noise_device),
-                        noise_levels.to(noise_device), generator, schedule)
+    x_t, _ = draw_noise(
+        x_0.to(noise_device),
+        config,
+        EVAL_NOISE_INTERVAL,
+        maskable.to(noise_device),
+        noise_levels.to(noise_device),
+        generator,
+        schedule,
+    )
     return x_t.to(x_0.device)
 
 
@@ -344,7 +363,7 @@ def score_continuations(
     """
     config = model.config
     bs, length = config.block_size, config.model_length
-    for i, (context, target) in enumerate(pairs):
+    for i, (_context, target) in enumerate(pairs):
         if len(target) == 0:
             raise ValueError(f"Pair {i} has an empty target: nothing to score.")
     windows = [

@@ -152,9 +152,16 @@ class BD3LMEvalHarness(LM):
         for i in set(range(len(pairs))) - set(scorable):
             results[i] = (0.0, True)  # an empty continuation has probability 1
         scores = score_continuations(
-            self.model, [pairs[i] for i in scorable], num_samples=self.mc_samples, batch_size=self.batch_size,
-            seed=self.seed, stride=self.rolling_stride, check_greedy=self.check_greedy,
-            pad_token_id=self.tokenizer.pad_token_id or 0, progress=self.progress, exact=self.exact,
+            self.model,
+            [pairs[i] for i in scorable],
+            num_samples=self.mc_samples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            stride=self.rolling_stride,
+            check_greedy=self.check_greedy,
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+            progress=self.progress,
+            exact=self.exact,
         )
         for i, (value, greedy) in zip(scorable, scores):
             results[i] = (-value, bool(greedy))
@@ -210,9 +217,14 @@ class BD3LMEvalHarness(LM):
                     occurrences[tuple(p)] = occurrences.get(tuple(p), -1) + 1
                     seeds.append(_row_seed(self.seed, p, [occurrences[tuple(p)]]))
                 out = self.model.generate(
-                    input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                    max_new_tokens=max_new, return_dict_in_generate=True, eos_token_id=self.tokenizer.eos_token_id,
-                    pad_token_id=pad, seed=seeds if kwargs.get("do_sample") else None, **kwargs,
+                    input_ids=ids.to(self.model.device),
+                    attention_mask=mask.to(self.model.device),
+                    max_new_tokens=max_new,
+                    return_dict_in_generate=True,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=pad,
+                    seed=seeds if kwargs.get("do_sample") else None,
+                    **kwargs,
                 )
                 for r, i in enumerate(chunk):
                     text = self.tokenizer.decode(out.sequences[r, width:].tolist(), skip_special_tokens=True)
@@ -248,9 +260,15 @@ def run_lm_eval(
 
     harness = BD3LMEvalHarness(model, tokenizer, batch_size=batch_size, mc_samples=mc_samples, seed=seed, exact=exact)
     out = lm_eval.simple_evaluate(
-        model=harness, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-        task_manager=TaskManager(include_path=include_path), random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed,
+        model=harness,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=TaskManager(include_path=include_path),
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
     )
     if out is None:  # non-zero ranks of a distributed run
         return {}

@@ -41,13 +41,19 @@ def resolve_device(device: str | torch.device | None, fallback: bool = False) ->
         return torch.device("cpu")
     count = getattr(torch, kind).device_count() if hasattr(getattr(torch, kind, None), "device_count") else 1
     if resolved.index is not None and resolved.index >= count:
-        raise ValueError(f"`device`={str(device)!r}: this machine has {count} {kind} device(s), "
-                         f"{kind}:0 to {kind}:{count - 1}.")
+        raise ValueError(
+            f"`device`={str(device)!r}: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}."
+        )
     return resolved
 
 
-def load_model_and_tokenizer(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                             device: str | None = None, dtype: str | None = None, device_fallback: bool = False):
+def load_model_and_tokenizer(
+    model: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    device_fallback: bool = False,
+):
     """A BD3-LM checkpoint with this package's code (never remote code) in eval mode on
     `resolve_device(device, device_fallback)`, and its tokenizer (`tokenizer`, default the checkpoint's own;
     `"bd3lm-corpus"` for the embedded one)."""
@@ -60,8 +66,9 @@ def load_model_and_tokenizer(model: str | os.PathLike, tokenizer: str | os.PathL
     try:
         return net, resolve_tokenizer(tokenizer or model)
     except (OSError, ValueError) as err:
-        raise ValueError(f"No tokenizer at `{tokenizer or model}`; pass `--tokenizer` (a folder, a Hub id or "
-                         "`bd3lm-corpus`).") from err
+        raise ValueError(
+            f"No tokenizer at `{tokenizer or model}`; pass `--tokenizer` (a folder, a Hub id or `bd3lm-corpus`)."
+        ) from err
 
 
 __all__ = ["load_model_and_tokenizer", "resolve_device"]

@@ -23,7 +23,6 @@ from ..corpus import CORPUS_NAME, load_corpus
 from ..data import load_text_dataset
 from .likelihood import _check_num_samples, nelbo
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Datasets and zero-shot perplexity
 

@@ -1,17 +1,18 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
 """The BD3-LM block NELBO per token as a 🤗 `evaluate` metric, loadable offline from its folder:
 
-    import evaluate
-    from bd3lm_trainer.evaluation import NELBO_METRIC_PATH
+import evaluate
+from bd3lm_trainer.evaluation import NELBO_METRIC_PATH
 
-    metric = evaluate.load(NELBO_METRIC_PATH)
-    metric.compute(predictions=["Some text."], model_id="path/to/bd3lm-checkpoint")
+metric = evaluate.load(NELBO_METRIC_PATH)
+metric.compute(predictions=["Some text."], model_id="path/to/bd3lm-checkpoint")
 """
 
 import math
 
 import datasets
 import evaluate
+
 from bd3lm_trainer.corpus import resolve_tokenizer
 from bd3lm_trainer.evaluation import load_model_and_tokenizer, score_continuations
 
@@ -101,8 +102,13 @@ class BD3LMNelbo(evaluate.Metric):
             if not target:
                 raise ValueError(f"Prediction {i} has no tokens to score.")
         scores = score_continuations(
-            model, [([prefix], t) for t in targets], num_samples=num_samples, batch_size=batch_size, seed=seed,
-            pad_token_id=tokenizer.pad_token_id or 0, exact=exact,
+            model,
+            [([prefix], t) for t in targets],
+            num_samples=num_samples,
+            batch_size=batch_size,
+            seed=seed,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            exact=exact,
         )
         nelbos = [value / len(t) for (value, _), t in zip(scores, targets)]
         total = sum(len(t) for t in targets)
@@ -114,4 +120,3 @@ class BD3LMNelbo(evaluate.Metric):
             "perplexity": math.exp(mean),
             "num_tokens": total,
         }
-
