@@ -353,6 +353,10 @@ def test_model_cards_record_clean_attention_and_a_gated_adapter(tmp_path):
     }
     text = build_model_card(CardInfo(repo_id="fake-user/tiny", architecture=arch)).text
     assert "| Clean-stream attention | `causal` (clean tokens attend causally" in text
+    assert "Exact decoding" not in text  # the DiT has no autoregressive view
+    converted = build_model_card(CardInfo(repo_id="fake-user/tiny", architecture=arch | {"denoiser": "Llama"})).text
+    assert "| Exact decoding (`generation_mode` `autoregressive` / `draft_verify`) | greedy text = " in converted
+    assert "a frozen base with a gated adapter |" in converted
     for gated in (True, False):
         if gated:
             _, peft_model = _gated_setup()

@@ -197,6 +197,16 @@ def _card_context(info: CardInfo) -> dict[str, Any]:
                     }.get(arch["clean_attention"], f"`{arch['clean_attention']}`"),
                 )
             )
+        if arch.get("denoiser"):  # a converted causal LM: what the exact decoding modes are exact to
+            untouched = arch.get("clean_attention") == "causal"
+            rows.append(
+                (
+                    "Exact decoding (`generation_mode` `autoregressive` / `draft_verify`)",
+                    "greedy text = this model's clean stream decoding autoregressively; that is the source causal LM "
+                    "while the clean stream is untouched: a fresh conversion, or a frozen base with a gated adapter"
+                    + ("" if untouched else " (and, for the diffusion mode's cache too, `clean_attention='causal'`)"),
+                )
+            )
         if lo is not None:
             rows.append(("Training noise interval [β, ω]", f"[{lo:.4g}, {hi:.4g}]"))
         settings = dict(info.sampler_defaults)
