@@ -15,6 +15,7 @@ from bd3lm_trainer.evaluation import dataset_perplexity
 from bench.fidelity import measures
 from bench.fidelity.__main__ import main
 from bench.fidelity.study import QUICK, ROWS, run_study
+from bench.stats import paired_difference, summarise
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 
 
@@ -84,7 +85,7 @@ def test_nelbo_per_chunk_matches_dataset_perplexity(study):
     texts = ["In the beginning God created the heaven and the earth. " * 6, "To be, or not to be: that is it. " * 5]
     chunks = measures.validation_chunks(texts, tokenizer, model.config.model_length)
     sums, counts = measures.nelbo_per_chunk(model, chunks, num_samples=2, seed=3, batch_size=2)
-    ours = measures.summarise(sums, counts)
+    ours = summarise(sums, counts)
     reference = dataset_perplexity(
         model, texts, tokenizer, batch_size=2, num_samples=2, seed=3, ignore_bos=True, progress=False
     )
@@ -92,7 +93,7 @@ def test_nelbo_per_chunk_matches_dataset_perplexity(study):
     assert ours["nelbo_se"] == pytest.approx(reference.std_error, abs=1e-9)
     assert ours["num_tokens"] == reference.num_tokens
     # the paired difference of a model with itself is exactly zero
-    diff = measures.paired_difference(sums, sums, counts)
+    diff = paired_difference(sums, sums, counts)
     assert diff["diff"] == 0.0 and diff["diff_se"] == 0.0
 
 

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from bd3lm_trainer.utils import pyplot, save_figure
-
-from .measures import paired_difference
+from bench.stats import paired_difference
 
 # Tables 3 (LM1B, 65B tokens) and 4 (OWT, 524B tokens): test perplexity (bounds for the diffusion models).
 PAPER_PPL = {

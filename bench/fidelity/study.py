@@ -33,6 +33,7 @@ from bd3lm_trainer import BD3LMDataCollator, BD3LMTrainer, BD3LMTrainingArgument
 from bd3lm_trainer.callbacks import DEFAULT_SEARCH_STEP, DEFAULT_SEARCH_WIDTHS
 from bd3lm_trainer.corpus import load_corpus, load_tokenizer
 from bd3lm_trainer.data import build_lm_dataset
+from bench.stats import summarise
 from modeling_bd3lm import BD3LMForMaskedDiffusion
 
 from . import measures
@@ -307,7 +308,7 @@ def measure_row(row: Row, model, record: dict, cfg: StudyConfig, data: dict[str,
         sums, counts = measures.nelbo_per_chunk(model, chunks, cfg.nelbo_draws, cfg.seed, cfg.eval_batch_size)
         # At L'=1 the t-integral is analytic (t ≡ 1 gives the expectation exactly), so `nelbo` makes one pass.
         draws = 1 if model.config.always_mask or model.config.block_size == 1 else cfg.nelbo_draws
-    out["nelbo"] = {**measures.summarise(sums, counts), "draws": draws, "per_chunk": sums.tolist()}
+    out["nelbo"] = {**summarise(sums, counts), "draws": draws, "per_chunk": sums.tolist()}
     data.setdefault("val_counts", counts.tolist())
     # 2. the variance of the NELBO estimator under the linear and the searched intervals
     if row.kind == "bd3":
