@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -119,9 +120,13 @@ def machine_name() -> str:
     return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
 
 
-def write_json(path: Path, payload: dict) -> Path:
+def write_json(path: Path, payload: dict, default: Callable[[Any], Any] = float, indent: int = 2) -> Path:
+    """`payload` as JSON at `path`, written to a temporary file and renamed (an interrupted run never leaves half a
+    file); `default` converts what json cannot (tensors, dataclasses, ...)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=indent, default=default) + "\n")
+    tmp.replace(path)
     return path
 
 

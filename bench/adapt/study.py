@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from bench.common import write_json
+
 from . import measures
 from .measures import Setting
 
@@ -653,11 +655,8 @@ def run_ship(cfg: AdaptConfig, work_dir: Path, target: Path | None = None) -> Pa
 
 
 def write(path: Path, payload: dict[str, Any]) -> None:
-    """JSON, written to a temporary file and renamed (a crash never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=_default) + "\n")
-    tmp.replace(path)
+    """The study's JSON (`bench.common.write_json`: atomic), with its own conversions."""
+    write_json(path, payload, default=_default, indent=1)
 
 
 def _default(value: Any) -> Any:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from bench.common import write_json
+
 HERE = Path(__file__).resolve().parent
 ADAPTER = HERE.parent / "adapt" / "results" / "adapter"
 KINDS = ("source_all", "source_last", "bd3")
@@ -117,11 +119,8 @@ def load_average() -> list[float] | None:
 
 
 def write(path: Path, payload: dict[str, Any]) -> None:
-    """JSON written to a temporary file and renamed (an interrupted run never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=_default) + "\n")
-    tmp.replace(path)
+    """The study's JSON (`bench.common.write_json`: atomic), with its own conversions."""
+    write_json(path, payload, default=_default, indent=1)
 
 
 def _default(value: Any) -> Any:
