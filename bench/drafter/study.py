@@ -333,8 +333,8 @@ def measure_one(cfg: DrafterConfig, model: Any, heldout: list[dict[str, Any]]) -
 
     out: dict[str, Any] = {}
     kinds = list(dict.fromkeys(d["kind"] for d in heldout))
-    for kind in kinds + ["all"]:
-        chosen = [d for d in heldout if kind in ("all", d["kind"])]
+    for kind in kinds:
+        chosen = [d for d in heldout if d["kind"] == kind]
         rows = [d["prompt_ids"] + d["continuation"] for d in chosen]
         out[kind] = {}
         for k in cfg.measure_block_sizes:
@@ -342,7 +342,24 @@ def measure_one(cfg: DrafterConfig, model: Any, heldout: list[dict[str, Any]]) -
             r = est.as_dict()
             del r["drafts"]
             out[kind][f"k{k}"] = r
+    out["all"] = {f"k{k}": pool([out[kind][f"k{k}"] for kind in kinds]) for k in cfg.measure_block_sizes}
     return out
+
+
+def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several `estimate_acceptance` results (same k) as one over all their blocks, without another model pass:
+    match rates weighted by blocks; conditional acceptance at offset j = #(accepted >= j) / #(accepted >= j - 1)."""
+    from bd3lm_trainer.evaluation import geometric_alpha
+
+    k = parts[0]["block_size"]
+    lengths = [a for p in parts for a in p["accepted_lengths"]]
+    blocks = len(lengths)
+    match = [sum(p["match_rate"][j] * p["blocks"] for p in parts) / blocks for j in range(k - 1)]
+    reached = [sum(a >= j for a in lengths) for j in range(k)]
+    conditional = [reached[j + 1] / reached[j] if reached[j] else float("nan") for j in range(k - 1)]
+    tokens = sum(lengths) / blocks + 1.0
+    return {"block_size": k, "blocks": blocks, "match_rate": match, "conditional_acceptance": conditional,
+            "tokens_per_cycle": tokens, "alpha": geometric_alpha(min(tokens, k), k), "accepted_lengths": lengths}  # fmt: skip
 
 
 def run_measure(cfg: DrafterConfig, work_dir: Path, recipes: tuple[str, ...] = RECIPES) -> dict[str, Any]:
