@@ -303,8 +303,8 @@ def run_train(cfg: DrafterConfig, work_dir: Path) -> Path:
         state["step"] = step = step + 1
         state["cpu_s"] = spent = offset + time.process_time() - clock
         if step % cfg.log_every == 0:
-            state["log"].append({"step": step, "loss": float(loss), "cpu_s": spent})
-            log(f"{cfg.recipe} step {step} loss {float(loss):.4f} cpu {spent:.0f}s")
+            state["log"].append({"step": step, "loss": float(loss.detach()), "cpu_s": spent})
+            log(f"{cfg.recipe} step {step} loss {float(loss.detach()):.4f} cpu {spent:.0f}s")
         reached = [m for m in marks if spent >= m and not any(c["cpu_s"] >= m for c in state["checkpoints"].values())]
         done = spent >= cfg.cpu_budget_s or step >= cfg.max_steps
         if reached or done:
