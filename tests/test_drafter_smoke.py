@@ -47,6 +47,11 @@ def test_every_stage_writes_its_results(run):
             assert set(per_kind) == {f"k{k}" for k in CFG.measure_block_sizes}
     tables = (run / "out" / "tables.md").read_text()
     assert "## Tokens per cycle" in tables and "seed_plus_masks/checkpoint-4" in tables
+    assert list(results["speed"]) == ["converted", "seed_plus_masks/checkpoint-4"] and "## Real greedy" in tables
+    for run_ in results["speed"].values():
+        assert [r["kind"] for r in run_["rows"]] == list(CFG.heldout)  # speed_prompts_per_kind=1
+        for r in run_["rows"]:  # exact; each cycle emits its accepted drafts + 1 (EOS may cut the last cycle)
+            assert r["equal_to_source"] and r["new_tokens"] <= sum(r["acceptance_lengths"])
 
 
 def test_resumed_training_continues_where_it_stopped(run, tmp_path, capsys):

@@ -3,6 +3,7 @@
 python -m bench.drafter --stage data                 # SmolLM2's greedy continuations: training + held-out prompts
 python -m bench.drafter --stage train                # the gated LoRA drafter (recipe seed_plus_masks), CPU budget
 python -m bench.drafter --stage measure              # acceptance per prompt kind and k, every checkpoint
+python -m bench.drafter --stage speed                # draft_verify vs the source's generate(), a few prompts/kind
 python -m bench.drafter --stage report               # results/drafter.json, results/tables.md
 python -m bench.drafter --tiny --work-dir /tmp/d --output-dir /tmp/d/out   # the smoke test (tiny random Llama)
 
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("data", "train", "measure", "report")
+STAGES = ("data", "train", "measure", "speed", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         study.run_train(cfg, work_dir)
     if "measure" in stages:
         study.run_measure(cfg, work_dir)
+    if "speed" in stages:
+        study.run_speed(cfg, work_dir)
     if "report" in stages:
         from .report import write_report
 

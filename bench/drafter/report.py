@@ -35,7 +35,11 @@ def gather(cfg: DrafterConfig, work_dir: Path) -> dict[str, Any]:
                 "prompt_tokens": sum(len(r["prompt_ids"]) for r in rows),
                 "cpu_s": sum(r["cpu_s"] for r in rows),
             }  # fmt: skip
-    return {"config": cfg, "data": data, "training": training, "measured": measured}
+    speed = {}
+    for path in sorted((work_dir / "speed").glob("*.json")):
+        row = json.loads(path.read_text())
+        speed[row["name"]] = row
+    return {"config": cfg, "data": data, "training": training, "measured": measured, "speed": speed}
 
 
 def _fmt(x: float) -> str:
@@ -73,6 +77,20 @@ def tables(results: dict[str, Any], cfg: DrafterConfig) -> str:
         cells = [f"{_fmt(row['acceptance']['all'][f'k{k}']['tokens_per_cycle'])} "
                  f"({_fmt(row['acceptance']['all'][f'k{k}']['alpha'])})" for k in sizes]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if results["speed"]:
+        lines += ["", "## Real greedy draft-and-verify (two-pass, batch 1) against the source's `generate()`", "",
+                  "| drafter | kind | prompts | equal to source | new tokens | tokens per cycle (accepted drafts + 1) | "
+                  "tokens per forward | draft-verify tok/s | source tok/s | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, run in results["speed"].items():
+            for kd in dict.fromkeys(r["kind"] for r in run["rows"]):
+                rows = [r for r in run["rows"] if r["kind"] == kd]
+                cycles = [a for r in rows for a in r["acceptance_lengths"]]
+                new = sum(r["new_tokens"] for r in rows)
+                dv, src = sum(r["draft_verify_s"] for r in rows), sum(r["source_s"] for r in rows)
+                lines.append(f"| {name} | {kd} | {len(rows)} | {sum(r['equal_to_source'] for r in rows)}/{len(rows)} | "
+                             f"{new} | {_fmt(sum(cycles) / max(1, len(cycles)))} | "
+                             f"{_fmt(sum(r['tokens_per_forward'] for r in rows) / len(rows))} | {new / dv:.1f} | "
+                             f"{new / src:.1f} | {src / dv:.2f} |")  # fmt: skip
     for recipe, t in results["training"].items():
         lines += ["", f"## Training loss, `{recipe}` (every logged step: step, CPU s, loss)", ""]
         lines.append(", ".join(f"{r['step']}: {r['cpu_s']:.0f} s {r['loss']:.3f}" for r in t["log"][:: max(1, len(t["log"]) // 25)]))

@@ -15,6 +15,8 @@ Stages (each writes its own files under the work folder and resumes; see README.
   random block masking (t ~ U[noise interval]) on the same sequences.
 * `measure`: `estimate_acceptance` on the held-out sequences, per prompt kind and block size, for the bare conversion
   and every checkpoint.
+* `speed`: real greedy draft-and-verify (two-pass) of the conversion and the last checkpoint against the source's
+  `generate()`, batch 1, a few held-out prompts per kind: exactness, wall time, accepted drafts per cycle.
 * `report`: `results/drafter.json` and `results/tables.md` from the work folder's JSON files.
 """
 
@@ -65,12 +67,13 @@ class DrafterConfig:
     log_every: int = 5
     # measurement
     measure_block_sizes: tuple[int, ...] = (2, 4, 8)
+    speed_prompts_per_kind: int = 2
 
 
 TINY = DrafterConfig(
     source="tiny-random", model_length=64, train_chat=P.TRAIN_CHAT[:3], train_corpus=P.TRAIN_CORPUS[:3],
     heldout={k: v[:2] for k, v in P.HELDOUT.items()}, new_tokens=8, use_chat_template=False, batch_size=2,
-    cpu_budget_s=3.0, checkpoint_cpu_s=(1e-6, 3.0), bf16=False, max_steps=4, log_every=1, measure_block_sizes=(2, 4),
+    cpu_budget_s=3.0, checkpoint_cpu_s=(1e-6, 3.0), bf16=False, max_steps=4, log_every=1, measure_block_sizes=(2, 4), speed_prompts_per_kind=1,
 )  # fmt: skip
 
 
@@ -388,4 +391,59 @@ def run_measure(cfg: DrafterConfig, work_dir: Path, recipes: tuple[str, ...] = R
         log(f"{name}: k={cfg.block_size} tokens/cycle {a['tokens_per_cycle']:.3f}, alpha {a['alpha']:.3f}")
         write(path, row)
         results[name] = row
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage `speed`: real greedy draft-and-verify against the source's own generate()
+
+
+def run_speed(cfg: DrafterConfig, work_dir: Path, recipe: str | None = None) -> dict[str, Any]:
+    """Greedy `generate(generation_mode="draft_verify", draft_variant="two_pass")` of the bare conversion and of the
+    last checkpoint of `recipe` (default `cfg.recipe`) on the first `cfg.speed_prompts_per_kind` held-out prompts of
+    each kind, batch 1, beside the source's `generate(do_sample=False)` (KV cache) on the same prompt: exactness
+    (token-equal sequences), wall seconds of each (one warm-up call first), tokens per cycle (`acceptance_lengths`: accepted drafts + 1). Written to
+    `speed/<drafter>.json`; a drafter measured already is skipped."""
+    torch.set_num_threads(cfg.threads)
+    heldout = read_rows(work_dir / "heldout.jsonl")
+    source, tokenizer = load_source(cfg)
+    found = [c for c in checkpoints(work_dir / (recipe or cfg.recipe)) if (c / "state.json").exists()]
+    targets: list[tuple[str, Path | None]] = [("converted", None)]
+    if found:
+        targets.append((f"{recipe or cfg.recipe}/{found[-1].name}", found[-1]))
+    results = {}
+    for name, ckpt in targets:
+        path = work_dir / "speed" / f"{name.replace('/', '--')}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+            continue
+        model = load_drafter(cfg, source, tokenizer, ckpt)
+        rows = []
+        kinds = list(dict.fromkeys(d["kind"] for d in heldout))
+        for kind in kinds:
+            for d in [d for d in heldout if d["kind"] == kind][: cfg.speed_prompts_per_kind]:
+                ids = torch.tensor([d["prompt_ids"]])
+                common = {"max_new_tokens": cfg.new_tokens, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+                with torch.no_grad():
+                    source.generate(ids, **{**common, "max_new_tokens": 4})  # warm-up
+                    start = time.perf_counter()
+                    expected = source.generate(ids, **common)
+                    source_s = time.perf_counter() - start
+                    dv = {"generation_mode": "draft_verify", "draft_variant": "two_pass"}
+                    model.generate(ids, **{**common, "max_new_tokens": 4}, **dv)  # warm-up
+                    start = time.perf_counter()
+                    out = model.generate(ids, **common, **dv, return_dict_in_generate=True)
+                    seconds = time.perf_counter() - start
+                accepted = out.acceptance_lengths[0].tolist()
+                new = expected.shape[1] - ids.shape[1]
+                rows.append({
+                    "kind": kind, "text": d["text"], "new_tokens": new, "equal_to_source": bool(torch.equal(out.sequences, expected)),
+                    "source_s": source_s, "draft_verify_s": seconds, "source_tokens_per_s": new / source_s,
+                    "draft_verify_tokens_per_s": new / seconds, "nfe": int(out.nfe[0]),
+                    "tokens_per_forward": float(out.tokens_per_forward[0]), "acceptance_lengths": accepted,
+                })  # fmt: skip
+                log(f"{name} {kind}: equal {rows[-1]['equal_to_source']}, {seconds:.1f}s vs source {source_s:.1f}s")
+        result = {"name": name, "variant": "two_pass", "threads": cfg.threads, "rows": rows}
+        write(path, result)
+        results[name] = result
     return results
