@@ -151,6 +151,19 @@ def test_pooled_kinds_equal_one_pass_over_all_rows(tiny):
     assert pooled["conditional_acceptance"] == pytest.approx(direct.conditional_acceptance, nan_ok=True)
 
 
+def test_exported_adapter_drafts_like_its_checkpoint(run, tiny, tmp_path):
+    source, tokenizer = tiny
+    checkpoint = run / "work" / "seed_plus_masks" / "checkpoint-4"
+    target = study.export_adapter(checkpoint, tmp_path / "adapter")
+    assert json.loads((target / "training_log.json").read_text())["step"] == CFG.max_steps
+    trained, exported = (study.load_drafter(CFG, source, tokenizer, path) for path in (checkpoint, target))
+    batch = study.seed_plus_masks_batch([list(range(10, 21))], [3], 4, 16, trained.config.mask_token_id, 0)
+    inputs = {k: batch[k] for k in ("input_ids", "noisy_input_ids", "attention_mask")}
+    with torch.no_grad():
+        a, b = trained(**inputs).logits, exported(**inputs).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-3)  # float16 factors
+
+
 def test_bad_recipe_is_refused(tmp_path):
     with pytest.raises(ValueError, match="recipe"):
         study.run_train(dataclasses.replace(CFG, recipe="nope"), tmp_path)

@@ -447,3 +447,21 @@ def run_speed(cfg: DrafterConfig, work_dir: Path, recipe: str | None = None) -> 
         write(path, result)
         results[name] = result
     return results
+
+
+def export_adapter(checkpoint: Path, target: Path) -> Path:
+    """A checkpoint's gated adapter as float16 (`adapter_model.safetensors`, `adapter_config.json`) with its
+    training log (`training_log.json`: the state: steps, CPU seconds, loss log); no optimizer. Load it with
+    `load_drafter(cfg, source, tokenizer, target)`."""
+    from safetensors.torch import load_file, save_file
+
+    if not (checkpoint / "state.json").exists():
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no state.json).")
+    target.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    weights = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (target / "adapter_config.json").write_text((checkpoint / "adapter_config.json").read_text())
+    state = json.loads((checkpoint / "state.json").read_text())
+    write(target / "training_log.json", {"checkpoint": checkpoint.name, **state})
+    return target
