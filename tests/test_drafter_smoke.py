@@ -1,0 +1,169 @@
+"""The drafter study (`python -m bench.drafter`) on its tiny configuration (a random Llama, seconds), and its parts
+checked against direct computations: the training layout is the measuring layout, the seed-plus-masks loss is the
+drafts' plain cross-entropy, the gated adapter leaves the clean stream alone, pooling equals one pass over all rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from bd3lm_trainer.evaluation import estimate_acceptance
+from bd3lm_trainer.evaluation.drafting import _layout
+
+from bench.drafter import study
+from bench.drafter.__main__ import main
+
+CFG = study.TINY
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("drafter")
+    assert main(["--tiny", "--work-dir", str(root / "work"), "--output-dir", str(root / "out")]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return study.load_source(CFG)
+
+
+def test_every_stage_writes_its_results(run):
+    results = json.loads((run / "out" / "drafter.json").read_text())
+    assert results["data"]["data"]["prompts"] == len(CFG.train_chat) + len(CFG.train_corpus)
+    assert results["data"]["heldout"]["kinds"] == sorted(CFG.heldout)
+    training = results["training"]["seed_plus_masks"]
+    assert training["finished"] and training["step"] == CFG.max_steps
+    assert [r["step"] for r in training["log"]] == list(range(1, CFG.max_steps + 1))
+    names = list(results["measured"])
+    assert names == ["converted", "seed_plus_masks/checkpoint-1", "seed_plus_masks/checkpoint-4"]
+    for row in results["measured"].values():
+        assert set(row["acceptance"]) == set(CFG.heldout) | {"all"}
+        for per_kind in row["acceptance"].values():
+            assert set(per_kind) == {f"k{k}" for k in CFG.measure_block_sizes}
+    tables = (run / "out" / "tables.md").read_text()
+    assert "## Tokens per cycle" in tables and "seed_plus_masks/checkpoint-4" in tables
+    assert list(results["speed"]) == ["converted", "seed_plus_masks/checkpoint-4"] and "## Real greedy" in tables
+    for run_ in results["speed"].values():
+        assert [r["kind"] for r in run_["rows"]] == list(CFG.heldout)  # speed_prompts_per_kind=1
+        for r in run_["rows"]:  # exact; each cycle emits its accepted drafts + 1 (EOS may cut the last cycle)
+            assert r["equal_to_source"] and r["new_tokens"] <= sum(r["acceptance_lengths"])
+
+
+def test_resumed_training_continues_where_it_stopped(run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    work = tmp_path / "work"
+    shutil.copytree(run / "work", work)
+    folder = work / "seed_plus_masks"
+    shutil.rmtree(folder / "checkpoint-4")  # as if interrupted after the first checkpoint
+    capsys.readouterr()
+    study.run_train(CFG, work)
+    printed = capsys.readouterr().out
+    assert "resumed from checkpoint-1" in printed and "step 1 " not in printed and "step 2 " in printed
+    # the same weights as the uninterrupted run: adapter, optimizer moments and data order all resumed
+    resumed = load_file(str(folder / "checkpoint-4" / "adapter_model.safetensors"))
+    original = load_file(str(run / "work" / "seed_plus_masks" / "checkpoint-4" / "adapter_model.safetensors"))
+    assert resumed.keys() == original.keys()
+    for name in original:
+        torch.testing.assert_close(resumed[name], original[name], rtol=0, atol=0)
+    state = json.loads((folder / "checkpoint-4" / "state.json").read_text())
+    assert state["finished"] and [r["step"] for r in state["log"]] == list(range(1, CFG.max_steps + 1))
+    assert set(state["checkpoints"]) == {"checkpoint-1", "checkpoint-4"}
+    assert study.batch_indices(7, 3, 5, 0) == study.batch_indices(7, 3, 5, 0)  # the data order is a function of step
+
+
+def test_training_layout_is_the_measuring_layout():
+    rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26], [30, 31, 32, 33, 34, 35]]
+    prompt_lengths = [3, 4, 1]
+    batch = study.seed_plus_masks_batch(rows, prompt_lengths, 4, 16, mask_id=99, pad_id=0)
+    x_0, x_t, attention_mask, _ = _layout(rows, prompt_lengths, 4, 16, 99, 0)
+    width = x_0.shape[1]
+    assert torch.equal(batch["input_ids"][:, :width], x_0)
+    assert torch.equal(batch["noisy_input_ids"][:, :width], x_t)
+    assert torch.equal(batch["attention_mask"][:, :width], attention_mask)
+    # row 0: prompt [5, 6, 7] after one pad; blocks after it: [8, M, M, M], [12, M]
+    assert batch["noisy_input_ids"][0, :10].tolist() == [0, 5, 6, 7, 8, 99, 99, 99, 12, 99]
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    with pytest.raises(ValueError, match="width"):
+        study.seed_plus_masks_batch(rows, prompt_lengths, 4, 8, 99, 0)
+
+
+def test_seed_plus_masks_loss_is_the_drafts_cross_entropy(tiny):
+    source, tokenizer = tiny
+    model = study.convert(CFG, source, tokenizer).eval()
+    rows = [list(range(10, 21)), list(range(30, 38))]
+    batch = study.seed_plus_masks_batch(rows, [3, 5], 4, 16, model.config.mask_token_id, 0)
+    with torch.no_grad():
+        out = model(**batch)
+    masked = batch["noisy_input_ids"] == model.config.mask_token_id
+    logits = out.logits.float().clone()
+    logits[..., model.config.mask_token_id] = float("-inf")
+    ce = -torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][..., None]).squeeze(-1)
+    torch.testing.assert_close(out.token_loss[masked], ce[masked])  # weight 1: t = 1 in every block
+    assert (out.token_loss[~masked] == 0).all()
+
+
+def test_gated_drafter_changes_drafts_not_the_clean_stream(run, tiny):
+    source, tokenizer = tiny
+    converted = study.load_drafter(CFG, source, tokenizer, None)
+    trained = study.load_drafter(CFG, source, tokenizer, run / "work" / "seed_plus_masks" / "checkpoint-4")
+    rows = [list(range(10, 21))]
+    batch = study.seed_plus_masks_batch(rows, [3], 4, 16, converted.config.mask_token_id, 0)
+    inputs = {k: batch[k] for k in ("input_ids", "noisy_input_ids", "attention_mask")}
+    with torch.no_grad():
+        a = converted(**inputs, output_clean_logits=True)
+        b = trained(**inputs, output_clean_logits=True)
+    torch.testing.assert_close(a.clean_logits, b.clean_logits)
+    masked = batch["noisy_input_ids"] == converted.config.mask_token_id
+    assert (a.logits[masked] - b.logits[masked]).abs().max() > 1e-4
+
+
+def test_pooled_kinds_equal_one_pass_over_all_rows(tiny):
+    """Rows of one block after the prompt, whose continuation copies the drafter's own drafts for the first m offsets
+    (a block's drafts see only its seed and earlier clean tokens, not its own): accepted lengths m are known, and
+    differ between the two kinds, which have different numbers of blocks."""
+    source, tokenizer = tiny
+    model = study.load_drafter(CFG, source, tokenizer, None)
+    vocab, mask_id = model.config.vocab_size, model.config.mask_token_id
+    prompts = [[3 + i, 40 + 7 * i, 90 + i] for i in range(6)]
+    plain = [p + [200 + i, 1, 1, 1] for i, p in enumerate(prompts)]
+    drafts = estimate_acceptance(model, plain, [3] * 6, block_size=4).drafts
+    wanted = [3, 2, 0, 1, 1, 3]
+    heldout = []
+    for i, (p, d, m) in enumerate(zip(prompts, drafts, wanted)):
+        junk = [(t + 1) % vocab if (t + 1) % vocab != mask_id else (t + 2) % vocab for t in d]
+        continuation = [200 + i] + d[:m] + junk[m:]
+        heldout.append({"kind": "a" if i < 2 else "b", "prompt_ids": p, "continuation": continuation})
+    pooled = study.measure_one(dataclasses.replace(CFG, measure_block_sizes=(4,)), model, heldout)
+    assert pooled["a"]["k4"]["accepted_lengths"] == [3, 2] and pooled["b"]["k4"]["accepted_lengths"] == [0, 1, 1, 3]
+    direct = estimate_acceptance(model, [d["prompt_ids"] + d["continuation"] for d in heldout],
+                                 [len(d["prompt_ids"]) for d in heldout], block_size=4)  # fmt: skip
+    pooled = pooled["all"]["k4"]
+    assert pooled["accepted_lengths"] == direct.accepted_lengths == wanted
+    assert pooled["tokens_per_cycle"] == pytest.approx(direct.tokens_per_cycle)
+    assert pooled["alpha"] == pytest.approx(direct.alpha)
+    assert pooled["match_rate"] == pytest.approx(direct.match_rate)
+    assert pooled["conditional_acceptance"] == pytest.approx(direct.conditional_acceptance, nan_ok=True)
+
+
+def test_exported_adapter_drafts_like_its_checkpoint(run, tiny, tmp_path):
+    source, tokenizer = tiny
+    checkpoint = run / "work" / "seed_plus_masks" / "checkpoint-4"
+    target = study.export_adapter(checkpoint, tmp_path / "adapter")
+    assert json.loads((target / "training_log.json").read_text())["step"] == CFG.max_steps
+    trained, exported = (study.load_drafter(CFG, source, tokenizer, path) for path in (checkpoint, target))
+    batch = study.seed_plus_masks_batch([list(range(10, 21))], [3], 4, 16, trained.config.mask_token_id, 0)
+    inputs = {k: batch[k] for k in ("input_ids", "noisy_input_ids", "attention_mask")}
+    with torch.no_grad():
+        a, b = trained(**inputs).logits, exported(**inputs).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-3)  # float16 factors
+
+
+def test_bad_recipe_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="recipe"):
+        study.run_train(dataclasses.replace(CFG, recipe="nope"), tmp_path)
