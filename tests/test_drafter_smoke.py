@@ -13,7 +13,6 @@ import torch
 
 from bd3lm_trainer.evaluation import estimate_acceptance
 from bd3lm_trainer.evaluation.drafting import _layout
-
 from bench.drafter import study
 from bench.drafter.__main__ import main
 

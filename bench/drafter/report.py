@@ -93,7 +93,11 @@ def tables(results: dict[str, Any], cfg: DrafterConfig) -> str:
                              f"{new / src:.1f} | {src / dv:.2f} |")  # fmt: skip
     for recipe, t in results["training"].items():
         lines += ["", f"## Training loss, `{recipe}` (every logged step: step, CPU s, loss)", ""]
-        lines.append(", ".join(f"{r['step']}: {r['cpu_s']:.0f} s {r['loss']:.3f}" for r in t["log"][:: max(1, len(t["log"]) // 25)]))
+        lines.append(
+            ", ".join(
+                f"{r['step']}: {r['cpu_s']:.0f} s {r['loss']:.3f}" for r in t["log"][:: max(1, len(t["log"]) // 25)]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 

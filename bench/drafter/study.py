@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from bench.common import write_json
+
 from . import prompts as P
 
 RECIPES = ("seed_plus_masks", "random")
@@ -82,11 +84,8 @@ def log(message: str) -> None:
 
 
 def write(path: Path, payload: Any) -> None:
-    """JSON, written to a temporary file and renamed (a crash never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=_default) + "\n")
-    tmp.replace(path)
+    """The study's JSON (`bench.common.write_json`: atomic), with its own conversions."""
+    write_json(path, payload, default=_default, indent=1)
 
 
 def _default(value: Any) -> Any:
@@ -141,7 +140,9 @@ def encode(cfg: DrafterConfig, tokenizer: Any, text: str, chat: bool) -> list[in
     one and `cfg.use_chat_template`), else plain text."""
     if chat and cfg.use_chat_template:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("The tokenizer has no chat template; set `use_chat_template=False` for plain-text prompts.")
+            raise ValueError(
+                "The tokenizer has no chat template; set `use_chat_template=False` for plain-text prompts."
+            )
         return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=False))  # fmt: skip
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
