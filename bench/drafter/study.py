@@ -79,6 +79,36 @@ TINY = DrafterConfig(
 )  # fmt: skip
 
 
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The optimizer's state as safetensors (tensors, keyed `<param index>.<name>`) plus JSON (the param groups and
+    any non-tensor state): the project never pickles, so `torch.save` is not an option."""
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    payload = {"param_groups": state["param_groups"], "scalars": scalars}
+    (folder / "optimizer.json").write_text(json.dumps(payload) + "\n")
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore what [`save_optimizer`] wrote."""
+    from safetensors.torch import load_file
+
+    payload = json.loads((folder / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*load_file(str(folder / "optimizer.safetensors")).items(), *payload["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": payload["param_groups"]})
+
+
 def log(message: str) -> None:
     print(f"[drafter {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -284,7 +314,7 @@ def run_train(cfg: DrafterConfig, work_dir: Path) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     if found:
         set_peft_model_state_dict(model, load_file(str(found[-1] / "adapter_model.safetensors")))
-        optimizer.load_state_dict(torch.load(found[-1] / "optimizer.pt", weights_only=True))
+        load_optimizer(optimizer, found[-1])
         log(f"resumed from {found[-1].name} at {state['cpu_s']:.0f} CPU s")
     config = model.config
     mask_id, pad_id = config.mask_token_id, config.pad_token_id if config.pad_token_id is not None else 0
@@ -322,7 +352,7 @@ def _save(model: Any, optimizer: Any, state: dict[str, Any], path: Path) -> None
     state["checkpoints"][path.name] = {"step": state["step"], "cpu_s": state["cpu_s"]}
     state["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.save_pretrained(str(path))
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    save_optimizer(optimizer, path)
     write(path / "state.json", state)  # last: a checkpoint without it is incomplete
     log(f"saved {path.name} at {state['cpu_s']:.0f} CPU s")
 
