@@ -22,7 +22,7 @@ from modeling_bd3lm.masks_bd3lm import (
     causal_sampling_mask,
     sampling_noisy_length,
 )
-from tests.conftest import random_model
+from tests.conftest import random_model, tiny_training_args
 from tests.test_causal_backbone import FAMILIES, LENGTH, VOCAB, _convert, _source, _tokens
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -206,23 +206,11 @@ def test_causal_and_block_causal_differ_in_what_the_noisy_block_sees():
 def test_trainer_step_under_causal(tmp_path):
     from datasets import Dataset
 
-    from bd3lm_trainer import BD3LMTrainer, BD3LMTrainingArguments
+    from bd3lm_trainer import BD3LMTrainer
 
     _, model = _convert("llama", 4, clean_attention="causal")
     data = Dataset.from_dict({"input_ids": _tokens(8, LENGTH).tolist()})
-    args = BD3LMTrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        use_cpu=True,
-        report_to=[],
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        save_strategy="no",
-        schedule_search=False,
-        seed=0,
-    )
+    args = tiny_training_args(tmp_path, max_steps=2, learning_rate=1e-3, schedule_search=False)
     before = _source("llama").model.layers[0].self_attn.q_proj.weight.clone()
     BD3LMTrainer(model.train(), args, train_dataset=data).train()
     assert not torch.allclose(model.backbone.model.layers[0].self_attn.q_proj.weight, before)

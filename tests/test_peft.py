@@ -12,7 +12,7 @@ from transformers import AutoModelForMaskedLM
 
 from bd3lm_trainer import LORA_TARGET_MODULES, BD3LMTrainer, BD3LMTrainingArguments, lora_target_modules
 from modeling_bd3lm import BD3LMConfig, BD3LMForMaskedDiffusion
-from tests.conftest import random_model
+from tests.conftest import random_model, tiny_training_args
 
 LAYERS = ("backbone.blocks.0", "backbone.blocks.1")
 EXPECTED = {
@@ -190,19 +190,7 @@ def test_a_gated_adapter_trained_with_the_trainer_leaves_the_clean_stream_the_so
 
     reference, base = _convert("llama", 4, clean_attention="causal")
     data = Dataset.from_dict({"input_ids": _tokens(16, LENGTH, seed=3).tolist()})
-    args = BD3LMTrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        use_cpu=True,
-        report_to=[],
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        save_strategy="no",
-        schedule_search=False,
-        seed=0,
-    )
+    args = tiny_training_args(tmp_path, max_steps=3, learning_rate=5e-2, schedule_search=False)
     lora = (
         gated_lora_config(base, r=4, lora_dropout=0.0)
         if gated
