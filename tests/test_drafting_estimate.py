@@ -216,3 +216,59 @@ def test_batching_rows_in_several_passes_changes_nothing(llama):
     with torch.no_grad():
         one, split = estimate_acceptance(llama, rows, prompts), estimate_acceptance(llama, rows, prompts, batch_size=1)
     assert one.drafts == split.drafts and one.blocks_per_row == split.blocks_per_row
+
+
+@pytest.mark.parametrize("variant", ["two_pass", "one_forward"])
+def test_every_position_estimate_predicts_the_real_loop_cycle_for_cycle(variant):
+    """With the clean stream the source (`clean_attention="causal"`), `every_position=True` scores a block at every
+    seed, and chaining them (`cycles`) gives the acceptance lengths that greedy `generate(generation_mode=
+    "draft_verify")` reports, cycle for cycle, for both variants (the one-forward drafts are those of an all-mask
+    block); the aligned estimate is the every-position one restricted to seeds 0, k, 2k, ..."""
+    reference, model = _convert("llama", 4, model_length=LENGTH, clean_attention="causal")
+    model.eval()
+    prompts = [[5, 9, 11], [7, 8, 20, 21, 4], [30, 31]]
+    continuations = greedy_continuations(reference, prompts, 24, eos_token_id=[])
+    rows = [p + c for p, c in zip(prompts, continuations)]
+    lengths = [len(p) for p in prompts]
+    with torch.no_grad():
+        est = estimate_acceptance(model, rows, lengths, draft_variant=variant, every_position=True)
+        aligned = estimate_acceptance(model, rows, lengths, draft_variant=variant)
+        real = [
+            model.generate(
+                torch.tensor([p]),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                generation_mode="draft_verify",
+                draft_variant=variant,
+                return_dict_in_generate=True,
+            )
+            for p in prompts
+        ]
+    for r, out in enumerate(real):
+        assert out.sequences[0, lengths[r] :].tolist() == continuations[r]
+        cycles = est.cycles[r]
+        assert len(cycles) >= 4 and out.acceptance_lengths[0].tolist()[: len(cycles)] == cycles
+        assert [est.accepted_at[r][i] for i in range(0, 24 - 4 + 1, 4)] == aligned.accepted_lengths[
+            sum(aligned.blocks_per_row[:r]) : sum(aligned.blocks_per_row[: r + 1])
+        ]
+    assert max(c for row in est.cycles for c in row) > 1  # some drafts accepted: the check is not all ones
+    assert est.blocks == sum(24 - 4 + 1 for _ in rows)  # a block at every seed with k tokens left
+    assert est.cycle_tokens_per_cycle == pytest.approx(sum(map(sum, est.cycles)) / sum(map(len, est.cycles)))
+
+
+def test_one_forward_drafts_do_not_see_the_seed():
+    """The one-forward estimate masks the seed: changing a continuation token changes the two-pass drafts of the block
+    it seeds but not the one-forward drafts of that block (they see only the tokens before it)."""
+    reference, model = _convert("llama", 4, model_length=LENGTH, clean_attention="causal")
+    model.eval()
+    rows = _rows([4], [16])
+    changed = [list(rows[0])]
+    changed[0][4] = (changed[0][4] + 1 - 3) % (VOCAB - 3) + 3  # the first seed
+    with torch.no_grad():
+        one = [estimate_acceptance(model, r, [4], draft_variant="one_forward").drafts[0] for r in (rows, changed)]
+        two = [estimate_acceptance(model, r, [4], draft_variant="two_pass").drafts[0] for r in (rows, changed)]
+    assert one[0] == one[1] and two[0] != two[1]
+    with pytest.raises(ValueError, match="draft_variant"):
+        estimate_acceptance(model, rows, [4], draft_variant="fused")

@@ -24,7 +24,7 @@ import os
 import warnings
 from typing import Any
 
-from .drafting import AcceptanceEstimate, estimate_acceptance, geometric_alpha, greedy_continuations
+from .drafting import AcceptanceEstimate, chain_cycles, estimate_acceptance, geometric_alpha, greedy_continuations
 from .generative_perplexity import (
     GenerativePerplexityResult,
     generative_perplexity,
@@ -87,6 +87,7 @@ __all__ = [
     "NELBOOutput",
     "NELBO_METRIC_PATH",
     "PerplexityResult",
+    "chain_cycles",
     "dataset_perplexity",
     "estimate_acceptance",
     "generative_perplexity",

@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["AcceptanceEstimate", "estimate_acceptance", "geometric_alpha", "greedy_continuations"]
+from modeling_bd3lm.draft_verify_bd3lm import DRAFT_VARIANTS
+
+__all__ = ["AcceptanceEstimate", "chain_cycles", "estimate_acceptance", "geometric_alpha", "greedy_continuations"]
 
 
 @dataclass
@@ -45,8 +47,11 @@ class AcceptanceEstimate:
     whatever happened at the other offsets. `conditional_acceptance[j - 1]`: the same among blocks whose drafts at
     offsets 1..j-1 all matched (the probability that a verifier which got that far accepts offset j; NaN when no block
     got that far). `accepted_lengths`: per block, the longest run of matching drafts from offset 1 (0..k-1), in row
-    order then block order, and `drafts` the drafted tokens at offsets 1..k-1 of each. `tokens_per_cycle`: mean of accepted + 1 (the verifier's own token). `alpha`: the
-    per-position acceptance of the geometric model with the same tokens per cycle ([`geometric_alpha`]).
+    order then block order, and `drafts` the drafted tokens at offsets 1..k-1 of each. `tokens_per_cycle`: mean of
+    accepted + 1 (the verifier's own token). `alpha`: the per-position acceptance of the geometric model with the same
+    tokens per cycle ([`geometric_alpha`]). With `every_position=True`: `accepted_at[r][i]` = the accepted count of a
+    block whose seed is row r's continuation token i (None where the block runs past the row), and `cycles[r]` the
+    acceptance lengths of row r's greedy draft-and-verify loop ([`chain_cycles`]).
     """
 
     block_size: int
@@ -58,6 +63,19 @@ class AcceptanceEstimate:
     accepted_lengths: list[int] = field(repr=False)
     blocks_per_row: list[int] = field(default_factory=list)
     drafts: list[list[int]] = field(default_factory=list, repr=False)
+    draft_variant: str = "two_pass"
+    accepted_at: list[list[int | None]] = field(default_factory=list, repr=False)
+    cycles: list[list[int]] = field(default_factory=list, repr=False)
+
+    @property
+    def cycle_tokens_per_cycle(self) -> float:
+        """Mean acceptance length over the chained cycles of every row (`every_position=True` only): the tokens per
+        call a greedy draft-and-verify loop gets on these rows, which `tokens_per_cycle` (every block alike) only
+        approximates (a loop visits the seeds its own acceptances lead to)."""
+        lengths = [c for row in self.cycles for c in row]
+        if not lengths:
+            raise ValueError("No chained cycles: call estimate_acceptance(..., every_position=True).")
+        return sum(lengths) / len(lengths)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +88,9 @@ class AcceptanceEstimate:
             "accepted_lengths": self.accepted_lengths,
             "blocks_per_row": self.blocks_per_row,
             "drafts": self.drafts,
+            "draft_variant": self.draft_variant,
+            "accepted_at": self.accepted_at,
+            "cycles": self.cycles,
         }
 
 
@@ -179,10 +200,17 @@ def _check_rows(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int
 
 
 def _layout(
-    rows: list[list[int]], prompt_lengths: Sequence[int], k: int, model_length: int, mask_id: int, pad_id: int
+    rows: list[list[int]],
+    prompt_lengths: Sequence[int],
+    k: int,
+    model_length: int,
+    mask_id: int,
+    pad_id: int,
+    mask_seed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
     """`(x_0, x_t, attention_mask, block_starts)`: rows left-padded so that each prompt ends on a block boundary,
-    right-padded to a common multiple of k; `block_starts[r]` = the columns where row r's complete blocks start."""
+    right-padded to a common multiple of k; `block_starts[r]` = the columns where row r's complete blocks start.
+    `mask_seed`: the block's first token (the seed) is masked too (the one-forward variant's drafts)."""
     shifts = [(-int(p)) % k for p in prompt_lengths]
     width = max(s + len(r) for s, r in zip(shifts, rows))
     width += (-width) % k
@@ -196,15 +224,70 @@ def _layout(
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     x_t = x_0.clone()
     starts = []
+    first_masked = 0 if mask_seed else 1
     for r, (row, p, shift) in enumerate(zip(rows, prompt_lengths, shifts)):
         x_0[r, shift : shift + len(row)] = torch.tensor(row)
         attention_mask[r, shift : shift + len(row)] = 1
         x_t[r] = x_0[r]
         first, end = shift + int(p), shift + len(row)  # the first seed; one past the continuation
-        for c in range(first, end, k):  # every block after the prompt keeps its seed, the rest is masked
-            x_t[r, c + 1 : min(c + k, end)] = mask_id
+        for c in range(first, end, k):  # every block after the prompt keeps its seed (unless masked), the rest masked
+            x_t[r, c + first_masked : min(c + k, end)] = mask_id
         starts.append([c for c in range(first, end - k + 1, k)])
     return x_0, x_t, attention_mask, starts
+
+
+def _draft_pass(
+    model: torch.nn.Module,
+    rows: list[list[int]],
+    prompt_lengths: Sequence[int],
+    k: int,
+    step: int,
+    mask_seed: bool,
+    offset: int = 0,
+) -> list[list[tuple[int, list[int], list[bool]]]]:
+    """Per row, per complete block whose seed is continuation token `offset`, `offset + k`, ...: `(continuation index
+    of its seed, drafts at offsets 1..k-1, whether each equals the row's token there)`, from vectorised passes of at
+    most `step` rows. The `offset` tokens before the first seed are laid out as prompt (clean)."""
+    config = model.config
+    prompt_lengths = [min(int(p) + offset, len(row)) for p, row in zip(prompt_lengths, rows)]
+    mask_id = config.mask_token_id
+    pad_id = getattr(config, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else pad_id  # any valid id: padded columns are never attended to
+    x_0, x_t, attention_mask, starts = _layout(
+        rows, prompt_lengths, k, config.model_length, mask_id, pad_id, mask_seed=mask_seed
+    )
+    device = next(model.parameters()).device
+    drafts = []
+    for i in range(0, len(rows), step):
+        logits = model(
+            input_ids=x_0[i : i + step].to(device),
+            noisy_input_ids=x_t[i : i + step].to(device),
+            attention_mask=attention_mask[i : i + step].to(device),
+        ).logits.float()
+        logits[..., mask_id] = float("-inf")  # a draft is a token, never the mask (as the samplers do)
+        drafts.append(logits.argmax(-1).cpu())
+    drafted = torch.cat(drafts)
+    out = []
+    for r, columns in enumerate(starts):
+        origin = (-prompt_lengths[r]) % k + prompt_lengths[r]  # the column of this layout's first seed
+        blocks = []
+        for c in columns:
+            hits = (drafted[r, c + 1 : c + k] == x_0[r, c + 1 : c + k]).tolist()
+            blocks.append((c - origin + offset, drafted[r, c + 1 : c + k].tolist(), hits))
+        out.append(blocks)
+    return out
+
+
+def chain_cycles(accepted_at: Sequence[int | None], first_seed: int = 0) -> list[int]:
+    """The acceptance lengths (accepted drafts + 1 per cycle) a greedy draft-and-verify loop reports, from the accepted
+    count `accepted_at[i]` of a block whose seed is continuation token i: a cycle at seed i emits
+    `accepted_at[i] + 1` tokens and the last of them is the next seed. Stops at the first seed whose block is not
+    complete (`None` or past the end): the real loop's last cycles are cut by `max_new_tokens`."""
+    cycles, i = [], first_seed
+    while i < len(accepted_at) and accepted_at[i] is not None:
+        cycles.append(int(accepted_at[i]) + 1)
+        i += int(accepted_at[i]) + 1
+    return cycles
 
 
 @torch.no_grad()
@@ -214,6 +297,8 @@ def estimate_acceptance(
     prompt_lengths: Sequence[int],
     block_size: int | None = None,
     batch_size: int | None = None,
+    draft_variant: str = "two_pass",
+    every_position: bool = False,
 ) -> AcceptanceEstimate:
     """How often the BD3-LM `model`'s one-step drafts equal the AR model's greedy tokens (module docstring).
 
@@ -225,7 +310,17 @@ def estimate_acceptance(
         block_size: k, the drafting block length (1 seed + k - 1 drafts); default the model's own L'. Another k runs
             the same network under a block mask of width k (models converted from a causal LM only).
         batch_size: rows per vectorised pass (default all rows in one pass).
+        draft_variant: the drafts of `generate(generation_mode="draft_verify", draft_variant=...)`: `"two_pass"`
+            drafts `[s, M, ..., M]` (the seed known); `"one_forward"` drafts from `[M, ..., M]` (the seed is the token
+            the same call verifies, so it is still a mask: every draft is one position further from known text).
+        every_position: also score a block at EVERY continuation token as its seed (k vectorised passes, the layout
+            shifted by 0..k-1 tokens), so that `accepted_at` holds the accepted count for any seed and `cycles` the
+            acceptance lengths a greedy draft-and-verify loop of that variant reports, cycle for cycle
+            ([`chain_cycles`]); the statistics then cover every position. Default: blocks at the aligned positions
+            0, k, 2k, ... of each continuation, one pass.
     """
+    if draft_variant not in DRAFT_VARIANTS:
+        raise ValueError(f"`draft_variant` must be one of {DRAFT_VARIANTS}, got {draft_variant!r}.")
     config = model.config
     k = config.block_size if block_size is None else int(block_size)
     if k < 2:
@@ -233,40 +328,27 @@ def estimate_acceptance(
     rows = _check_rows(sequences, prompt_lengths)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}.")
-    mask_id = config.mask_token_id
-    pad_id = getattr(config, "pad_token_id", None)
-    pad_id = 0 if pad_id is None else pad_id  # any valid id: padded columns are never attended to
-    x_0, x_t, attention_mask, starts = _layout(rows, prompt_lengths, k, config.model_length, mask_id, pad_id)
-    if not any(starts):
+    step = len(rows) if batch_size is None else batch_size
+    mask_seed = draft_variant == "one_forward"
+    per_row: list[list[tuple[int, list[int], list[bool]]]] = [[] for _ in rows]
+    with _drafting_block_size(model, k):
+        for offset in range(k if every_position else 1):
+            for r, blocks in enumerate(_draft_pass(model, rows, prompt_lengths, k, step, mask_seed, offset)):
+                per_row[r].extend(blocks)
+    for blocks in per_row:
+        blocks.sort(key=lambda block: block[0])
+    if not any(per_row):
         raise ValueError(
             f"No row has a complete block of {k} tokens after its prompt; generate continuations of at least {k} tokens."
         )
-    device = next(model.parameters()).device
-    step = len(rows) if batch_size is None else batch_size
-    drafts = []
-    with _drafting_block_size(model, k):
-        for i in range(0, len(rows), step):
-            logits = model(
-                input_ids=x_0[i : i + step].to(device),
-                noisy_input_ids=x_t[i : i + step].to(device),
-                attention_mask=attention_mask[i : i + step].to(device),
-            ).logits.float()
-            logits[..., mask_id] = float("-inf")  # a draft is a token, never the mask (as the samplers do)
-            drafts.append(logits.argmax(-1).cpu())
-    drafted = torch.cat(drafts)
-    matches, block_drafts = [], []  # (blocks, k - 1): draft at offset j, and whether it is the AR token there
-    for r, columns in enumerate(starts):
-        for c in columns:
-            block_drafts.append(drafted[r, c + 1 : c + k].tolist())
-            matches.append(drafted[r, c + 1 : c + k] == x_0[r, c + 1 : c + k])
-    hits = torch.stack(matches)
+    hits = torch.tensor([block[2] for blocks in per_row for block in blocks], dtype=torch.bool)
     run = hits.long().cumprod(-1)  # 1 while every draft so far matched
     accepted = run.sum(-1)
     reached = torch.cat((torch.ones_like(run[:, :1]), run[:, :-1]), -1)  # offsets 1..j-1 all matched
     # the mean over no block is NaN: no block got that far
     conditional = [float(hits[:, j][reached[:, j].bool()].float().mean()) for j in range(k - 1)]
     tokens = float(accepted.float().mean()) + 1.0
-    return AcceptanceEstimate(
+    estimate = AcceptanceEstimate(
         block_size=k,
         blocks=hits.shape[0],
         match_rate=hits.float().mean(0).tolist(),
@@ -274,6 +356,17 @@ def estimate_acceptance(
         tokens_per_cycle=tokens,
         alpha=geometric_alpha(min(tokens, k), k),
         accepted_lengths=accepted.tolist(),
-        blocks_per_row=[len(c) for c in starts],
-        drafts=block_drafts,
+        blocks_per_row=[len(blocks) for blocks in per_row],
+        drafts=[block[1] for blocks in per_row for block in blocks],
+        draft_variant=draft_variant,
     )
+    if every_position:
+        counts = iter(accepted.tolist())
+        for r, blocks in enumerate(per_row):
+            at: list[int | None] = [None] * (len(rows[r]) - int(prompt_lengths[r]))
+            for block in blocks:
+                at[block[0]] = next(counts)
+            estimate.accepted_at.append(at)
+            # one-forward: the first call verifies the first seed alone (no drafts yet), its groups draft after it
+            estimate.cycles.append([1] + chain_cycles(at, 1) if mask_seed else chain_cycles(at, 0))
+    return estimate
