@@ -13,8 +13,9 @@ import torch
 
 from bd3lm_trainer.evaluation import estimate_acceptance
 from bd3lm_trainer.evaluation.drafting import _layout
-from bench.drafter import study
+from bench.drafter import measure, study
 from bench.drafter.__main__ import main
+from bench.drafter.measure import METHODS, VARIANTS, best_checkpoints, variant_key
 
 CFG = study.TINY
 
@@ -33,7 +34,7 @@ def tiny():
 
 def test_every_stage_writes_its_results(run):
     results = json.loads((run / "out" / "drafter.json").read_text())
-    assert results["data"]["data"]["prompts"] == len(CFG.train_chat) + len(CFG.train_corpus)
+    assert results["data"]["data"]["prompts"] == len(CFG.train_chat) + len(CFG.train_corpus) + len(CFG.train_extra)
     assert results["data"]["heldout"]["kinds"] == sorted(CFG.heldout)
     training = results["training"]["seed_plus_masks"]
     assert training["finished"] and training["step"] == CFG.max_steps
@@ -43,14 +44,21 @@ def test_every_stage_writes_its_results(run):
     for row in results["measured"].values():
         assert set(row["acceptance"]) == set(CFG.heldout) | {"all"}
         for per_kind in row["acceptance"].values():
-            assert set(per_kind) == {f"k{k}" for k in CFG.measure_block_sizes}
+            assert set(per_kind) == {variant_key(v, k) for v in VARIANTS for k in CFG.measure_block_sizes}
     tables = (run / "out" / "tables.md").read_text()
     assert "## Tokens per cycle" in tables and "seed_plus_masks/checkpoint-4" in tables
-    assert list(results["speed"]) == ["converted", "seed_plus_masks/checkpoint-4"] and "## Real greedy" in tables
+    assert "## Real greedy" in tables and "one_forward drafts" in tables
+    timed = {(r["name"], r["dtype"]) for r in results["speed"].values()}
+    best = set(best_checkpoints(CFG, run / "work"))
+    assert timed == {(n, d) for n in {"converted"} | best for d in ("float32", "bfloat16")} and best
     for run_ in results["speed"].values():
         assert [r["kind"] for r in run_["rows"]] == list(CFG.heldout)  # speed_prompts_per_kind=1
-        for r in run_["rows"]:  # exact; each cycle emits its accepted drafts + 1 (EOS may cut the last cycle)
-            assert r["equal_to_source"] and r["new_tokens"] <= sum(r["acceptance_lengths"])
+        for r in run_["rows"]:
+            assert set(r["methods"]) == set(METHODS)
+            for variant in VARIANTS:  # the prefill's token, then each cycle's accepted drafts + 1 (the last may be cut)
+                assert r["new_tokens"] <= 1 + sum(r["methods"][variant]["acceptance_lengths"])
+            if run_["dtype"] == "float32":  # exact in float32 (bfloat16 is reported, not promised)
+                assert all(m["equal_to_generate"] for m in r["methods"].values())
 
 
 def test_resumed_training_continues_where_it_stopped(run, tmp_path, capsys):
@@ -138,7 +146,7 @@ def test_pooled_kinds_equal_one_pass_over_all_rows(tiny):
         junk = [(t + 1) % vocab if (t + 1) % vocab != mask_id else (t + 2) % vocab for t in d]
         continuation = [200 + i] + d[:m] + junk[m:]
         heldout.append({"kind": "a" if i < 2 else "b", "prompt_ids": p, "continuation": continuation})
-    pooled = study.measure_one(dataclasses.replace(CFG, measure_block_sizes=(4,)), model, heldout)
+    pooled = measure.measure_one(dataclasses.replace(CFG, measure_block_sizes=(4,)), model, heldout)
     assert pooled["a"]["k4"]["accepted_lengths"] == [3, 2] and pooled["b"]["k4"]["accepted_lengths"] == [0, 1, 1, 3]
     direct = estimate_acceptance(model, [d["prompt_ids"] + d["continuation"] for d in heldout],
                                  [len(d["prompt_ids"]) for d in heldout], block_size=4)  # fmt: skip

@@ -23,24 +23,34 @@ STAGES = ("data", "train", "measure", "speed", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import study
+    from . import measure, study
 
     parser = argparse.ArgumentParser(
         prog="python -m bench.drafter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--stage", choices=STAGES + ("all",), default="all", help="which stage (default all)")
     parser.add_argument("--recipe", choices=study.RECIPES, help="training recipe (default seed_plus_masks)")
+    parser.add_argument("--data", choices=study.DATA, help="training sequences (default greedy)")
+    parser.add_argument("--block-size", type=int, help="the drafter's block size k (default 4)")
     parser.add_argument("--tiny", action="store_true", help="the reduced study on a tiny random Llama (seconds)")
     parser.add_argument("--work-dir", default="runs/drafter", help="data, checkpoints, per-stage JSON (resumed)")
     parser.add_argument("--output-dir", default=str(HERE / "results"), help="drafter.json and tables.md")
     parser.add_argument("--cpu-budget", type=float, help="process CPU seconds of training")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+    parser.add_argument("--drafters", nargs="+", help="speed: drafters to time (<run>/checkpoint-N; default the best)")
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    for name in ("cpu_budget", "threads"):
+    for name in ("cpu_budget", "threads", "block_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     cfg = study.TINY if args.tiny else study.DrafterConfig()
-    overrides = {"recipe": args.recipe, "cpu_budget_s": args.cpu_budget, "threads": args.threads}
+    overrides = {
+        "recipe": args.recipe,
+        "data": args.data,
+        "block_size": args.block_size,
+        "cpu_budget_s": args.cpu_budget,
+        "threads": args.threads,
+    }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     work_dir = Path(args.work_dir)
     stages = STAGES if args.stage == "all" else (args.stage,)
@@ -49,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in stages:
         study.run_train(cfg, work_dir)
     if "measure" in stages:
-        study.run_measure(cfg, work_dir)
+        measure.run_measure(cfg, work_dir)
     if "speed" in stages:
-        study.run_speed(cfg, work_dir)
+        measure.run_speed(cfg, work_dir, args.drafters, tuple(args.dtypes))
     if "report" in stages:
         from .report import write_report
 

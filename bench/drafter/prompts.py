@@ -69,6 +69,81 @@ TRAIN_CORPUS = (
     "And the angel said unto her,",
 )
 
+# Appended after the first slice (the `data` stage appends their lines to data.jsonl after the prompts above):
+# more instructions, structured plain text (absent from the first 56) and corpus openings. `(kind, text)`.
+TRAIN_EXTRA = tuple(
+    [("chat", t) for t in (
+        "What is the tallest mountain in the world?",
+        "Explain how vaccines work.",
+        "Write a haiku about the ocean.",
+        "Give three reasons to keep a diary.",
+        "How do airplanes stay in the air?",
+        "What is the difference between a virus and a bacterium?",
+        "Describe a sunset to someone who has never seen one.",
+        "Write a short motivational message for a student before an exam.",
+        "What are the main parts of a plant?",
+        "Explain what the internet is in two sentences.",
+        "How can I waste less food at home?",
+        "Write a limerick about a cat.",
+        "What causes earthquakes?",
+        "Give me a packing list for a beach holiday.",
+        "Explain the rules of chess briefly.",
+        "What is a healthy breakfast?",
+        "Describe the life cycle of a butterfly.",
+        "Write a short dialogue between a customer and a waiter.",
+        "Why is sleep important?",
+        "Explain what electricity is.",
+        "How do I plant a tree?",
+        "What are the planets of the solar system?",
+        "Write a birthday message for a friend.",
+        "Explain how a refrigerator keeps food cold.",
+        "What is the meaning of the word 'empathy'?",
+        "Give me tips for writing a good essay.",
+        "How do fish breathe underwater?",
+        "Describe your ideal weekend.",
+        "What is recycling and why does it matter?",
+        "Explain how to change a flat tyre.",
+        "Write a two-line poem about the moon.",
+        "What is the speed of light?",
+        "How do I start learning to code?",
+        "Explain the difference between a lake and a sea.",
+        "Give three ideas for a rainy day at home.",
+        "What does a doctor do?",
+        "Describe the taste of chocolate.",
+        "How are clouds formed?",
+        "Write a short apology note for being late.",
+        "What is democracy?",
+    )]
+    + [("structured", t) for t in (
+        "1. Red\n2. Orange\n3. Yellow\n4.",
+        "January, February, March, April,",
+        "def add(a, b):\n    return a + b\n\ndef subtract(a, b):\n",
+        "while x < 10:\n    x += 1\n    print(",
+        "| City | Country |\n|------|---------|\n| Paris | France |\n| Rome |",
+        "<ol>\n  <li>First</li>\n  <li>Second</li>\n  <li>",
+        "1, 2, 3, 4, 5, 6, 7,",
+        '{"id": 1, "title": "Milk", "done": false},\n{"id": 2,',
+        "Step 1: Boil water.\nStep 2: Add pasta.\nStep 3:",
+        "import os\nimport sys\n\n\ndef main():\n",
+        "- eggs\n- flour\n- sugar\n-",
+        "class Point:\n    def __init__(self, x, y):\n",
+        "Name: John\nAge: 25\nCity: London\n\nName: Mary\nAge:",
+        "SELECT name, age FROM users WHERE",
+        "a) cat\nb) dog\nc) bird\nd)",
+        "Q: What is 2 + 2?\nA: 4\nQ: What is 3 + 5?\nA:",
+    )]
+    + [("corpus", t) for t in (
+        "And God said, Let there be light:",
+        "The LORD is my shepherd;",
+        "HAMLET. To be, or not to be, that is the question:",
+        "And there were in the same country shepherds",
+        "PUCK. If we shadows have offended,",
+        "Vanity of vanities, saith the Preacher,",
+        "BRUTUS. Romans, countrymen, and lovers!",
+        "For God so loved the world,",
+    )]
+)  # fmt: skip
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Held out: measurement only (8 per kind).
 

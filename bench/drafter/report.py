@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .study import RECIPES, DrafterConfig, checkpoints, read_rows, write
+from .measure import METHODS, VARIANTS, variant_key
+from .study import DrafterConfig, checkpoints, read_rows, write
 
 
-def _order(name: str, row: dict[str, Any]) -> tuple[int, float]:
-    return (0, 0.0) if name == "converted" else (1 + RECIPES.index(name.split("/")[0]), row["train_cpu_s"])
+def _order(name: str, row: dict[str, Any]) -> tuple[str, float]:
+    return ("", 0.0) if name == "converted" else (name.split("/")[0], row["train_cpu_s"])
 
 
 def gather(cfg: DrafterConfig, work_dir: Path) -> dict[str, Any]:
@@ -21,12 +22,12 @@ def gather(cfg: DrafterConfig, work_dir: Path) -> dict[str, Any]:
         measured[row["name"]] = row
     measured = dict(sorted(measured.items(), key=lambda kv: _order(*kv)))
     training = {}
-    for recipe in RECIPES:
-        found = [c for c in checkpoints(work_dir / recipe) if (c / "state.json").exists()]
+    for folder in sorted(p for p in work_dir.iterdir() if p.is_dir()):
+        found = [c for c in checkpoints(folder) if (c / "state.json").exists()]
         if found:
-            training[recipe] = json.loads((found[-1] / "state.json").read_text())
+            training[folder.name] = json.loads((found[-1] / "state.json").read_text())
     data = {}
-    for name in ("data", "heldout"):
+    for name in ("data", "sampled", "heldout"):
         if (work_dir / f"{name}.jsonl").exists():
             rows = read_rows(work_dir / f"{name}.jsonl")
             data[name] = {
@@ -38,7 +39,7 @@ def gather(cfg: DrafterConfig, work_dir: Path) -> dict[str, Any]:
     speed = {}
     for path in sorted((work_dir / "speed").glob("*.json")):
         row = json.loads(path.read_text())
-        speed[row["name"]] = row
+        speed[f"{row['name']}--{row['dtype']}"] = row
     return {"config": cfg, "data": data, "training": training, "measured": measured, "speed": speed}
 
 
@@ -46,53 +47,71 @@ def _fmt(x: float) -> str:
     return "nan" if x != x else f"{x:.2f}"
 
 
+def _speed_lines(speed: dict[str, Any]) -> list[str]:
+    lines = ["", "## Real greedy decoding, batch 1: tokens/s side by side (median of interleaved repeats)", "",
+             "Ratios are against `generate()` in the same run and dtype; 'equal' counts prompts whose tokens equal "
+             "`generate()`'s; tokens per call = new tokens / network calls of draft-and-verify.", "",
+             "| drafter | dtype | kind | prompts | generate tok/s | prompt lookup | two-pass | one-forward | equal (lookup, two-pass, one-forward) | tokens per call (two-pass, one-forward) | bf16 text = fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in speed.values():
+        for kind in dict.fromkeys(r["kind"] for r in run["rows"]):
+            rows = [r for r in run["rows"] if r["kind"] == kind]
+            new = sum(r["new_tokens"] for r in rows)
+            rate = {m: new / sum(r["methods"][m]["seconds"] for r in rows) for m in METHODS}
+            equal = [f"{sum(r['methods'][m]['equal_to_generate'] for r in rows)}/{len(rows)}" for m in METHODS[1:]]
+            per_call = [_fmt(new / sum(r["methods"][v]["nfe"] for r in rows)) for v in VARIANTS]
+            same = (
+                f"{sum(r['generate_equal_to_float32'] for r in rows)}/{len(rows)}" if run["dtype"] != "float32" else "-"
+            )
+            cells = [f"{rate['generate']:.1f}"] + [
+                f"{rate[m]:.1f} ({rate[m] / rate['generate']:.2f}x)" for m in METHODS[1:]
+            ]
+            lines.append(f"| {run['name']} | {run['dtype']} | {kind} | {len(rows)} | " + " | ".join(cells)
+                         + f" | {', '.join(equal)} | {', '.join(per_call)} | {same} |")  # fmt: skip
+    return lines
+
+
 def tables(results: dict[str, Any], cfg: DrafterConfig) -> str:
     measured = results["measured"]
     kinds = [k for k in next(iter(measured.values()))["acceptance"]] if measured else []
-    k0 = f"k{cfg.block_size}"
     lines = ["# Drafter study: tables (written by `python -m bench.drafter --stage report`)", ""]
     for name, d in results["data"].items():
-        lines.append(f"- `{name}.jsonl`: {d['prompts']} prompts ({', '.join(d['kinds'])}), {d['prompt_tokens']} prompt "
-                     f"tokens, {d['continuation_tokens']} greedy continuation tokens, {d['cpu_s']:.0f} CPU s")  # fmt: skip
-    for recipe, t in results["training"].items():
-        lines.append(f"- training `{recipe}`: {t['step']} steps, {t['cpu_s']:.0f} CPU s, "
+        lines.append(f"- `{name}.jsonl`: {d['prompts']} sequences ({', '.join(d['kinds'])}), {d['prompt_tokens']} prompt "
+                     f"tokens, {d['continuation_tokens']} continuation tokens, {d['cpu_s']:.0f} CPU s")  # fmt: skip
+    for run, t in results["training"].items():
+        lines.append(f"- training `{run}`: {t['step']} steps, {t['cpu_s']:.0f} CPU s, "
                      f"{t.get('trainable_parameters', 0):,} trainable parameters, finished: {bool(t.get('finished'))}")  # fmt: skip
-    lines += ["", f"## Tokens per cycle (α) at k = {cfg.block_size}, per held-out prompt kind", "",
-              "| drafter | training CPU s | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]  # fmt: skip
+    for variant in VARIANTS:
+        key = variant_key(variant, cfg.block_size)
+        lines += ["", f"## Tokens per cycle (α) at k = {cfg.block_size}, {variant} drafts, per held-out prompt kind", "",
+                  "| drafter | training CPU s | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]  # fmt: skip
+        for name, row in measured.items():
+            if key not in row["acceptance"]["all"]:
+                continue
+            cells = [f"{_fmt(row['acceptance'][kd][key]['tokens_per_cycle'])} ({_fmt(row['acceptance'][kd][key]['alpha'])})"
+                     for kd in kinds]  # fmt: skip
+            lines.append(f"| {name} | {row['train_cpu_s']:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Match rate by offset (1..k-1) at k = {cfg.block_size}, and the conditional acceptance (given offsets before all matched), all kinds", "",
+              "| drafter | variant | blocks | match rate | conditional |", "|---|---|---|---|---|"]  # fmt: skip
     for name, row in measured.items():
-        cells = [f"{_fmt(row['acceptance'][kd][k0]['tokens_per_cycle'])} ({_fmt(row['acceptance'][kd][k0]['alpha'])})"
-                 for kd in kinds]  # fmt: skip
-        lines.append(f"| {name} | {row['train_cpu_s']:.0f} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Match rate by offset (1..k-1) at k = {cfg.block_size}, and the conditional acceptance (given offsets before all matched)", "",
-              "| drafter | kind | blocks | match rate | conditional |", "|---|---|---|---|---|"]  # fmt: skip
-    for name, row in measured.items():
-        for kd in kinds:
-            a = row["acceptance"][kd][k0]
-            lines.append(f"| {name} | {kd} | {a['blocks']} | {' / '.join(map(_fmt, a['match_rate']))} | "
-                         f"{' / '.join(map(_fmt, a['conditional_acceptance']))} |")  # fmt: skip
+        for variant in VARIANTS:
+            a = row["acceptance"]["all"].get(variant_key(variant, cfg.block_size))
+            if a:
+                lines.append(f"| {name} | {variant} | {a['blocks']} | {' / '.join(map(_fmt, a['match_rate']))} | "
+                             f"{' / '.join(map(_fmt, a['conditional_acceptance']))} |")  # fmt: skip
     sizes = cfg.measure_block_sizes
     lines += ["", "## Block size: tokens per cycle (α), all held-out kinds pooled", "",
-              "| drafter | " + " | ".join(f"k={k}" for k in sizes) + " |", "|---|" + "---|" * len(sizes)]  # fmt: skip
+              "| drafter | variant | " + " | ".join(f"k={k}" for k in sizes) + " |", "|---|---|" + "---|" * len(sizes)]  # fmt: skip
     for name, row in measured.items():
-        cells = [f"{_fmt(row['acceptance']['all'][f'k{k}']['tokens_per_cycle'])} "
-                 f"({_fmt(row['acceptance']['all'][f'k{k}']['alpha'])})" for k in sizes]  # fmt: skip
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for variant in VARIANTS:
+            got = [row["acceptance"]["all"].get(variant_key(variant, k)) for k in sizes]
+            if all(got):
+                cells = [f"{_fmt(a['tokens_per_cycle'])} ({_fmt(a['alpha'])})" for a in got]
+                lines.append(f"| {name} | {variant} | " + " | ".join(cells) + " |")
     if results["speed"]:
-        lines += ["", "## Real greedy draft-and-verify (two-pass, batch 1) against the source's `generate()`", "",
-                  "| drafter | kind | prompts | equal to source | new tokens | tokens per cycle (accepted drafts + 1) | "
-                  "tokens per forward | draft-verify tok/s | source tok/s | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for name, run in results["speed"].items():
-            for kd in dict.fromkeys(r["kind"] for r in run["rows"]):
-                rows = [r for r in run["rows"] if r["kind"] == kd]
-                cycles = [a for r in rows for a in r["acceptance_lengths"]]
-                new = sum(r["new_tokens"] for r in rows)
-                dv, src = sum(r["draft_verify_s"] for r in rows), sum(r["source_s"] for r in rows)
-                lines.append(f"| {name} | {kd} | {len(rows)} | {sum(r['equal_to_source'] for r in rows)}/{len(rows)} | "
-                             f"{new} | {_fmt(sum(cycles) / max(1, len(cycles)))} | "
-                             f"{_fmt(sum(r['tokens_per_forward'] for r in rows) / len(rows))} | {new / dv:.1f} | "
-                             f"{new / src:.1f} | {src / dv:.2f} |")  # fmt: skip
-    for recipe, t in results["training"].items():
-        lines += ["", f"## Training loss, `{recipe}` (every logged step: step, CPU s, loss)", ""]
+        lines += _speed_lines(results["speed"])
+    for run, t in results["training"].items():
+        lines += ["", f"## Training loss, `{run}` (every logged step: step, CPU s, loss)", ""]
         lines.append(
             ", ".join(
                 f"{r['step']}: {r['cpu_s']:.0f} s {r['loss']:.3f}" for r in t["log"][:: max(1, len(t["log"]) // 25)]

@@ -11,12 +11,11 @@ Stages (each writes its own files under the work folder and resumes; see README.
   drafter's context), trained on `data.jsonl` under a budget of process CPU seconds, with checkpoints at CPU marks.
   Recipe `seed_plus_masks`: x_t built explicitly, as one-step drafting sees it (every block after the prompt keeps its
   seed, the rest masked; the prompt stays clean), the loss the cross-entropy at the masked positions (the block NELBO
-  of Eq. (8) with t = 1 in every block: weight 1/t = 1 under the log-linear schedule). Recipe `random`: the paper's
-  random block masking (t ~ U[noise interval]) on the same sequences.
-* `measure`: `estimate_acceptance` on the held-out sequences, per prompt kind and block size, for the bare conversion
-  and every checkpoint.
-* `speed`: real greedy draft-and-verify (two-pass) of the conversion and the last checkpoint against the source's
-  `generate()`, batch 1, a few held-out prompts per kind: exactness, wall time, accepted drafts per cycle.
+  of Eq. (8) with t = 1 in every block: weight 1/t = 1 under the log-linear schedule). Recipe `all_masks`: the same
+  with the seed masked too (what the one-forward variant drafts from). Recipe `random`: the paper's random block
+  masking (t ~ U[noise interval]). Data (`cfg.data`): SmolLM2's greedy continuations of the training prompts,
+  those plus sampled ones, or chunks of the embedded corpus; the run's folder is `run_name(cfg)`.
+* `measure`, `speed`: in `measure.py`.
 * `report`: `results/drafter.json` and `results/tables.md` from the work folder's JSON files.
 """
 
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import re
 import time
@@ -37,7 +37,10 @@ from bench.common import write_json
 
 from . import prompts as P
 
-RECIPES = ("seed_plus_masks", "random")
+RECIPES = ("seed_plus_masks", "all_masks", "random")
+# Training sequences: SmolLM2's greedy continuations of the training prompts; those plus sampled ones; or chunks of the
+# embedded King James / Shakespeare corpus (the adaptation study's data: the issue's baseline (a) with `random`).
+DATA = ("greedy", "sampled", "corpus")
 
 
 @dataclass
@@ -50,11 +53,16 @@ class DrafterConfig:
     seed: int = 0
     train_chat: tuple[str, ...] = P.TRAIN_CHAT
     train_corpus: tuple[str, ...] = P.TRAIN_CORPUS
+    train_extra: tuple[tuple[str, str], ...] = P.TRAIN_EXTRA
     heldout: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(P.HELDOUT))
     new_tokens: int = 64
     use_chat_template: bool = True  # the tiny tokenizer has none: its "chat" prompts are plain text
     # training
     recipe: str = "seed_plus_masks"
+    data: str = "greedy"
+    samples_per_prompt: int = 2  # data "sampled": sampled continuations per training prompt (besides the greedy one)
+    sample_temperature: float = 0.8
+    corpus_rows: int = 512  # data "corpus": chunks of `model_length` tokens of the embedded corpus' train split
     lora_r: int = 16
     lora_alpha: int = 32
     learning_rate: float = 5e-4
@@ -70,13 +78,23 @@ class DrafterConfig:
     # measurement
     measure_block_sizes: tuple[int, ...] = (2, 4, 8)
     speed_prompts_per_kind: int = 2
+    speed_repeats: int = 2
+    prompt_lookup_num_tokens: int = 10  # transformers' usual value for prompt lookup
 
 
 TINY = DrafterConfig(
     source="tiny-random", model_length=64, train_chat=P.TRAIN_CHAT[:3], train_corpus=P.TRAIN_CORPUS[:3],
+    train_extra=P.TRAIN_EXTRA[:2], samples_per_prompt=1, corpus_rows=8,
     heldout={k: v[:2] for k, v in P.HELDOUT.items()}, new_tokens=8, use_chat_template=False, batch_size=2,
-    cpu_budget_s=3.0, checkpoint_cpu_s=(1e-6, 3.0), bf16=False, max_steps=4, log_every=1, measure_block_sizes=(2, 4), speed_prompts_per_kind=1,
+    cpu_budget_s=3.0, checkpoint_cpu_s=(1e-6, 3.0), bf16=False, max_steps=4, log_every=1, measure_block_sizes=(2, 4), speed_prompts_per_kind=1, speed_repeats=1,
 )  # fmt: skip
+
+
+def run_name(cfg: DrafterConfig) -> str:
+    """The folder of a training run under the work folder: the recipe, then the data and block size when they are not
+    the first slice's (`seed_plus_masks`, `random`: greedy data, k = 4, as before)."""
+    name = cfg.recipe + ("" if cfg.data == "greedy" else f"-{cfg.data}")
+    return name + ("" if cfg.block_size == 4 else f"-k{cfg.block_size}")
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -179,33 +197,56 @@ def encode(cfg: DrafterConfig, tokenizer: Any, text: str, chat: bool) -> list[in
 
 
 def _continue_jsonl(path: Path, items: list[tuple[str, str, bool]], source: Any, tokenizer: Any,
-                    cfg: DrafterConfig) -> list[dict[str, Any]]:  # fmt: skip
-    """Greedy continuations of `items` (kind, text, chat) appended line by line to `path`; lines already there are
-    kept (resume). Returns every line."""
+                    cfg: DrafterConfig, samples: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+    """Continuations of `items` (kind, text, chat) appended line by line to `path`; lines already there are kept
+    (resume). Greedy (`samples=0`), else `samples` sampled ones per prompt (temperature `cfg.sample_temperature`,
+    seeded by the line number; field `sample`). Returns every line."""
     from bd3lm_trainer.evaluation import greedy_continuations
 
+    per = max(samples, 1)
+    wanted = [(k, t, c, j) for k, t, c in items for j in range(per)]
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    if [(d["kind"], d["text"]) for d in done] != [(k, t) for k, t, _ in items[: len(done)]]:
+    if [(d["kind"], d["text"], d.get("sample", 0)) for d in done] != [(k, t, j) for k, t, _, j in wanted[: len(done)]]:
         raise ValueError(f"{path} holds other prompts than the configuration's; delete it to regenerate.")
     path.parent.mkdir(parents=True, exist_ok=True)
+    eos = source.generation_config.eos_token_id
+    eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     with path.open("a") as f:
-        for kind, text, chat in items[len(done) :]:
+        for line, (kind, text, chat, j) in enumerate(wanted[len(done) :], start=len(done)):
             ids = encode(cfg, tokenizer, text, chat)
             start = time.process_time()
-            (continuation,) = greedy_continuations(source, [ids], cfg.new_tokens)
+            if samples:
+                torch.manual_seed(cfg.seed * 1_000_003 + line)
+                x = torch.tensor([ids])
+                out = source.generate(x, attention_mask=torch.ones_like(x), do_sample=True, top_k=0, top_p=1.0,
+                                      temperature=cfg.sample_temperature, max_new_tokens=cfg.new_tokens,
+                                      pad_token_id=min(eos_ids) if eos_ids else 0)[0, len(ids):].tolist()  # fmt: skip
+                cut = next((i + 1 for i, t in enumerate(out) if t in eos_ids), len(out))
+                continuation = out[:cut]
+            else:
+                (continuation,) = greedy_continuations(source, [ids], cfg.new_tokens)
             row = {"kind": kind, "text": text, "prompt_ids": ids, "continuation": continuation,
                    "cpu_s": time.process_time() - start}  # fmt: skip
+            if samples:
+                row["sample"] = j
             f.write(json.dumps(row) + "\n")
             f.flush()
             done.append(row)
     return done
 
 
+def training_prompts(cfg: DrafterConfig) -> list[tuple[str, str, bool]]:
+    """(kind, text, through the chat template) of every training prompt, in data.jsonl's order."""
+    first = [("chat", t, True) for t in cfg.train_chat] + [("corpus", t, False) for t in cfg.train_corpus]
+    return first + [(kind, t, kind in P.CHAT_KINDS) for kind, t in cfg.train_extra]
+
+
 def run_data(cfg: DrafterConfig, work_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Training and held-out sequences (prompt ids + SmolLM2's greedy continuation), `data.jsonl` / `heldout.jsonl`."""
+    """Training and held-out sequences (prompt ids + SmolLM2's greedy continuation), `data.jsonl` / `heldout.jsonl`;
+    with `cfg.data == "sampled"` also `sampled.jsonl` (sampled continuations of the training prompts)."""
     torch.set_num_threads(cfg.threads)
     source, tokenizer = load_source(cfg)
-    train = [("chat", t, True) for t in cfg.train_chat] + [("corpus", t, False) for t in cfg.train_corpus]
+    train = training_prompts(cfg)
     held = [(kind, t, kind in P.CHAT_KINDS) for kind, texts in cfg.heldout.items() for t in texts]
     overlap = {t for _, t, _ in train} & {t for _, t, _ in held}
     if overlap:
@@ -213,7 +254,39 @@ def run_data(cfg: DrafterConfig, work_dir: Path) -> tuple[list[dict[str, Any]], 
     log(f"data: {len(train)} training prompts, {len(held)} held-out prompts, {cfg.new_tokens} new tokens each")
     rows = _continue_jsonl(work_dir / "data.jsonl", train, source, tokenizer, cfg)
     heldout = _continue_jsonl(work_dir / "heldout.jsonl", held, source, tokenizer, cfg)
+    if cfg.data == "sampled":
+        rows = rows + _continue_jsonl(work_dir / "sampled.jsonl", train, source, tokenizer, cfg, cfg.samples_per_prompt)
     return rows, heldout
+
+
+def corpus_rows(cfg: DrafterConfig, tokenizer: Any) -> list[dict[str, Any]]:
+    """`cfg.corpus_rows` chunks of `cfg.model_length` tokens of the embedded corpus (train split, documents joined by
+    EOS), each a 'prompt' of one block (clean, out of the loss) and its rest."""
+    from bd3lm_trainer.corpus import load_corpus
+
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in load_corpus("train")["text"]:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
+        if len(ids) >= cfg.corpus_rows * cfg.model_length:
+            break
+    n = cfg.model_length
+    chunks = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)][: cfg.corpus_rows]
+    return [{"kind": "corpus", "prompt_ids": c[: cfg.block_size], "continuation": c[cfg.block_size :]} for c in chunks]
+
+
+def training_rows(cfg: DrafterConfig, work_dir: Path, tokenizer: Any) -> list[dict[str, Any]]:
+    """The training sequences of `cfg.data` (module docstring)."""
+    if cfg.data not in DATA:
+        raise ValueError(f"`data` must be one of {DATA}, got {cfg.data!r}")
+    if cfg.data == "corpus":
+        return corpus_rows(cfg, tokenizer)
+    rows = read_rows(work_dir / "data.jsonl")
+    if len(rows) < len(training_prompts(cfg)):
+        raise FileNotFoundError(f"{work_dir / 'data.jsonl'} is incomplete; run: python -m bench.drafter --stage data")
+    if cfg.data == "sampled":
+        rows = rows + read_rows(work_dir / "sampled.jsonl")
+    return rows
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -227,13 +300,21 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def seed_plus_masks_batch(
-    rows: list[list[int]], prompt_lengths: list[int], block_size: int, width: int, mask_id: int, pad_id: int
+    rows: list[list[int]],
+    prompt_lengths: list[int],
+    block_size: int,
+    width: int,
+    mask_id: int,
+    pad_id: int,
+    mask_seed: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A training batch laid out as one-step drafting sees it (the layout of `estimate_acceptance`): each row
     left-padded so that its prompt ends on a block boundary, right-padded to `width` (a multiple of `block_size`);
     `noisy_input_ids` = x_0 with every block after the prompt reduced to its seed followed by masks (the prompt
     stays clean); `labels` = x_0 off padding (-100 there; only masked positions carry loss); `noise_levels` = 1 in
-    every block (loss weight 1/t = 1 under the log-linear schedule: the plain cross-entropy of the drafts)."""
+    every block (loss weight 1/t = 1 under the log-linear schedule: the plain cross-entropy of the drafts).
+    `mask_seed` (recipe `all_masks`): the seed is masked too, as the one-forward variant drafts (its groups hold only
+    masks: the seed is the token the same call verifies)."""
     if width % block_size:
         raise ValueError(f"`width`={width} must be a multiple of `block_size`={block_size}.")
     x_0 = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -250,7 +331,7 @@ def seed_plus_masks_batch(
         shift = (-p) % block_size
         end = shift + len(row)
         for c in range(shift + p, end, block_size):  # a block after the prompt: its seed, then masks
-            x_t[r, c + 1 : min(c + block_size, end)] = mask_id
+            x_t[r, c + (0 if mask_seed else 1) : min(c + block_size, end)] = mask_id
     labels = x_0.masked_fill(attention_mask == 0, -100)
     noise_levels = torch.ones(len(rows), width // block_size)
     return {"input_ids": x_0, "noisy_input_ids": x_t, "attention_mask": attention_mask, "labels": labels,
@@ -295,7 +376,7 @@ def run_train(cfg: DrafterConfig, work_dir: Path) -> Path:
 
     if cfg.recipe not in RECIPES:
         raise ValueError(f"`recipe` must be one of {RECIPES}, got {cfg.recipe!r}")
-    folder = work_dir / cfg.recipe
+    folder = work_dir / run_name(cfg)
     found = checkpoints(folder)
     state: dict[str, Any] = {"step": 0, "cpu_s": 0.0, "log": [], "checkpoints": {}}
     if found:
@@ -304,8 +385,9 @@ def run_train(cfg: DrafterConfig, work_dir: Path) -> Path:
             return folder
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    data = read_rows(work_dir / "data.jsonl")
     source, tokenizer = load_source(cfg)
+    data = training_rows(cfg, work_dir, tokenizer)
+    log(f"{run_name(cfg)}: {len(data)} training sequences, {sum(len(d['continuation']) for d in data)} tokens")
     model = convert(cfg, source, tokenizer)
     del source
     model = get_peft_model(model, gated_lora_config(model, preset="attention_mlp", r=cfg.lora_r,
@@ -318,7 +400,11 @@ def run_train(cfg: DrafterConfig, work_dir: Path) -> Path:
         log(f"resumed from {found[-1].name} at {state['cpu_s']:.0f} CPU s")
     config = model.config
     mask_id, pad_id = config.mask_token_id, config.pad_token_id if config.pad_token_id is not None else 0
-    build = seed_plus_masks_batch if cfg.recipe == "seed_plus_masks" else random_masking_batch
+    build = {
+        "seed_plus_masks": seed_plus_masks_batch,
+        "all_masks": functools.partial(seed_plus_masks_batch, mask_seed=True),
+        "random": random_masking_batch,
+    }[cfg.recipe]
     model.train()
     marks = [m for m in cfg.checkpoint_cpu_s if m <= cfg.cpu_budget_s]
     clock, offset = time.process_time(), state["cpu_s"]
@@ -338,7 +424,7 @@ def run_train(cfg: DrafterConfig, work_dir: Path) -> Path:
         state["cpu_s"] = spent = offset + time.process_time() - clock
         if step % cfg.log_every == 0:
             state["log"].append({"step": step, "loss": float(loss.detach()), "cpu_s": spent})
-            log(f"{cfg.recipe} step {step} loss {float(loss.detach()):.4f} cpu {spent:.0f}s")
+            log(f"{run_name(cfg)} step {step} loss {float(loss.detach()):.4f} cpu {spent:.0f}s")
         reached = [m for m in marks if spent >= m and not any(c["cpu_s"] >= m for c in state["checkpoints"].values())]
         done = spent >= cfg.cpu_budget_s or step >= cfg.max_steps
         if reached or done:
@@ -355,129 +441,6 @@ def _save(model: Any, optimizer: Any, state: dict[str, Any], path: Path) -> None
     save_optimizer(optimizer, path)
     write(path / "state.json", state)  # last: a checkpoint without it is incomplete
     log(f"saved {path.name} at {state['cpu_s']:.0f} CPU s")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Stage `measure`
-
-
-def measure_one(cfg: DrafterConfig, model: Any, heldout: list[dict[str, Any]]) -> dict[str, Any]:
-    """`estimate_acceptance` per held-out kind and block size (and over all kinds together)."""
-    from bd3lm_trainer.evaluation import estimate_acceptance
-
-    out: dict[str, Any] = {}
-    kinds = list(dict.fromkeys(d["kind"] for d in heldout))
-    for kind in kinds:
-        chosen = [d for d in heldout if d["kind"] == kind]
-        rows = [d["prompt_ids"] + d["continuation"] for d in chosen]
-        out[kind] = {}
-        for k in cfg.measure_block_sizes:
-            est = estimate_acceptance(model, rows, [len(d["prompt_ids"]) for d in chosen], block_size=k)
-            r = est.as_dict()
-            del r["drafts"]
-            out[kind][f"k{k}"] = r
-    out["all"] = {f"k{k}": pool([out[kind][f"k{k}"] for kind in kinds]) for k in cfg.measure_block_sizes}
-    return out
-
-
-def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several `estimate_acceptance` results (same k) as one over all their blocks, without another model pass:
-    match rates weighted by blocks; conditional acceptance at offset j = #(accepted >= j) / #(accepted >= j - 1)."""
-    from bd3lm_trainer.evaluation import geometric_alpha
-
-    k = parts[0]["block_size"]
-    lengths = [a for p in parts for a in p["accepted_lengths"]]
-    blocks = len(lengths)
-    match = [sum(p["match_rate"][j] * p["blocks"] for p in parts) / blocks for j in range(k - 1)]
-    reached = [sum(a >= j for a in lengths) for j in range(k)]
-    conditional = [reached[j + 1] / reached[j] if reached[j] else float("nan") for j in range(k - 1)]
-    tokens = sum(lengths) / blocks + 1.0
-    return {"block_size": k, "blocks": blocks, "match_rate": match, "conditional_acceptance": conditional,
-            "tokens_per_cycle": tokens, "alpha": geometric_alpha(min(tokens, k), k), "accepted_lengths": lengths}  # fmt: skip
-
-
-def run_measure(cfg: DrafterConfig, work_dir: Path, recipes: tuple[str, ...] = RECIPES) -> dict[str, Any]:
-    """Measure the bare conversion (once) and every checkpoint of `recipes` not yet measured (`measure/*.json`)."""
-    torch.set_num_threads(cfg.threads)
-    heldout = read_rows(work_dir / "heldout.jsonl")
-    source, tokenizer = load_source(cfg)
-    targets: list[tuple[str, Path | None, float]] = [("converted", None, 0.0)]
-    for recipe in recipes:
-        for ckpt in checkpoints(work_dir / recipe):
-            if (ckpt / "state.json").exists():
-                cpu = json.loads((ckpt / "state.json").read_text())["checkpoints"][ckpt.name]["cpu_s"]
-                targets.append((f"{recipe}/{ckpt.name}", ckpt, cpu))
-    results = {}
-    for name, ckpt, cpu in targets:
-        path = work_dir / "measure" / f"{name.replace('/', '--')}.json"
-        if path.exists():
-            results[name] = json.loads(path.read_text())
-            continue
-        start = time.process_time()
-        with torch.no_grad():
-            model = load_drafter(cfg, source, tokenizer, ckpt)
-            row = {"name": name, "train_cpu_s": cpu, "acceptance": measure_one(cfg, model, heldout)}
-        row["measure_cpu_s"] = time.process_time() - start
-        a = row["acceptance"]["all"][f"k{cfg.block_size}"]
-        log(f"{name}: k={cfg.block_size} tokens/cycle {a['tokens_per_cycle']:.3f}, alpha {a['alpha']:.3f}")
-        write(path, row)
-        results[name] = row
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Stage `speed`: real greedy draft-and-verify against the source's own generate()
-
-
-def run_speed(cfg: DrafterConfig, work_dir: Path, recipe: str | None = None) -> dict[str, Any]:
-    """Greedy `generate(generation_mode="draft_verify", draft_variant="two_pass")` of the bare conversion and of the
-    last checkpoint of `recipe` (default `cfg.recipe`) on the first `cfg.speed_prompts_per_kind` held-out prompts of
-    each kind, batch 1, beside the source's `generate(do_sample=False)` (KV cache) on the same prompt: exactness
-    (token-equal sequences), wall seconds of each (one warm-up call first), tokens per cycle (`acceptance_lengths`: accepted drafts + 1). Written to
-    `speed/<drafter>.json`; a drafter measured already is skipped."""
-    torch.set_num_threads(cfg.threads)
-    heldout = read_rows(work_dir / "heldout.jsonl")
-    source, tokenizer = load_source(cfg)
-    found = [c for c in checkpoints(work_dir / (recipe or cfg.recipe)) if (c / "state.json").exists()]
-    targets: list[tuple[str, Path | None]] = [("converted", None)]
-    if found:
-        targets.append((f"{recipe or cfg.recipe}/{found[-1].name}", found[-1]))
-    results = {}
-    for name, ckpt in targets:
-        path = work_dir / "speed" / f"{name.replace('/', '--')}.json"
-        if path.exists():
-            results[name] = json.loads(path.read_text())
-            continue
-        model = load_drafter(cfg, source, tokenizer, ckpt)
-        rows = []
-        kinds = list(dict.fromkeys(d["kind"] for d in heldout))
-        for kind in kinds:
-            for d in [d for d in heldout if d["kind"] == kind][: cfg.speed_prompts_per_kind]:
-                ids = torch.tensor([d["prompt_ids"]])
-                common = {"max_new_tokens": cfg.new_tokens, "do_sample": False, "attention_mask": torch.ones_like(ids)}
-                with torch.no_grad():
-                    source.generate(ids, **{**common, "max_new_tokens": 4})  # warm-up
-                    start = time.perf_counter()
-                    expected = source.generate(ids, **common)
-                    source_s = time.perf_counter() - start
-                    dv = {"generation_mode": "draft_verify", "draft_variant": "two_pass"}
-                    model.generate(ids, **{**common, "max_new_tokens": 4}, **dv)  # warm-up
-                    start = time.perf_counter()
-                    out = model.generate(ids, **common, **dv, return_dict_in_generate=True)
-                    seconds = time.perf_counter() - start
-                accepted = out.acceptance_lengths[0].tolist()
-                new = expected.shape[1] - ids.shape[1]
-                rows.append({
-                    "kind": kind, "text": d["text"], "new_tokens": new, "equal_to_source": bool(torch.equal(out.sequences, expected)),
-                    "source_s": source_s, "draft_verify_s": seconds, "source_tokens_per_s": new / source_s,
-                    "draft_verify_tokens_per_s": new / seconds, "nfe": int(out.nfe[0]),
-                    "tokens_per_forward": float(out.tokens_per_forward[0]), "acceptance_lengths": accepted,
-                })  # fmt: skip
-                log(f"{name} {kind}: equal {rows[-1]['equal_to_source']}, {seconds:.1f}s vs source {source_s:.1f}s")
-        result = {"name": name, "variant": "two_pass", "threads": cfg.threads, "rows": rows}
-        write(path, result)
-        results[name] = result
-    return results
 
 
 def export_adapter(checkpoint: Path, target: Path) -> Path:

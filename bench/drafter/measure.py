@@ -1,0 +1,228 @@
+"""The drafter study's measurements (`--stage measure`, `--stage speed`).
+
+* `measure`: `estimate_acceptance` on the held-out sequences, per prompt kind, block size k and draft variant
+  (`two_pass`: the block `[s, M, ..., M]`; `one_forward`: `[M, ..., M]`, the seed unknown), for the bare conversion and
+  every checkpoint of every training run; one JSON file per drafter under `measure/`.
+* `speed`: real greedy decoding, batch 1, on the first `cfg.speed_prompts_per_kind` held-out prompts of each kind, four
+  methods timed side by side with interleaved repeats (the order rotates each repeat): the source's own `generate()`
+  (KV cache, `do_sample=False`), the same with `prompt_lookup_num_tokens` (transformers' prompt-lookup drafting, also
+  lossless), and draft-and-verify of a drafter, two-pass and one-forward. In float32 and bfloat16 (source and drafter
+  in that dtype). Each file `speed/<drafter>--<dtype>.json` holds its own baseline timings, so every ratio is taken
+  within one run. Exactness: each method's tokens against `generate()`'s in the same dtype, and bfloat16's
+  `generate()` against the float32 continuation of `heldout.jsonl`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .study import DrafterConfig, checkpoints, load_drafter, load_source, log, read_rows, write
+
+VARIANTS = ("two_pass", "one_forward")
+METHODS = ("generate", "prompt_lookup", "two_pass", "one_forward")
+
+
+def variant_key(variant: str, k: int) -> str:
+    """The key of an acceptance entry: `k4` (two-pass, the first slice's key) or `one_forward-k4`."""
+    return f"k{k}" if variant == "two_pass" else f"{variant}-k{k}"
+
+
+def measure_one(cfg: DrafterConfig, model: Any, heldout: list[dict[str, Any]]) -> dict[str, Any]:
+    """`estimate_acceptance` per held-out kind, block size and draft variant (and over all kinds together)."""
+    from bd3lm_trainer.evaluation import estimate_acceptance
+
+    out: dict[str, Any] = {}
+    kinds = list(dict.fromkeys(d["kind"] for d in heldout))
+    keys = [(v, k) for v in VARIANTS for k in cfg.measure_block_sizes]
+    for kind in kinds:
+        chosen = [d for d in heldout if d["kind"] == kind]
+        rows = [d["prompt_ids"] + d["continuation"] for d in chosen]
+        out[kind] = {}
+        for variant, k in keys:
+            est = estimate_acceptance(
+                model, rows, [len(d["prompt_ids"]) for d in chosen], block_size=k, draft_variant=variant
+            )
+            r = est.as_dict()
+            for unused in ("drafts", "accepted_at", "cycles"):
+                del r[unused]
+            out[kind][variant_key(variant, k)] = r
+    out["all"] = {variant_key(v, k): pool([out[kind][variant_key(v, k)] for kind in kinds]) for v, k in keys}
+    return out
+
+
+def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several `estimate_acceptance` results (same k) as one over all their blocks, without another model pass:
+    match rates weighted by blocks; conditional acceptance at offset j = #(accepted >= j) / #(accepted >= j - 1)."""
+    from bd3lm_trainer.evaluation import geometric_alpha
+
+    k = parts[0]["block_size"]
+    lengths = [a for p in parts for a in p["accepted_lengths"]]
+    blocks = len(lengths)
+    match = [sum(p["match_rate"][j] * p["blocks"] for p in parts) / blocks for j in range(k - 1)]
+    reached = [sum(a >= j for a in lengths) for j in range(k)]
+    conditional = [reached[j + 1] / reached[j] if reached[j] else float("nan") for j in range(k - 1)]
+    tokens = sum(lengths) / blocks + 1.0
+    return {
+        "block_size": k,
+        "blocks": blocks,
+        "match_rate": match,
+        "conditional_acceptance": conditional,
+        "tokens_per_cycle": tokens,
+        "alpha": geometric_alpha(min(tokens, k), k),
+        "accepted_lengths": lengths,
+    }
+
+
+def training_runs(work_dir: Path) -> list[tuple[str, Path, float]]:
+    """`(name, checkpoint, training CPU s)` of every complete checkpoint of every run folder under `work_dir`."""
+    out = []
+    for folder in sorted(p for p in work_dir.iterdir() if p.is_dir()):
+        for ckpt in checkpoints(folder):
+            if (ckpt / "state.json").exists():
+                cpu = json.loads((ckpt / "state.json").read_text())["checkpoints"][ckpt.name]["cpu_s"]
+                out.append((f"{folder.name}/{ckpt.name}", ckpt, cpu))
+    return out
+
+
+def run_measure(cfg: DrafterConfig, work_dir: Path) -> dict[str, Any]:
+    """Measure the bare conversion (once) and every checkpoint not yet measured (`measure/*.json`)."""
+    torch.set_num_threads(cfg.threads)
+    heldout = read_rows(work_dir / "heldout.jsonl")
+    source, tokenizer = load_source(cfg)
+    targets: list[tuple[str, Path | None, float]] = [("converted", None, 0.0), *training_runs(work_dir)]
+    results = {}
+    for name, ckpt, cpu in targets:
+        path = work_dir / "measure" / f"{name.replace('/', '--')}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+            continue
+        start = time.process_time()
+        with torch.no_grad():
+            model = load_drafter(cfg, source, tokenizer, ckpt)
+            row = {"name": name, "train_cpu_s": cpu, "acceptance": measure_one(cfg, model, heldout)}
+        row["measure_cpu_s"] = time.process_time() - start
+        a = row["acceptance"]["all"]
+        two, one = a[variant_key("two_pass", cfg.block_size)], a[variant_key("one_forward", cfg.block_size)]
+        log(f"{name}: k={cfg.block_size} tokens/cycle two-pass {two['tokens_per_cycle']:.3f}, one-forward "
+            f"{one['tokens_per_cycle']:.3f}")  # fmt: skip
+        write(path, row)
+        results[name] = row
+    return results
+
+
+def best_checkpoints(cfg: DrafterConfig, work_dir: Path) -> list[str]:
+    """The measured checkpoint with the most tokens per cycle (all kinds, k = `cfg.block_size`) for each variant.
+    Picked on the held-out prompts themselves: slightly optimistic (there is no separate validation split)."""
+    measured = [json.loads(p.read_text()) for p in sorted((work_dir / "measure").glob("*.json"))]
+    measured = [m for m in measured if m["name"] != "converted"]
+    chosen = []
+    for variant in VARIANTS:
+        key = variant_key(variant, cfg.block_size)
+        scored = [m for m in measured if key in m["acceptance"]["all"]]
+        if scored:
+            best = max(scored, key=lambda m: m["acceptance"]["all"][key]["tokens_per_cycle"])
+            chosen.append(best["name"])
+    return list(dict.fromkeys(chosen))
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def run_speed(
+    cfg: DrafterConfig,
+    work_dir: Path,
+    drafters: list[str] | None = None,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+) -> dict[str, Any]:
+    """Time `METHODS` side by side for the conversion and `drafters` (names `<run>/checkpoint-N`; default the best
+    measured checkpoint of each variant), in each of `dtypes` (module docstring). A file that exists is skipped."""
+    torch.set_num_threads(cfg.threads)
+    heldout = read_rows(work_dir / "heldout.jsonl")
+    kinds = list(dict.fromkeys(d["kind"] for d in heldout))
+    prompts = [d for kind in kinds for d in [d for d in heldout if d["kind"] == kind][: cfg.speed_prompts_per_kind]]
+    source32, tokenizer = load_source(cfg)
+    names = ["converted", *(best_checkpoints(cfg, work_dir) if drafters is None else drafters)]
+    results = {}
+    for dtype in dtypes:
+        source = source32 if dtype == "float32" else copy.deepcopy(source32).to(getattr(torch, dtype))
+        for name in names:
+            path = work_dir / "speed" / f"{name.replace('/', '--')}--{dtype}.json"
+            if path.exists():
+                results[f"{name}--{dtype}"] = json.loads(path.read_text())
+                continue
+            ckpt = None if name == "converted" else work_dir / name
+            if ckpt is not None and not (ckpt / "state.json").exists():
+                raise FileNotFoundError(f"{ckpt} is not a complete checkpoint; train it or pick another drafter.")
+            model = load_drafter(cfg, source, tokenizer, ckpt)
+            result = {"name": name, "dtype": dtype, "threads": cfg.threads, "repeats": cfg.speed_repeats,
+                      "prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens, "rows": []}  # fmt: skip
+            result["rows"] = [_time_prompt(cfg, source, model, d, dtype) for d in prompts]
+            for method in METHODS:
+                total = sum(r["methods"][method]["seconds"] for r in result["rows"])
+                new = sum(r["new_tokens"] for r in result["rows"])
+                log(f"{name} {dtype} {method}: {new / total:.1f} tok/s")
+            write(path, result)
+            results[f"{name}--{dtype}"] = result
+    return results
+
+
+def _time_prompt(cfg: DrafterConfig, source: Any, model: Any, d: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """One held-out prompt: every method `cfg.speed_repeats` times, interleaved (rotated order), median seconds."""
+    ids = torch.tensor([d["prompt_ids"]])
+    common = {"max_new_tokens": cfg.new_tokens, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+    calls = {
+        "generate": lambda n: source.generate(ids, **{**common, "max_new_tokens": n}),
+        "prompt_lookup": lambda n: source.generate(
+            ids, **{**common, "max_new_tokens": n}, prompt_lookup_num_tokens=cfg.prompt_lookup_num_tokens
+        ),
+        **{
+            v: (
+                lambda n, v=v: model.generate(
+                    ids, **{**common, "max_new_tokens": n}, generation_mode="draft_verify", draft_variant=v,
+                    return_dict_in_generate=True,
+                )
+            )
+            for v in VARIANTS
+        },
+    }  # fmt: skip
+    seconds: dict[str, list[float]] = {m: [] for m in METHODS}
+    outputs: dict[str, Any] = {}
+    with torch.no_grad():
+        for method in METHODS:
+            calls[method](8)  # warm-up
+        for rep in range(cfg.speed_repeats):
+            order = METHODS[rep % len(METHODS) :] + METHODS[: rep % len(METHODS)]
+            for method in order:
+                start = time.perf_counter()
+                out = calls[method](cfg.new_tokens)
+                seconds[method].append(time.perf_counter() - start)
+                outputs.setdefault(method, out)
+    reference = outputs["generate"]
+    new = reference.shape[1] - ids.shape[1]
+    row: dict[str, Any] = {"kind": d["kind"], "text": d["text"], "new_tokens": new, "methods": {}}
+    # the float32 greedy continuation (heldout.jsonl): what bfloat16 does to the text
+    expected = d["prompt_ids"] + d["continuation"]
+    row["generate_equal_to_float32"] = (
+        reference[0].tolist() == expected[: reference.shape[1]] and len(expected) >= reference.shape[1]
+    )
+    for method in METHODS:
+        out = outputs[method]
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        entry = {"seconds": _median(seconds[method]), "all_seconds": seconds[method],
+                 "equal_to_generate": bool(torch.equal(sequences, reference))}  # fmt: skip
+        entry["tokens_per_s"] = new / entry["seconds"]
+        if hasattr(out, "acceptance_lengths"):
+            entry.update(nfe=int(out.nfe[0]), tokens_per_forward=float(out.tokens_per_forward[0]),
+                         acceptance_lengths=out.acceptance_lengths[0].tolist())  # fmt: skip
+        row["methods"][method] = entry
+    log(f"{d['kind']} {dtype}: " + ", ".join(f"{m} {row['methods'][m]['seconds']:.2f}s" for m in METHODS)
+        + f" equal {[row['methods'][m]['equal_to_generate'] for m in METHODS]}")  # fmt: skip
+    return row
