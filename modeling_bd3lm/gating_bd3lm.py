@@ -35,6 +35,26 @@ def gated_layers(backbone: nn.Module) -> list[nn.Module]:
     return found
 
 
+# backbone id -> its gated layers, while `frozen_gated_layers(backbone)` is open (one `generate()` call).
+_FROZEN: dict[int, list[nn.Module]] = {}
+
+
+@contextmanager
+def frozen_gated_layers(backbone: nn.Module) -> Iterator[None]:
+    """Within this context `adapter_gate(backbone, ...)` uses the gated layers found on entry instead of walking every
+    module of `backbone` at each network call (about as long as a small model's forward pass on one CPU core). For
+    one `generate()` call: adapters are not added or removed while it runs. Re-entrant."""
+    key = id(backbone)
+    if key in _FROZEN:
+        yield
+        return
+    _FROZEN[key] = gated_layers(backbone)
+    try:
+        yield
+    finally:
+        del _FROZEN[key]
+
+
 def has_gated_adapter(model: nn.Module) -> bool:
     """Whether `model` (a BD3-LM, its backbone or a `PeftModel` around it) carries a gated adapter."""
     return bool(gated_layers(model))
@@ -58,7 +78,9 @@ def adapter_gate(backbone: nn.Module, active_last: int | None) -> Iterator[None]
         return
     if not isinstance(active_last, int) or isinstance(active_last, bool) or active_last < 0:
         raise ValueError(f"`active_last` must be None or an integer >= 0, got {active_last!r}.")
-    layers = gated_layers(backbone)
+    layers = _FROZEN.get(id(backbone))
+    if layers is None:
+        layers = gated_layers(backbone)
     if not layers:
         yield
         return
@@ -70,6 +92,17 @@ def adapter_gate(backbone: nn.Module, active_last: int | None) -> Iterator[None]
                 "backward pass recomputes those layers outside the gate. Turn gradient checkpointing off "
                 "(`gradient_checkpointing=False`)."
             )
+
+    if active_last == 0:
+        # The update acts nowhere: a layer whose every adapter is gated runs its base layer alone for this call (the
+        # same values: the gated update would add nothing), which saves the adapter's per-layer work in every
+        # clean-stream call (autoregressive steps, verify calls). Layers with other adapters keep the hook below.
+        bypass = [layer for layer in layers if _runs_as_base(layer)]
+        for layer in bypass:
+            layer.forward = layer.base_layer.__call__  # a bound method: set on the instance, not as a submodule
+        layers = [layer for layer in layers if not any(layer is b for b in bypass)]
+    else:
+        bypass = []
 
     def set_offsets(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows = args[0].shape[0] if args else kwargs["x"].shape[0]
@@ -86,6 +119,23 @@ def adapter_gate(backbone: nn.Module, active_last: int | None) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
+        for layer in bypass:
+            del layer.forward
 
 
-__all__ = ["adapter_gate", "gated_layers", "has_gated_adapter"]
+def _runs_as_base(layer: nn.Module) -> bool:
+    """Whether calling `layer.base_layer` gives exactly `layer`'s output when no gated update applies: every adapter
+    of the layer is gated, none is merged into the base weights, and nothing (an accelerate hook) already replaced
+    the layer's `forward` on the instance."""
+    variants = getattr(layer, "lora_variant", {})
+    gated = {name for name, v in variants.items() if type(v).__name__ == _GATED_VARIANT}
+    adapters = set(getattr(layer, "lora_A", {}).keys())
+    return (
+        adapters <= gated
+        and not getattr(layer, "merged", False)
+        and "forward" not in vars(layer)
+        and isinstance(getattr(layer, "base_layer", None), nn.Module)
+    )
+
+
+__all__ = ["adapter_gate", "frozen_gated_layers", "gated_layers", "has_gated_adapter"]

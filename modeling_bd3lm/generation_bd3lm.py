@@ -66,6 +66,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from .cache_bd3lm import CACHE_FIELD, CommittedWindow
 from .checks_bd3lm import check_attention_mask, check_special_token_ids, check_token_ids, check_tokenizer_fits
 from .decoding_bd3lm import BlockDenoiser, DecodingRequest
+from .gating_bd3lm import frozen_gated_layers
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .modes_bd3lm import DECODING_MODES
 from .outputs_bd3lm import BD3LMGenerateOutput
@@ -293,7 +294,8 @@ class BD3LMGenerationMixin:
         )
         mode = DECODING_MODES[config.generation_mode]  # the config checked the name
         mode.check(self, request)
-        return mode.run(self, request)
+        with frozen_gated_layers(self.backbone):  # found once per call, not at every network call
+            return mode.run(self, request)
 
     def _generate_blocks(self, request: DecodingRequest) -> torch.LongTensor | BD3LMGenerateOutput:
         """Steps 3-5 of the outline: block diffusion (`generation_mode="diffusion"`)."""

@@ -313,6 +313,52 @@ def test_adapter_gate_positions_and_refusals():
         peft_model(input_ids=x[:, :4], noisy_input_ids=x[:, :4])
 
 
+def test_a_clean_only_call_runs_the_base_layers_and_a_generate_finds_the_gated_layers_once(monkeypatch):
+    """With the update acting nowhere (`adapter_gate(..., 0)`: autoregressive steps, verify calls) a layer whose every
+    adapter is gated runs its base layer alone (its LoRA matrices are never called), with the same output, and gets
+    its own forward back afterwards; a layer that also holds a plain LoRA keeps the plain update. One `generate()`
+    walks the modules for gated layers once, not at every network call."""
+    from modeling_bd3lm import adapter_gate, gating_bd3lm
+    from tests.test_causal_backbone import _tokens
+
+    reference, peft_model = _gated_setup("causal", init_lora_weights=False)
+    bd3lm = peft_model.get_base_model()
+    backbone = bd3lm.backbone
+    layers = gating_bd3lm.gated_layers(backbone)
+    calls = []
+    for layer in layers:
+        layer.lora_A["default"].register_forward_hook(lambda *a: calls.append(1))
+    x = _tokens(2, 6)
+    with torch.no_grad():
+        with adapter_gate(backbone, 0):
+            assert all("forward" in vars(layer) for layer in layers)
+            off = backbone(x).logits
+        assert calls == [] and not any("forward" in vars(layer) for layer in layers)
+        torch.testing.assert_close(off[..., :90], reference(x).logits, rtol=0, atol=1e-5)
+        with adapter_gate(backbone, 2):
+            backbone(x)
+        assert len(calls) == len(layers)  # outside the bypass the layers run their adapter again
+
+        # a plain LoRA beside the gated one on the same layers: not bypassed, its update stays
+        peft_model.add_adapter("plain", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        peft_model.base_model.set_adapter(["default", "plain"])
+        mixed = [layer for layer in layers if "plain" in layer.lora_A]
+        assert mixed and not any(gating_bd3lm._runs_as_base(layer) for layer in mixed)
+        with adapter_gate(backbone, 0):
+            assert not any("forward" in vars(layer) for layer in mixed)
+            with_plain = backbone(x).logits
+        assert float((with_plain[..., :90] - reference(x).logits).abs().max()) > 1e-4
+
+    walks = []
+    real = gating_bd3lm.gated_layers
+    monkeypatch.setattr(gating_bd3lm, "gated_layers", lambda b: walks.append(1) or real(b))
+    out = bd3lm.generate(
+        x, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+        generation_mode="draft_verify",
+    )  # fmt: skip
+    assert len(walks) == 1 and int(out.num_forwards) > 2
+
+
 def test_gated_lora_config_refuses_the_dit_and_its_own_fields():
     from bd3lm_trainer import gated_lora_config
 
