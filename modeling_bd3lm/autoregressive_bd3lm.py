@@ -155,10 +155,12 @@ class CleanStreamDecoder:
         allowed: torch.BoolTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         adapter_positions: int = 0,
+        logits_to_keep: int | torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """One call over `input_ids` `(rows, new)` after the cache: causal with the adapter off, or under `allowed`
         (`(new, new)`, the pattern among the new tokens; every cached column is visible) at `position_ids`, with the
-        adapter on the last `adapter_positions`. `write` keeps the call's keys and values (then `keep` crops them)."""
+        adapter on the last `adapter_positions`. `write` keeps the call's keys and values (then `keep` crops them).
+        `logits_to_keep` (the last n, or a 1-D index tensor) projects only the positions the caller reads."""
         rows, width = input_ids.shape
         mask = torch.cat((self.mask, self.mask.new_ones((rows, width))), dim=1)
         full = None
@@ -171,7 +173,7 @@ class CleanStreamDecoder:
             mask,
             self.cache,
             write,
-            None,
+            logits_to_keep,
             allowed=full,
             adapter_positions=adapter_positions,
             position_ids=position_ids,

@@ -65,6 +65,15 @@ def fused_pattern(num_drafts: int, block_size: int, device: torch.device) -> tup
     return allowed, offsets
 
 
+def fused_logit_positions(num_drafts: int, block_size: int, device: torch.device) -> torch.LongTensor:
+    """The positions of the one-forward call that are read, hence projected on the vocabulary: the m + 1 verify
+    positions, then the first k - 1 of each group G_c (its last position would draft a token past the block)."""
+    verify = num_drafts + 1
+    starts = verify + torch.arange(verify, device=device) * block_size
+    groups = (starts[:, None] + torch.arange(block_size - 1, device=device)[None]).flatten()
+    return torch.cat((torch.arange(verify, device=device), groups))
+
+
 class DraftVerifyMode(DecodingMode):
     """Draft with the diffusion view, verify with the clean stream (module docstring)."""
 
@@ -110,8 +119,15 @@ class DraftVerifyMode(DecodingMode):
         if num_drafts > 0:
             block = torch.cat((seed[:, None], seed.new_full((len(seed), num_drafts), mask_id)), dim=1)
             allowed = torch.ones((block_size, block_size), dtype=torch.bool, device=seed.device)
-            logits = state.forward(block, write=False, allowed=allowed, adapter_positions=block_size)
-            drafts = suppress_mask_logit(logits[:, :num_drafts].float(), mask_id).argmax(dim=-1)
+            # the outputs at the seed and the first k - 2 masks draft d_1..d_{k-1}; the last mask's is never read
+            logits = state.forward(
+                block,
+                write=False,
+                allowed=allowed,
+                adapter_positions=block_size,
+                logits_to_keep=torch.arange(num_drafts, device=seed.device),
+            )
+            drafts = suppress_mask_logit(logits.float(), mask_id).argmax(dim=-1)
         logits = state.forward(torch.cat((seed[:, None], drafts), dim=1), write=True)
         tokens, accepted = DraftVerifyMode._accept(state, chooser, logits, drafts)
         state.keep_written(num_drafts + 1, accepted + 1)
@@ -137,12 +153,18 @@ class DraftVerifyMode(DecodingMode):
         ids = torch.cat((seed[:, None], drafts, groups), dim=1)
         positions = (state.positions() - 1)[:, None] + offsets[None]  # the seed sits at positions() - 1
         logits = state.forward(
-            ids, write=True, allowed=allowed, position_ids=positions, adapter_positions=verify * block_size
+            ids,
+            write=True,
+            allowed=allowed,
+            position_ids=positions,
+            adapter_positions=verify * block_size,
+            logits_to_keep=fused_logit_positions(drafts.shape[1], block_size, seed.device),
         )
         tokens, accepted = DraftVerifyMode._accept(state, chooser, logits[:, :verify], drafts)
         state.keep_written(ids.shape[1], accepted + 1)
-        # G_c's outputs at its first k - 1 positions draft the k - 1 tokens after the next seed g_c
-        first = verify + accepted * block_size
+        # G_c's outputs at its first k - 1 positions draft the k - 1 tokens after the next seed g_c; the logits hold
+        # the verify positions, then k - 1 rows per group (`fused_logit_positions`)
+        first = verify + accepted * (block_size - 1)
         index = first[:, None] + torch.arange(block_size - 1, device=seed.device)[None]
         chosen = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
         next_drafts = suppress_mask_logit(chosen.float(), mask_id).argmax(dim=-1)
@@ -191,4 +213,4 @@ class DraftVerifyMode(DecodingMode):
         return seed, finished
 
 
-__all__ = ["DRAFT_VARIANTS", "DraftVerifyMode", "fused_pattern"]
+__all__ = ["DRAFT_VARIANTS", "DraftVerifyMode", "fused_logit_positions", "fused_pattern"]
