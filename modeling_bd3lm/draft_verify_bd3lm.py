@@ -34,6 +34,7 @@ computation is that of the row alone. Rows that stop leave the batch.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from .sampling_bd3lm import suppress_mask_logit
 DRAFT_VARIANTS = ("two_pass", "one_forward")
 
 
+@functools.lru_cache(maxsize=64)  # a handful of (m, k, device) per generate(): built once, never written to
 def fused_pattern(num_drafts: int, block_size: int, device: torch.device) -> tuple[torch.BoolTensor, torch.LongTensor]:
     """The one-forward call's mask among its new tokens (`(w, w)`, w = (m+1)(k+1)) and each token's offset from the
     seed's position (`(w,)`), for m = `num_drafts` drafts and k = `block_size` (module docstring)."""
@@ -65,6 +67,7 @@ def fused_pattern(num_drafts: int, block_size: int, device: torch.device) -> tup
     return allowed, offsets
 
 
+@functools.lru_cache(maxsize=64)
 def fused_logit_positions(num_drafts: int, block_size: int, device: torch.device) -> torch.LongTensor:
     """The positions of the one-forward call that are read, hence projected on the vocabulary: the m + 1 verify
     positions, then the first k - 1 of each group G_c (its last position would draft a token past the block)."""
@@ -206,9 +209,10 @@ class DraftVerifyMode(DecodingMode):
         state: CleanStreamDecoder, tokens: torch.LongTensor, accepted: torch.LongTensor
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """Emit g_0..g_c per row, record the acceptance length c + 1; the next seed is g_c."""
-        for i, row in enumerate(state.rows.tolist()):
-            state.acceptance[row].append(int(accepted[i]) + 1)
-        finished = state.emit([tokens[i, : int(accepted[i]) + 1] for i in range(len(tokens))])
+        lengths = (accepted + 1).tolist()  # one host copy, not one sync per row
+        for row, length in zip(state.rows.tolist(), lengths, strict=True):
+            state.acceptance[row].append(length)
+        finished = state.emit([tokens[i, :length] for i, length in enumerate(lengths)])
         seed = tokens.gather(1, accepted[:, None]).squeeze(1)
         return seed, finished
 
