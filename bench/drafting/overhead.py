@@ -49,7 +49,7 @@ class OverheadConfig:
     source: str = "smollm2"  # or "tiny-random" (the smoke run)
     modes: tuple[str, ...] = tuple(MODES)
     batches: tuple[int, ...] = (1, 8)
-    max_new_tokens: int = 16
+    max_new_tokens: int = 8
     block_size: int = 4
     repeats: int = 5
     threads: int = 1
