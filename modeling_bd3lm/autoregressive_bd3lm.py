@@ -130,6 +130,7 @@ class CleanStreamDecoder:
         self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
         self.acceptance = [[] for _ in range(batch)]
         self.prompt_lengths = request.prompt_mask.sum(dim=1)
+        self.eos = request.eos_tensor  # built once (the request builds a new tensor each time it is read)
         self.start_time = time.time()
         if request.streamer is not None:
             request.streamer.put(request.given.cpu())
@@ -155,10 +156,12 @@ class CleanStreamDecoder:
         allowed: torch.BoolTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         adapter_positions: int = 0,
+        logits_to_keep: int | torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """One call over `input_ids` `(rows, new)` after the cache: causal with the adapter off, or under `allowed`
         (`(new, new)`, the pattern among the new tokens; every cached column is visible) at `position_ids`, with the
-        adapter on the last `adapter_positions`. `write` keeps the call's keys and values (then `keep` crops them)."""
+        adapter on the last `adapter_positions`. `write` keeps the call's keys and values (then `keep` crops them).
+        `logits_to_keep` (the last n, or a 1-D index tensor) projects only the positions the caller reads."""
         rows, width = input_ids.shape
         mask = torch.cat((self.mask, self.mask.new_ones((rows, width))), dim=1)
         full = None
@@ -171,7 +174,7 @@ class CleanStreamDecoder:
             mask,
             self.cache,
             write,
-            None,
+            logits_to_keep,
             allowed=full,
             adapter_positions=adapter_positions,
             position_ids=position_ids,
@@ -214,21 +217,24 @@ class CleanStreamDecoder:
         """Append `tokens[i]` to the row `rows[i]`, cut at its first stop (EOS, a stopping criterion) and at
         `max_new_tokens`, and stream them. Returns which rows are finished."""
         request = self.request
-        finished = torch.zeros(len(tokens), dtype=torch.bool, device=self.rows.device)
+        # host-side copies read once per call, not once per row (each `int(tensor)` is a sync on an accelerator)
+        rows, lengths, done = self.rows.tolist(), self.new_lengths.tolist(), []
         for i, chunk in enumerate(tokens):
-            row = int(self.rows[i])
-            start = int(self.new_lengths[row])
+            row, start = rows[i], lengths[rows[i]]
             chunk = chunk[: request.max_new_tokens - start]
-            kept, stopped = first_stops(
-                chunk[None], request.eos_tensor, request.criteria, lambda j: self.history(row, chunk[: j + 1])
-            )
-            chunk = chunk[: int(kept[0])]
+            stopped = False
+            if self.eos is not None or request.criteria:
+                kept, stop = first_stops(
+                    chunk[None], self.eos, request.criteria, lambda j: self.history(row, chunk[: j + 1])
+                )
+                chunk, stopped = chunk[: int(kept[0])], bool(stop[0])
             self.new_tokens[row, start : start + len(chunk)] = chunk
-            self.new_lengths[row] += len(chunk)
-            finished[i] = bool(stopped[0]) or int(self.new_lengths[row]) >= request.max_new_tokens
+            lengths[row] = start + len(chunk)
+            done.append(stopped or lengths[row] >= request.max_new_tokens)
             if request.streamer is not None:
                 request.streamer.put(chunk.cpu())
-        return finished
+        self.new_lengths = torch.tensor(lengths, dtype=torch.long, device=self.new_lengths.device)
+        return torch.tensor(done, dtype=torch.bool, device=self.rows.device)
 
     def drop(self, finished: torch.BoolTensor) -> torch.LongTensor:
         """Rows that finished leave the batch (they cost no further calls). Returns the indices kept."""

@@ -246,12 +246,13 @@ class CommittedWindow:
 
     def _write_pending(self, model: Any) -> None:
         """Write the pending tokens' keys and values with a call of their own (no block attached)."""
-        logits = model(
+        logits = model(  # only the last committed token's logits are ever read (and only under the shift)
             input_ids=self.pending,
             attention_mask=self.mask,
             cache=self.cache,
             use_cache=True,
             return_dict=True,
+            logits_to_keep=1,
         ).logits
         if self.shift:
             self.next_logits = logits[:, -1]
@@ -272,32 +273,50 @@ class CommittedWindow:
 
         Under the token shift row j of the result comes from the output one position earlier: the last committed
         token for j = 0 (from this call when it writes pending tokens, else from `next_logits`), the block's
-        position j - 1 otherwise."""
+        position j - 1 otherwise. Each call projects only those positions on the vocabulary (`logits_to_keep`): the
+        committed tokens it runs along, and under the shift the block's last position, are never read."""
         width = block.shape[1]
-        mask = torch.cat((self.mask, torch.ones(block.shape, dtype=torch.bool, device=block.device)), dim=1)
+        device = block.device
+        mask = torch.cat((self.mask, torch.ones(block.shape, dtype=torch.bool, device=device)), dim=1)
         if self.cache is None:
-            out = model(input_ids=torch.cat((self.ids, block), dim=1), attention_mask=mask, return_dict=True)
-            return out.logits[:, -width - 1 : -1] if self.shift else out.logits[:, -width:]
+            ids = torch.cat((self.ids, block), dim=1)
+            return model(
+                input_ids=ids, attention_mask=mask, return_dict=True, logits_to_keep=self._kept(ids.shape[1], width)
+            ).logits
         if self.pending is None:
+            keep = torch.arange(width - 1, device=device) if self.shift else None  # under the shift: 0..width-2
             logits = model(
-                input_ids=block, attention_mask=mask, cache=self.cache, use_cache=False, return_dict=True
+                input_ids=block,
+                attention_mask=mask,
+                cache=self.cache,
+                use_cache=False,
+                return_dict=True,
+                logits_to_keep=keep,
             ).logits
             if self.shift:
-                return torch.cat((self.next_logits[:, None], logits[:, : width - 1]), dim=1)
+                return torch.cat((self.next_logits[:, None], logits), dim=1)
             return logits
+        ids = torch.cat((self.pending, block), dim=1)
         logits = model(
-            input_ids=torch.cat((self.pending, block), dim=1),
+            input_ids=ids,
             attention_mask=mask,
             cache=self.cache,
             use_cache=True,
             return_dict=True,
+            logits_to_keep=self._kept(ids.shape[1], width),
         ).logits
         trim_cache_right(self.cache, width)
         self.pending = None
         if self.shift:
-            self.next_logits = logits[:, -width - 1]
-            return logits[:, -width - 1 : -1]
-        return logits[:, -width:]
+            self.next_logits = logits[:, 0]
+        return logits
+
+    def _kept(self, length: int, width: int) -> int | torch.LongTensor:
+        """The positions of a `length`-token call ending with the `width`-token block whose logits the block reads: the
+        block's (`width`), or under the shift the `width` positions one earlier (the last committed token's first)."""
+        if not self.shift:
+            return width
+        return torch.arange(length - width - 1, length - 1, device=self.mask.device)
 
 
 __all__ = [

@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache
 from .cache_bd3lm import CACHE_FIELD
 from .checks_bd3lm import padded_keys
 from .configuration_bd3lm import check_decoder_only
-from .denoiser_bd3lm import BD3LMDenoiser
+from .denoiser_bd3lm import BD3LMDenoiser, LogitsToKeep, keep_positions
 from .gating_bd3lm import adapter_gate
 from .masks_bd3lm import flex_block_mask, sampling_attention_mask, sampling_noisy_length, vectorised_attention_mask
 from .outputs_bd3lm import BD3LMOutput
@@ -117,17 +117,18 @@ class CausalLMDenoiser(BD3LMDenoiser):
         output_attentions: bool | None = None,
         return_dict: bool = True,
         output_clean_logits: bool = False,
+        logits_to_keep: LogitsToKeep = None,
     ) -> BD3LMOutput:
-        """Both passes (`BD3LMDenoiser`). `timesteps` is unused: the config refuses `time_conditioning` for a causal
-        LM. Attention weights come from the backbone itself: its eager kernel returns them, its fused kernels refuse
-        (transformers' own error)."""
+        """Both passes (`BD3LMDenoiser`; `logits_to_keep` in the sampling pass only). `timesteps` is unused: the
+        config refuses `time_conditioning` for a causal LM. Attention weights come from the backbone itself: its
+        eager kernel returns them, its fused kernels refuse (transformers' own error)."""
         config = self.config
         # True, False, or a list of layer indices, which transformers' backbones capture selectively: passed on as is.
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = bool(config.output_attentions if output_attentions is None else output_attentions)
         if noisy_input_ids is None:
             return self._sampling_pass(
-                input_ids, attention_mask, cache, use_cache, output_hidden_states, output_attentions
+                input_ids, attention_mask, cache, use_cache, output_hidden_states, output_attentions, logits_to_keep
             )
         return self._vectorised_pass(
             input_ids, noisy_input_ids, attention_mask, output_hidden_states, output_attentions, output_clean_logits
@@ -204,11 +205,13 @@ class CausalLMDenoiser(BD3LMDenoiser):
         use_cache: bool | None,
         output_hidden_states: bool | list[int],
         output_attentions: bool,
+        logits_to_keep: LogitsToKeep = None,
     ) -> BD3LMOutput:
         """Raw logits of the sampling pass over `input_ids` after the committed tokens of `cache` (under the shift row j
-        predicts token j + 1). With `use_cache` this call's keys and values are committed; otherwise the cache is left
-        as it was (the backbone writes them, they are cropped again). A gated adapter acts on the noisy block only
-        (the trailing `sampling_noisy_length` tokens): tokens committed in the same call stay clean."""
+        predicts token j + 1), at the positions `logits_to_keep` selects. With `use_cache` this call's keys and values
+        are committed; otherwise the cache is left as it was (the backbone writes them, they are cropped again). A
+        gated adapter acts on the noisy block only (the trailing `sampling_noisy_length` tokens): tokens committed in
+        the same call stay clean."""
         config, backbone = self.config, self.backbone
         batch, seq_len = input_ids.shape
         device = input_ids.device
@@ -221,7 +224,9 @@ class CausalLMDenoiser(BD3LMDenoiser):
         mask = mask if self._flex else dense_mask(mask, backbone)
         noisy = sampling_noisy_length(seq_len, config.block_size, past_len, config.clean_attention)
         with adapter_gate(backbone, noisy):
-            out = backbone(
+            out, logits = _call_backbone(
+                backbone,
+                logits_to_keep,
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
@@ -235,7 +240,7 @@ class CausalLMDenoiser(BD3LMDenoiser):
             cache.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
         attentions = getattr(out, "attentions", None) if output_attentions else None
-        return BD3LMOutput(logits=out.logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: cache})
+        return BD3LMOutput(logits=logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: cache})
 
     def causal_pass(
         self,
@@ -243,7 +248,7 @@ class CausalLMDenoiser(BD3LMDenoiser):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool = True,
-        logits_to_keep: int | None = None,
+        logits_to_keep: LogitsToKeep = None,
         allowed: torch.BoolTensor | None = None,
         adapter_positions: int = 0,
         position_ids: torch.LongTensor | None = None,
@@ -258,7 +263,8 @@ class CausalLMDenoiser(BD3LMDenoiser):
         tokens for the draft passes of draft-and-verify (padded keys are still removed), `position_ids` (`(batch, new)`)
         replaces the positions (draft groups share positions with the tokens they draft for), and `adapter_positions`
         opens the adapter gate on the last that many positions (the draft positions). `use_cache=False` leaves `cache` as it
-        was; `logits_to_keep` projects only the last that many positions on the vocabulary."""
+        was; `logits_to_keep` projects only the positions it selects on the vocabulary (None or 0: all; n: the last n; a
+        1-D index tensor: those, in that order), so the logits are `(batch, kept, vocab)`."""
         backbone = self.backbone
         batch, seq_len = input_ids.shape
         device = input_ids.device
@@ -274,22 +280,17 @@ class CausalLMDenoiser(BD3LMDenoiser):
             diagonal = torch.arange(seq_len, device=device)
             allowed[:, diagonal, past_len + diagonal] = True  # every query keeps itself: no empty softmax row
             mask = dense_mask(allowed[:, None], backbone)
-        extra = {}
-        if logits_to_keep is not None and "logits_to_keep" in _forward_parameters(type(backbone)):
-            extra["logits_to_keep"] = logits_to_keep
         with adapter_gate(backbone, adapter_positions):
-            out = backbone(
+            _, logits = _call_backbone(
+                backbone,
+                logits_to_keep,
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
                 **{cache_kwarg(backbone): cache},
                 use_cache=cache is not None,
                 return_dict=True,
-                **extra,
             )
-        logits = out.logits
-        if logits_to_keep is not None and "logits_to_keep" not in extra:
-            logits = logits[:, -logits_to_keep:]
         if cache is not None and not use_cache:
             cache.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
         return BD3LMOutput(logits=logits, **{CACHE_FIELD: cache})
@@ -329,13 +330,19 @@ def shifted_rows(seq_len: int, block_size: int, device: torch.device) -> torch.L
     return torch.where(i % block_size == 0, i - 1, seq_len + i - 1)
 
 
-def _call_backbone(backbone: torch.nn.Module, keep: torch.LongTensor | None, **kwargs: Any) -> Any:
-    """Run the backbone, projecting only the rows `keep` onto the vocabulary when it supports `logits_to_keep`."""
-    if keep is not None and "logits_to_keep" in _forward_parameters(type(backbone)):
+def _call_backbone(backbone: torch.nn.Module, keep: LogitsToKeep, **kwargs: Any) -> Any:
+    """Run the backbone, projecting only the positions `keep` selects (`denoiser_bd3lm.keep_positions`: None or 0 for
+    all, the last n, or a 1-D index tensor) on the vocabulary: the backbone's own `logits_to_keep` (every transformers
+    causal LM takes it: it selects the hidden states before the head), else the full logits sliced (same values, no
+    saving). Returns `(output, logits)`."""
+    if keep is None or (isinstance(keep, int) and keep == 0):
+        out = backbone(**kwargs)
+        return out, out.logits
+    if "logits_to_keep" in _forward_parameters(type(backbone)):
         out = backbone(logits_to_keep=keep, **kwargs)
         return out, out.logits
     out = backbone(**kwargs)
-    return out, out.logits if keep is None else out.logits[:, keep]
+    return out, keep_positions(out.logits, keep)
 
 
 @functools.cache

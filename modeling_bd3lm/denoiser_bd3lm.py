@@ -24,20 +24,56 @@ from typing import Any
 
 import torch
 
+# Which positions of a sampling call are projected on the vocabulary (transformers' `logits_to_keep` convention): None
+# or 0 for all, an int n > 0 for the last n, or a 1-D tensor of position indices (kept in that order).
+LogitsToKeep = int | torch.LongTensor | None
+
+
+def check_logits_to_keep(logits_to_keep: LogitsToKeep, seq_len: int) -> None:
+    """Raise a `ValueError` naming the fix unless `logits_to_keep` selects positions of a `seq_len`-token call."""
+    if logits_to_keep is None:
+        return
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() != 1 or logits_to_keep.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(
+                f"`logits_to_keep` as a tensor must be a 1-D integer tensor of positions, got shape "
+                f"{tuple(logits_to_keep.shape)} and dtype {logits_to_keep.dtype}."
+            )
+        if logits_to_keep.numel() and not (0 <= int(logits_to_keep.min()) and int(logits_to_keep.max()) < seq_len):
+            raise ValueError(f"`logits_to_keep` has positions outside 0..{seq_len - 1} (the call's new tokens).")
+        return
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(
+            f"`logits_to_keep` must be None, an int >= 0 (the last that many positions; 0 for all) or a 1-D tensor of "
+            f"positions, got {logits_to_keep!r}."
+        )
+
+
+def keep_positions(hidden: torch.Tensor, logits_to_keep: LogitsToKeep) -> torch.Tensor:
+    """The positions (dim 1) of `hidden` that `logits_to_keep` selects, to be projected on the vocabulary: all for None
+    or 0, the last n for an int n, the listed ones for a 1-D index tensor. Select BEFORE the output head, so that the
+    head (`hidden × vocab` per row) runs on the kept rows only."""
+    if logits_to_keep is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return hidden
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:]
+    return hidden.index_select(1, logits_to_keep.to(hidden.device))
+
 
 class BD3LMDenoiser:
     """The denoiser interface (a mixin: the DiT is an `nn.Module` with it, the causal-LM adapter a plain object).
 
     `__call__(input_ids, noisy_input_ids=None, attention_mask=None, timesteps=None, cache=None, use_cache=None,
-    output_hidden_states=None, output_attentions=None, return_dict=True, output_clean_logits=False) -> BD3LMOutput`
-    runs one of two passes:
+    output_hidden_states=None, output_attentions=None, return_dict=True, output_clean_logits=False,
+    logits_to_keep=None) -> BD3LMOutput` runs one of two passes:
 
     * `noisy_input_ids` given: the vectorised `x_t ⊕ x_0` pass; logits `(batch, L, vocab)` aligned with the tokens
       (row i predicts token i), hidden states and attention weights of the `x_t` half, no cache; with
       `output_clean_logits` also `clean_logits`, the raw outputs at the `x_0` positions.
     * otherwise: the block-causal sampling pass over `input_ids` after the committed tokens of `cache`; raw logits (row
       j predicts token j + 1 when `predicts_next_token`, else token j); `use_cache=True` commits this call's keys and
-      values to `cache`, otherwise `cache` is left as it was.
+      values to `cache`, otherwise `cache` is left as it was. `logits_to_keep` ([`keep_positions`]) projects only
+      some positions on the vocabulary: the logits are then `(batch, kept, vocab)`, in the order asked.
 
     The clean stream attends block-causally or causally (`config.clean_attention`, masks in `masks_bd3lm.py`); a kind
     that supports only one must make its config refuse the other.
@@ -102,4 +138,4 @@ class BD3LMDenoiser:
         Called once where the model is built or loaded, and when its attention kernel is switched."""
 
 
-__all__ = ["BD3LMDenoiser"]
+__all__ = ["BD3LMDenoiser", "LogitsToKeep", "check_logits_to_keep", "keep_positions"]

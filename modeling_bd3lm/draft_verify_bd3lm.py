@@ -34,6 +34,7 @@ computation is that of the row alone. Rows that stop leave the batch.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from .sampling_bd3lm import suppress_mask_logit
 DRAFT_VARIANTS = ("two_pass", "one_forward")
 
 
+@functools.lru_cache(maxsize=64)  # a handful of (m, k, device) per generate(): built once, never written to
 def fused_pattern(num_drafts: int, block_size: int, device: torch.device) -> tuple[torch.BoolTensor, torch.LongTensor]:
     """The one-forward call's mask among its new tokens (`(w, w)`, w = (m+1)(k+1)) and each token's offset from the
     seed's position (`(w,)`), for m = `num_drafts` drafts and k = `block_size` (module docstring)."""
@@ -63,6 +65,16 @@ def fused_pattern(num_drafts: int, block_size: int, device: torch.device) -> tup
         allowed[group, group] = True
         offsets[group] = torch.arange(c + 1, c + 1 + block_size, device=device)
     return allowed, offsets
+
+
+@functools.lru_cache(maxsize=64)
+def fused_logit_positions(num_drafts: int, block_size: int, device: torch.device) -> torch.LongTensor:
+    """The positions of the one-forward call that are read, hence projected on the vocabulary: the m + 1 verify
+    positions, then the first k - 1 of each group G_c (its last position would draft a token past the block)."""
+    verify = num_drafts + 1
+    starts = verify + torch.arange(verify, device=device) * block_size
+    groups = (starts[:, None] + torch.arange(block_size - 1, device=device)[None]).flatten()
+    return torch.cat((torch.arange(verify, device=device), groups))
 
 
 class DraftVerifyMode(DecodingMode):
@@ -110,8 +122,15 @@ class DraftVerifyMode(DecodingMode):
         if num_drafts > 0:
             block = torch.cat((seed[:, None], seed.new_full((len(seed), num_drafts), mask_id)), dim=1)
             allowed = torch.ones((block_size, block_size), dtype=torch.bool, device=seed.device)
-            logits = state.forward(block, write=False, allowed=allowed, adapter_positions=block_size)
-            drafts = suppress_mask_logit(logits[:, :num_drafts].float(), mask_id).argmax(dim=-1)
+            # the outputs at the seed and the first k - 2 masks draft d_1..d_{k-1}; the last mask's is never read
+            logits = state.forward(
+                block,
+                write=False,
+                allowed=allowed,
+                adapter_positions=block_size,
+                logits_to_keep=torch.arange(num_drafts, device=seed.device),
+            )
+            drafts = suppress_mask_logit(logits.float(), mask_id).argmax(dim=-1)
         logits = state.forward(torch.cat((seed[:, None], drafts), dim=1), write=True)
         tokens, accepted = DraftVerifyMode._accept(state, chooser, logits, drafts)
         state.keep_written(num_drafts + 1, accepted + 1)
@@ -137,12 +156,18 @@ class DraftVerifyMode(DecodingMode):
         ids = torch.cat((seed[:, None], drafts, groups), dim=1)
         positions = (state.positions() - 1)[:, None] + offsets[None]  # the seed sits at positions() - 1
         logits = state.forward(
-            ids, write=True, allowed=allowed, position_ids=positions, adapter_positions=verify * block_size
+            ids,
+            write=True,
+            allowed=allowed,
+            position_ids=positions,
+            adapter_positions=verify * block_size,
+            logits_to_keep=fused_logit_positions(drafts.shape[1], block_size, seed.device),
         )
         tokens, accepted = DraftVerifyMode._accept(state, chooser, logits[:, :verify], drafts)
         state.keep_written(ids.shape[1], accepted + 1)
-        # G_c's outputs at its first k - 1 positions draft the k - 1 tokens after the next seed g_c
-        first = verify + accepted * block_size
+        # G_c's outputs at its first k - 1 positions draft the k - 1 tokens after the next seed g_c; the logits hold
+        # the verify positions, then k - 1 rows per group (`fused_logit_positions`)
+        first = verify + accepted * (block_size - 1)
         index = first[:, None] + torch.arange(block_size - 1, device=seed.device)[None]
         chosen = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
         next_drafts = suppress_mask_logit(chosen.float(), mask_id).argmax(dim=-1)
@@ -184,11 +209,12 @@ class DraftVerifyMode(DecodingMode):
         state: CleanStreamDecoder, tokens: torch.LongTensor, accepted: torch.LongTensor
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """Emit g_0..g_c per row, record the acceptance length c + 1; the next seed is g_c."""
-        for i, row in enumerate(state.rows.tolist()):
-            state.acceptance[row].append(int(accepted[i]) + 1)
-        finished = state.emit([tokens[i, : int(accepted[i]) + 1] for i in range(len(tokens))])
+        lengths = (accepted + 1).tolist()  # one host copy, not one sync per row
+        for row, length in zip(state.rows.tolist(), lengths, strict=True):
+            state.acceptance[row].append(length)
+        finished = state.emit([tokens[i, :length] for i, length in enumerate(lengths)])
         seed = tokens.gather(1, accepted[:, None]).squeeze(1)
         return seed, finished
 
 
-__all__ = ["DRAFT_VARIANTS", "DraftVerifyMode", "fused_pattern"]
+__all__ = ["DRAFT_VARIANTS", "DraftVerifyMode", "fused_logit_positions", "fused_pattern"]

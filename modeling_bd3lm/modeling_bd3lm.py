@@ -26,7 +26,7 @@ from .checks_bd3lm import check_extra_kwargs, check_forward_inputs, check_genera
 from .configuration_bd3lm import BD3LMConfig
 from .conversion_bd3lm import from_causal_lm
 from .decoding_bd3lm import DecodingMode  # noqa: F401
-from .denoiser_bd3lm import BD3LMDenoiser
+from .denoiser_bd3lm import BD3LMDenoiser, LogitsToKeep, check_logits_to_keep, keep_positions
 from .draft_verify_bd3lm import DraftVerifyMode  # noqa: F401
 from .gating_bd3lm import adapter_gate  # noqa: F401  (imported here so that 4.57 ships the file)
 from .generation_bd3lm import BD3LMGenerationMixin
@@ -54,8 +54,6 @@ from .outputs_bd3lm import BD3LMOutput
 from .pretrained_bd3lm import AUTO_MAP, BD3LMPreTrainedModel
 from .sampling_bd3lm import SAMPLERS  # noqa: F401  (imported here so that 4.57 ships the file)
 from .tokenization_bd3lm import MASK_TOKEN  # noqa: F401  (imported here so that 4.57 ships the file)
-
-# Largest NELBO weight (≈ 1/t) accepted: beyond it weight × cross-entropy may overflow float32.
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Models
@@ -137,6 +135,7 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
         return_dict: bool | None = None,
         cache: Cache | None = None,
         output_clean_logits: bool = False,
+        logits_to_keep: LogitsToKeep = None,
     ) -> BD3LMOutput | tuple:
         r"""
         Args:
@@ -160,6 +159,8 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
                 runs with the eager kernel (same outputs up to float rounding).
             output_clean_logits (`bool`, *optional*):
                 In the vectorised pass, also return the outputs at the `x_0` positions (`clean_logits`).
+            logits_to_keep (`int` or 1-D `torch.LongTensor`, *optional*):
+                Sampling pass: project only these positions (`denoiser_bd3lm.keep_positions`: the last n, or indices).
         """
         config = self.config
         cache = resolve_cache_kwarg(past_key_values, cache, type(self).__name__)
@@ -233,7 +234,7 @@ class BD3LMModel(BD3LMPreTrainedModel, BD3LMDenoiser):
                 all_hidden = [h[:, :seq_len] for h in all_hidden]
             if all_attentions is not None:
                 all_attentions = [w[:, :, :seq_len] for w in all_attentions]
-        logits = self.output_layer(x, c)
+        logits = self.output_layer(keep_positions(x, logits_to_keep), c)  # the head on the kept rows only
         hidden_states = tuple(all_hidden) if all_hidden is not None else None
         attentions = tuple(all_attentions) if all_attentions is not None else None
         if not return_dict:
@@ -335,7 +336,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool = True,
-        logits_to_keep: int | None = None,
+        logits_to_keep: LogitsToKeep = None,
     ) -> BD3LMOutput:
         r"""The clean stream as an autoregressive model: `input_ids` after the tokens of `cache` under a causal mask,
         at positions continuing the cache (`cumsum(attention_mask) - 1`), the gated adapter off. Row j of the logits
@@ -347,7 +348,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             attention_mask (`torch.Tensor` of shape `(batch, past + new)`, *optional*): 0 at padding.
             cache (`Cache`, *optional*): the causal KV cache (a `DynamicCache` is made when `use_cache` and none given).
             use_cache (`bool`): write this call's keys and values to the cache; otherwise it is left as it was.
-            logits_to_keep (`int`, *optional*): project only the last that many positions on the vocabulary.
+            logits_to_keep (`int` or 1-D `torch.LongTensor`, *optional*): project only the last n / these positions.
         """
         denoiser = self.denoiser
         if not denoiser.predicts_next_token:
@@ -367,6 +368,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             cache=cache,
             use_cache=use_cache,
         )
+        check_logits_to_keep(logits_to_keep, input_ids.shape[1])
         if use_cache and cache is None:
             cache = DynamicCache()
         return denoiser.causal_pass(input_ids.long(), attention_mask, cache, use_cache, logits_to_keep)
@@ -482,6 +484,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         generator: torch.Generator | None = None,
         cache: Cache | None = None,
         output_clean_logits: bool = False,
+        logits_to_keep: LogitsToKeep = None,
         **kwargs,
     ) -> BD3LMOutput | tuple:
         r"""
@@ -510,6 +513,9 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             output_clean_logits (`bool`, *optional*):
                 Vectorised pass only: also return `clean_logits`, the raw outputs at the clean `x_0` positions (with
                 `clean_attention="causal"` and an untouched clean stream, a converted causal LM's are the source's).
+            logits_to_keep (`int` or 1-D `torch.LongTensor`, *optional*):
+                Sampling pass only: project only some positions on the vocabulary (None or 0: all; n: the last n; a
+                tensor: those indices, in order); the logits are then `(batch, kept, vocab)`. `generate()` uses it.
         """
         config = self.config
         past_key_values = resolve_cache_kwarg(past_key_values, cache, type(self).__name__)
@@ -528,6 +534,9 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             cache=past_key_values,
             use_cache=use_cache,
         )
+        if logits_to_keep is not None and vectorised:
+            raise ValueError("`logits_to_keep` selects positions of a sampling pass; drop it with `noisy_input_ids`.")
+        check_logits_to_keep(logits_to_keep, input_ids.shape[1])
         if output_clean_logits and not vectorised:
             raise ValueError(
                 "`output_clean_logits=True` needs the vectorised pass: pass `noisy_input_ids` (or `labels`), not a "
@@ -556,6 +565,7 @@ class BD3LMForMaskedDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             output_attentions=output_attentions,
             return_dict=True,
             **({"output_clean_logits": True} if output_clean_logits else {}),
+            **({"logits_to_keep": logits_to_keep} if logits_to_keep is not None else {}),
         )
         loss = token_loss = None
         if labels is not None:

@@ -107,3 +107,25 @@ def test_every_timed_call_leaves_the_cache_at_the_prefix():
         for _ in range(2):
             measures._call(kind, model, cache, ids)
             assert cache.get_seq_length() == TINY.prefix, kind
+
+
+def test_the_overhead_stage_times_every_mode_and_reports_before_and_after(tmp_path):
+    """`python -m bench.drafting.overhead` on the tiny Llama: every (mode, batch) timed, the network time within the
+    total, the calls those of the output; two labels give the side-by-side table with the tokens compared."""
+    import copy
+
+    from bench.drafting import overhead
+
+    assert overhead.main(["--tiny", "--repeats", "1", "--label", "after", "--work-dir", str(tmp_path)]) == 0
+    after = json.loads((tmp_path / "overhead-after.json").read_text())
+    assert set(after["summary"]) == {f"{m}/b{b}" for m in overhead.MODES for b in overhead.TINY.batches}
+    for key, samples in after["samples"].items():
+        assert all(0 < n < t for n, t in zip(samples["network"], samples["total"], strict=True)), key
+        assert after["summary"][key]["calls"] >= 1
+    before = copy.deepcopy(after)
+    before["label"] = "before"
+    before["sequences"]["diffusion/b1"][0][-1] += 1  # a changed token shows as False
+    (tmp_path / "overhead-before.json").write_text(json.dumps(before))
+    table = overhead.report(tmp_path)
+    assert "outside after/before" in table and table.count("| True |") == len(after["summary"]) - 1
+    assert "| diffusion/b1 |" in table and table.split("| diffusion/b1 |")[1].split("\n")[0].endswith("| False |")
