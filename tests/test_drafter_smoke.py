@@ -24,6 +24,9 @@ CFG = study.TINY
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("drafter")
     assert main(["--tiny", "--work-dir", str(root / "work"), "--output-dir", str(root / "out")]) == 0
+    work = ["--tiny", "--work-dir", str(root / "work"), "--output-dir", str(root / "out")]
+    assert main([*work, "--stage", "speed-batch", "--dtypes", "float32"]) == 0
+    assert main([*work, "--stage", "report"]) == 0
     return root
 
 
@@ -59,6 +62,10 @@ def test_every_stage_writes_its_results(run):
                 assert r["new_tokens"] <= 1 + sum(r["methods"][variant]["acceptance_lengths"])
             if run_["dtype"] == "float32":  # exact in float32 (bfloat16 is reported, not promised)
                 assert all(m["equal_to_generate"] for m in r["methods"].values())
+    assert "## Batch 8" in tables and {r["name"] for r in results["speed_batch"].values()} == {"converted"} | best
+    for run_ in results["speed_batch"].values():
+        for row in run_["rows"]:  # batched draft-and-verify: every row its own greedy text
+            assert all(m["rows_equal_to_alone_float32"] == row["rows"] for m in row["methods"].values())
 
 
 def test_resumed_training_continues_where_it_stopped(run, tmp_path, capsys):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("data", "train", "measure", "speed", "report")
+EXTRA_STAGES = ("speed-batch",)  # not part of "all"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.drafter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stage", choices=STAGES + ("all",), default="all", help="which stage (default all)")
+    parser.add_argument(
+        "--stage", choices=STAGES + EXTRA_STAGES + ("all",), default="all", help="which stage (default all)"
+    )
     parser.add_argument("--recipe", choices=study.RECIPES, help="training recipe (default seed_plus_masks)")
     parser.add_argument("--data", choices=study.DATA, help="training sequences (default greedy)")
     parser.add_argument("--block-size", type=int, help="the drafter's block size k (default 4)")
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         measure.run_measure(cfg, work_dir)
     if "speed" in stages:
         measure.run_speed(cfg, work_dir, args.drafters, tuple(args.dtypes))
+    if "speed-batch" in stages:
+        measure.run_speed_batch(cfg, work_dir, args.drafters, tuple(args.dtypes))
     if "report" in stages:
         from .report import write_report
 

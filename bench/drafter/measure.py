@@ -174,6 +174,88 @@ def run_speed(
     return results
 
 
+def run_speed_batch(
+    cfg: DrafterConfig, work_dir: Path, drafters: list[str] | None = None, dtypes: tuple[str, ...] = ("float32",)
+) -> dict[str, Any]:
+    """Batched decoding: all held-out prompts of a kind in one left-padded batch (8 rows), `generate()` against
+    draft-and-verify (both variants; prompt lookup runs at batch 1 only), interleaved repeats. Exactness per row:
+    against the batch's `generate()` and against the row's float32 greedy continuation alone (`heldout.jsonl`): left
+    padding can move the source's own batched text. Files `speed-batch/<drafter>--<dtype>.json`."""
+    torch.set_num_threads(cfg.threads)
+    heldout = read_rows(work_dir / "heldout.jsonl")
+    kinds = list(dict.fromkeys(d["kind"] for d in heldout))
+    source32, tokenizer = load_source(cfg)
+    names = ["converted", *(best_checkpoints(cfg, work_dir) if drafters is None else drafters)]
+    results = {}
+    for dtype in dtypes:
+        source = source32 if dtype == "float32" else copy.deepcopy(source32).to(getattr(torch, dtype))
+        for name in names:
+            path = work_dir / "speed-batch" / f"{name.replace('/', '--')}--{dtype}.json"
+            if path.exists():
+                results[f"{name}--{dtype}"] = json.loads(path.read_text())
+                continue
+            model = load_drafter(cfg, source, tokenizer, None if name == "converted" else work_dir / name)
+            rows = []
+            for kind in kinds:
+                chosen = [d for d in heldout if d["kind"] == kind]
+                rows.append(_time_batch(cfg, source, model, chosen, tokenizer))
+                log(f"batch {name} {dtype} {kind}: " + ", ".join(
+                    f"{m} {rows[-1]['methods'][m]['seconds']:.1f}s" for m in rows[-1]["methods"]))  # fmt: skip
+            result = {"name": name, "dtype": dtype, "threads": cfg.threads, "repeats": cfg.speed_repeats, "rows": rows}
+            write(path, result)
+            results[f"{name}--{dtype}"] = result
+    return results
+
+
+def _time_batch(cfg: DrafterConfig, source: Any, model: Any, chosen: list[dict[str, Any]], tokenizer: Any) -> dict:
+    """One kind's prompts as one left-padded batch: each method `cfg.speed_repeats` times, interleaved."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(d["prompt_ids"]) for d in chosen)
+    ids = torch.tensor([[pad] * (width - len(d["prompt_ids"])) + d["prompt_ids"] for d in chosen])
+    mask = torch.tensor([[0] * (width - len(d["prompt_ids"])) + [1] * len(d["prompt_ids"]) for d in chosen])
+    common = {"max_new_tokens": cfg.new_tokens, "do_sample": False, "attention_mask": mask, "pad_token_id": pad}
+    calls = {"generate": lambda n: source.generate(ids, **{**common, "max_new_tokens": n})}
+    for v in VARIANTS:
+        calls[v] = lambda n, v=v: model.generate(
+            ids, **{**common, "max_new_tokens": n}, generation_mode="draft_verify", draft_variant=v,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    methods = list(calls)
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    outputs: dict[str, Any] = {}
+    with torch.no_grad():
+        for m in methods:
+            calls[m](4)  # warm-up
+        for rep in range(cfg.speed_repeats):
+            for m in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
+                start = time.perf_counter()
+                out = calls[m](cfg.new_tokens)
+                seconds[m].append(time.perf_counter() - start)
+                outputs.setdefault(m, out)
+
+    def new_tokens(sequences: torch.Tensor) -> list[list[int]]:
+        return [row[width:].tolist() for row in sequences]
+
+    reference = new_tokens(outputs["generate"])
+    alone = [d["continuation"] for d in chosen]
+
+    entry: dict[str, Any] = {"kind": chosen[0]["kind"], "rows": len(chosen), "methods": {}}
+    for m in methods:
+        out = outputs[m]
+        got = new_tokens(out.sequences if hasattr(out, "sequences") else out)
+        equal_batch = sum(g[: len(a)] == r[: len(a)] for g, r, a in zip(got, reference, alone))  # up to EOS
+        equal_alone = sum(g[: len(a)] == a for g, a in zip(got, alone))
+        e = {"seconds": _median(seconds[m]), "all_seconds": seconds[m], "rows_equal_to_batched_generate": equal_batch,
+             "rows_equal_to_alone_float32": equal_alone}  # fmt: skip
+        e["tokens"] = sum(len(a) for a in alone)
+        e["tokens_per_s"] = e["tokens"] / e["seconds"]
+        if hasattr(out, "nfe"):
+            e.update(num_forwards=int(out.num_forwards), mean_acceptance=float(
+                torch.cat(out.acceptance_lengths).double().mean()))  # fmt: skip
+        entry["methods"][m] = e
+    return entry
+
+
 def _time_prompt(cfg: DrafterConfig, source: Any, model: Any, d: dict[str, Any], dtype: str) -> dict[str, Any]:
     """One held-out prompt: every method `cfg.speed_repeats` times, interleaved (rotated order), median seconds."""
     ids = torch.tensor([d["prompt_ids"]])

@@ -36,11 +36,13 @@ def gather(cfg: DrafterConfig, work_dir: Path) -> dict[str, Any]:
                 "prompt_tokens": sum(len(r["prompt_ids"]) for r in rows),
                 "cpu_s": sum(r["cpu_s"] for r in rows),
             }  # fmt: skip
-    speed = {}
-    for path in sorted((work_dir / "speed").glob("*.json")):
-        row = json.loads(path.read_text())
-        speed[f"{row['name']}--{row['dtype']}"] = row
-    return {"config": cfg, "data": data, "training": training, "measured": measured, "speed": speed}
+    speed, batched = {}, {}
+    for folder, into in (("speed", speed), ("speed-batch", batched)):
+        for path in sorted((work_dir / folder).glob("*.json")):
+            row = json.loads(path.read_text())
+            into[f"{row['name']}--{row['dtype']}"] = row
+    return {"config": cfg, "data": data, "training": training, "measured": measured, "speed": speed,
+            "speed_batch": batched}  # fmt: skip
 
 
 def _fmt(x: float) -> str:
@@ -110,6 +112,19 @@ def tables(results: dict[str, Any], cfg: DrafterConfig) -> str:
                 lines.append(f"| {name} | {variant} | " + " | ".join(cells) + " |")
     if results["speed"]:
         lines += _speed_lines(results["speed"])
+    if results.get("speed_batch"):
+        lines += ["", "## Batch 8 (a kind's held-out prompts, left-padded): tokens/s side by side", "",
+                  "| drafter | dtype | kind | generate tok/s | two-pass | one-forward | rows equal to batched generate (two-pass, one-forward) | rows equal to each alone (generate, two-pass, one-forward) | mean acceptance (two-pass, one-forward) |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for run in results["speed_batch"].values():
+            for row in run["rows"]:
+                m = row["methods"]
+                g = m["generate"]["tokens_per_s"]
+                lines.append(f"| {run['name']} | {run['dtype']} | {row['kind']} | {g:.1f} | "
+                             + " | ".join(f"{m[v]['tokens_per_s']:.1f} ({m[v]['tokens_per_s'] / g:.2f}x)" for v in VARIANTS)
+                             + f" | {', '.join(str(m[v]['rows_equal_to_batched_generate']) for v in VARIANTS)} of {row['rows']}"
+                             + f" | {', '.join(str(m[x]['rows_equal_to_alone_float32']) for x in ('generate', *VARIANTS))}"
+                             + f" | {', '.join(_fmt(m[v]['mean_acceptance']) for v in VARIANTS)} |")  # fmt: skip
     for run, t in results["training"].items():
         lines += ["", f"## Training loss, `{run}` (every logged step: step, CPU s, loss)", ""]
         lines.append(
