@@ -270,3 +270,43 @@ def test_the_drafter_follows_the_source_dtype_and_refuses_a_foreign_gate(tiny_dr
         pretrained.drafter_from_source(source, tokenizer, tiny_drafter)
     with pytest.raises(ValueError, match=r"`dtype` must be torch\.float32, torch\.bfloat16 or torch\.float16"):
         pretrained.load_smollm2_drafter(dtype=torch.int8)
+
+
+def test_shipping_a_tiny_study_checkpoint_gives_a_folder_that_reproduces_its_log(tmp_path):
+    """`python -m bench.drafter.ship` on the tiny study: the written folder passes the loader's checks, and the
+    drafter loaded from it re-measures every logged block exactly (`check_drafter_acceptance`)."""
+    from bench.drafter import study
+    from bench.drafter.ship import main as ship_main
+
+    cfg, work = study.TINY, tmp_path / "work"
+    study.run_data(cfg, work)
+    study.run_train(cfg, work)
+    study.run_measure(cfg, work, recipes=("seed_plus_masks",))
+    checkpoint = study.checkpoints(work / "seed_plus_masks")[-1]
+    target = _copy_drafter(tmp_path)
+    assert ship_main(["--tiny", "--checkpoint", str(checkpoint), "--work-dir", str(work), "--target", str(target)]) == 0
+    settings = read_drafter_settings(target)
+    assert settings["conversion"]["model_length"] == cfg.model_length
+    assert (
+        settings["adapter"]["checkpoint"] == checkpoint.name and settings["generation"]["draft_variant"] == "two_pass"
+    )
+    source, tokenizer = study.load_source(cfg)
+    model = study.load_drafter(cfg, source, tokenizer, target)
+    checked = pretrained.check_drafter_acceptance(model, target)
+    assert set(checked) == set(cfg.heldout)
+    assert all(c["equal"] and c["measured"] == pytest.approx(c["logged"], abs=1e-9) for c in checked.values())
+    kind = next(iter(checked))
+
+    def tamper(stored):  # one block logged one draft longer, the logged figure updated to match: the re-measure differs
+        lengths = stored["kinds"][kind]["accepted_lengths"]
+        lengths[0] = (lengths[0] + 1) % cfg.block_size
+        return lengths
+
+    lengths = tamper(json.loads((target / "heldout.json").read_text()))
+    _edit(target, "heldout.json", tamper)
+    _edit(
+        target,
+        "drafter.json",
+        lambda d: d["acceptance"]["tokens_per_cycle"].update({kind: sum(lengths) / len(lengths) + 1}),
+    )
+    assert not pretrained.check_drafter_acceptance(model, target, kinds=[kind])[kind]["equal"]
