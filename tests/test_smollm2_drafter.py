@@ -310,3 +310,21 @@ def test_shipping_a_tiny_study_checkpoint_gives_a_folder_that_reproduces_its_log
         lambda d: d["acceptance"]["tokens_per_cycle"].update({kind: sum(lengths) / len(lengths) + 1}),
     )
     assert not pretrained.check_drafter_acceptance(model, target, kinds=[kind])[kind]["equal"]
+
+
+def test_the_drafter_decodes_greedy_draft_verify_by_default_and_takes_the_other_modes(tiny_drafter):
+    source, tokenizer = pretrained.load_smollm2()  # the tiny stand-in
+    model = pretrained.drafter_from_source(source, tokenizer, tiny_drafter)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = source.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = model.generate(ids, max_new_tokens=10, eos_token_id=None, return_dict_in_generate=True)
+        assert out.generation_mode == "draft_verify" and torch.equal(out.sequences, expected)
+        auto = model.generate(ids, max_new_tokens=10, eos_token_id=None, generation_mode="autoregressive")
+        assert torch.equal(auto, expected)
+        assert model.generate(ids, max_new_tokens=8, generation_mode="diffusion").shape == (1, 13)
+    _edit(tiny_drafter, "drafter.json", lambda d: d["generation"].update(draft_variant="one_forward"))
+    model = pretrained.drafter_from_source(source, tokenizer, tiny_drafter)
+    assert model.generation_config.draft_variant == "one_forward"
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=None), expected)

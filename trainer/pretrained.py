@@ -165,7 +165,9 @@ def drafter_from_source(
     """The drafter of `adapter_path` (default: the shipped one) on `source` (SmolLM2's causal LM, as
     [`load_smollm2`] returns it): converted with the folder's `drafter.json` settings, the gated adapter applied
     (PEFT, never merged: merging would lose the gate), eval mode, and its generation config set to greedy
-    draft-and-verify (`generation_mode="draft_verify"`, the settings' `draft_variant`, `do_sample=False`).
+    draft-and-verify (`generation_mode="draft_verify"`, the settings' `draft_variant`, `do_sample=False`). With a
+    `draft_variant` other than the mode's default ("two_pass"), a call with another `generation_mode` must pass
+    `draft_variant=None`.
 
     `copy_source=True` converts a deep copy, so `source` stays a plain SmolLM2 (conversion moves the network into the
     wrapper and grows its embedding by the mask row); False converts `source` itself (less memory).
@@ -173,6 +175,7 @@ def drafter_from_source(
     from peft import PeftModel
 
     from modeling_bd3lm import BD3LMForMaskedDiffusion
+    from modeling_bd3lm.modes_bd3lm import DRAFT_VARIANTS
 
     folder = SMOLLM2_DRAFTER if adapter_path is None else Path(adapter_path)
     settings = read_drafter_settings(folder)
@@ -197,7 +200,10 @@ def drafter_from_source(
         model = model.to(dtype)  # a bfloat16 SmolLM2 gets a bfloat16 adapter (no float32 matmuls in every layer)
     config = model.generation_config
     config.generation_mode = "draft_verify"
-    config.draft_variant = settings["generation"]["draft_variant"]
+    variant = settings["generation"]["draft_variant"]
+    # The mode's own default stays implicit (None): the config then also takes generation_mode="autoregressive" or
+    # "diffusion" in a generate() call, which refuses a `draft_variant` outside draft_verify.
+    config.draft_variant = None if variant == DRAFT_VARIANTS[0] else variant
     config.do_sample = False
     return model.eval()
 
