@@ -269,7 +269,9 @@ def load_smollm2_drafter(
 
     Args:
         dtype: `torch.float32` (default; the exactness against SmolLM2's `generate()` is tested there) or
-            `torch.bfloat16`.
+            `torch.bfloat16` (faster calls, but not exact: a verify call over k tokens rounds differently from a
+            one-token step, and on "Explain photosynthesis in two sentences." the greedy text left SmolLM2's
+            bfloat16 text at token 19).
         adapter_path: another drafter folder laid out like the shipped one ([`DRAFTER_FILES`]); default the shipped
             `drafters/smollm2-135m-k4`.
         device: where to put the model (default: CPU).

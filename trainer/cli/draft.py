@@ -35,7 +35,13 @@ def add_draft_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DRAFT_VARIANT_NAMES,
         help="%(choices)s (default: the drafter's, from its drafter.json)",
     )
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and compute (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="weights and compute (default: float32, where the texts are identical); in bfloat16 a k-token verify call "
+        "rounds differently from a one-token step, so the text can drift from SmolLM2's (reported, exit status 1)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of each, interleaved (default: 3)")
     parser.add_argument("--adapter", help="another drafter folder laid out like the shipped one (default: shipped)")
