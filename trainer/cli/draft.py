@@ -42,7 +42,13 @@ def add_draft_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights and compute (default: float32, where the texts are identical); in bfloat16 a k-token verify call "
         "rounds differently from a one-token step, so the text can drift from SmolLM2's (reported, exit status 1)",
     )
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default: 1, bench/drafter's setting; on the shared 2-core machine 2 threads made both "
+        "runs several times slower and draft_verify most: 0.18x instead of 0.58x)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of each, interleaved (default: 3)")
     parser.add_argument("--adapter", help="another drafter folder laid out like the shipped one (default: shipped)")
 
@@ -75,8 +81,7 @@ def run_draft(args: argparse.Namespace) -> int:
 
     from .. import pretrained
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     settings = pretrained.read_drafter_settings(args.adapter)  # a bad folder fails before loading SmolLM2
     variant = args.draft_variant or settings["generation"]["draft_variant"]
     print(f"Loading SmolLM2-135M-Instruct ({args.dtype}) and the drafter {settings.get('name', args.adapter)} ...")
