@@ -16,7 +16,7 @@ from bd3lm_trainer.cli import build_parser, main
 from bd3lm_trainer.cli.train import _data_record
 from bd3lm_trainer.corpus import load_corpus, load_tokenizer
 
-SUBCOMMANDS = ("demo", "train", "generate", "eval")
+SUBCOMMANDS = ("demo", "train", "generate", "eval", "draft")
 FAST_TRAIN = [
     "--model-length",
     "32",

@@ -1,5 +1,5 @@
 # Copyright 2026 The BD3-LM HF authors. Licensed under the Apache License, Version 2.0.
-"""The `bd3lm` command line: demo, train, generate, eval, upload, convert.
+"""The `bd3lm` command line: demo, train, generate, eval, upload, convert, draft.
 
     bd3lm demo                                                # train, generate, save Hub-ready, reload (<8 min)
     bd3lm train --preset tiny --output-dir runs/tiny          # the embedded corpus and tokenizer by default
@@ -7,6 +7,7 @@
     bd3lm eval runs/tiny
     bd3lm upload runs/tiny user/my-bd3lm --dry-run
     bd3lm convert HuggingFaceTB/SmolLM2-135M smollm2-bd3lm --block-size 4   # a causal LM as the denoiser
+    bd3lm draft --prompt "Explain photosynthesis in two sentences."   # SmolLM2's exact text by draft-and-verify, timed
 
 User mistakes (a missing folder, a bad option value) print one readable line and exit with status 2.
 """
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from .common import EXIT_USAGE, CLIError
 from .convert import add_convert_arguments, run_convert
 from .demo import add_demo_arguments, run_demo
+from .draft import add_draft_arguments, run_draft
 from .eval import add_eval_arguments, run_eval
 from .generate import add_generate_arguments, run_generate
 from .malloc_tuning import reuse_freed_memory
@@ -32,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bd3lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,upload,convert}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,train,generate,eval,upload,convert,draft}"
+    )
     demo = sub.add_parser(
         "demo",
         help="train the tiny preset on the embedded corpus, generate, save a Hub-ready folder, reload it",
@@ -63,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_upload_arguments(upload)
     upload.set_defaults(func=run_upload)
+    draft = sub.add_parser(
+        "draft",
+        help="SmolLM2's answer by draft-and-verify with the shipped drafter: identity check and speed against generate()",
+        description=sys.modules[run_draft.__module__].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_draft_arguments(draft)
+    draft.set_defaults(func=run_draft)
     return parser
 
 
