@@ -275,13 +275,13 @@ def test_the_drafter_follows_the_source_dtype_and_refuses_a_foreign_gate(tiny_dr
 def test_shipping_a_tiny_study_checkpoint_gives_a_folder_that_reproduces_its_log(tmp_path):
     """`python -m bench.drafter.ship` on the tiny study: the written folder passes the loader's checks, and the
     drafter loaded from it re-measures every logged block exactly (`check_drafter_acceptance`)."""
-    from bench.drafter import study
+    from bench.drafter import measure, study
     from bench.drafter.ship import main as ship_main
 
     cfg, work = study.TINY, tmp_path / "work"
     study.run_data(cfg, work)
     study.run_train(cfg, work)
-    study.run_measure(cfg, work, recipes=("seed_plus_masks",))
+    measure.run_measure(cfg, work)
     checkpoint = study.checkpoints(work / "seed_plus_masks")[-1]
     target = _copy_drafter(tmp_path)
     assert ship_main(["--tiny", "--checkpoint", str(checkpoint), "--work-dir", str(work), "--target", str(target)]) == 0
