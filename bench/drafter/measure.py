@@ -132,6 +132,20 @@ def best_checkpoints(cfg: DrafterConfig, work_dir: Path) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def drafter_folder(work_dir: Path, name: str) -> Path | None:
+    """The adapter of drafter `name`: None for "converted", a checkpoint `<run>/checkpoint-N` of the work folder, or
+    any folder holding a gated adapter (e.g. the packaged one, `trainer/drafters/smollm2-135m-k4`)."""
+    if name == "converted":
+        return None
+    for folder in (work_dir / name, Path(name)):
+        if (folder / "state.json").exists() or (folder / "drafter.json").exists():
+            return folder
+    raise FileNotFoundError(
+        f"{name} is neither a complete checkpoint of {work_dir} (<run>/checkpoint-N with state.json) nor a drafter "
+        "folder (with drafter.json); train it or pick another drafter."
+    )
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -158,10 +172,7 @@ def run_speed(
             if path.exists():
                 results[f"{name}--{dtype}"] = json.loads(path.read_text())
                 continue
-            ckpt = None if name == "converted" else work_dir / name
-            if ckpt is not None and not (ckpt / "state.json").exists():
-                raise FileNotFoundError(f"{ckpt} is not a complete checkpoint; train it or pick another drafter.")
-            model = load_drafter(cfg, source, tokenizer, ckpt)
+            model = load_drafter(cfg, source, tokenizer, drafter_folder(work_dir, name))
             result = {"name": name, "dtype": dtype, "threads": cfg.threads, "repeats": cfg.speed_repeats,
                       "prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens, "rows": []}  # fmt: skip
             result["rows"] = [_time_prompt(cfg, source, model, d, dtype) for d in prompts]
@@ -194,7 +205,7 @@ def run_speed_batch(
             if path.exists():
                 results[f"{name}--{dtype}"] = json.loads(path.read_text())
                 continue
-            model = load_drafter(cfg, source, tokenizer, None if name == "converted" else work_dir / name)
+            model = load_drafter(cfg, source, tokenizer, drafter_folder(work_dir, name))
             rows = []
             for kind in kinds:
                 chosen = [d for d in heldout if d["kind"] == kind]
