@@ -150,39 +150,50 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run_speed(
-    cfg: DrafterConfig,
-    work_dir: Path,
-    drafters: list[str] | None = None,
-    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+def _timed_drafters(
+    cfg: DrafterConfig, work_dir: Path, folder: str, drafters: list[str] | None, dtypes: tuple[str, ...], body: Any
 ) -> dict[str, Any]:
-    """Time `METHODS` side by side for the conversion and `drafters` (names `<run>/checkpoint-N`; default the best
-    measured checkpoint of each variant), in each of `dtypes` (module docstring). A file that exists is skipped."""
+    """For the conversion and each of `drafters` (default: the best measured checkpoint of each variant), in each of
+    `dtypes` (source and drafter cast to it): `body(source, model, tokenizer, heldout)` -> the rows of
+    `work_dir/<folder>/<drafter>--<dtype>.json`, written with the run's settings; a file that exists is kept."""
     torch.set_num_threads(cfg.threads)
     heldout = read_rows(work_dir / "heldout.jsonl")
-    kinds = list(dict.fromkeys(d["kind"] for d in heldout))
-    prompts = [d for kind in kinds for d in [d for d in heldout if d["kind"] == kind][: cfg.speed_prompts_per_kind]]
     source32, tokenizer = load_source(cfg)
     names = ["converted", *(best_checkpoints(cfg, work_dir) if drafters is None else drafters)]
     results = {}
     for dtype in dtypes:
         source = source32 if dtype == "float32" else copy.deepcopy(source32).to(getattr(torch, dtype))
         for name in names:
-            path = work_dir / "speed" / f"{name.replace('/', '--')}--{dtype}.json"
-            if path.exists():
-                results[f"{name}--{dtype}"] = json.loads(path.read_text())
-                continue
-            model = load_drafter(cfg, source, tokenizer, drafter_folder(work_dir, name))
-            result = {"name": name, "dtype": dtype, "threads": cfg.threads, "repeats": cfg.speed_repeats,
-                      "prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens, "rows": []}  # fmt: skip
-            result["rows"] = [_time_prompt(cfg, source, model, d, dtype) for d in prompts]
-            for method in METHODS:
-                total = sum(r["methods"][method]["seconds"] for r in result["rows"])
-                new = sum(r["new_tokens"] for r in result["rows"])
-                log(f"{name} {dtype} {method}: {new / total:.1f} tok/s")
-            write(path, result)
-            results[f"{name}--{dtype}"] = result
+            path = work_dir / folder / f"{name.replace('/', '--')}--{dtype}.json"
+            if not path.exists():
+                model = load_drafter(cfg, source, tokenizer, drafter_folder(work_dir, name))
+                result = {"name": name, "dtype": dtype, "threads": cfg.threads, "repeats": cfg.speed_repeats,
+                          "prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens}  # fmt: skip
+                result["rows"] = body(source, model, tokenizer, heldout, f"{name} {dtype}")
+                write(path, result)
+            results[f"{name}--{dtype}"] = json.loads(path.read_text())
     return results
+
+
+def run_speed(
+    cfg: DrafterConfig,
+    work_dir: Path,
+    drafters: list[str] | None = None,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+) -> dict[str, Any]:
+    """Time `METHODS` side by side at batch 1 on the first `cfg.speed_prompts_per_kind` held-out prompts of each kind
+    (module docstring); files `speed/<drafter>--<dtype>.json`."""
+
+    def body(source: Any, model: Any, tokenizer: Any, heldout: list[dict[str, Any]], label: str) -> list[dict]:
+        kinds = list(dict.fromkeys(d["kind"] for d in heldout))
+        chosen = [d for k in kinds for d in [d for d in heldout if d["kind"] == k][: cfg.speed_prompts_per_kind]]
+        rows = [_time_prompt(cfg, source, model, d, label) for d in chosen]
+        new = sum(r["new_tokens"] for r in rows)
+        log(f"{label}: " + ", ".join(f"{m} {new / sum(r['methods'][m]['seconds'] for r in rows):.1f} tok/s"
+                                     for m in METHODS))  # fmt: skip
+        return rows
+
+    return _timed_drafters(cfg, work_dir, "speed", drafters, dtypes, body)
 
 
 def run_speed_batch(
@@ -192,30 +203,18 @@ def run_speed_batch(
     draft-and-verify (both variants; prompt lookup runs at batch 1 only), interleaved repeats. Exactness per row:
     against the batch's `generate()` and against the row's float32 greedy continuation alone (`heldout.jsonl`): left
     padding can move the source's own batched text. Files `speed-batch/<drafter>--<dtype>.json`."""
-    torch.set_num_threads(cfg.threads)
-    heldout = read_rows(work_dir / "heldout.jsonl")
-    kinds = list(dict.fromkeys(d["kind"] for d in heldout))
-    source32, tokenizer = load_source(cfg)
-    names = ["converted", *(best_checkpoints(cfg, work_dir) if drafters is None else drafters)]
-    results = {}
-    for dtype in dtypes:
-        source = source32 if dtype == "float32" else copy.deepcopy(source32).to(getattr(torch, dtype))
-        for name in names:
-            path = work_dir / "speed-batch" / f"{name.replace('/', '--')}--{dtype}.json"
-            if path.exists():
-                results[f"{name}--{dtype}"] = json.loads(path.read_text())
-                continue
-            model = load_drafter(cfg, source, tokenizer, drafter_folder(work_dir, name))
-            rows = []
-            for kind in kinds:
-                chosen = [d for d in heldout if d["kind"] == kind]
-                rows.append(_time_batch(cfg, source, model, chosen, tokenizer))
-                log(f"batch {name} {dtype} {kind}: " + ", ".join(
-                    f"{m} {rows[-1]['methods'][m]['seconds']:.1f}s" for m in rows[-1]["methods"]))  # fmt: skip
-            result = {"name": name, "dtype": dtype, "threads": cfg.threads, "repeats": cfg.speed_repeats, "rows": rows}
-            write(path, result)
-            results[f"{name}--{dtype}"] = result
-    return results
+
+    def body(source: Any, model: Any, tokenizer: Any, heldout: list[dict[str, Any]], label: str) -> list[dict]:
+        rows = []
+        for kind in dict.fromkeys(d["kind"] for d in heldout):
+            rows.append(_time_batch(cfg, source, model, [d for d in heldout if d["kind"] == kind], tokenizer))
+            log(
+                f"batch {label} {kind}: "
+                + ", ".join(f"{m} {v['seconds']:.1f}s" for m, v in rows[-1]["methods"].items())
+            )
+        return rows
+
+    return _timed_drafters(cfg, work_dir, "speed-batch", drafters, dtypes, body)
 
 
 def _time_batch(cfg: DrafterConfig, source: Any, model: Any, chosen: list[dict[str, Any]], tokenizer: Any) -> dict:
@@ -267,7 +266,7 @@ def _time_batch(cfg: DrafterConfig, source: Any, model: Any, chosen: list[dict[s
     return entry
 
 
-def _time_prompt(cfg: DrafterConfig, source: Any, model: Any, d: dict[str, Any], dtype: str) -> dict[str, Any]:
+def _time_prompt(cfg: DrafterConfig, source: Any, model: Any, d: dict[str, Any], label: str) -> dict[str, Any]:
     """One held-out prompt: every method `cfg.speed_repeats` times, interleaved (rotated order), median seconds."""
     ids = torch.tensor([d["prompt_ids"]])
     common = {"max_new_tokens": cfg.new_tokens, "do_sample": False, "attention_mask": torch.ones_like(ids)}
@@ -316,6 +315,6 @@ def _time_prompt(cfg: DrafterConfig, source: Any, model: Any, d: dict[str, Any],
             entry.update(nfe=int(out.nfe[0]), tokens_per_forward=float(out.tokens_per_forward[0]),
                          acceptance_lengths=out.acceptance_lengths[0].tolist())  # fmt: skip
         row["methods"][method] = entry
-    log(f"{d['kind']} {dtype}: " + ", ".join(f"{m} {row['methods'][m]['seconds']:.2f}s" for m in METHODS)
+    log(f"{label} {d['kind']}: " + ", ".join(f"{m} {row['methods'][m]['seconds']:.2f}s" for m in METHODS)
         + f" equal {[row['methods'][m]['equal_to_generate'] for m in METHODS]}")  # fmt: skip
     return row

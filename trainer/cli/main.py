@@ -37,44 +37,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{demo,train,generate,eval,upload,convert,draft}"
     )
-    demo = sub.add_parser(
-        "demo",
-        help="train the tiny preset on the embedded corpus, generate, save a Hub-ready folder, reload it",
-        description=sys.modules[run_demo.__module__].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_demo_arguments(demo)
-    demo.set_defaults(func=run_demo)
-    train = sub.add_parser("train", help="train or fine-tune a BD3-LM", description=run_train.__doc__)
-    add_train_arguments(train)
-    train.set_defaults(func=run_train)
-    generate = sub.add_parser("generate", help="generate from a model, streaming each finished block")
-    add_generate_arguments(generate)
-    generate.set_defaults(func=run_generate)
-    evaluate = sub.add_parser("eval", help="NELBO perplexity bound, generative perplexity, lm-eval tasks")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=run_eval)
-    convert = sub.add_parser(
-        "convert", help="turn a pretrained causal LM into a BD3-LM folder (see `bd3lm convert -h`)"
-    )
-    add_convert_arguments(convert)
-    convert.set_defaults(func=run_convert)
-    upload = sub.add_parser(
-        "upload",
-        help="publish a model folder to the Hugging Face Hub (see `bd3lm upload --help`)",
-        description=sys.modules[run_upload.__module__].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_upload_arguments(upload)
-    upload.set_defaults(func=run_upload)
-    draft = sub.add_parser(
-        "draft",
-        help="SmolLM2's answer by draft-and-verify with the shipped drafter: identity check and speed against generate()",
-        description=sys.modules[run_draft.__module__].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_draft_arguments(draft)
-    draft.set_defaults(func=run_draft)
+
+    def module_doc(run: object) -> str | None:
+        return sys.modules[run.__module__].__doc__
+
+    # (name, --help line, add its options, run it, the description of `bd3lm NAME --help`)
+    commands = (
+        ("demo", "train the tiny preset on the embedded corpus, generate, save a Hub-ready folder, reload it",
+         add_demo_arguments, run_demo, module_doc(run_demo)),
+        ("train", "train or fine-tune a BD3-LM", add_train_arguments, run_train, run_train.__doc__),
+        ("generate", "generate from a model, streaming each finished block", add_generate_arguments, run_generate,
+         None),
+        ("eval", "NELBO perplexity bound, generative perplexity, lm-eval tasks", add_eval_arguments, run_eval, None),
+        ("convert", "turn a pretrained causal LM into a BD3-LM folder (see `bd3lm convert -h`)",
+         add_convert_arguments, run_convert, None),
+        ("upload", "publish a model folder to the Hugging Face Hub (see `bd3lm upload --help`)",
+         add_upload_arguments, run_upload, module_doc(run_upload)),
+        ("draft", "SmolLM2's answer by draft-and-verify with the shipped drafter: identity check and speed against "
+         "generate()", add_draft_arguments, run_draft, module_doc(run_draft)),
+    )  # fmt: skip
+    for name, help_text, add_arguments, run, description in commands:
+        command = sub.add_parser(
+            name, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        add_arguments(command)
+        command.set_defaults(func=run)
     return parser
 
 
