@@ -52,9 +52,11 @@ def _fmt(x: float) -> str:
 def _speed_lines(speed: dict[str, Any]) -> list[str]:
     lines = ["", "## Real greedy decoding, batch 1: tokens/s side by side (median of interleaved repeats)", "",
              "Ratios are against `generate()` in the same run and dtype; 'equal' counts prompts whose tokens equal "
-             "`generate()`'s; tokens per call = new tokens / network calls of draft-and-verify.", "",
-             "| drafter | dtype | kind | prompts | generate tok/s | prompt lookup | two-pass | one-forward | equal (lookup, two-pass, one-forward) | tokens per call (two-pass, one-forward) | bf16 text = fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "`generate()`'s; tokens per call = new tokens / network calls of draft-and-verify; tokens per cycle = "
+             "accepted drafts + 1 (the prefill's first token not counted); a cycle's cost in AR steps = tokens per cycle "
+             "x generate's tokens/s / draft-and-verify's (what a cycle must emit to break even).", "",
+             "| drafter | dtype | kind | prompts | generate tok/s | prompt lookup | two-pass | one-forward | equal (lookup, two-pass, one-forward) | tokens per call (two-pass, one-forward) | tokens per cycle (two-pass, one-forward) | cycle cost in AR steps (two-pass, one-forward) | bf16 text = fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in speed.values():
         for kind in dict.fromkeys(r["kind"] for r in run["rows"]):
             rows = [r for r in run["rows"] if r["kind"] == kind]
@@ -62,6 +64,9 @@ def _speed_lines(speed: dict[str, Any]) -> list[str]:
             rate = {m: new / sum(r["methods"][m]["seconds"] for r in rows) for m in METHODS}
             equal = [f"{sum(r['methods'][m]['equal_to_generate'] for r in rows)}/{len(rows)}" for m in METHODS[1:]]
             per_call = [_fmt(new / sum(r["methods"][v]["nfe"] for r in rows)) for v in VARIANTS]
+            # a cycle's cost in AR steps = the tokens it emits x (generate's tokens/s) / (draft-and-verify's tokens/s)
+            cycles = {v: [a for r in rows for a in r["methods"][v]["acceptance_lengths"]] for v in VARIANTS}
+            cost = [_fmt(sum(cycles[v]) / len(cycles[v]) * rate["generate"] / rate[v]) for v in VARIANTS]
             same = (
                 f"{sum(r['generate_equal_to_float32'] for r in rows)}/{len(rows)}" if run["dtype"] != "float32" else "-"
             )
@@ -69,7 +74,9 @@ def _speed_lines(speed: dict[str, Any]) -> list[str]:
                 f"{rate[m]:.1f} ({rate[m] / rate['generate']:.2f}x)" for m in METHODS[1:]
             ]
             lines.append(f"| {run['name']} | {run['dtype']} | {kind} | {len(rows)} | " + " | ".join(cells)
-                         + f" | {', '.join(equal)} | {', '.join(per_call)} | {same} |")  # fmt: skip
+                         + f" | {', '.join(equal)} | {', '.join(per_call)} | "
+                         + ", ".join(_fmt(sum(cycles[v]) / len(cycles[v])) for v in VARIANTS)
+                         + f" | {', '.join(cost)} | {same} |")  # fmt: skip
     return lines
 
 
