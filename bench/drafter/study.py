@@ -60,7 +60,7 @@ class DrafterConfig:
     # training
     recipe: str = "seed_plus_masks"
     data: str = "greedy"
-    samples_per_prompt: int = 2  # data "sampled": sampled continuations per training prompt (besides the greedy one)
+    samples_per_prompt: int = 1  # data "sampled": sampled continuations per training prompt (besides the greedy one)
     sample_temperature: float = 0.8
     corpus_rows: int = 512  # data "corpus": chunks of `model_length` tokens of the embedded corpus' train split
     lora_r: int = 16
