@@ -14,7 +14,7 @@ A leaf of the package: it imports only torch (no peft: it ships inside checkpoin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -93,17 +93,16 @@ def adapter_gate(backbone: nn.Module, active_last: int | None) -> Iterator[None]
                 "(`gradient_checkpointing=False`)."
             )
 
-    # A layer whose every adapter is gated runs a shorter path for this call when it can (`_runs_as_base`): with the
-    # update acting nowhere (autoregressive steps, verify calls) its base layer alone (the same values: the gated
-    # update would add nothing); in inference, the update on the last `active_last` positions as one slice of each row
-    # (`_tail_update`: the same arithmetic as PEFT's aLoRA path, without its per-layer mask building and boolean
-    # indexing, which cost about an AR step per draft call on SmolLM2-135M). Other layers keep the hook below.
-    inference = not torch.is_grad_enabled()
-    bypass = [layer for layer in layers if _runs_as_base(layer) and (active_last == 0 or _tail_ready(layer, inference))]
-    for layer in bypass:
-        # a callable that is not a Module: set on the instance, not registered as a submodule
-        layer.forward = layer.base_layer.__call__ if active_last == 0 else _tail_update(layer, active_last)
-    layers = [layer for layer in layers if not any(layer is b for b in bypass)]
+    if active_last == 0:
+        # The update acts nowhere: a layer whose every adapter is gated runs its base layer alone for this call (the
+        # same values: the gated update would add nothing), which saves the adapter's per-layer work in every
+        # clean-stream call (autoregressive steps, verify calls). Layers with other adapters keep the hook below.
+        bypass = [layer for layer in layers if _runs_as_base(layer)]
+        for layer in bypass:
+            layer.forward = layer.base_layer.__call__  # a bound method: set on the instance, not as a submodule
+        layers = [layer for layer in layers if not any(layer is b for b in bypass)]
+    else:
+        bypass = []
 
     def set_offsets(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows = args[0].shape[0] if args else kwargs["x"].shape[0]
@@ -122,39 +121,6 @@ def adapter_gate(backbone: nn.Module, active_last: int | None) -> Iterator[None]
             handle.remove()
         for layer in bypass:
             del layer.forward
-
-
-def _tail_ready(layer: nn.Module, inference: bool) -> bool:
-    """Whether `_tail_update` computes `layer`'s gated output: inference (no gradients, eval mode: dropout is the
-    identity), adapters enabled (not inside PEFT's `disable_adapter()`) and exactly one active adapter."""
-    return (
-        inference
-        and not layer.training
-        and not getattr(layer, "disable_adapters", False)
-        and len(getattr(layer, "active_adapters", ())) == 1
-    )
-
-
-def _tail_update(layer: nn.Module, active_last: int) -> Callable[..., torch.Tensor]:
-    """`layer`'s forward with its one gated adapter acting on the last `active_last` positions of each row: the base
-    output, plus `lora_B(lora_A(x)) * scaling` on those positions, in the adapter's dtype and added into the base
-    output as PEFT's aLoRA path adds it."""
-    (name,) = layer.active_adapters
-    lora_a, lora_b, scaling = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
-    base = layer.base_layer
-
-    def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        kwargs.pop("alora_offsets", None)
-        if x.dim() != 3:  # not (rows, positions, features): PEFT's own path
-            return type(layer).forward(layer, x, *args, alora_offsets=[active_last] * x.shape[0], **kwargs)
-        result = base(x, *args, **kwargs)
-        n = min(active_last, x.shape[1])
-        if n:
-            tail = x[:, x.shape[1] - n :].to(lora_a.weight.dtype)
-            result[:, x.shape[1] - n :] += lora_b(lora_a(tail)) * scaling
-        return result
-
-    return forward
 
 
 def _runs_as_base(layer: nn.Module) -> bool:

@@ -359,39 +359,6 @@ def test_a_clean_only_call_runs_the_base_layers_and_a_generate_finds_the_gated_l
     assert len(walks) == 1 and int(out.num_forwards) > 2
 
 
-def test_in_inference_a_gated_update_on_the_last_positions_skips_pefts_mask_path(monkeypatch):
-    """In inference (no gradients, eval) `adapter_gate(..., n)` adds a fully gated layer's update on the last n
-    positions of each row as one slice, without PEFT's aLoRA mask path (never called), with the same values as that
-    path (run with gradients on), float32 exactly and bfloat16 too; inside PEFT's `disable_adapter()` nothing is
-    added."""
-    from peft.tuners.lora.variants import ALoraLinearVariant
-
-    from modeling_bd3lm import adapter_gate
-    from tests.test_causal_backbone import _tokens
-
-    reference, peft_model = _gated_setup("causal", init_lora_weights=False)
-    peft_model.eval()
-    backbone = peft_model.get_base_model().backbone
-    x = _tokens(2, 6)
-    for dtype in (torch.float32, torch.bfloat16):
-        backbone.to(dtype)
-        with torch.enable_grad(), adapter_gate(backbone, 2):  # gradients on: PEFT's own aLoRA path
-            expected = backbone(x).logits.detach()
-        calls = []
-        real = ALoraLinearVariant.forward
-        counted = staticmethod(lambda *a, **k: calls.append(1) or real(*a, **k))
-        monkeypatch.setattr(ALoraLinearVariant, "forward", counted)
-        with torch.no_grad(), adapter_gate(backbone, 2):
-            fast = backbone(x).logits
-        monkeypatch.setattr(ALoraLinearVariant, "forward", staticmethod(real))
-        assert calls == []
-        torch.testing.assert_close(fast, expected, rtol=0, atol=0)
-        with torch.no_grad(), peft_model.disable_adapter(), adapter_gate(backbone, 2):
-            off = backbone(x).logits
-        torch.testing.assert_close(off[..., :90].float(), reference.to(dtype)(x).logits.float(), rtol=0, atol=1e-5)
-    backbone.to(torch.float32)
-
-
 def test_gated_lora_config_refuses_the_dit_and_its_own_fields():
     from bd3lm_trainer import gated_lora_config
 
