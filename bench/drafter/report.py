@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bd3lm_trainer.utils import pyplot, save_figure
+
 from .measure import METHODS, VARIANTS, variant_key
 from .study import DrafterConfig, checkpoints, read_rows, write
 
@@ -142,8 +144,50 @@ def tables(results: dict[str, Any], cfg: DrafterConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict[str, Any], cfg: DrafterConfig, path: Path) -> Path | None:
+    """Left: held-out tokens per cycle (all kinds, k = `cfg.block_size`) against training CPU seconds, per run and
+    variant. Right: tokens/s relative to `generate()` at batch 1 per method, drafter, dtype and prompt kind."""
+    plt = pyplot("matplotlib is not installed: no drafter plot")
+    if plt is None:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    measured = results["measured"]
+    runs = sorted({n.split("/")[0] for n in measured if n != "converted"})
+    base = measured.get("converted")
+    for variant, style in zip(VARIANTS, ("-", "--")):
+        key = variant_key(variant, cfg.block_size)
+        for i, run in enumerate(runs):
+            points = sorted((m["train_cpu_s"], m["acceptance"]["all"][key]["tokens_per_cycle"])
+                            for n, m in measured.items() if n.split("/")[0] == run)  # fmt: skip
+            if base:
+                points = [(0.0, base["acceptance"]["all"][key]["tokens_per_cycle"]), *points]
+            left.plot(*zip(*points), style, marker="o", color=f"C{i}", label=f"{run}, {variant}")
+    left.set_xlabel("training CPU seconds")
+    left.set_ylabel(f"held-out tokens per cycle (k = {cfg.block_size})")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    labels, values, colours = [], [], []
+    for run in results["speed"].values():
+        for kind in dict.fromkeys(r["kind"] for r in run["rows"]):
+            rows = [r for r in run["rows"] if r["kind"] == kind]
+            rate = {
+                m: sum(r["new_tokens"] for r in rows) / sum(r["methods"][m]["seconds"] for r in rows) for m in METHODS
+            }
+            for j, method in enumerate(METHODS[1:]):
+                labels.append(f"{run['name'].split('/')[-1]} {run['dtype'][:4]} {kind} {method}")
+                values.append(rate[method] / rate["generate"])
+                colours.append(f"C{j}")
+    right.barh(range(len(values)), values, color=colours)
+    right.set_yticks(range(len(values)), labels, fontsize=5)
+    right.axvline(1.0, color="k", lw=0.8)
+    right.set_xlabel("tokens/s relative to generate() (batch 1, same run)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def write_report(cfg: DrafterConfig, work_dir: Path, output_dir: Path) -> dict[str, Any]:
     results = gather(cfg, work_dir)
+    plot(results, cfg, output_dir / "drafter.png")
     slim = json.loads(json.dumps(results, default=str))
     write(output_dir / "drafter.json", slim)
     (output_dir / "tables.md").write_text(tables(results, cfg))
