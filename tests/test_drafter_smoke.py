@@ -5,6 +5,7 @@ drafts' plain cross-entropy, the gated adapter leaves the clean stream alone, po
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 
@@ -51,6 +52,8 @@ def test_every_stage_writes_its_results(run):
     tables = (run / "out" / "tables.md").read_text()
     assert "## Tokens per cycle" in tables and "seed_plus_masks/checkpoint-4" in tables
     assert "## Real greedy" in tables and "one_forward drafts" in tables
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (run / "out" / "drafter.png").stat().st_size > 0
     timed = {(r["name"], r["dtype"]) for r in results["speed"].values()}
     best = set(best_checkpoints(CFG, run / "work"))
     assert timed == {(n, d) for n in {"converted"} | best for d in ("float32", "bfloat16")} and best

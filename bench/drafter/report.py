@@ -187,6 +187,7 @@ def plot(results: dict[str, Any], cfg: DrafterConfig, path: Path) -> Path | None
 
 def write_report(cfg: DrafterConfig, work_dir: Path, output_dir: Path) -> dict[str, Any]:
     results = gather(cfg, work_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     plot(results, cfg, output_dir / "drafter.png")
     slim = json.loads(json.dumps(results, default=str))
     write(output_dir / "drafter.json", slim)
