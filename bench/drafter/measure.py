@@ -217,6 +217,26 @@ def run_speed_batch(
     return _timed_drafters(cfg, work_dir, "speed-batch", drafters, dtypes, body)
 
 
+def _interleaved(
+    calls: dict[str, Any], new_tokens: int, repeats: int, warm_up: int
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Each call once with `warm_up` new tokens, then `repeats` rounds of every call with `new_tokens`, the order
+    rotated by one each round. Returns the wall seconds of each call's rounds and its first output."""
+    methods = list(calls)
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    outputs: dict[str, Any] = {}
+    with torch.no_grad():
+        for m in methods:
+            calls[m](warm_up)
+        for rep in range(repeats):
+            for m in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
+                start = time.perf_counter()
+                out = calls[m](new_tokens)
+                seconds[m].append(time.perf_counter() - start)
+                outputs.setdefault(m, out)
+    return seconds, outputs
+
+
 def _time_batch(cfg: DrafterConfig, source: Any, model: Any, chosen: list[dict[str, Any]], tokenizer: Any) -> dict:
     """One kind's prompts as one left-padded batch: each method `cfg.speed_repeats` times, interleaved."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -231,17 +251,7 @@ def _time_batch(cfg: DrafterConfig, source: Any, model: Any, chosen: list[dict[s
             return_dict_in_generate=True,
         )  # fmt: skip
     methods = list(calls)
-    seconds: dict[str, list[float]] = {m: [] for m in methods}
-    outputs: dict[str, Any] = {}
-    with torch.no_grad():
-        for m in methods:
-            calls[m](4)  # warm-up
-        for rep in range(cfg.speed_repeats):
-            for m in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
-                start = time.perf_counter()
-                out = calls[m](cfg.new_tokens)
-                seconds[m].append(time.perf_counter() - start)
-                outputs.setdefault(m, out)
+    seconds, outputs = _interleaved(calls, cfg.new_tokens, cfg.speed_repeats, warm_up=4)
 
     def new_tokens(sequences: torch.Tensor) -> list[list[int]]:
         return [row[width:].tolist() for row in sequences]
@@ -285,18 +295,7 @@ def _time_prompt(cfg: DrafterConfig, source: Any, model: Any, d: dict[str, Any],
             for v in VARIANTS
         },
     }  # fmt: skip
-    seconds: dict[str, list[float]] = {m: [] for m in METHODS}
-    outputs: dict[str, Any] = {}
-    with torch.no_grad():
-        for method in METHODS:
-            calls[method](8)  # warm-up
-        for rep in range(cfg.speed_repeats):
-            order = METHODS[rep % len(METHODS) :] + METHODS[: rep % len(METHODS)]
-            for method in order:
-                start = time.perf_counter()
-                out = calls[method](cfg.new_tokens)
-                seconds[method].append(time.perf_counter() - start)
-                outputs.setdefault(method, out)
+    seconds, outputs = _interleaved(calls, cfg.new_tokens, cfg.speed_repeats, warm_up=8)
     reference = outputs["generate"]
     new = reference.shape[1] - ids.shape[1]
     row: dict[str, Any] = {"kind": d["kind"], "text": d["text"], "new_tokens": new, "methods": {}}
