@@ -38,7 +38,7 @@ def _sampling_pass_drafts(model, row: list[int], prompt_length: int, k: int) -> 
         cache = model(input_ids=prefix, attention_mask=torch.tensor([mask[:c]]), use_cache=True).cache
         block = torch.tensor([[ids[c]] + [MASK] * (k - 1)])
         logits = model(
-            input_ids=block, attention_mask=torch.tensor([mask[:c] + [1] * k]), past_key_values=cache, use_cache=False
+            input_ids=block, attention_mask=torch.tensor([mask[:c] + [1] * k]), cache=cache, use_cache=False
         ).logits[0]
         logits[:, MASK] = float("-inf")
         rows = slice(0, k - 1) if model.config.token_shift else slice(1, k)
