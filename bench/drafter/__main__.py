@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", choices=study.RECIPES, help="training recipe (default seed_plus_masks)")
     parser.add_argument("--data", choices=study.DATA, help="training sequences (default greedy)")
     parser.add_argument("--block-size", type=int, help="the drafter's block size k (default 4)")
+    parser.add_argument("--lora-preset", choices=("attention", "attention_mlp"), help="adapted modules (attention_mlp)")
     parser.add_argument("--tiny", action="store_true", help="the reduced study on a tiny random Llama (seconds)")
     parser.add_argument("--work-dir", default="runs/drafter", help="data, checkpoints, per-stage JSON (resumed)")
     parser.add_argument("--output-dir", default=str(HERE / "results"), help="drafter.json and tables.md")
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": args.recipe,
         "data": args.data,
         "block_size": args.block_size,
+        "lora_preset": args.lora_preset,
         "cpu_budget_s": args.cpu_budget,
         "threads": args.threads,
     }

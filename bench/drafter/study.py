@@ -64,6 +64,7 @@ class DrafterConfig:
     sample_temperature: float = 0.8
     corpus_rows: int = 512  # data "corpus": chunks of `model_length` tokens of the embedded corpus' train split
     lora_r: int = 16
+    lora_preset: str = "attention_mlp"  # gated_lora_config's module preset: "attention" adapts q/k/v/o only
     lora_alpha: int = 32
     learning_rate: float = 5e-4
     warmup_steps: int = 10
@@ -94,6 +95,7 @@ def run_name(cfg: DrafterConfig) -> str:
     """The folder of a training run under the work folder: the recipe, then the data and block size when they are not
     the first slice's (`seed_plus_masks`, `random`: greedy data, k = 4, as before)."""
     name = cfg.recipe + ("" if cfg.data == "greedy" else f"-{cfg.data}")
+    name += "" if cfg.lora_preset == "attention_mlp" else f"-{cfg.lora_preset}"
     return name + ("" if cfg.block_size == 4 else f"-k{cfg.block_size}")
 
 
@@ -390,7 +392,7 @@ def run_train(cfg: DrafterConfig, work_dir: Path) -> Path:
     log(f"{run_name(cfg)}: {len(data)} training sequences, {sum(len(d['continuation']) for d in data)} tokens")
     model = convert(cfg, source, tokenizer)
     del source
-    model = get_peft_model(model, gated_lora_config(model, preset="attention_mlp", r=cfg.lora_r,
+    model = get_peft_model(model, gated_lora_config(model, preset=cfg.lora_preset, r=cfg.lora_r,
                                                     lora_alpha=cfg.lora_alpha, lora_dropout=0.0))  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
