@@ -108,6 +108,10 @@ def test_training_layout_is_the_measuring_layout():
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     with pytest.raises(ValueError, match="width"):
         study.seed_plus_masks_batch(rows, prompt_lengths, 4, 8, 99, 0)
+    # recipe all_masks: the layout of the one-forward estimate, the seed masked too
+    masked = study.seed_plus_masks_batch(rows, prompt_lengths, 4, 16, mask_id=99, pad_id=0, mask_seed=True)
+    assert torch.equal(masked["noisy_input_ids"][:, :width], _layout(rows, prompt_lengths, 4, 16, 99, 0, True)[1])
+    assert masked["noisy_input_ids"][0, :10].tolist() == [0, 5, 6, 7, 99, 99, 99, 99, 99, 99]
 
 
 def test_seed_plus_masks_loss_is_the_drafts_cross_entropy(tiny):
@@ -184,3 +188,20 @@ def test_exported_adapter_drafts_like_its_checkpoint(run, tiny, tmp_path):
 def test_bad_recipe_is_refused(tmp_path):
     with pytest.raises(ValueError, match="recipe"):
         study.run_train(dataclasses.replace(CFG, recipe="nope"), tmp_path)
+
+
+def test_run_names_and_training_data_of_each_setting(tmp_path, tiny):
+    """Each training setting gets its own folder (the first slice's names unchanged); `--data corpus` trains on chunks
+    of the embedded corpus, one clean block then the rest; an unknown data name is refused."""
+    replace = dataclasses.replace
+    assert study.run_name(CFG) == "seed_plus_masks"
+    assert study.run_name(replace(CFG, recipe="random", data="corpus")) == "random-corpus"
+    assert study.run_name(replace(CFG, data="sampled", lora_preset="attention")) == "seed_plus_masks-sampled-attention"
+    assert study.run_name(replace(CFG, recipe="all_masks", block_size=8)) == "all_masks-k8"
+    _, tokenizer = tiny
+    rows = study.training_rows(replace(CFG, data="corpus"), tmp_path, tokenizer)
+    assert len(rows) == CFG.corpus_rows
+    assert all(len(r["prompt_ids"]) == CFG.block_size and len(r["prompt_ids"] + r["continuation"]) == CFG.model_length
+               for r in rows)  # fmt: skip
+    with pytest.raises(ValueError, match="data"):
+        study.training_rows(replace(CFG, data="nope"), tmp_path, tokenizer)
