@@ -93,16 +93,17 @@ def adapter_gate(backbone: nn.Module, active_last: int | None) -> Iterator[None]
                 "(`gradient_checkpointing=False`)."
             )
 
+    bypass: list[nn.Module] = []
     if active_last == 0:
         # The update acts nowhere: a layer whose every adapter is gated runs its base layer alone for this call (the
         # same values: the gated update would add nothing), which saves the adapter's per-layer work in every
         # clean-stream call (autoregressive steps, verify calls). Layers with other adapters keep the hook below.
-        bypass = [layer for layer in layers if _runs_as_base(layer)]
+        hooked = []
+        for layer in layers:
+            (bypass if _runs_as_base(layer) else hooked).append(layer)
         for layer in bypass:
             layer.forward = layer.base_layer.__call__  # a bound method: set on the instance, not as a submodule
-        layers = [layer for layer in layers if not any(layer is b for b in bypass)]
-    else:
-        bypass = []
+        layers = hooked
 
     def set_offsets(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows = args[0].shape[0] if args else kwargs["x"].shape[0]
