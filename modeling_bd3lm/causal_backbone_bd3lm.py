@@ -223,21 +223,18 @@ class CausalLMDenoiser(BD3LMDenoiser):
         )
         mask = mask if self._flex else dense_mask(mask, backbone)
         noisy = sampling_noisy_length(seq_len, config.block_size, past_len, config.clean_attention)
-        with adapter_gate(backbone, noisy):
-            out, logits = _call_backbone(
-                backbone,
-                logits_to_keep,
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                **{cache_kwarg(backbone): cache},
-                use_cache=cache is not None,
-                output_hidden_states=output_hidden_states,
-                **({"output_attentions": True} if output_attentions else {}),
-                return_dict=True,
-            )
-        if cache is not None and not use_cache:
-            cache.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
+        out, logits = _cached_call(
+            backbone,
+            adapter_positions=noisy,
+            logits_to_keep=logits_to_keep,
+            input_ids=input_ids,
+            mask=mask,
+            positions=positions,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **({"output_attentions": True} if output_attentions else {}),
+        )
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
         attentions = getattr(out, "attentions", None) if output_attentions else None
         return BD3LMOutput(logits=logits, hidden_states=hidden, attentions=attentions, **{CACHE_FIELD: cache})
@@ -280,20 +277,49 @@ class CausalLMDenoiser(BD3LMDenoiser):
             diagonal = torch.arange(seq_len, device=device)
             allowed[:, diagonal, past_len + diagonal] = True  # every query keeps itself: no empty softmax row
             mask = dense_mask(allowed[:, None], backbone)
-        with adapter_gate(backbone, adapter_positions):
-            _, logits = _call_backbone(
-                backbone,
-                logits_to_keep,
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                **{cache_kwarg(backbone): cache},
-                use_cache=cache is not None,
-                return_dict=True,
-            )
-        if cache is not None and not use_cache:
-            cache.crop(-seq_len)  # the backbone wrote this call's keys: this call commits nothing
+        _, logits = _cached_call(
+            backbone,
+            adapter_positions=adapter_positions,
+            logits_to_keep=logits_to_keep,
+            input_ids=input_ids,
+            mask=mask,
+            positions=positions,
+            cache=cache,
+            use_cache=use_cache,
+        )
         return BD3LMOutput(logits=logits, **{CACHE_FIELD: cache})
+
+
+def _cached_call(
+    backbone: torch.nn.Module,
+    *,
+    adapter_positions: int,
+    logits_to_keep: LogitsToKeep,
+    input_ids: torch.LongTensor,
+    mask: Any,
+    positions: torch.LongTensor,
+    cache: Cache | None,
+    use_cache: bool,
+    **extra: Any,
+) -> tuple[Any, torch.Tensor]:
+    """One backbone call of a sampling or causal pass: the gated adapter open on the last `adapter_positions`, the
+    keys and values written to `cache` when there is one, and cropped again unless `use_cache` (the call then
+    commits nothing). Returns the backbone output and the kept logits."""
+    with adapter_gate(backbone, adapter_positions):
+        out, logits = _call_backbone(
+            backbone,
+            logits_to_keep,
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{cache_kwarg(backbone): cache},
+            use_cache=cache is not None,
+            return_dict=True,
+            **extra,
+        )
+    if cache is not None and not use_cache:
+        cache.crop(-input_ids.shape[1])  # the backbone wrote this call's keys: this call commits nothing
+    return out, logits
 
 
 def attention_implementation(backbone: torch.nn.Module) -> str:
